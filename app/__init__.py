@@ -1,0 +1,1 @@
+"""Gradio demo app; the page itself comes with issue #6."""

@@ -1,0 +1,91 @@
+"""Step context: where the denoising loop is (step, timestep, total steps, CFG branch) at each transformer call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# Returns (step_index or None, num_steps or None) without reading device memory.
+StepSource = Callable[[], "tuple[int | None, int | None]"]
+
+
+@dataclass
+class StepContext:
+    """Where the loop is at the current transformer call.
+
+    `branch` counts the transformer calls made at the same step (pipelines that run CFG as two calls: 0 and 1);
+    pipelines that batch CFG make one call per step, and each row of the batch is its own sample to the cache.
+    """
+
+    step: int = -1
+    num_steps: int | None = None
+    branch: int = 0
+    timestep: torch.Tensor | float | None = None
+    batch_size: int = 0
+
+
+def scheduler_step_source(scheduler) -> StepSource:
+    """Read the step count, and the step from the scheduler's own counter where it keeps one (no device sync)."""
+    has_counter = hasattr(type(scheduler), "step_index")
+
+    def source():
+        timesteps = getattr(scheduler, "timesteps", None)
+        num_steps = None if timesteps is None else len(timesteps)
+        if not has_counter or num_steps is None:
+            return None, num_steps
+        index = scheduler.step_index
+        return (0 if index is None else int(index)), num_steps
+
+    return source
+
+
+class StepTracker:
+    """Recovers the step context from the sequence of transformer calls.
+
+    Our pipelines bracket each call with `begin_call`/`end_call`; for pipelines we do not subclass, a new call is
+    detected when the step goes backwards (or the timestep rises: denoising runs from high noise to low). With no
+    scheduler counter the step is read from the timestep's value, which costs one device sync per call.
+    """
+
+    def __init__(self, step_source: StepSource | None = None, default_num_steps: int | None = None):
+        self.step_source = step_source
+        self.default_num_steps = default_num_steps
+        self.ctx = StepContext()
+        self._last_t: float | None = None
+
+    def reset(self) -> None:
+        self.ctx = StepContext()
+        self._last_t = None
+
+    def advance(self, timestep, batch_size: int) -> tuple[StepContext, bool]:
+        """Update for one transformer call; returns (context, whether this call starts a new pipeline call)."""
+        prev = self.ctx
+        step, num_steps = self.step_source() if self.step_source is not None else (None, None)
+        num_steps = num_steps or self.default_num_steps
+        if step is not None:
+            new_call = prev.step < 0 or step < prev.step
+            same_step = not new_call and step == prev.step
+        else:
+            t = _scalar(timestep)
+            rising = t is not None and self._last_t is not None and t > self._last_t
+            same_step = t is not None and t == self._last_t
+            new_call = prev.step < 0 or rising
+            step = 0 if new_call else (prev.step if same_step else prev.step + 1)
+            if num_steps is not None and step >= num_steps:  # ran past the end: a new call
+                new_call, same_step, step = True, False, 0
+            self._last_t = t
+        branch = prev.branch + 1 if same_step else 0
+        if new_call:
+            branch = 0
+        self.ctx = StepContext(step, num_steps, branch, timestep, batch_size)
+        return self.ctx, new_call
+
+
+def _scalar(timestep) -> float | None:
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0])
+    return float(timestep)

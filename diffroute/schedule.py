@@ -1,0 +1,168 @@
+"""Compute schedules: a boolean [steps x blocks x components] tensor (True = compute) with metadata and JSON I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+
+from .arch import ArchitectureMap
+from .io import atomic_write_json, read_json
+
+FORMAT = "diffroute.schedule/v1"
+
+
+class ScheduleMismatchError(ValueError):
+    """Raised before any work when a schedule does not fit the model it is applied to."""
+
+
+@dataclass
+class Schedule:
+    """Which component of which block runs at which denoising step; a reused component returns its cached output."""
+
+    compute: torch.Tensor  # bool [steps, blocks, components]
+    model_class: str
+    components: tuple[str, ...]
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.compute = torch.as_tensor(self.compute, dtype=torch.bool).cpu()
+        self.components = tuple(self.components)
+        if self.compute.ndim != 3 or self.compute.shape[2] != len(self.components):
+            raise ScheduleMismatchError(
+                f"compute must be [steps, blocks, {len(self.components)} components]; got {tuple(self.compute.shape)}."
+            )
+        if self.compute.shape[0] < 1:
+            raise ScheduleMismatchError("a schedule needs at least one step.")
+        if not bool(self.compute[0].all()):
+            raise ScheduleMismatchError(
+                "step 0 of a schedule must compute every component: nothing is cached before the first step."
+            )
+
+    @property
+    def num_steps(self) -> int:
+        return self.compute.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.compute.shape[1]
+
+    # ---- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def full(cls, arch: ArchitectureMap, num_steps: int) -> "Schedule":
+        """Compute everything (the vanilla model)."""
+        return cls._filled(arch, num_steps, {"rule": "full"})
+
+    @classmethod
+    def fora(cls, arch: ArchitectureMap, num_steps: int, n: int) -> "Schedule":
+        """FORA: every component of every block computes every `n`-th step and is reused in between."""
+        return cls.intervals(arch, num_steps, {c: n for c in arch.components}, rule=f"fora-{n}")
+
+    @classmethod
+    def intervals(cls, arch: ArchitectureMap, num_steps: int, every: Mapping[str, int], rule: str | None = None):
+        """Per-component intervals, e.g. {"attn1": 2, "attn2": 4, "ff": 2}; components not named compute always."""
+        unknown = set(every) - set(arch.components)
+        if unknown:
+            raise ScheduleMismatchError(f"unknown components {sorted(unknown)}; {arch.model_class} has {arch.components}.")
+        s = cls._filled(arch, num_steps, {"rule": rule or "intervals", "every": dict(every)})
+        steps = torch.arange(num_steps)
+        for name, n in every.items():
+            if int(n) < 1:
+                raise ValueError(f"interval for {name!r} must be >= 1, got {n}.")
+            s.compute[:, :, arch.components.index(name)] = (steps % int(n) == 0)[:, None]
+        return s
+
+    @classmethod
+    def ranges(cls, arch: ArchitectureMap, num_steps: int, rules: Iterable[Mapping]) -> "Schedule":
+        """Explicit ranges: each rule {"blocks": [a, b), "steps": [c, d), "components": [...], "every": n} makes those
+        cells compute only every n-th step (default: never, i.e. reuse the last computed output)."""
+        rules = [dict(r) for r in rules]
+        s = cls._filled(arch, num_steps, {"rule": "ranges", "ranges": rules})
+        for r in rules:
+            b0, b1 = r.get("blocks", (0, arch.num_blocks))
+            t0, t1 = r.get("steps", (1, num_steps))
+            comps = r.get("components", arch.components)
+            every = int(r.get("every", 0))
+            if not (0 <= b0 < b1 <= arch.num_blocks) or not (0 <= t0 < t1 <= num_steps):
+                raise ScheduleMismatchError(
+                    f"range {r} is outside the model ({arch.num_blocks} blocks) or the steps ({num_steps})."
+                )
+            for name in comps:
+                if name not in arch.components:
+                    raise ScheduleMismatchError(f"unknown component {name!r}; {arch.model_class} has {arch.components}.")
+                steps = torch.arange(t0, t1)
+                keep = (steps % every == 0) if every > 0 else torch.zeros_like(steps, dtype=torch.bool)
+                s.compute[t0:t1, b0:b1, arch.components.index(name)] = keep[:, None]
+        s.compute[0] = True
+        return s
+
+    @classmethod
+    def _filled(cls, arch: ArchitectureMap, num_steps: int, provenance: dict) -> "Schedule":
+        if int(num_steps) < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        compute = torch.ones(int(num_steps), arch.num_blocks, len(arch.components), dtype=torch.bool)
+        return cls(compute, arch.model_class, arch.components, provenance)
+
+    # ---- fitting a model and a step count -----------------------------------------------------------------------
+    def check_fits(self, arch: ArchitectureMap) -> None:
+        """Raise ScheduleMismatchError, saying what does not fit, unless this schedule fits `arch`."""
+        problems = []
+        if self.model_class != arch.model_class:
+            problems.append(f"it was made for {self.model_class}, the model is {arch.model_class}")
+        if self.num_blocks != arch.num_blocks:
+            problems.append(f"it has {self.num_blocks} blocks, the model has {arch.num_blocks}")
+        if self.components != arch.components:
+            problems.append(f"its components are {list(self.components)}, the model's are {list(arch.components)}")
+        if problems:
+            raise ScheduleMismatchError(
+                "This schedule does not fit the model: " + "; ".join(problems) + ". Build one for this model "
+                "(e.g. diffroute.Schedule.fora(diffroute.architecture_map(pipe.transformer), steps, 3)) or search "
+                "one with `diffroute search`."
+            )
+
+    def resample(self, num_steps: int) -> "Schedule":
+        """The same schedule for another step count, by nearest normalised time (step i -> i/(n-1))."""
+        if num_steps == self.num_steps:
+            return self
+        src = [round(i * (self.num_steps - 1) / max(num_steps - 1, 1)) for i in range(num_steps)]
+        prov = dict(self.provenance, resampled_from=self.num_steps)
+        return Schedule(self.compute[src].clone(), self.model_class, self.components, prov)
+
+    def computed_fraction(self, present: torch.Tensor | None = None) -> float:
+        """Executed component calls / all component calls (only components the blocks have, when `present` given)."""
+        mask = torch.ones_like(self.compute[0]) if present is None else present
+        return float(self.compute[:, mask].float().mean())
+
+    # ---- JSON ---------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        rows = [" ".join("".join("1" if c else "0" for c in block) for block in step) for step in self.compute.tolist()]
+        return {
+            "format": FORMAT,
+            "model_class": self.model_class,
+            "num_steps": self.num_steps,
+            "num_blocks": self.num_blocks,
+            "components": list(self.components),
+            "provenance": self.provenance,
+            "compute": rows,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping, source: str = "schedule") -> "Schedule":
+        if d.get("format") != FORMAT:
+            raise ScheduleMismatchError(f"{source} is not a diffroute schedule (format {d.get('format')!r}, want {FORMAT!r}).")
+        try:
+            rows = [[[ch == "1" for ch in block] for block in row.split()] for row in d["compute"]]
+            s = cls(torch.tensor(rows, dtype=torch.bool), d["model_class"], tuple(d["components"]), d.get("provenance", {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ScheduleMismatchError(f"{source} is malformed: {e}") from e
+        if (s.num_steps, s.num_blocks) != (d.get("num_steps"), d.get("num_blocks")):
+            raise ScheduleMismatchError(f"{source}: num_steps/num_blocks disagree with the compute rows.")
+        return s
+
+    def save(self, path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "Schedule":
+        return cls.from_dict(read_json(path, "schedule"), source=f"schedule {str(path)!r}")

@@ -1,0 +1,129 @@
+"""Per-call statistics: what was computed where, cache memory and transformer time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class CallStats:
+    """What one pipeline call did. `compute_map[step][block][component]` is the fraction of the calls' samples that
+    computed (1 computed, 0 reused), or None where the block has no such component."""
+
+    plan: str
+    num_steps: int
+    block_names: list[str]
+    components: list[str]
+    computed_fraction: float
+    compute_map: list[list[list[float | None]]]
+    component_calls: int
+    computed_calls: int
+    peak_cache_bytes: int
+    transformer_time_s: float
+    transformer_calls: int
+    completed: bool
+    plan_info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def compute_tensor(self) -> torch.Tensor:
+        """The compute map as a float tensor [steps, blocks, components], NaN where absent."""
+        return torch.tensor(
+            [[[float("nan") if v is None else v for v in b] for b in s] for s in self.compute_map], dtype=torch.float32
+        )
+
+
+class StatsRecorder:
+    """Counts computed and total samples per (step, block, component) in flat Python lists (cheap per hook call)."""
+
+    def __init__(self, num_steps: int, present: torch.Tensor):
+        self.num_steps = num_steps
+        self.present = present.tolist()
+        self.nb, self.nc = present.shape
+        size = num_steps * self.nb * self.nc
+        self.computed = [0] * size
+        self.total = [0] * size
+        self.transformer_calls = 0
+        self.steps_seen = 0
+        self._timer = _Timer()
+
+    def record(self, step: int, block: int, comp: int, n_computed: int, n_total: int) -> None:
+        i = (step * self.nb + block) * self.nc + comp
+        self.computed[i] += n_computed
+        self.total[i] += n_total
+
+    def transformer_start(self, step: int, device: torch.device) -> None:
+        self.transformer_calls += 1
+        self.steps_seen = max(self.steps_seen, step + 1)
+        self._timer.start(device)
+
+    def transformer_stop(self) -> None:
+        self._timer.stop()
+
+    def finish(self, plan: str, block_names, components, peak_bytes: int, plan_info: dict) -> CallStats:
+        cmap = []
+        for s in range(self.num_steps):
+            rows = []
+            for b in range(self.nb):
+                row = []
+                for c in range(self.nc):
+                    i = (s * self.nb + b) * self.nc + c
+                    if not self.present[b][c]:
+                        row.append(None)
+                    else:
+                        row.append(self.computed[i] / self.total[i] if self.total[i] else None)
+                rows.append(row)
+            cmap.append(rows)
+        total, computed = sum(self.total), sum(self.computed)
+        return CallStats(
+            plan=plan,
+            num_steps=self.num_steps,
+            block_names=list(block_names),
+            components=list(components),
+            computed_fraction=computed / total if total else 1.0,
+            compute_map=cmap,
+            component_calls=total,
+            computed_calls=computed,
+            peak_cache_bytes=peak_bytes,
+            transformer_time_s=self._timer.total(),
+            transformer_calls=self.transformer_calls,
+            completed=self.steps_seen >= self.num_steps,
+            plan_info=plan_info,
+        )
+
+
+class _Timer:
+    """Sums forward times: perf_counter on CPU, CUDA events on GPU (read once, at the end of the call)."""
+
+    def __init__(self):
+        self.cpu_s = 0.0
+        self.events: list = []
+        self._t0 = None
+
+    def start(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._t0 = ev
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._t0 is None:
+            return
+        if isinstance(self._t0, float):
+            self.cpu_s += time.perf_counter() - self._t0
+        else:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((self._t0, end))
+        self._t0 = None
+
+    def total(self) -> float:
+        if self.events:
+            self.events[-1][1].synchronize()
+        return self.cpu_s + sum(a.elapsed_time(b) for a, b in self.events) / 1000.0

@@ -1,0 +1,55 @@
+"""Shared fixtures: the six tiny random-weight routed pipelines and the call arguments each one takes."""
+
+import warnings
+
+import pytest
+import torch
+
+from diffroute.zoo.tiny import TINY_PIPELINES
+
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+torch.set_num_threads(2)
+
+STEPS = 6
+
+# Per pipeline: the arguments of one call for one "prompt" p (a string, or a class label for DiT).
+_TEXT = {"height": 16, "width": 16}
+CALL_KWARGS = {
+    "pixart-alpha": dict(_TEXT, clean_caption=False, use_resolution_binning=False, max_sequence_length=16),
+    "pixart-sigma": dict(_TEXT, clean_caption=False, use_resolution_binning=False, max_sequence_length=16),
+    "dit": {},
+    "sd3": dict(_TEXT),
+    # FLUX is guidance-distilled; true CFG (a negative prompt) makes it call the transformer twice per step.
+    "flux": dict(_TEXT, max_sequence_length=16, true_cfg_scale=2.0, negative_prompt="blurry"),
+    "sana": dict(height=32, width=32, use_resolution_binning=False, complex_human_instruction=None, max_sequence_length=16),
+}
+PROMPTS = {"dit": [0, 1]}
+NAMES = list(TINY_PIPELINES)
+
+
+def prompts(name):
+    return PROMPTS.get(name, ["a red apple", "a smiling cat"])
+
+
+def run(pipe, name, prompt_list, seeds, steps=STEPS):
+    """Generate one image per prompt with one generator per prompt; returns a float32 numpy batch."""
+    key = "class_labels" if name == "dit" else "prompt"
+    kwargs = dict(CALL_KWARGS[name])
+    if "negative_prompt" in kwargs:
+        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(prompt_list)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    out = pipe(**{key: prompt_list}, **kwargs, num_inference_steps=steps, generator=gens, output_type="np")
+    return out.images
+
+
+@pytest.fixture(scope="session")
+def tiny_pipes():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = TINY_PIPELINES[name]()
+            cache[name].set_progress_bar_config(disable=True)
+        return cache[name]
+
+    return get
