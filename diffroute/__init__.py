@@ -1,7 +1,14 @@
 """diffroute: timestep-aware routing (feature caching by compute plans) for diffusers DiT pipelines."""
 
 from .api import apply, get_executor, last_stats, remove
-from .arch import ARCHITECTURES, ArchitectureMap, ArchSpec, UnsupportedModelError, architecture_map, register_architecture
+from .arch import (
+    ARCHITECTURES,
+    ArchitectureMap,
+    ArchSpec,
+    UnsupportedModelError,
+    architecture_map,
+    register_architecture,
+)
 from .plans import Plan, RulePlan, SchedulePlan, register_plan, resolve_plan
 from .schedule import Schedule, ScheduleMismatchError
 from .stats import CallStats

@@ -17,7 +17,9 @@ def _split(target) -> tuple[torch.nn.Module, object | None]:
         return transformer, getattr(target, "scheduler", None)
     if isinstance(target, torch.nn.Module):
         return target, None
-    raise TypeError(f"diffroute.apply needs a diffusers pipeline with a transformer, or a transformer; got {type(target)}.")
+    raise TypeError(
+        f"diffroute.apply needs a diffusers pipeline with a transformer, or a transformer; got {type(target)}."
+    )
 
 
 def apply(target, plan="full", num_inference_steps: int | None = None) -> Executor:

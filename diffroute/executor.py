@@ -20,7 +20,7 @@ COMPONENT_HOOK = "diffroute_component"
 class _StepHook(ModelHook):
     """On the transformer: advances the step context and times each forward."""
 
-    def __init__(self, executor: "Executor"):
+    def __init__(self, executor: Executor):
         super().__init__()
         self.executor = executor
 
@@ -37,7 +37,7 @@ class _StepHook(ModelHook):
 class _ComponentHook(ModelHook):
     """On one component of one block: compute, or return the cached output (the block's gates still apply)."""
 
-    def __init__(self, executor: "Executor", block: int, comp: int):
+    def __init__(self, executor: Executor, block: int, comp: int):
         super().__init__()
         self.executor, self.block, self.comp = executor, block, comp
 
@@ -84,7 +84,7 @@ class Executor:
         self._attached = False
 
     # ---- attaching ------------------------------------------------------------------------------------------------
-    def attach(self) -> "Executor":
+    def attach(self) -> Executor:
         HookRegistry.check_if_exists_or_initialize(self.transformer).register_hook(_StepHook(self), STEP_HOOK)
         for b, row in enumerate(self.arch.modules):
             for c, module in enumerate(row):

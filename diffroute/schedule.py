@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 
@@ -50,12 +50,12 @@ class Schedule:
 
     # ---- constructors -------------------------------------------------------------------------------------------
     @classmethod
-    def full(cls, arch: ArchitectureMap, num_steps: int) -> "Schedule":
+    def full(cls, arch: ArchitectureMap, num_steps: int) -> Schedule:
         """Compute everything (the vanilla model)."""
         return cls._filled(arch, num_steps, {"rule": "full"})
 
     @classmethod
-    def fora(cls, arch: ArchitectureMap, num_steps: int, n: int) -> "Schedule":
+    def fora(cls, arch: ArchitectureMap, num_steps: int, n: int) -> Schedule:
         """FORA: every component of every block computes every `n`-th step and is reused in between."""
         return cls.intervals(arch, num_steps, {c: n for c in arch.components}, rule=f"fora-{n}")
 
@@ -64,7 +64,9 @@ class Schedule:
         """Per-component intervals, e.g. {"attn1": 2, "attn2": 4, "ff": 2}; components not named compute always."""
         unknown = set(every) - set(arch.components)
         if unknown:
-            raise ScheduleMismatchError(f"unknown components {sorted(unknown)}; {arch.model_class} has {arch.components}.")
+            raise ScheduleMismatchError(
+                f"unknown components {sorted(unknown)}; {arch.model_class} has {arch.components}."
+            )
         s = cls._filled(arch, num_steps, {"rule": rule or "intervals", "every": dict(every)})
         steps = torch.arange(num_steps)
         for name, n in every.items():
@@ -74,10 +76,10 @@ class Schedule:
         return s
 
     @classmethod
-    def ranges(cls, arch: ArchitectureMap, num_steps: int, rules: Iterable[Mapping]) -> "Schedule":
+    def ranges(cls, arch: ArchitectureMap, num_steps: int, rules: Iterable[Mapping]) -> Schedule:
         """Explicit ranges: each rule {"blocks": [a, b), "steps": [c, d), "components": [...], "every": n} makes those
         cells compute only every n-th step (default: never, i.e. reuse the last computed output)."""
-        rules = [dict(r) for r in rules]
+        rules = [{k: list(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in rules]  # JSON-ready
         s = cls._filled(arch, num_steps, {"rule": "ranges", "ranges": rules})
         for r in rules:
             b0, b1 = r.get("blocks", (0, arch.num_blocks))
@@ -90,7 +92,9 @@ class Schedule:
                 )
             for name in comps:
                 if name not in arch.components:
-                    raise ScheduleMismatchError(f"unknown component {name!r}; {arch.model_class} has {arch.components}.")
+                    raise ScheduleMismatchError(
+                        f"unknown component {name!r}; {arch.model_class} has {arch.components}."
+                    )
                 steps = torch.arange(t0, t1)
                 keep = (steps % every == 0) if every > 0 else torch.zeros_like(steps, dtype=torch.bool)
                 s.compute[t0:t1, b0:b1, arch.components.index(name)] = keep[:, None]
@@ -98,7 +102,7 @@ class Schedule:
         return s
 
     @classmethod
-    def _filled(cls, arch: ArchitectureMap, num_steps: int, provenance: dict) -> "Schedule":
+    def _filled(cls, arch: ArchitectureMap, num_steps: int, provenance: dict) -> Schedule:
         if int(num_steps) < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
         compute = torch.ones(int(num_steps), arch.num_blocks, len(arch.components), dtype=torch.bool)
@@ -121,7 +125,7 @@ class Schedule:
                 "one with `diffroute search`."
             )
 
-    def resample(self, num_steps: int) -> "Schedule":
+    def resample(self, num_steps: int) -> Schedule:
         """The same schedule for another step count, by nearest normalised time (step i -> i/(n-1))."""
         if num_steps == self.num_steps:
             return self
@@ -148,12 +152,16 @@ class Schedule:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping, source: str = "schedule") -> "Schedule":
+    def from_dict(cls, d: Mapping, source: str = "schedule") -> Schedule:
         if d.get("format") != FORMAT:
-            raise ScheduleMismatchError(f"{source} is not a diffroute schedule (format {d.get('format')!r}, want {FORMAT!r}).")
+            raise ScheduleMismatchError(
+                f"{source} is not a diffroute schedule (format {d.get('format')!r}, want {FORMAT!r})."
+            )
         try:
             rows = [[[ch == "1" for ch in block] for block in row.split()] for row in d["compute"]]
-            s = cls(torch.tensor(rows, dtype=torch.bool), d["model_class"], tuple(d["components"]), d.get("provenance", {}))
+            s = cls(
+                torch.tensor(rows, dtype=torch.bool), d["model_class"], tuple(d["components"]), d.get("provenance", {})
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ScheduleMismatchError(f"{source} is malformed: {e}") from e
         if (s.num_steps, s.num_blocks) != (d.get("num_steps"), d.get("num_blocks")):
@@ -164,5 +172,5 @@ class Schedule:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path) -> "Schedule":
+    def load(cls, path) -> Schedule:
         return cls.from_dict(read_json(path, "schedule"), source=f"schedule {str(path)!r}")

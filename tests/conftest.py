@@ -21,7 +21,9 @@ CALL_KWARGS = {
     "sd3": dict(_TEXT),
     # FLUX is guidance-distilled; true CFG (a negative prompt) makes it call the transformer twice per step.
     "flux": dict(_TEXT, max_sequence_length=16, true_cfg_scale=2.0, negative_prompt="blurry"),
-    "sana": dict(height=32, width=32, use_resolution_binning=False, complex_human_instruction=None, max_sequence_length=16),
+    "sana": dict(
+        height=32, width=32, use_resolution_binning=False, complex_human_instruction=None, max_sequence_length=16
+    ),
 }
 PROMPTS = {"dit": [0, 1]}
 NAMES = list(TINY_PIPELINES)

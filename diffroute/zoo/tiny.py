@@ -31,7 +31,15 @@ def _t5_encoder(d_model: int = 32):
 
     torch.manual_seed(0)
     return T5EncoderModel(
-        T5Config(vocab_size=128, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+        T5Config(
+            vocab_size=128,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+        )
     ).eval()
 
 
@@ -40,8 +48,16 @@ def _clip_text(projection: bool, hidden: int = 32):
 
     torch.manual_seed(0)
     config = CLIPTextConfig(
-        vocab_size=1000, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        projection_dim=hidden, bos_token_id=512, eos_token_id=513, pad_token_id=513, max_position_embeddings=77,
+        vocab_size=1000,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=hidden,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        max_position_embeddings=77,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
@@ -51,9 +67,16 @@ def _vae(latent_channels: int = 4, blocks: int = 2, **extra):
 
     torch.manual_seed(0)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8,) * blocks,
-        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-        layers_per_block=1, norm_num_groups=8, sample_size=32, **extra,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8,) * blocks,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        **extra,
     ).eval()
 
 
@@ -66,13 +89,26 @@ def tiny_pixart(sigma: bool = False, num_layers: int = 2, hidden: int = 32):
     torch.manual_seed(0)
     heads = hidden // 16
     transformer = PixArtTransformer2DModel(
-        sample_size=8, num_layers=num_layers, patch_size=1, attention_head_dim=16, num_attention_heads=heads,
-        caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=hidden, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+        sample_size=8,
+        num_layers=num_layers,
+        patch_size=1,
+        attention_head_dim=16,
+        num_attention_heads=heads,
+        caption_channels=32,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=hidden,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        use_additional_conditions=False,
     ).eval()
     cls = RoutedPixArtSigmaPipeline if sigma else RoutedPixArtAlphaPipeline
     return cls(
-        tokenizer=_t5_tokenizer(), text_encoder=_t5_encoder(), vae=_vae(), transformer=transformer,
+        tokenizer=_t5_tokenizer(),
+        text_encoder=_t5_encoder(),
+        vae=_vae(),
+        transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
     )
 
@@ -85,10 +121,18 @@ def tiny_dit():
 
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
-        out_channels=8, num_embeds_ada_norm=1000,
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        num_embeds_ada_norm=1000,
     ).eval()
-    return RoutedDiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDIMScheduler(clip_sample=False), id2label={0: "cat", 1: "dog"})
+    return RoutedDiTPipeline(
+        transformer=transformer, vae=_vae(), scheduler=DDIMScheduler(clip_sample=False), id2label={0: "cat", 1: "dog"}
+    )
 
 
 def tiny_sd3():
@@ -99,14 +143,28 @@ def tiny_sd3():
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
         dual_attention_layers=(0,),
     ).eval()
     return RoutedStableDiffusion3Pipeline(
-        transformer=transformer, vae=_vae(shift_factor=0.0609, scaling_factor=1.5035), scheduler=FlowMatchEulerDiscreteScheduler(),
-        text_encoder=_clip_text(True), tokenizer=_clip_tokenizer(), text_encoder_2=_clip_text(True),
-        tokenizer_2=_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer,
+        vae=_vae(shift_factor=0.0609, scaling_factor=1.5035),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=_clip_text(True),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_clip_text(True),
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
 
 
@@ -118,13 +176,25 @@ def tiny_flux():
 
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True,
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
     ).eval()
     return RoutedFluxPipeline(
-        transformer=transformer, vae=_vae(latent_channels=4, blocks=2, shift_factor=0.0609, scaling_factor=1.5035),
-        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=_clip_text(False), tokenizer=_clip_tokenizer(),
-        text_encoder_2=_t5_encoder(), tokenizer_2=_t5_tokenizer(),
+        transformer=transformer,
+        vae=_vae(latent_channels=4, blocks=2, shift_factor=0.0609, scaling_factor=1.5035),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=_clip_text(False),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_t5_encoder(),
+        tokenizer_2=_t5_tokenizer(),
     )
 
 
@@ -137,28 +207,59 @@ def tiny_sana():
 
     torch.manual_seed(0)
     transformer = SanaTransformer2DModel(
-        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8, sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=8,
     ).eval()
     torch.manual_seed(0)
     vae = AutoencoderDC(
-        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
-        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
-        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
-        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=[1, 1],
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
     ).eval()
     torch.manual_seed(0)
     text_encoder = Gemma2Model(
         Gemma2Config(
-            head_dim=16, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
-            num_key_value_heads=1, vocab_size=300, pad_token_id=0,
+            head_dim=16,
+            hidden_size=8,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            num_key_value_heads=1,
+            vocab_size=300,
+            pad_token_id=0,
         )
     ).eval()
-    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + list(string.ascii_lowercase + string.digits + string.punctuation + " ")
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + list(
+        string.ascii_lowercase + string.digits + string.punctuation + " "
+    )
     tokenizer = GemmaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[])
     return RoutedSanaPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
     )
 
@@ -172,3 +273,46 @@ TINY_PIPELINES = {
     "flux": tiny_flux,
     "sana": tiny_sana,
 }
+
+
+def tiny_pixart_demo():
+    """PixArt-α at the embedded model's size (6 blocks of width 192, 32x32 images, 8x8 latents), random weights."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+
+    from diffroute.pipelines import RoutedPixArtAlphaPipeline
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=6,
+        patch_size=1,
+        attention_head_dim=64,
+        num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=192,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        use_additional_conditions=False,
+    ).eval()
+    torch.manual_seed(0)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=32,
+    ).eval()
+    return RoutedPixArtAlphaPipeline(
+        tokenizer=_t5_tokenizer(),
+        text_encoder=_t5_encoder(),
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )

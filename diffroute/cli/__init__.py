@@ -1,0 +1,1 @@
+"""The `diffroute` command line: one module per subcommand, registered in main.COMMANDS."""

@@ -1,0 +1,65 @@
+"""Benchmarks (not tests): `bench overhead` times vanilla diffusers against plans, side by side in one run."""
+
+from __future__ import annotations
+
+import sys
+
+from .common import add_model_arguments, call_kwargs, check_plans, generators, load
+
+HELP = "benchmarks: hook overhead of plan `full` and speedups of other plans"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("which", choices=["overhead"], help="overhead: vanilla vs full vs --plans")
+    add_model_arguments(p)
+    p.add_argument("--plans", default="full,fora-2,fora-3", help="comma-separated plans (default full,fora-2,fora-3)")
+    p.add_argument("--batch", type=int, default=8, help="images per call (default 8)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per plan after a warm-up (default 7)")
+
+
+def run(args) -> dict:
+    from diffroute.eval.timing import time_plans
+
+    names = [p.strip() for p in args.plans.split(",") if p.strip()]
+    check_plans(None, names)
+    pipe = load(args)
+    check_plans(pipe, names)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red apple", "grinning face", "flag: japan", "a smiling cat"] * ((args.batch + 3) // 4)
+    prompts = prompts[: args.batch]
+    kwargs = call_kwargs(pipe, args)
+
+    def call():
+        pipe(prompts, generator=generators(args.seed, len(prompts), pipe.device), output_type="np", **kwargs)
+
+    plans = {"vanilla": None, **{n: n for n in names}}
+    print(f"timing {list(plans)} x {args.repeats} repeats (+1 warm-up), interleaved...", file=sys.stderr)
+    res = time_plans(pipe, plans, call, repeats=args.repeats)
+    base = res["vanilla"]
+    rows = {}
+    for name, r in res.items():
+        rows[name] = {
+            "end_to_end_median_s": r["e2e_median_s"],
+            "transformer_median_s": r["transformer_median_s"],
+            "time_ratio_to_vanilla": r["e2e_median_s"] / base["e2e_median_s"],
+            "speedup_end_to_end": base["e2e_median_s"] / r["e2e_median_s"],
+            "speedup_transformer": base["transformer_median_s"] / r["transformer_median_s"],
+            "computed_fraction": r["computed_fraction"],
+        }
+    result = {
+        "model": args.model,
+        "device": str(pipe.device),
+        "batch": args.batch,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "plans": rows,
+    }
+    if not args.json:
+        print(f"{args.model} on {pipe.device}: batch {args.batch}, {args.steps} steps, median of {args.repeats}")
+        print(f"{'plan':>10} {'e2e s':>8} {'xformer s':>10} {'t/vanilla':>10} {'speedup e2e':>12} {'speedup xf':>11}")
+        for name, r in rows.items():
+            print(
+                f"{name:>10} {r['end_to_end_median_s']:8.3f} {r['transformer_median_s']:10.3f} "
+                f"{r['time_ratio_to_vanilla']:10.3f} {r['speedup_end_to_end']:11.2f}x {r['speedup_transformer']:10.2f}x"
+            )
+    return result

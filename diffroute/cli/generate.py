@@ -1,0 +1,93 @@
+"""Generate images with a compute plan, side by side with full compute: images, a grid, speed and fidelity."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from diffroute.io import atomic_write_json
+
+from .common import add_model_arguments, call_kwargs, check_plans, generators, load, read_prompts
+
+HELP = "generate images with a plan and compare with full compute"
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--plan", default="fora-3", help="plan name (full, fora-N, ...) or schedule JSON (default fora-3)")
+    p.add_argument("--no-compare", action="store_true", help="do not also run the full-compute plan")
+    p.add_argument("--out", default="outputs/generate", help="output folder (default outputs/generate)")
+
+
+def generate(pipe, plan, prompts: list[str], args, steps: int | None = None):
+    """Run `plan` on `prompts` (sample i seeded by args.seed + i); returns (images, seconds, stats)."""
+    import diffroute
+
+    diffroute.apply(pipe, plan)
+    kwargs = call_kwargs(pipe, args)
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    gens = generators(args.seed, len(prompts), pipe.device)
+    t0 = time.perf_counter()
+    images = pipe(prompts, generator=gens, output_type="np", **kwargs).images
+    return images, time.perf_counter() - t0, pipe.last_stats
+
+
+def run(args) -> dict:
+    from diffroute.eval.fidelity import psnr
+    from diffroute.imageio import grid, save_png, to_pil
+    from diffroute.zoo import MODELS
+
+    prompts = read_prompts(args, MODELS[args.model].example_prompts if args.model in MODELS else [])
+    plans = [args.plan] if args.no_compare or args.plan == "full" else ["full", args.plan]
+    check_plans(None, plans)  # names and files first: no model loaded for a typo
+    pipe = load(args)
+    check_plans(pipe, plans)
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
+    generate(pipe, "full", prompts[:1], args, steps=2)  # warm-up: the first call pays one-off costs
+    out = Path(args.out)
+    runs = {}
+    for plan in plans:
+        images, seconds, stats = generate(pipe, plan, prompts, args)
+        name = Path(plan).stem if plan.endswith(".json") else plan
+        runs[name] = {"images": images, "pil": to_pil(images), "seconds": seconds, "stats": stats}
+        for i, img in enumerate(runs[name]["pil"]):
+            save_png(img, out / name / f"{i:03d}.png")
+        atomic_write_json(out / name / "stats.json", stats.to_dict())
+
+    result = {"model": args.model, "steps": args.steps, "prompts": prompts, "out": str(out), "plans": {}}
+    full = runs.get("full")
+    for name, r in runs.items():
+        entry = {
+            "end_to_end_s": r["seconds"],
+            "transformer_s": r["stats"].transformer_time_s,
+            "computed_fraction": r["stats"].computed_fraction,
+            "peak_cache_bytes": r["stats"].peak_cache_bytes,
+        }
+        if full is not None and name != "full":
+            entry["speedup_end_to_end"] = full["seconds"] / r["seconds"]
+            entry["speedup_transformer"] = full["stats"].transformer_time_s / r["stats"].transformer_time_s
+            entry["psnr_vs_full_db"] = psnr(r["images"], full["images"])
+        result["plans"][name] = entry
+    save_png(grid([r["pil"] for r in runs.values()], labels=list(runs), scale=4), out / "grid.png")
+    atomic_write_json(out / "summary.json", result)
+    if not args.json:
+        _print_summary(result)
+    return result
+
+
+def _print_summary(result: dict) -> None:
+    print(f"model {result['model']}, {len(result['prompts'])} prompts, {result['steps']} steps -> {result['out']}")
+    for name, e in result["plans"].items():
+        line = f"  {name:>10}: {e['end_to_end_s']:.3f} s end-to-end, transformer {e['transformer_s']:.3f} s, "
+        line += f"computed {100 * e['computed_fraction']:.1f}%"
+        if "speedup_end_to_end" in e:
+            line += (
+                f", speedup {e['speedup_end_to_end']:.2f}x end-to-end / {e['speedup_transformer']:.2f}x transformer"
+                f", PSNR vs full {e['psnr_vs_full_db']:.2f} dB"
+            )
+        print(line)
+    print("  (one timed run per plan after a warm-up; for medians use `diffroute bench overhead`)")

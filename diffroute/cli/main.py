@@ -1,0 +1,38 @@
+"""Entry point of the `diffroute` command: builds the subcommand parsers and dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from . import bench, generate
+
+# Subcommand name -> module with add_arguments(parser) and run(args) -> dict; later issues add eval, search, app.
+COMMANDS = {"generate": generate, "bench": bench}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffroute", description="Timestep-aware routing for diffusers pipelines.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(p)
+        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub unless the user asks
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision-missing notices on CPU machines
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.command].run(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"diffroute {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.json:
+        print(json.dumps(result, indent=2))

@@ -1,0 +1,42 @@
+"""Saving images and making labelled grids (PIL), for the CLI, the demo and reports."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .io import atomic_write_bytes
+
+
+def to_pil(images) -> list[Image.Image]:
+    """PIL images from a float [N, H, W, 3] array in [0, 1] (rounded once to uint8) or a list of PIL images."""
+    if isinstance(images, np.ndarray):
+        arr = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
+        return [Image.fromarray(a) for a in arr]
+    return list(images)
+
+
+def save_png(image: Image.Image, path) -> Path:
+    buf = BytesIO()
+    image.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def grid(rows: list[list[Image.Image]], labels: list[str] | None = None, scale: int = 1, pad: int = 2) -> Image.Image:
+    """A grid with one row per list, optionally with a text label left of each row; images upscaled by `scale`."""
+    w, h = rows[0][0].size
+    w, h = w * scale, h * scale
+    label_w = 8 + 7 * max((len(s) for s in labels), default=0) if labels else 0
+    cols = max(len(r) for r in rows)
+    out = Image.new("RGB", (label_w + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(out)
+    for i, row in enumerate(rows):
+        y = pad + i * (h + pad)
+        if labels:
+            draw.text((4, y + h // 2 - 5), labels[i], fill="black")
+        for j, img in enumerate(row):
+            out.paste(img.resize((w, h), Image.NEAREST), (label_w + pad + j * (w + pad), y))
+    return out

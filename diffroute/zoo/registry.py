@@ -1,0 +1,69 @@
+"""Named models and how to load them: `load_pipeline("tiny-pixart")`, or a local folder / hub id of a pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class ModelEntry:
+    """A named pipeline: how to build it, the call arguments it needs, and what it is."""
+
+    build: Callable[[], object]
+    call_defaults: dict = field(default_factory=dict)
+    description: str = ""
+    random_weights: bool = False
+    example_prompts: list[str] = field(default_factory=list)
+
+
+def _tiny_pixart_demo():
+    from .tiny import tiny_pixart_demo
+
+    return tiny_pixart_demo()
+
+
+MODELS: dict[str, ModelEntry] = {
+    "tiny-pixart": ModelEntry(
+        _tiny_pixart_demo,
+        dict(height=32, width=32, clean_caption=False, use_resolution_binning=False, max_sequence_length=16),
+        "PixArt-α architecture, 6 blocks of width 192, RANDOM weights (shows speed, not quality)",
+        random_weights=True,
+        example_prompts=["a red apple", "grinning face", "flag: japan", "a smiling cat"],
+    ),
+}
+
+
+def register_model(name: str, entry: ModelEntry) -> None:
+    MODELS[name] = entry
+
+
+def call_defaults(name_or_pipe) -> dict:
+    """Call arguments a named model needs (e.g. tiny sizes); {} for anything else."""
+    name = name_or_pipe if isinstance(name_or_pipe, str) else getattr(name_or_pipe, "_diffroute_model_name", None)
+    entry = MODELS.get(name) if name else None
+    return dict(entry.call_defaults) if entry else {}
+
+
+def load_pipeline(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """A routed pipeline for a zoo name, a local pipeline folder or a hub id (the latter needs the hub)."""
+    from diffroute.pipelines import to_routed
+
+    if name in MODELS:
+        pipe = MODELS[name].build()
+    else:
+        from diffusers import DiffusionPipeline
+
+        if not Path(name).exists() and "/" not in name:
+            raise ValueError(
+                f"Unknown model {name!r}: not a zoo name ({', '.join(MODELS)}), not a local folder, not a hub id."
+            )
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        pipe = to_routed(DiffusionPipeline.from_pretrained(name, **kwargs))
+    pipe._diffroute_model_name = name
+    if device is not None:
+        pipe.to(device)
+    return pipe

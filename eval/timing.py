@@ -1,0 +1,82 @@
+"""Side-by-side wall-clock timing of plans on one pipeline: warm-up, then interleaved repeats, medians."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import diffroute
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ForwardTimer:
+    """Sums a module's forward time with plain torch hooks, the same way for vanilla and routed runs."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.total, self._t0 = module, 0.0, None
+        self._handles = [
+            module.register_forward_pre_hook(self._pre, prepend=True),
+            module.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def _pre(self, module, args):
+        _sync(self._device())
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, output):
+        _sync(self._device())
+        self.total += time.perf_counter() - self._t0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def time_plans(
+    pipe, plans: dict[str, object | None], call: Callable[[], object], repeats: int = 5, warmup: int = 1
+) -> dict[str, dict]:
+    """Time `call()` under each plan (None = vanilla, no hooks at all), interleaving plans within every repeat so
+    that drifts in machine speed hit all plans alike. Returns per plan: the end-to-end and transformer times of each
+    repeat, their medians, and the computed fraction of the last routed call."""
+    device = pipe.transformer.device
+    results = {name: {"e2e_s": [], "transformer_s": [], "computed_fraction": 1.0} for name in plans}
+    timer = ForwardTimer(pipe.transformer)
+    names = list(plans)
+    try:
+        for r in range(warmup + repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no plan always runs first
+            for name in order:
+                plan = plans[name]
+                if plan is None:
+                    diffroute.remove(pipe)
+                else:
+                    diffroute.apply(pipe, plan)
+                timer.total = 0.0
+                _sync(device)
+                t0 = time.perf_counter()
+                call()
+                _sync(device)
+                e2e = time.perf_counter() - t0
+                if r >= warmup:
+                    results[name]["e2e_s"].append(e2e)
+                    results[name]["transformer_s"].append(timer.total)
+                    stats = diffroute.last_stats(pipe)
+                    if plan is not None and stats is not None:
+                        results[name]["computed_fraction"] = stats.computed_fraction
+    finally:
+        timer.remove()
+        diffroute.remove(pipe)
+    for res in results.values():
+        res["e2e_median_s"] = statistics.median(res["e2e_s"])
+        res["transformer_median_s"] = statistics.median(res["transformer_s"])
+    return results
