@@ -6,6 +6,7 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from .io import atomic_write_bytes
@@ -17,6 +18,12 @@ def to_pil(images) -> list[Image.Image]:
         arr = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
     return list(images)
+
+
+def to_uint8(images: np.ndarray) -> torch.Tensor:
+    """Float [N, H, W, 3] in [0, 1] -> uint8 [N, 3, H, W], quantized once by rounding (as metrics expect)."""
+    arr = np.clip(np.round(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
 def save_png(image: Image.Image, path) -> Path:

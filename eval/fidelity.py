@@ -1,22 +1,42 @@
-"""Fidelity of accelerated images to full-compute images: PSNR and SSIM on uint8-quantized images (torchmetrics)."""
+"""Fidelity of accelerated images to full-compute images: PSNR and SSIM (torchmetrics) on uint8-quantized images."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 
-def _quantized(images: np.ndarray) -> torch.Tensor:
-    """[N, H, W, 3] floats in [0, 1] -> [N, 3, H, W] floats on the uint8 grid (rounded once), in [0, 1]."""
+def _unit(images) -> torch.Tensor:
+    """uint8 NCHW tensor, or float NHWC array in [0, 1] (quantized once), -> float64 NCHW in [0, 1]."""
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+        return images.double() / 255.0
     q = np.clip(np.round(np.asarray(images, dtype=np.float64) * 255.0), 0, 255) / 255.0
     return torch.from_numpy(q).permute(0, 3, 1, 2)
 
 
-def psnr(images: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR in dB over the whole set (identical sets give +inf)."""
-    return float(peak_signal_noise_ratio(_quantized(images), _quantized(reference), data_range=1.0))
+def psnr_metric() -> PeakSignalNoiseRatio:
+    """PSNR over the whole set (one MSE over all pixels), in dB; its states reduce across processes."""
+    return PeakSignalNoiseRatio(data_range=1.0).set_dtype(torch.float64)
 
 
-def ssim(images: np.ndarray, reference: np.ndarray) -> float:
-    return float(structural_similarity_index_measure(_quantized(images), _quantized(reference), data_range=1.0))
+def ssim_metric() -> StructuralSimilarityIndexMeasure:
+    return StructuralSimilarityIndexMeasure(data_range=1.0).set_dtype(torch.float64)
+
+
+def update_fidelity(psnr_m, ssim_m, images, reference) -> None:
+    a, b = _unit(images), _unit(reference)
+    psnr_m.update(a, b)
+    ssim_m.update(a, b)
+
+
+def psnr(images, reference) -> float:
+    m = psnr_metric()
+    m.update(_unit(images), _unit(reference))
+    return float(m.compute())
+
+
+def ssim(images, reference) -> float:
+    m = ssim_metric()
+    m.update(_unit(images), _unit(reference))
+    return float(m.compute())

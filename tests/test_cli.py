@@ -23,7 +23,20 @@ def test_help(command):
 
 def test_generate_json(tmp_path):
     out = tmp_path / "gen"
-    proc = _cli("generate", "--steps", "6", "--prompt", "red apple", "--prompt", "cat", "--out", str(out), "--json")
+    proc = _cli(
+        "generate",
+        "--model",
+        "tiny-pixart",
+        "--steps",
+        "6",
+        "--prompt",
+        "red apple",
+        "--prompt",
+        "cat",
+        "--out",
+        str(out),
+        "--json",
+    )
     result = json.loads(proc.stdout)
     assert "RANDOM weights" in proc.stderr
     fora = result["plans"]["fora-3"]
@@ -34,7 +47,9 @@ def test_generate_json(tmp_path):
 
 
 def test_unknown_plan_fails_before_work(tmp_path):
-    proc = _cli("generate", "--plan", "fast-please", "--out", str(tmp_path / "x"), check=False)
+    proc = _cli(
+        "generate", "--model", "tiny-pixart", "--plan", "fast-please", "--out", str(tmp_path / "x"), check=False
+    )
     assert proc.returncode == 2
     assert "Unknown plan 'fast-please'" in proc.stderr and "fora-N" in proc.stderr
     assert not (tmp_path / "x").exists()

@@ -9,9 +9,9 @@ import torch
 
 
 def add_model_arguments(p) -> None:
-    from diffroute.zoo import MODELS
+    from diffroute.zoo import DEFAULT_MODEL, MODELS
 
-    p.add_argument("--model", default="tiny-pixart", help=f"zoo name ({', '.join(MODELS)}), pipeline folder or hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name ({', '.join(MODELS)}), pipeline folder or hub id")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")

@@ -37,11 +37,11 @@ def generate(pipe, plan, prompts: list[str], args, steps: int | None = None):
 
 
 def run(args) -> dict:
-    from diffroute.eval.fidelity import psnr
-    from diffroute.imageio import grid, save_png, to_pil
+    from diffroute.eval.fidelity import psnr, ssim
+    from diffroute.imageio import grid, save_png, to_pil, to_uint8
     from diffroute.zoo import MODELS
 
-    prompts = read_prompts(args, MODELS[args.model].example_prompts if args.model in MODELS else [])
+    prompts = read_prompts(args, MODELS[args.model].prompts() if args.model in MODELS else [])
     plans = [args.plan] if args.no_compare or args.plan == "full" else ["full", args.plan]
     check_plans(None, plans)  # names and files first: no model loaded for a typo
     pipe = load(args)
@@ -60,6 +60,7 @@ def run(args) -> dict:
 
     result = {"model": args.model, "steps": args.steps, "prompts": prompts, "out": str(out), "plans": {}}
     full = runs.get("full")
+    scorer = MODELS[args.model].clip_scorer if args.model in MODELS else None
     for name, r in runs.items():
         entry = {
             "end_to_end_s": r["seconds"],
@@ -71,6 +72,9 @@ def run(args) -> dict:
             entry["speedup_end_to_end"] = full["seconds"] / r["seconds"]
             entry["speedup_transformer"] = full["stats"].transformer_time_s / r["stats"].transformer_time_s
             entry["psnr_vs_full_db"] = psnr(r["images"], full["images"])
+            entry["ssim_vs_full"] = ssim(r["images"], full["images"])
+        if scorer is not None:
+            entry["clip_score"] = float(scorer(to_uint8(r["images"]), prompts).mean())
         result["plans"][name] = entry
     save_png(grid([r["pil"] for r in runs.values()], labels=list(runs), scale=4), out / "grid.png")
     atomic_write_json(out / "summary.json", result)
@@ -87,7 +91,9 @@ def _print_summary(result: dict) -> None:
         if "speedup_end_to_end" in e:
             line += (
                 f", speedup {e['speedup_end_to_end']:.2f}x end-to-end / {e['speedup_transformer']:.2f}x transformer"
-                f", PSNR vs full {e['psnr_vs_full_db']:.2f} dB"
+                f", PSNR vs full {e['psnr_vs_full_db']:.2f} dB, SSIM {e['ssim_vs_full']:.3f}"
             )
+        if "clip_score" in e:
+            line += f", CLIP score {e['clip_score']:.2f}"
         print(line)
     print("  (one timed run per plan after a warm-up; for medians use `diffroute bench overhead`)")

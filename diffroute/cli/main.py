@@ -8,10 +8,13 @@ import os
 import sys
 import warnings
 
+from diffroute.eval import cli as eval_cli
+
 from . import bench, generate
 
-# Subcommand name -> module with add_arguments(parser) and run(args) -> dict; later issues add eval, search, app.
-COMMANDS = {"generate": generate, "bench": bench}
+# Subcommand name -> module with add_arguments(parser) and run(args) -> dict (None: nothing to print on this
+# process); later issues add search and app.
+COMMANDS = {"generate": generate, "eval": eval_cli, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(p)
-        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        if name != "eval":  # eval's own subcommands take --json
+            p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     return parser
 
 
@@ -34,5 +38,5 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"diffroute {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if args.json:
+    if args.json and result is not None:
         print(json.dumps(result, indent=2))

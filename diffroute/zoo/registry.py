@@ -1,4 +1,4 @@
-"""Named models and how to load them: `load_pipeline("tiny-pixart")`, or a local folder / hub id of a pipeline."""
+"""Named models and how to load them: `load_pipeline("emoji")`, or a local folder / hub id of a pipeline."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from . import emoji, tiny
 
 
 @dataclass
@@ -17,24 +19,37 @@ class ModelEntry:
     call_defaults: dict = field(default_factory=dict)
     description: str = ""
     random_weights: bool = False
-    example_prompts: list[str] = field(default_factory=list)
+    example_prompts: list[str] | Callable[[], list[str]] = field(default_factory=list)
+    # Domain CLIP score: (uint8 [N, 3, H, W] images, captions) -> per-image scores; None if the model has none.
+    clip_scorer: Callable | None = None
+
+    def prompts(self) -> list[str]:
+        return self.example_prompts() if callable(self.example_prompts) else list(self.example_prompts)
 
 
-def _tiny_pixart_demo():
-    from .tiny import tiny_pixart_demo
-
-    return tiny_pixart_demo()
-
-
+DEFAULT_MODEL = "emoji"
 MODELS: dict[str, ModelEntry] = {
+    "emoji": ModelEntry(
+        emoji.load_emoji_pipeline,
+        dict(emoji.CALL_DEFAULTS),
+        "PixArt-α architecture trained by diffroute on 32x32 emoji, MiniLM text encoder",
+        example_prompts=lambda: emoji.heldout_captions(8),
+        clip_scorer=lambda images, captions: _emoji_clip_scores(images, captions),
+    ),
     "tiny-pixart": ModelEntry(
-        _tiny_pixart_demo,
+        tiny.tiny_pixart_demo,
         dict(height=32, width=32, clean_caption=False, use_resolution_binning=False, max_sequence_length=16),
         "PixArt-α architecture, 6 blocks of width 192, RANDOM weights (shows speed, not quality)",
         random_weights=True,
         example_prompts=["a red apple", "grinning face", "flag: japan", "a smiling cat"],
     ),
 }
+
+
+def _emoji_clip_scores(images, captions):
+    from diffroute.eval.clipscore import emoji_clip_scores
+
+    return emoji_clip_scores(images, captions)
 
 
 def register_model(name: str, entry: ModelEntry) -> None:
@@ -48,7 +63,9 @@ def call_defaults(name_or_pipe) -> dict:
     return dict(entry.call_defaults) if entry else {}
 
 
-def load_pipeline(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load_pipeline(
+    name: str = DEFAULT_MODEL, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+):
     """A routed pipeline for a zoo name, a local pipeline folder or a hub id (the latter needs the hub)."""
     from diffroute.pipelines import to_routed
 

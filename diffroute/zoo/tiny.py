@@ -301,9 +301,9 @@ def tiny_pixart_demo():
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
-        block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=16,

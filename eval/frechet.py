@@ -1,0 +1,100 @@
+"""Fréchet distance on torchmetrics' FID states (custom feature modules, float64), and statistics files."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+
+from diffroute.io import atomic_write_bytes
+
+
+@dataclass
+class FeatureStats:
+    """Mean and covariance of a set's features, with how they were made."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    extractor: str
+    resize: str
+
+    def save(self, path) -> None:
+        buf = BytesIO()
+        np.savez(buf, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor, resize=self.resize)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path) -> FeatureStats:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"statistics file {str(path)!r} does not exist.")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(z["mu"], z["sigma"], int(z["n"]), str(z["extractor"]), str(z["resize"]))
+        except (KeyError, ValueError, OSError) as e:
+            raise ValueError(f"{str(path)!r} is not a diffroute statistics file (mu, sigma, n, extractor): {e}") from e
+
+
+def new_metric(feature: torch.nn.Module) -> FrechetInceptionDistance:
+    return FrechetInceptionDistance(feature=feature, normalize=False, reset_real_features=False)
+
+
+def update(metric: FrechetInceptionDistance, images: torch.Tensor, real: bool, batch: int = 256) -> None:
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (quantized once, by rounding); got {images.dtype}.")
+    for i in range(0, len(images), batch):
+        metric.update(images[i : i + batch], real=real)
+
+
+def stats_of(metric: FrechetInceptionDistance, real: bool, feature: torch.nn.Module) -> FeatureStats:
+    """The (process-reduced) mean and covariance of one side of the metric."""
+    side = "real" if real else "fake"
+    with metric.sync_context(should_sync=True):
+        n = int(getattr(metric, f"{side}_features_num_samples"))
+        if n < 2:
+            raise ValueError(f"statistics need at least 2 images, got {n}.")
+        total = getattr(metric, f"{side}_features_sum").double()
+        cov_sum = getattr(metric, f"{side}_features_cov_sum").double()
+    mu = total / n
+    sigma = (cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+    return FeatureStats(mu.numpy(), sigma.numpy(), n, _id(feature), getattr(feature, "resize", "none"))
+
+
+def _id(feature) -> str:
+    return getattr(feature, "extractor_id", type(feature).__name__)
+
+
+def fd_from_stats(a: FeatureStats, b: FeatureStats) -> dict:
+    """FD between two statistics; refuses stats made with different extractors."""
+    if a.extractor != b.extractor or a.resize != b.resize:
+        raise ValueError(
+            f"statistics were made differently ({a.extractor}, {a.resize} vs {b.extractor}, {b.resize}): "
+            "recompute both with the same --features."
+        )
+    dim = len(a.mu)
+    if min(a.n, b.n) < 2 * dim:
+        warnings.warn(
+            f"FD with {a.n}/{b.n} samples in {dim} dims is biased (fewer than twice the feature dimension).",
+            stacklevel=2,
+        )
+    value = _compute_fid(*(torch.from_numpy(x) for x in (a.mu, a.sigma, b.mu, b.sigma)))
+    return {"value": float(value), "feature": a.extractor, "resize": a.resize, "n_a": a.n, "n_b": b.n, "dim": dim}
+
+
+def stats_of_images(images: torch.Tensor, feature: torch.nn.Module) -> FeatureStats:
+    if len(images) < 2:
+        raise ValueError(f"statistics need at least 2 images, got {len(images)}.")
+    metric = new_metric(feature)
+    update(metric, images, real=True)
+    return stats_of(metric, True, feature)
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor, feature: torch.nn.Module) -> dict:
+    """FD between two uint8 [N, 3, H, W] image sets in `feature`'s space."""
+    return fd_from_stats(stats_of_images(real, feature), stats_of_images(fake, feature))

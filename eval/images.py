@@ -1,0 +1,60 @@
+"""Loading image folders for metrics, with every problem reported before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Sorted image files of a folder; refuses a missing or empty folder and files that are not images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist (or is not a folder).")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if others and not images:
+        raise ValueError(f"{str(folder)!r} holds no images, only other files (e.g. {others[:3]}).")
+    if not images:
+        raise ValueError(f"image folder {str(folder)!r} is empty: metrics need at least 2 images.")
+    return images
+
+
+def check_images(paths: list[Path]) -> tuple[int, int]:
+    """Open every file's header: all must be images of one size. Returns (width, height)."""
+    sizes = {}
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                sizes.setdefault(im.size, []).append(p.name)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{str(p)!r} is not a readable image ({e.__class__.__name__}).") from e
+    if len(sizes) > 1:
+        desc = "; ".join(f"{w}x{h}: {len(n)} files (e.g. {n[0]})" for (w, h), n in sizes.items())
+        raise ValueError(f"images have mixed sizes ({desc}); resize them to one size first.")
+    return next(iter(sizes))
+
+
+def load_uint8(paths: list[Path]) -> torch.Tensor:
+    """uint8 [N, 3, H, W] (RGB; alpha composited on white)."""
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, "white")
+                im = Image.alpha_composite(bg, im)
+            out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_folder(folder: str | Path) -> torch.Tensor:
+    paths = list_images(folder)
+    check_images(paths)
+    return load_uint8(paths)

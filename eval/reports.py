@@ -1,0 +1,84 @@
+"""Reports of a comparison: results.json, results.csv, a Markdown table, a speed-quality plot and image grids."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from diffroute.imageio import grid, save_png
+from diffroute.io import atomic_write_bytes, atomic_write_json
+
+COLUMNS = [
+    ("plan", "plan", "{}"),
+    ("speedup_transformer", "speedup (transformer)", "{:.2f}x"),
+    ("speedup_end_to_end", "speedup (end-to-end)", "{:.2f}x"),
+    ("computed_fraction", "computed", "{:.1%}"),
+    ("fd_vs_full", "FD vs full", "{:.3f}"),
+    ("fd_vs_real", "FD vs real", "{:.3f}"),
+    ("psnr_vs_full_db", "PSNR vs full (dB)", "{:.2f}"),
+    ("ssim_vs_full", "SSIM vs full", "{:.4f}"),
+    ("clip_score", "CLIP score", "{:.2f}"),
+]
+
+
+def markdown_table(result: dict) -> str:
+    rows = list(result["plans"].values())
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [fmt.format(r[k]) if r.get(k) is not None else "n/a" for k, _, fmt in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(result["plans"].values())
+    metrics = [
+        ("fd_vs_full", "FD vs full (lower is better)"),
+        ("psnr_vs_full_db", "PSNR vs full, dB (higher is better)"),
+    ]
+    metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
+        shown = [r for r in rows if r.get(key) is not None]  # full vs itself has no finite PSNR
+        xs = [r["speedup_transformer"] for r in shown]
+        ys = [r[key] for r in shown]
+        ax.scatter(xs, ys, color="tab:blue")
+        for r, x, y in zip(shown, xs, ys):
+            ax.annotate(r["plan"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("speedup, transformer wall-clock (x)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result['model']}: {result['n']} samples, {result['steps']} steps")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_reports(result: dict, out: Path, grid_columns: int = 8) -> None:
+    from PIL import Image
+
+    atomic_write_json(out / "results.json", result)
+    rows = list(result["plans"].values())
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "results.md", markdown_table(result).encode())
+    plot(result, out / "speed_quality.png")
+    pics = []
+    for name in result["plans"]:
+        folder = out / "images" / name
+        files = sorted(folder.glob("*.png"))[:grid_columns]
+        pics.append([Image.open(f).convert("RGB") for f in files])
+    save_png(grid(pics, labels=list(result["plans"]), scale=3), out / "grid.png")

@@ -1,0 +1,186 @@
+"""The evaluation suite: Fréchet distance against a SciPy reference, statistics files, clear errors, and a
+1-process vs 2-process `eval compare` that must agree."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from diffroute.eval import frechet
+from diffroute.eval.images import load_folder
+
+
+class FlatFeatures(torch.nn.Module):
+    """Features = the pixels of a 2x2 image (12 dims), so tests control the feature distribution exactly."""
+
+    extractor_id = "test/flat"
+    resize = "none"
+    num_features = 12
+
+    def forward(self, images):
+        return images.flatten(1).double()
+
+
+def _random_images(n, seed, scale=255):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, 2, 2, generator=g) * scale).round().to(torch.uint8)
+
+
+def _scipy_fd(x, y):
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fd_of_a_set_with_itself_is_zero():
+    imgs = _random_images(200, 0)
+    assert abs(frechet.frechet_distance(imgs, imgs, FlatFeatures())["value"]) < 1e-6
+
+
+def test_fd_matches_scipy_reference():
+    a, b = _random_images(300, 1), _random_images(300, 2, scale=200)
+    ours = frechet.frechet_distance(a, b, FlatFeatures())
+    ref = _scipy_fd(a.flatten(1).double().numpy(), b.flatten(1).double().numpy())
+    assert ours["value"] == pytest.approx(ref, rel=1e-6)
+    assert ours["feature"] == "test/flat" and ours["n_a"] == ours["n_b"] == 300
+
+
+def test_stats_round_trip(tmp_path):
+    a, b = _random_images(100, 3), _random_images(100, 4)
+    feat = FlatFeatures()
+    sa = frechet.stats_of_images(a, feat)
+    sa.save(tmp_path / "a.npz")
+    back = frechet.FeatureStats.load(tmp_path / "a.npz")
+    assert np.array_equal(back.mu, sa.mu) and np.array_equal(back.sigma, sa.sigma) and back.n == 100
+    direct = frechet.frechet_distance(a, b, feat)["value"]
+    assert frechet.fd_from_stats(back, frechet.stats_of_images(b, feat))["value"] == pytest.approx(direct, rel=1e-12)
+    other = frechet.FeatureStats(sa.mu, sa.sigma, sa.n, "inception-v3-compat/2048", "x")
+    with pytest.raises(ValueError, match="made differently"):
+        frechet.fd_from_stats(sa, other)
+
+
+def test_fewer_than_two_samples_refused_and_small_sets_warn():
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet.stats_of_images(_random_images(1, 0), FlatFeatures())
+    with pytest.warns(UserWarning, match="biased"):
+        frechet.frechet_distance(_random_images(10, 0), _random_images(10, 1), FlatFeatures())
+
+
+def _write(folder: Path, n: int, size=(8, 8)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (i * 20 % 255, 0, 0)).save(folder / f"{i:03d}.png")
+
+
+def test_folder_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is empty"):
+        load_folder(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_folder(tmp_path / "nowhere")
+    _write(tmp_path / "mixed", 2)
+    Image.new("RGB", (16, 16)).save(tmp_path / "mixed" / "big.png")
+    with pytest.raises(ValueError, match="mixed sizes"):
+        load_folder(tmp_path / "mixed")
+    _write(tmp_path / "broken", 2)
+    (tmp_path / "broken" / "oops.png").write_text("not a png")
+    with pytest.raises(ValueError, match="not a readable image"):
+        load_folder(tmp_path / "broken")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match="no images"):
+        load_folder(tmp_path / "text")
+
+
+def _cli(*args, launcher=(sys.executable, "-m", "diffroute")):
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_errors_before_work(tmp_path):
+    _write(tmp_path / "imgs", 3)
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    proc = _cli("eval", "clip", str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt"))
+    assert proc.returncode == 2 and "3 images but 2 prompts" in proc.stderr
+    (tmp_path / "e").mkdir()
+    proc = _cli("eval", "fid", str(tmp_path / "e"), str(tmp_path / "imgs"))
+    assert proc.returncode == 2 and "is empty" in proc.stderr
+    proc = _cli(
+        "eval",
+        "compare",
+        "--model",
+        "tiny-pixart",
+        "--prompts",
+        str(tmp_path / "p.txt"),
+        "--n",
+        "5",
+        "--out",
+        str(tmp_path / "c"),
+    )
+    assert proc.returncode == 2 and "more samples than the 2 prompts" in proc.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_one_and_two_processes_agree(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["red apple", "grinning face", "flag: japan", "cat", "blue car", "tree"]) + "\n")
+    common = [
+        "eval",
+        "compare",
+        "--model",
+        "tiny-pixart",
+        "--prompts",
+        str(prompts),
+        "--n",
+        "6",
+        "--batch",
+        "2",
+        "--steps",
+        "6",
+        "--repeats",
+        "1",
+        "--plans",
+        "fora-3",
+        "--features",
+        "emoji-clip",
+        "--json",
+    ]
+    one = _cli(*common, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    launch = (
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "diffroute",
+    )
+    two = _cli(*common, "--out", str(tmp_path / "two"), launcher=launch)
+    assert two.returncode == 0, two.stderr
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)
+    assert (r1["processes"], r2["processes"]) == (1, 2)
+    for plan in ("full", "fora-3"):
+        a, b = r1["plans"][plan], r2["plans"][plan]
+        for key in ("computed_fraction", "psnr_vs_full_db", "ssim_vs_full", "fd_vs_full"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-9), key
+    for name in ("results.json", "results.csv", "results.md", "speed_quality.png", "grid.png"):
+        assert (tmp_path / "two" / name).is_file()
+    # resumable: a second run regenerates nothing (the PNGs keep their modification times)
+    png = tmp_path / "one" / "images" / "fora-3" / "000000.png"
+    before = png.stat().st_mtime_ns
+    again = _cli(*common, "--out", str(tmp_path / "one"))
+    assert again.returncode == 0 and png.stat().st_mtime_ns == before
