@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# Debian's Chromium for the browser test of the demo (Playwright drives it; it never downloads a browser).
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium) \
+		|| echo "note: chromium could not be installed; the browser test will be skipped"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -68,12 +68,15 @@ PLAN_NAMES: dict[str, Callable[[re.Match], Plan]] = {
     r"fora-(\d+)": _fora,
 }
 PLAN_HELP: dict[str, str] = {"full": "compute everything", "fora-N": "compute every N-th step, reuse in between"}
+# Concrete names a user interface offers in its plan picker.
+PLAN_EXAMPLES: list[str] = ["full", "fora-2", "fora-3", "fora-4"]
 
 
-def register_plan(pattern: str, factory: Callable[[re.Match], Plan], help: str = "") -> None:
+def register_plan(pattern: str, factory: Callable[[re.Match], Plan], help: str = "", examples=()) -> None:
     """Make a plan name (a regular expression matched whole) resolvable everywhere plans are accepted."""
     PLAN_NAMES[pattern] = factory
     PLAN_HELP[pattern] = help
+    PLAN_EXAMPLES.extend(e for e in examples if e not in PLAN_EXAMPLES)
 
 
 def known_plan_names() -> list[str]:

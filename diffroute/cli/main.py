@@ -10,11 +10,11 @@ import warnings
 
 from diffroute.eval import cli as eval_cli
 
-from . import bench, generate
+from . import app, bench, generate
 
 # Subcommand name -> module with add_arguments(parser) and run(args) -> dict (None: nothing to print on this
 # process); later issues add search and app.
-COMMANDS = {"generate": generate, "eval": eval_cli, "bench": bench}
+COMMANDS = {"generate": generate, "eval": eval_cli, "bench": bench, "app": app}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,22 @@
+"""Serve the Gradio demo: full compute beside a plan, timings, PSNR and the compute map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "serve the Gradio demo page"
+
+
+def add_arguments(p) -> None:
+    from diffroute.zoo import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="zoo name or pipeline folder (default emoji)")
+    p.add_argument("--results", type=Path, default=None, help="an `eval compare` folder for the results tab")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+
+
+def run(args) -> None:
+    from diffroute.app.app import build_demo
+
+    build_demo(args.model, args.results).launch(server_name=args.host, server_port=args.port)
