@@ -39,7 +39,8 @@ def results_tab(results_dir: Path | None) -> None:
 def build_demo(model: str = "emoji", results_dir: Path | None = None, service: DemoService | None = None) -> gr.Blocks:
     service = service or DemoService(model)
 
-    def generate(prompt, steps, guidance, seed, batch, plan, schedule_file, progress=gr.Progress(track_tqdm=True)):
+    # gr.Progress as a default argument is how Gradio injects the progress tracker.
+    def generate(prompt, steps, guidance, seed, batch, plan, schedule_file, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         try:
             r = service.generate(prompt, steps, guidance, seed, batch, plan, schedule_file)
         except (ValueError, FileNotFoundError, TypeError) as e:

@@ -50,6 +50,8 @@ class ArchitectureMap:
     block_names: list[str]
     components: tuple[str, ...]
     modules: list[list[torch.nn.Module | None]]  # [block][component]; None where the block lacks it
+    blocks: list[torch.nn.Module]
+    model: torch.nn.Module | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -75,13 +77,14 @@ def _spec_for(model: torch.nn.Module) -> tuple[str, ArchSpec]:
 def architecture_map(model: torch.nn.Module) -> ArchitectureMap:
     """Resolve the blocks and components of `model` (a diffusers transformer)."""
     model_class, spec = _spec_for(model)
-    block_names, modules = [], []
+    block_names, modules, block_modules = [], [], []
     for list_name in spec.block_lists:
         blocks = getattr(model, list_name, None)
         if blocks is None:
             raise UnsupportedModelError(f"{model_class} has no attribute {list_name!r} that its ArchSpec names.")
         for i, block in enumerate(blocks):
             block_names.append(f"{list_name}.{i}")
+            block_modules.append(block)
             modules.append([_component(block, name) for name in spec.components])
     if not block_names:
         raise UnsupportedModelError(f"{model_class} has no blocks under {spec.block_lists}.")
@@ -90,7 +93,7 @@ def architecture_map(model: torch.nn.Module) -> ArchitectureMap:
             f"No component of {spec.components} exists in any block of {model_class}: the ArchSpec does not match "
             "this model (diffroute refuses rather than silently caching nothing)."
         )
-    return ArchitectureMap(model_class, block_names, spec.components, modules)
+    return ArchitectureMap(model_class, block_names, spec.components, modules, block_modules, model)
 
 
 def _component(block: torch.nn.Module, name: str) -> torch.nn.Module | None:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 
-def _tensors(out: Any) -> list[torch.Tensor | None]:
+def tensors_of(out: Any) -> list[torch.Tensor | None]:
+    """The tensors of a component output: a tensor, or a tuple/list of tensors (joint attention returns two)."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)) and all(o is None or isinstance(o, torch.Tensor) for o in out):
@@ -16,45 +17,76 @@ def _tensors(out: Any) -> list[torch.Tensor | None]:
     raise TypeError(f"diffroute can cache tensors or tuples of tensors, not {type(out).__name__}.")
 
 
+def rebuild(kind: type, bufs: list) -> Any:
+    """The output in its original form (tensor or tuple) from its tensors."""
+    return bufs[0] if issubclass(kind, torch.Tensor) else kind(bufs)
+
+
+class _Entry:
+    """Buffers of one key: the newest output and, with history, the one before (for forecasting)."""
+
+    def __init__(self, kind: type, bufs: list, step: int):
+        self.kind, self.slots, self.steps = kind, [bufs], [step]
+
+
 class FeatureCache:
-    """Holds the last computed output of each (branch, block, component), one buffer set per key.
+    """Holds the last computed output of each (branch, block, component) key.
 
     A stored output is copied into the key's existing buffers when shapes match, so a call allocates each buffer
-    once; `clear()` drops them all at the end of the call. Values stay on their device: no host copies, no syncs.
+    once (twice with `history=2`, which keeps the previous output too, for Taylor forecasts); `clear()` drops them
+    all at the end of the call. Values stay on their device: no host copies, no syncs.
     """
 
-    def __init__(self):
-        self._store: dict[Hashable, tuple[Any, list[torch.Tensor | None]]] = {}
+    def __init__(self, history: int = 1):
+        self.history = history
+        self._store: dict[Hashable, _Entry] = {}
         self.bytes = 0
         self.peak_bytes = 0
 
-    def put(self, key: Hashable, out: Any) -> None:
-        new = _tensors(out)
-        old = self._store.get(key)
-        if old is not None and _same_layout(old[1], new):
-            for dst, src in zip(old[1], new):
-                if dst is not None:
-                    dst.copy_(src)
+    def put(self, key: Hashable, out: Any, step: int = 0) -> None:
+        new = tensors_of(out)
+        entry = self._store.get(key)
+        if entry is not None and not _same_layout(entry.slots[0], new):
+            self.bytes -= sum(_nbytes(s) for s in entry.slots)
+            del self._store[key]
+            entry = None
+        if entry is None:
+            bufs = _clone(new)
+            self._store[key] = _Entry(type(out), bufs, step)
+            self._grow(_nbytes(bufs))
             return
-        if old is not None:
-            self.bytes -= _nbytes(old[1])
-        bufs = [None if t is None else t.detach().clone() for t in new]
-        self._store[key] = (type(out), bufs)
-        self.bytes += _nbytes(bufs)
+        if self.history > 1 and len(entry.slots) < self.history:  # second slot: allocate once
+            entry.slots.insert(0, _clone(new))
+            entry.steps.insert(0, step)
+            self._grow(_nbytes(entry.slots[0]))
+            return
+        if self.history > 1:  # rotate: the oldest buffers receive the newest output
+            entry.slots.insert(0, entry.slots.pop())
+            entry.steps.insert(0, entry.steps.pop())
+        for dst, src in zip(entry.slots[0], new):
+            if dst is not None:
+                dst.copy_(src)
+        entry.steps[0] = step
+
+    def _grow(self, n: int) -> None:
+        self.bytes += n
         self.peak_bytes = max(self.peak_bytes, self.bytes)
 
-    def get(self, key: Hashable, like: torch.Tensor | None = None) -> Any | None:
-        """The cached output for `key`, or None if absent or stored for another batch shape than `like`."""
+    def get(self, key: Hashable, batch: int | None = None) -> Any | None:
+        """The newest cached output for `key`, or None if absent or stored for another batch size."""
         entry = self._store.get(key)
-        if entry is None:
+        if entry is None or not _fits(entry.slots[0], batch):
             return None
-        kind, bufs = entry
-        first = next((b for b in bufs if b is not None), None)
-        if like is not None and first is not None and first.shape[0] != like.shape[0]:
+        return rebuild(entry.kind, entry.slots[0])
+
+    def forecast(self, key: Hashable, step: int, batch: int | None = None) -> Any | None:
+        """First-order Taylor extrapolation to `step` from the last two stored outputs (None without two)."""
+        entry = self._store.get(key)
+        if entry is None or len(entry.slots) < 2 or not _fits(entry.slots[0], batch):
             return None
-        if kind is torch.Tensor or issubclass(kind, torch.Tensor):
-            return bufs[0]
-        return kind(bufs)
+        (s1, s0), (y1, y0) = entry.steps[:2], entry.slots[:2]
+        w = (step - s1) / (s1 - s0)
+        return rebuild(entry.kind, [None if a is None else a + (a - b) * w for a, b in zip(y1, y0)])
 
     def clear(self) -> None:
         self._store.clear()
@@ -62,6 +94,15 @@ class FeatureCache:
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.bytes
+
+
+def _clone(ts: list) -> list:
+    return [None if t is None else t.detach().clone() for t in ts]
+
+
+def _fits(bufs: list, batch: int | None) -> bool:
+    first = next((b for b in bufs if b is not None), None)
+    return batch is None or first is None or first.shape[0] == batch
 
 
 def _same_layout(a: list, b: list) -> bool:

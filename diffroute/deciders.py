@@ -7,13 +7,23 @@ import torch
 from .context import StepContext
 from .schedule import Schedule
 
+# A decision to approximate the component by a first-order forecast from its last two computed outputs.
+FORECAST = "forecast"
+
 
 class Decider:
     """Base class. A decider lives for one pipeline call; the executor asks it once per component call."""
 
-    def decide(self, ctx: StepContext, block: int, comp: int) -> bool:
-        """True to compute the component, False to reuse its cached output."""
+    def decide(self, ctx: StepContext, block: int, comp: int):
+        """True to compute, False to reuse the cached output, FORECAST to extrapolate it, or a bool tensor with
+        one entry per sample (True: that sample computes)."""
         raise NotImplementedError
+
+    def on_block_start(self, ctx: StepContext, block: int, module, args: tuple, kwargs: dict) -> None:
+        """Called before each block the plan observes (see Plan.observed_blocks)."""
+
+    def on_block_end(self, ctx: StepContext, block: int, output) -> None:
+        """Called after each block the plan observes."""
 
     def must_store(self, ctx: StepContext, block: int, comp: int) -> bool:
         """Whether a computed output may be reused later (so the executor keeps a copy)."""

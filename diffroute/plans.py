@@ -16,6 +16,11 @@ class Plan:
 
     name: str = "plan"
     default_num_steps: int | None = None
+    cache_history: int = 1  # outputs kept per component (2 for Taylor forecasts)
+
+    def observed_blocks(self, arch: ArchitectureMap) -> tuple[int, ...]:
+        """Blocks whose inputs/outputs the deciders watch (dynamic policies); none for static schedules."""
+        return ()
 
     def check(self, arch: ArchitectureMap) -> None:
         """Raise before any work if this plan cannot drive `arch`."""
@@ -72,10 +77,11 @@ PLAN_HELP: dict[str, str] = {"full": "compute everything", "fora-N": "compute ev
 PLAN_EXAMPLES: list[str] = ["full", "fora-2", "fora-3", "fora-4"]
 
 
-def register_plan(pattern: str, factory: Callable[[re.Match], Plan], help: str = "", examples=()) -> None:
-    """Make a plan name (a regular expression matched whole) resolvable everywhere plans are accepted."""
+def register_plan(pattern: str, factory: Callable[[re.Match], Plan], display: str, help: str = "", examples=()) -> None:
+    """Make a plan name (a regular expression matched whole) resolvable everywhere plans are accepted;
+    `display` is how help texts show it (e.g. "fbcache-T")."""
     PLAN_NAMES[pattern] = factory
-    PLAN_HELP[pattern] = help
+    PLAN_HELP[display] = help
     PLAN_EXAMPLES.extend(e for e in examples if e not in PLAN_EXAMPLES)
 
 

@@ -10,11 +10,11 @@ import warnings
 
 from diffroute.eval import cli as eval_cli
 
-from . import app, bench, generate
+from . import app, bench, calibrate, generate
 
 # Subcommand name -> module with add_arguments(parser) and run(args) -> dict (None: nothing to print on this
 # process); later issues add search and app.
-COMMANDS = {"generate": generate, "eval": eval_cli, "bench": bench, "app": app}
+COMMANDS = {"generate": generate, "eval": eval_cli, "bench": bench, "calibrate": calibrate, "app": app}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,83 @@
+"""Fit TeaCache's rescaling polynomial for a model: relative change of block 0's modulated input -> relative change
+of the transformer output, over the steps of full-compute runs on a few prompts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import add_model_arguments, call_kwargs, generators, load, read_prompts
+
+HELP = "calibrate dynamic policies (TeaCache's rescaling polynomial) for a model"
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", action="append", help="a calibration prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a text file with one calibration prompt per line")
+    p.add_argument("--n", type=int, default=16, help="calibration prompts to use (default 16)")
+    p.add_argument("--degree", type=int, default=4, help="polynomial degree (default 4)")
+    p.add_argument("--out", default=None, help="output JSON (default: teacache.json in the model's folder)")
+
+
+def calibration_prompts(model: str, n: int) -> list[str]:
+    """Training captions for the emoji model: disjoint from the held-out evaluation captions."""
+    from diffroute.zoo.emoji_data import load
+
+    data = load()
+    caps = [str(c) for c in data["captions"][~data["held_out"]]]
+    return [caps[i] for i in np.random.default_rng(0).choice(len(caps), n, replace=False)]
+
+
+def run(args) -> dict:
+    import diffroute
+    from diffroute.policies.common import rel_l1
+    from diffroute.policies.teacache import CALIBRATION_FILE, modulated_input, save_calibration
+
+    default = calibration_prompts(args.model, args.n) if args.model == "emoji" else []
+    prompts = read_prompts(args, default)[: args.n]
+    pipe = load(args)
+    diffroute.remove(pipe)
+    arch = diffroute.architecture_map(pipe.transformer)
+    mods, outs = [], []
+
+    def on_block0(module, a, kw):
+        mods.append(modulated_input(arch, a, kw).detach().float())
+
+    def on_out(module, a, kw, output):
+        outs.append((output[0] if isinstance(output, tuple) else output.sample).detach().float())
+
+    h1 = arch.blocks[0].register_forward_pre_hook(on_block0, with_kwargs=True)
+    h2 = pipe.transformer.register_forward_hook(on_out, with_kwargs=True)
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        pipe(
+            prompts,
+            generator=generators(args.seed, len(prompts), pipe.device),
+            output_type="np",
+            **call_kwargs(pipe, args),
+        )
+    finally:
+        h1.remove()
+        h2.remove()
+    x = torch.cat([rel_l1(b, a) for a, b in zip(mods[:-1], mods[1:])]).cpu().numpy()
+    y = torch.cat([rel_l1(b, a) for a, b in zip(outs[:-1], outs[1:])]).cpu().numpy()
+    coeffs = np.polyfit(x, y, args.degree)
+    fit = np.polyval(coeffs, x)
+    r2 = 1 - ((y - fit) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    origin = getattr(pipe.transformer.config, "_name_or_path", None)
+    if args.out:
+        out = Path(args.out)
+    elif origin and Path(origin).is_dir():
+        out = Path(origin).parent / CALIBRATION_FILE
+    else:
+        raise ValueError("this model was not loaded from a folder: give --out FILE for the calibration.")
+    extra = {"prompts": len(prompts), "steps": args.steps, "points": len(x), "r2": float(r2)}
+    save_calibration(out, arch.model_class, coeffs, extra)
+    result = {"out": str(out), "coefficients": [float(c) for c in coeffs], **extra}
+    if not args.json:
+        print(f"wrote {out}: degree-{args.degree} fit on {len(x)} points, R^2 {r2:.3f}", file=sys.stderr)
+    return result

@@ -1,0 +1,93 @@
+"""First-block residual caching (FBCache; DBCache with Fn/Bn), decided per sample.
+
+The first `Fn` blocks always compute. After block Fn-1, each sample's residual (output of block Fn-1 minus the
+input of block 0) is compared with that sample's residual at its last full computation; if the relative L1 change
+is below the threshold, the middle blocks reuse their cached component outputs for that sample. The last `Bn`
+blocks always compute. Deviation from FBCache/DBCache: the middle blocks reuse *component* outputs with their gates
+recomputed (the one executor of diffroute), not the whole residual of the middle blocks.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from diffroute.arch import ArchitectureMap
+from diffroute.deciders import Decider
+from diffroute.plans import Plan, register_plan
+
+from .common import block_hidden_input, main_tensor, rel_l1
+
+
+class FirstBlockDecider(Decider):
+    """Per-sample reuse of the middle blocks when the first blocks' residual barely changed."""
+
+    def __init__(self, arch: ArchitectureMap, fn: int, bn: int, threshold: float):
+        self.nb, self.fn, self.bn, self.threshold = arch.num_blocks, fn, bn, threshold
+        self._x0: dict[int, torch.Tensor] = {}
+        self._prev: dict[int, torch.Tensor] = {}  # residual at each sample's last full computation, per branch
+        self._compute: dict[int, torch.Tensor | bool] = {}
+
+    def on_block_start(self, ctx, block, module, args, kwargs) -> None:
+        if block == 0:
+            self._x0[ctx.branch] = main_tensor(block_hidden_input(args, kwargs)).detach()
+
+    def on_block_end(self, ctx, block, output) -> None:
+        if block != self.fn - 1:
+            return
+        residual = main_tensor(output).detach() - self._x0.pop(ctx.branch)
+        prev = self._prev.get(ctx.branch)
+        if prev is None or prev.shape != residual.shape:  # first step of this branch: everything computes
+            compute = torch.ones(residual.shape[0], dtype=torch.bool, device=residual.device)
+            self._prev[ctx.branch] = residual
+        else:
+            compute = rel_l1(residual, prev) >= self.threshold
+            self._prev[ctx.branch] = torch.where(compute.view(-1, *[1] * (residual.ndim - 1)), residual, prev)
+        self._compute[ctx.branch] = compute
+
+    def decide(self, ctx, block, comp):
+        if block < self.fn or block >= self.nb - self.bn:
+            return True
+        return self._compute.get(ctx.branch, True)
+
+    def info(self) -> dict:
+        return {"policy": "first-block residual", "Fn": self.fn, "Bn": self.bn, "threshold": self.threshold}
+
+
+class FirstBlockPlan(Plan):
+    def __init__(self, fn: int, bn: int, threshold: float, name: str):
+        if fn < 1 or bn < 0 or threshold < 0:
+            raise ValueError(f"{name}: need Fn >= 1, Bn >= 0 and a threshold >= 0.")
+        self.fn, self.bn, self.threshold, self.name = fn, bn, threshold, name
+
+    def check(self, arch: ArchitectureMap) -> None:
+        if self.fn + self.bn >= arch.num_blocks:
+            raise ValueError(
+                f"{self.name}: Fn + Bn = {self.fn + self.bn} leaves no block to cache in a "
+                f"{arch.num_blocks}-block model."
+            )
+
+    def observed_blocks(self, arch):
+        return tuple(sorted({0, self.fn - 1}))
+
+    def decider(self, arch, num_steps):
+        return FirstBlockDecider(arch, self.fn, self.bn, self.threshold)
+
+
+def _fbcache(m: re.Match) -> Plan:
+    return FirstBlockPlan(1, 0, float(m.group(1)), m.group(0))
+
+
+def _dbcache(m: re.Match) -> Plan:
+    return FirstBlockPlan(int(m.group(1)), int(m.group(2)), float(m.group(3)), m.group(0))
+
+
+register_plan(r"fbcache-([0-9]*\.?[0-9]+)", _fbcache, "fbcache-T", "first-block residual cache", ["fbcache-0.1"])
+register_plan(
+    r"dbcache-F(\d+)B(\d+)-([0-9]*\.?[0-9]+)",
+    _dbcache,
+    "dbcache-F<n>B<n>-T",
+    "Fn/Bn computed blocks",
+    ["dbcache-F1B1-0.1"],
+)

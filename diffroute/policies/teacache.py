@@ -1,0 +1,164 @@
+"""TeaCache-style policy: accumulate a rescaled relative L1 change of the timestep-modulated input of block 0 and
+skip the whole transformer (all components reuse) while the sum stays under the threshold; per sample.
+
+The rescaling polynomial maps input change to output change; `diffroute calibrate` fits it for a model on a few
+prompts and writes `teacache.json` beside the pipeline's folders (found from the transformer's load path), or pass
+`teacache-T@FILE`. Without a calibration the raw distance is used, and the stats say so. As in TeaCache, the first
+and last steps always compute."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from diffroute.arch import ArchitectureMap
+from diffroute.deciders import Decider
+from diffroute.plans import Plan, register_plan
+
+from .common import rel_l1
+
+CALIBRATION_FILE = "teacache.json"
+
+
+def _bind(block, args, kwargs) -> dict:
+    return inspect.signature(type(block).forward).bind(block, *args, **kwargs).arguments
+
+
+def _ada_single(block, args, kwargs):
+    """PixArt and Sana: LayerNorm, then shift/scale from scale_shift_table + the block's timestep embedding."""
+    a = _bind(block, args, kwargs)
+    h, t = a["hidden_states"], a["timestep"]
+    shift, scale = (block.scale_shift_table[None] + t.reshape(h.shape[0], 6, -1))[:, :2].chunk(2, dim=1)
+    return block.norm1(h) * (1 + scale) + shift
+
+
+def _ada_zero_dit(block, args, kwargs):
+    a = _bind(block, args, kwargs)
+    h = a["hidden_states"]
+    return block.norm1(h, a["timestep"], a["class_labels"], hidden_dtype=h.dtype)[0]
+
+
+def _ada_zero_temb(block, args, kwargs):
+    """SD3 and FLUX: AdaLayerNormZero(hidden_states, emb=temb)."""
+    a = _bind(block, args, kwargs)
+    return block.norm1(a["hidden_states"], emb=a["temb"])[0]
+
+
+# Model class -> the modulated input of its first block, as TeaCache measures it. Extensible for new models.
+MODULATED_INPUT: dict[str, Callable] = {
+    "PixArtTransformer2DModel": _ada_single,
+    "SanaTransformer2DModel": _ada_single,
+    "DiTTransformer2DModel": _ada_zero_dit,
+    "SD3Transformer2DModel": _ada_zero_temb,
+    "FluxTransformer2DModel": _ada_zero_temb,
+}
+
+
+def modulated_input(arch: ArchitectureMap, args, kwargs) -> torch.Tensor:
+    fn = MODULATED_INPUT.get(arch.model_class)
+    if fn is None:
+        raise ValueError(f"TeaCache has no modulated-input rule for {arch.model_class}; add one to MODULATED_INPUT.")
+    return fn(arch.blocks[0], args, kwargs)
+
+
+def find_calibration(arch: ArchitectureMap) -> Path | None:
+    """`teacache.json` in the pipeline folder the transformer was loaded from, if any."""
+    origin = getattr(getattr(arch.model, "config", None), "_name_or_path", None)
+    if origin and Path(origin).is_dir():
+        path = Path(origin).parent / CALIBRATION_FILE
+        return path if path.is_file() else None
+    return None
+
+
+def load_coefficients(path: Path, arch: ArchitectureMap) -> list[float]:
+    from diffroute.io import read_json
+
+    d = read_json(path, "TeaCache calibration")
+    if d.get("model_class") != arch.model_class:
+        raise ValueError(f"calibration {str(path)!r} is for {d.get('model_class')}, the model is {arch.model_class}.")
+    return [float(c) for c in d["coefficients"]]
+
+
+class TeaCacheDecider(Decider):
+    def __init__(self, arch: ArchitectureMap, num_steps: int, threshold: float, coefficients, source: str):
+        self.arch, self.num_steps, self.threshold = arch, num_steps, threshold
+        self.coefficients = coefficients  # highest power first, as numpy.polyfit returns them
+        self.source = source
+        self._prev: dict[int, torch.Tensor] = {}
+        self._acc: dict[int, torch.Tensor] = {}
+        self._compute: dict[int, torch.Tensor | bool] = {}
+
+    def on_block_start(self, ctx, block, module, args, kwargs) -> None:
+        mod = modulated_input(self.arch, args, kwargs).detach()
+        prev = self._prev.get(ctx.branch)
+        self._prev[ctx.branch] = mod
+        first_or_last = ctx.step == 0 or ctx.step >= self.num_steps - 1
+        if prev is None or prev.shape != mod.shape or first_or_last:
+            self._compute[ctx.branch] = True
+            self._acc[ctx.branch] = torch.zeros(mod.shape[0], device=mod.device)
+            return
+        d = rel_l1(mod, prev).float()
+        if self.coefficients is not None:  # Horner's rule
+            x, d = d, torch.zeros_like(d)
+            for c in self.coefficients:
+                d = d * x + c
+        acc = self._acc[ctx.branch] + d
+        compute = acc >= self.threshold
+        self._acc[ctx.branch] = torch.where(compute, torch.zeros_like(acc), acc)
+        self._compute[ctx.branch] = compute
+
+    def decide(self, ctx, block, comp):
+        return self._compute.get(ctx.branch, True)
+
+    def info(self) -> dict:
+        return {"policy": "teacache", "threshold": self.threshold, "calibration": self.source}
+
+
+class TeaCachePlan(Plan):
+    def __init__(self, threshold: float, name: str, calibration: str | None = None):
+        self.threshold, self.name, self.calibration = threshold, name, calibration
+
+    def check(self, arch: ArchitectureMap) -> None:
+        if arch.model_class not in MODULATED_INPUT:
+            raise ValueError(f"TeaCache has no modulated-input rule for {arch.model_class}.")
+        if self.calibration:
+            load_coefficients(Path(self.calibration), arch)
+
+    def observed_blocks(self, arch):
+        return (0,)
+
+    def decider(self, arch, num_steps):
+        path = Path(self.calibration) if self.calibration else find_calibration(arch)
+        coeffs = load_coefficients(path, arch) if path else None
+        return TeaCacheDecider(arch, num_steps, self.threshold, coeffs, str(path) if path else "uncalibrated")
+
+
+def _teacache(m: re.Match) -> Plan:
+    return TeaCachePlan(float(m.group(1)), m.group(0), m.group(2))
+
+
+register_plan(
+    r"teacache-([0-9]*\.?[0-9]+)(?:@(.+))?",
+    _teacache,
+    "teacache-T[@FILE]",
+    "accumulated modulated-input change",
+    ["teacache-0.3"],
+)
+
+
+def save_calibration(path: Path, model_class: str, coefficients, extra: dict) -> None:
+    from diffroute.io import atomic_write_json
+
+    atomic_write_json(
+        path,
+        {
+            "format": "diffroute.teacache/v1",
+            "model_class": model_class,
+            "coefficients": [float(c) for c in coefficients],
+            **extra,
+        },
+    )
