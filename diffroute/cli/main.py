@@ -10,11 +10,18 @@ import warnings
 
 from diffroute.eval import cli as eval_cli
 
-from . import app, bench, calibrate, generate
+from . import app, bench, calibrate, generate, search
 
 # Subcommand name -> module with add_arguments(parser) and run(args) -> dict (None: nothing to print on this
 # process); later issues add search and app.
-COMMANDS = {"generate": generate, "eval": eval_cli, "bench": bench, "calibrate": calibrate, "app": app}
+COMMANDS = {
+    "generate": generate,
+    "eval": eval_cli,
+    "bench": bench,
+    "search": search,
+    "calibrate": calibrate,
+    "app": app,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
