@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(BIN)/diffroute generate --model tiny-pixart --plan fora-3 --steps 20 --out $(OUT)
+	$(BIN)/diffroute generate --model emoji --plan fora-3 --steps 20 --out $(OUT)
 
 test: install
 	$(BIN)/ruff check .

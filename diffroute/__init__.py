@@ -1,6 +1,6 @@
 """diffroute: timestep-aware routing (feature caching by compute plans) for diffusers DiT pipelines."""
 
-from . import policies  # noqa: E402,F401  (registers the dynamic policies' plan names)
+from . import policies, shipped  # noqa: F401  (register the dynamic policies' and shipped schedules' names)
 from .api import apply, get_executor, last_stats, remove
 from .arch import (
     ARCHITECTURES,

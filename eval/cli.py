@@ -150,7 +150,9 @@ def _compare(args) -> dict:
     )
     validate(cfg)
     pipe = load(args)
-    check_plans(pipe, cfg.plans)
+    from .peers import is_peer
+
+    check_plans(pipe, [p for p in cfg.plans if not is_peer(p)])
     cfg.call_kwargs = call_kwargs(pipe, args)
     result = run_compare(pipe, cfg)
     if result is not None and not args.json:

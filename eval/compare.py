@@ -15,7 +15,6 @@ from accelerate import PartialState
 from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
-import diffroute
 from diffroute.imageio import save_png, to_pil
 from diffroute.io import atomic_write_json
 
@@ -23,6 +22,7 @@ from . import frechet
 from .clipscore import ClipScore
 from .fidelity import psnr_metric, ssim_metric, update_fidelity
 from .images import load_uint8
+from .peers import activate, call_counts, check_spec, deactivate
 
 
 @dataclass
@@ -65,7 +65,7 @@ def validate(cfg: CompareConfig) -> None:
     if "full" not in cfg.plans:
         cfg.plans.insert(0, "full")  # the reference for PSNR/SSIM/FD-vs-full and speedups
     for p in cfg.plans:
-        diffroute.resolve_plan(p)
+        check_spec(p)
 
 
 def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:
@@ -73,7 +73,7 @@ def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:
     chunks = _chunks(cfg.n, cfg.batch)
     for plan in cfg.plans:
         folder = cfg.out / "images" / slug(plan)
-        diffroute.apply(pipe, plan)
+        activate(pipe, plan)
         with state.split_between_processes(chunks) as mine:
             bar = tqdm(mine, desc=f"generate {slug(plan)}", file=sys.stderr, disable=not state.is_main_process)
             for chunk in bar:
@@ -86,9 +86,9 @@ def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:
                 ).images
                 for i, img in zip(chunk, to_pil(images)):
                     save_png(img, folder / f"{i:06d}.png")
-                s = pipe.last_stats
-                atomic_write_json(meta, {"computed_calls": s.computed_calls, "component_calls": s.component_calls})
-    diffroute.remove(pipe)
+                executed, total = call_counts(pipe)
+                atomic_write_json(meta, {"computed_calls": executed, "component_calls": total})
+    deactivate(pipe)
     state.wait_for_everyone()
 
 

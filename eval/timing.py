@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-import diffroute
+from .peers import activate, computed_fraction, deactivate
 
 
 def _sync(device: torch.device) -> None:
@@ -58,9 +58,9 @@ def time_plans(
             for name in order:
                 plan = plans[name]
                 if plan is None:
-                    diffroute.remove(pipe)
+                    deactivate(pipe)
                 else:
-                    diffroute.apply(pipe, plan)
+                    activate(pipe, plan)
                 timer.total = 0.0
                 _sync(device)
                 t0 = time.perf_counter()
@@ -70,12 +70,11 @@ def time_plans(
                 if r >= warmup:
                     results[name]["e2e_s"].append(e2e)
                     results[name]["transformer_s"].append(timer.total)
-                    stats = diffroute.last_stats(pipe)
-                    if plan is not None and stats is not None:
-                        results[name]["computed_fraction"] = stats.computed_fraction
+                    if plan is not None:
+                        results[name]["computed_fraction"] = computed_fraction(pipe)
     finally:
         timer.remove()
-        diffroute.remove(pipe)
+        deactivate(pipe)
     for res in results.values():
         res["e2e_median_s"] = statistics.median(res["e2e_s"])
         res["transformer_median_s"] = statistics.median(res["transformer_s"])

@@ -1,0 +1,198 @@
+"""Peers for benchmarks: diffusers' built-in caches applied to the same transformer, in the same runs as our plans.
+
+PixArt's transformer has no CacheMixin and its pipeline sets no cache context, so a hook of ours on the transformer
+supplies diffusers' `CacheContext` at every call and resets the caches' state at the start of every pipeline call.
+Executed component calls are counted by inner hooks, so the computed fraction is measured the same way as ours.
+Names: `diffusers:fbc-T`, `diffusers:pab-N`, `diffusers:faster`, `diffusers:taylorseer-N`, `diffusers:mag-T`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+import diffroute
+from diffroute.context import StepTracker, scheduler_step_source
+
+CONTEXT_HOOK, COUNT_HOOK = "diffroute_peer_context", "diffroute_peer_count"
+PEER_PREFIX = "diffusers:"
+
+
+class _Context(ModelHook):
+    """Sets diffusers' cache context per transformer call; resets the caches at each new pipeline call."""
+
+    def __init__(self, run: PeerRun):
+        super().__init__()
+        self.run = run
+
+    def pre_forward(self, module, *args, **kwargs):
+        ctx, new_call = self.run.tracker.advance(
+            kwargs.get("timestep"), (args[0] if args else kwargs["hidden_states"]).shape[0]
+        )
+        if new_call:
+            HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks(recurse=True)
+            self.run.new_call()
+        self.run.calls += 1
+        t = kwargs.get("timestep")
+        self.run.timestep = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else t
+        _set_cache_context(module, CacheContext("cond", ctx.step, ctx.num_steps, t))
+        return args, kwargs
+
+
+class _Count(ModelHook):
+    def __init__(self, run: PeerRun):
+        super().__init__()
+        self.run = run
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.run.executed += 1
+        return args, kwargs
+
+
+class PeerRun:
+    """One diffusers cache on one pipeline, with our step context and counters."""
+
+    def __init__(self, pipe, name: str):
+        self.pipe, self.name = pipe, name
+        self.arch = diffroute.architecture_map(pipe.transformer)
+        self.tracker = StepTracker(scheduler_step_source(pipe.scheduler))
+        self.timestep, self.calls, self.executed, self.last = None, 0, 0, None
+
+    def new_call(self) -> None:
+        if self.calls:
+            self.last = self.fraction()
+        self.calls = self.executed = 0
+
+    def fraction(self) -> float:
+        total = self.calls * int(self.arch.present().sum())
+        return self.executed / total if total else 1.0
+
+    def apply(self) -> PeerRun:
+        t = self.pipe.transformer
+        for row in self.arch.modules:  # counters first: innermost, they see only executions
+            for m in row:
+                if m is not None:
+                    HookRegistry.check_if_exists_or_initialize(m).register_hook(_Count(self), COUNT_HOOK)
+        _apply_diffusers_cache(t, self.name, self)
+        HookRegistry.check_if_exists_or_initialize(t).register_hook(_Context(self), CONTEXT_HOOK)
+        t._diffroute_peer = self
+        return self
+
+    def remove(self) -> None:
+        t = self.pipe.transformer
+        registry = HookRegistry.check_if_exists_or_initialize(t)
+        for name in list(registry.hooks):
+            registry.remove_hook(name, recurse=False)
+        for _, m in t.named_modules():
+            if hasattr(m, "_diffusers_hook"):
+                for name in list(m._diffusers_hook.hooks):
+                    m._diffusers_hook.remove_hook(name, recurse=False)
+        registry.invalidate_child_registries_cache()
+        del t._diffroute_peer
+
+
+def _apply_diffusers_cache(transformer, name: str, run: PeerRun) -> None:
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+        apply_faster_cache,
+        apply_first_block_cache,
+        apply_pyramid_attention_broadcast,
+        apply_taylorseer_cache,
+    )
+
+    spec = name.removeprefix(PEER_PREFIX)
+
+    def now():
+        return run.timestep if run.timestep is not None else 1000
+
+    if m := re.fullmatch(r"fbc-([0-9.]+)", spec):
+        apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=float(m.group(1))))
+    elif m := re.fullmatch(r"pab-(\d+)", spec):
+        n = int(m.group(1))
+        cfg = PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=n,
+            cross_attention_block_skip_range=n + 1,
+            spatial_attention_timestep_skip_range=(100, 800),
+            cross_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=now,
+        )
+        apply_pyramid_attention_broadcast(transformer, cfg)
+    elif spec == "faster":
+        cfg = FasterCacheConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(-1, 681),
+            unconditional_batch_skip_range=5,
+            unconditional_batch_timestep_skip_range=(-1, 781),
+            spatial_attention_block_identifiers=("transformer_blocks.*attn1",),
+            tensor_format="BCHW",
+            is_guidance_distilled=False,
+            current_timestep_callback=now,
+        )
+        apply_faster_cache(transformer, cfg)
+    elif m := re.fullmatch(r"taylorseer-(\d+)", spec):
+        ids = [rf"transformer_blocks\.\d+\.{c}" for c in run.arch.components]  # identifiers that match PixArt
+        cfg = TaylorSeerCacheConfig(
+            cache_interval=int(m.group(1)),
+            disable_cache_before_step=2,
+            max_order=1,
+            taylor_factors_dtype=torch.float32,
+            cache_identifiers=ids,
+        )
+        apply_taylorseer_cache(transformer, cfg)
+    else:
+        check_spec(name)
+
+
+def is_peer(spec) -> bool:
+    return isinstance(spec, str) and spec.startswith(PEER_PREFIX)
+
+
+def activate(pipe, spec) -> None:
+    """Put `spec` in force on `pipe`: one of our plans, or a diffusers cache (peer)."""
+    deactivate(pipe)
+    if is_peer(spec):
+        PeerRun(pipe, spec).apply()
+    else:
+        diffroute.apply(pipe, spec)
+
+
+def deactivate(pipe) -> None:
+    diffroute.remove(pipe)
+    peer = getattr(pipe.transformer, "_diffroute_peer", None)
+    if peer is not None:
+        peer.remove()
+
+
+def call_counts(pipe) -> tuple[int, int]:
+    """(executed, all) component calls of the last call, for ours and peers alike."""
+    peer = getattr(pipe.transformer, "_diffroute_peer", None)
+    if peer is not None:
+        return peer.executed, peer.calls * int(peer.arch.present().sum())
+    stats = diffroute.last_stats(pipe)
+    return stats.computed_calls, stats.component_calls
+
+
+def computed_fraction(pipe) -> float:
+    executed, total = call_counts(pipe)
+    return executed / total if total else 1.0
+
+
+PEER_PATTERNS = (r"fbc-[0-9.]+", r"pab-\d+", "faster", r"taylorseer-\d+")
+
+
+def check_spec(spec) -> None:
+    """Resolve a plan or peer name before any work (peers: the name only; they are applied per run)."""
+    if is_peer(spec):
+        if not any(re.fullmatch(p, spec.removeprefix(PEER_PREFIX)) for p in PEER_PATTERNS):
+            raise ValueError(
+                f"unknown peer {spec!r}; known: diffusers:fbc-T, diffusers:pab-N, diffusers:faster, "
+                "diffusers:taylorseer-N"
+            )
+    else:
+        diffroute.resolve_plan(spec)
