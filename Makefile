@@ -35,3 +35,27 @@ bench: install
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# ---- Rebuilding the embedded emoji model and the figures the README shows (long; see README for times) ----
+COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fbcache-0.05,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.2,teacache-0.4,taylor-3,taylor-4,emoji:fast,emoji:faster,emoji:fastest,diffusers:fbc-0.05,diffusers:fbc-0.1,diffusers:pab-2,diffusers:pab-3,diffusers:faster,diffusers:taylorseer-3,diffusers:taylorseer-4
+
+.PHONY: data train quality calibrate search compare
+
+data: install
+	$(BIN)/python -m diffroute.zoo.emoji_data
+
+train: install
+	$(BIN)/python -m diffroute.zoo.train_emoji --out runs/emoji --transformer-steps 2500
+
+quality: install
+	$(BIN)/python -m diffroute.zoo.evaluate_emoji --out docs
+
+calibrate: install
+	$(BIN)/diffroute calibrate --model emoji
+
+search: install
+	$(BIN)/diffroute search --model emoji --steps 20 --n 32 --pop 24 --generations 8 --out runs/search/emoji --max-cost 0.4
+
+compare: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/diffroute eval compare --model emoji --prompts heldout --n 128 --batch 32 --repeats 3 --plans $(COMPARE_PLANS) --out docs/compare

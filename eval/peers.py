@@ -3,7 +3,8 @@
 PixArt's transformer has no CacheMixin and its pipeline sets no cache context, so a hook of ours on the transformer
 supplies diffusers' `CacheContext` at every call and resets the caches' state at the start of every pipeline call.
 Executed component calls are counted by inner hooks, so the computed fraction is measured the same way as ours.
-Names: `diffusers:fbc-T`, `diffusers:pab-N`, `diffusers:faster`, `diffusers:taylorseer-N`, `diffusers:mag-T`.
+Names: `diffusers:fbc-T`, `diffusers:pab-N`, `diffusers:faster`, `diffusers:taylorseer-N`; with the optional
+`bench` extra (cache-dit from PyPI), `cachedit:dbcache-F<n>B<n>-T` and `cachedit:dbcache-taylor-F<n>B<n>-T`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import diffroute
 from diffroute.context import StepTracker, scheduler_step_source
 
 CONTEXT_HOOK, COUNT_HOOK = "diffroute_peer_context", "diffroute_peer_count"
-PEER_PREFIX = "diffusers:"
+PEER_PREFIXES = ("diffusers:", "cachedit:")
 
 
 class _Context(ModelHook):
@@ -76,12 +77,16 @@ class PeerRun:
             for m in row:
                 if m is not None:
                     HookRegistry.check_if_exists_or_initialize(m).register_hook(_Count(self), COUNT_HOOK)
-        _apply_diffusers_cache(t, self.name, self)
+        if self.name.startswith("cachedit:"):
+            self.adapter = _apply_cachedit(self.pipe, self.name)
+        else:
+            _apply_diffusers_cache(t, self.name, self)
         HookRegistry.check_if_exists_or_initialize(t).register_hook(_Context(self), CONTEXT_HOOK)
         t._diffroute_peer = self
         return self
 
     def remove(self) -> None:
+        """Our hooks and diffusers' go first; cache-dit, which patched forwards before them, restores last."""
         t = self.pipe.transformer
         registry = HookRegistry.check_if_exists_or_initialize(t)
         for name in list(registry.hooks):
@@ -91,6 +96,10 @@ class PeerRun:
                 for name in list(m._diffusers_hook.hooks):
                     m._diffusers_hook.remove_hook(name, recurse=False)
         registry.invalidate_child_registries_cache()
+        if getattr(self, "adapter", None) is not None:
+            import cache_dit
+
+            cache_dit.disable_cache(self.adapter)
         del t._diffroute_peer
 
 
@@ -106,7 +115,7 @@ def _apply_diffusers_cache(transformer, name: str, run: PeerRun) -> None:
         apply_taylorseer_cache,
     )
 
-    spec = name.removeprefix(PEER_PREFIX)
+    spec = name.removeprefix("diffusers:")
 
     def now():
         return run.timestep if run.timestep is not None else 1000
@@ -149,8 +158,36 @@ def _apply_diffusers_cache(transformer, name: str, run: PeerRun) -> None:
         check_spec(name)
 
 
+def _apply_cachedit(pipe, name: str):
+    """cache-dit's DBCache (optionally with its TaylorSeer calibrator) through a BlockAdapter for our pipeline."""
+    try:
+        import cache_dit
+    except ImportError as e:
+        raise ImportError("cache-dit peers need the `bench` extra: pip install 'diffroute[bench]'.") from e
+    m = re.fullmatch(r"cachedit:dbcache-(taylor-)?F(\d+)B(\d+)-([0-9.]+)", name)
+    if m is None:
+        check_spec(name)
+    adapter = cache_dit.BlockAdapter(
+        pipe=pipe,
+        transformer=pipe.transformer,
+        blocks=pipe.transformer.transformer_blocks,
+        forward_pattern=cache_dit.ForwardPattern.Pattern_3,
+        check_forward_pattern=True,
+    )
+    config = cache_dit.DBCacheConfig(
+        Fn_compute_blocks=int(m.group(2)),
+        Bn_compute_blocks=int(m.group(3)),
+        residual_diff_threshold=float(m.group(4)),
+        max_warmup_steps=2,
+    )
+    calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if m.group(1) else None
+    cache_dit.disable_print()
+    cache_dit.enable_cache(adapter, cache_config=config, calibrator_config=calibrator)
+    return adapter
+
+
 def is_peer(spec) -> bool:
-    return isinstance(spec, str) and spec.startswith(PEER_PREFIX)
+    return isinstance(spec, str) and spec.startswith(PEER_PREFIXES)
 
 
 def activate(pipe, spec) -> None:
@@ -183,13 +220,19 @@ def computed_fraction(pipe) -> float:
     return executed / total if total else 1.0
 
 
-PEER_PATTERNS = (r"fbc-[0-9.]+", r"pab-\d+", "faster", r"taylorseer-\d+")
+PEER_PATTERNS = (
+    r"diffusers:fbc-[0-9.]+",
+    r"diffusers:pab-\d+",
+    "diffusers:faster",
+    r"diffusers:taylorseer-\d+",
+    r"cachedit:dbcache-(taylor-)?F\d+B\d+-[0-9.]+",
+)
 
 
 def check_spec(spec) -> None:
     """Resolve a plan or peer name before any work (peers: the name only; they are applied per run)."""
     if is_peer(spec):
-        if not any(re.fullmatch(p, spec.removeprefix(PEER_PREFIX)) for p in PEER_PATTERNS):
+        if not any(re.fullmatch(p, spec) for p in PEER_PATTERNS):
             raise ValueError(
                 f"unknown peer {spec!r}; known: diffusers:fbc-T, diffusers:pab-N, diffusers:faster, "
                 "diffusers:taylorseer-N"

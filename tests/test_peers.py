@@ -1,0 +1,50 @@
+"""Benchmark peers (diffusers' own caches) run on our pipelines with the step context we supply, and leave no trace."""
+
+import numpy as np
+import pytest
+from conftest import run
+
+from diffroute.eval.peers import activate, check_spec, computed_fraction, deactivate
+
+PEERS = ["diffusers:fbc-0.2", "diffusers:pab-2", "diffusers:faster", "diffusers:taylorseer-3"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffroute.zoo.tiny import tiny_pixart
+
+    p = tiny_pixart(num_layers=4)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_peer_skips_work_is_repeatable_and_removable(pipe, peer):
+    full = run(pipe, "pixart-alpha", ["a cat"], [0], steps=20)
+    activate(pipe, peer)
+    try:
+        a = run(pipe, "pixart-alpha", ["a cat"], [0], steps=20)
+        b = run(pipe, "pixart-alpha", ["a cat"], [0], steps=20)  # state is reset between calls
+        assert 0 < computed_fraction(pipe) < 1
+    finally:
+        deactivate(pipe)
+    assert np.array_equal(a, b) and not np.array_equal(a, full)
+    assert np.array_equal(run(pipe, "pixart-alpha", ["a cat"], [0], steps=20), full)
+
+
+def test_cachedit_peer(pipe):
+    pytest.importorskip("cache_dit", reason="cache-dit is the optional `bench` extra")
+    full = run(pipe, "pixart-alpha", ["a cat"], [0], steps=20)
+    activate(pipe, "cachedit:dbcache-taylor-F1B1-0.2")
+    try:
+        out = run(pipe, "pixart-alpha", ["a cat"], [0], steps=20)
+        assert 0 < computed_fraction(pipe) < 1
+    finally:
+        deactivate(pipe)
+    assert np.isfinite(out).all()
+    assert np.array_equal(run(pipe, "pixart-alpha", ["a cat"], [0], steps=20), full)
+
+
+def test_unknown_peer_is_refused():
+    with pytest.raises(ValueError, match="unknown peer"):
+        check_spec("diffusers:warp-9")
