@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from torchmetrics.aggregation import SumMetric
+from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
 from diffroute.imageio import save_png, to_pil
@@ -96,7 +97,7 @@ def _load(folder: Path, indices: list[int]) -> torch.Tensor:
     return load_uint8([folder / f"{i:06d}.png" for i in indices])
 
 
-def score_all(cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
+def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict], tuple | None]:
     """Metrics of every plan; each process updates with its share, torchmetrics reduces the states."""
     from .features import feature_extractor
 
@@ -127,6 +128,9 @@ def score_all(cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
     for plan in cfg.plans:
         folder = cfg.out / "images" / slug(plan)
         fd_m = frechet.new_metric(feature).to(device) if feature is not None else None
+        # KID against the full images on all n samples at once (one subset): no random subsets, so the value does
+        # not depend on the order in which processes gathered the features.
+        kid_m = KernelInceptionDistance(feature, subsets=1, subset_size=cfg.n).to(device) if feature else None
         clip_m = ClipScore(scorer).to(device) if scorer is not None else None
         psnr_m, ssim_m = psnr_metric().to(device), ssim_metric().to(device)
         computed, total = (SumMetric().set_dtype(torch.float64).to(device) for _ in range(2))
@@ -135,6 +139,8 @@ def score_all(cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
                 imgs = _load(folder, chunk)
                 if fd_m is not None:
                     frechet.update(fd_m, imgs, real=False)
+                    kid_m.update(imgs, real=False)
+                    kid_m.update(_load(full_dir, chunk), real=True)
                 if clip_m is not None:
                     clip_m.update(imgs, [cfg.prompts[i] for i in chunk])
                 update_fidelity(psnr_m, ssim_m, imgs, _load(full_dir, chunk))
@@ -150,10 +156,12 @@ def score_all(cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
         if fd_m is not None:
             stats = frechet.stats_of(fd_m, False, feature)
             r["fd_vs_full"] = frechet.fd_from_stats(full_stats, stats)["value"]
+            r["kid_vs_full"] = float(kid_m.compute()[0])
             if ref_stats is not None:
                 r["fd_vs_real"] = frechet.fd_from_stats(ref_stats, stats)["value"]
         results[plan] = r
-    return results
+    info = None if feature is None else (getattr(feature, "extractor_id", None), getattr(feature, "resize", None))
+    return results, info
 
 
 def time_all(pipe, cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
@@ -182,7 +190,7 @@ def run_compare(pipe, cfg: CompareConfig) -> dict | None:
     pipe.set_progress_bar_config(disable=True)
     generate_all(pipe, cfg, state)
     times = time_all(pipe, cfg, state)
-    scores = score_all(cfg, state)
+    scores, feature_info = score_all(cfg, state)
     if not state.is_main_process:
         return None
     base = times["full"]
@@ -207,6 +215,8 @@ def run_compare(pipe, cfg: CompareConfig) -> dict | None:
         "processes": state.num_processes,
         "device": str(pipe.device),
         "features": cfg.features,
+        "feature_extractor": None if feature_info is None else feature_info[0],
+        "resize": None if feature_info is None else feature_info[1],
         "clip": cfg.clip,
         "reference_images": None if cfg.reference is None else len(cfg.reference),
         "plans": rows,

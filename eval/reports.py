@@ -16,6 +16,7 @@ COLUMNS = [
     ("computed_fraction", "computed", "{:.1%}"),
     ("fd_vs_full", "FD vs full", "{:.3f}"),
     ("fd_vs_real", "FD vs real", "{:.3f}"),
+    ("kid_vs_full", "KID vs full", "{:.4f}"),
     ("psnr_vs_full_db", "PSNR vs full (dB)", "{:.2f}"),
     ("ssim_vs_full", "SSIM vs full", "{:.4f}"),
     ("clip_score", "CLIP score", "{:.2f}"),

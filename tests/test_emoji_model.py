@@ -80,4 +80,4 @@ def test_emoji_clip_ranks_own_caption_above_random():
     rng = np.random.default_rng(0)
     random_caps = [str(c) for c in data["captions"][rng.choice(len(data["captions"]), len(held))]]
     other = emoji_clip_scores(images, random_caps)
-    assert (own > other).float().mean() > MIN_OWN_ABOVE_RANDOM
+    assert (own > other).float().mean() > 0.85  # measured 0.93-0.94 over 3 random draws (fp32 weights)

@@ -17,7 +17,18 @@ def add_arguments(p) -> None:
     p.add_argument("--n", type=int, default=32, help="calibration prompts (default 32)")
     p.add_argument("--pop", type=int, default=24, help="population size (default 24)")
     p.add_argument("--generations", type=int, default=10, help="generations (default 10)")
-    p.add_argument("--quality", choices=["fd", "psnr"], default="fd", help="quality objective (default fd)")
+    p.add_argument(
+        "--quality",
+        choices=["fd", "psnr", "clip"],
+        default="fd",
+        help="quality objective vs full compute: fd (default), psnr, or clip (the model's CLIP score)",
+    )
+    p.add_argument(
+        "--cost",
+        choices=["cost", "latency"],
+        default="cost",
+        help="cost objective: analytic FLOPs (default) or measured transformer latency",
+    )
     p.add_argument("--features", default="emoji-clip", help="FD features (default emoji-clip)")
     p.add_argument("--max-cost", type=float, default=None, help="also pick the best schedule within this cost")
     p.add_argument("--out", required=True, help="search folder (checkpointed; rerun to resume)")
@@ -53,22 +64,32 @@ def run(args) -> dict | None:
 
         feature = feature_extractor(args.features)
     cost = measure_cost(pipe, arch, {k: v for k, v in kwargs.items() if k != "num_inference_steps"})
-    evaluator = ScheduleEvaluator(pipe, prompts, args.seed, kwargs, cost, feature)
+    scorer = None
+    if args.quality == "clip":
+        from diffroute.zoo import MODELS
+
+        scorer = MODELS[args.model].clip_scorer if args.model in MODELS else None
+        if scorer is None:
+            raise ValueError(f"--quality clip needs a model with a CLIP scorer (emoji); {args.model!r} has none.")
+    evaluator = ScheduleEvaluator(pipe, prompts, args.seed, kwargs, cost, feature, clip_scorer=scorer)
     space = GenomeSpace(arch, args.steps)
-    cfg = SearchConfig(pop_size=args.pop, generations=args.generations, seed=args.seed, quality=args.quality)
+    cfg = SearchConfig(
+        pop_size=args.pop, generations=args.generations, seed=args.seed, quality=args.quality, cost=args.cost
+    )
     search = Search(space, evaluator, cfg, out, state)
     search.run()
     if not state.is_main_process:
         return None
     records = search.archive()
-    front = pareto_front(records, args.quality)
+    front = pareto_front(records, args.quality, args.cost)
     settings = {
         "model": args.model,
         "steps": args.steps,
         "calibration_prompts": len(prompts),
         "pop": args.pop,
         "generations": args.generations,
-        "quality": args.quality,
+        "quality_objective": args.quality,
+        "cost_objective": args.cost,
         "features": args.features,
     }
     paths = save_front(front, space, out, settings)
@@ -85,7 +106,7 @@ def run(args) -> dict | None:
         "front": [{k: v for k, v in r.items() if k != "genome"} | {"file": str(p)} for r, p in zip(front, paths)],
     }
     if args.max_cost is not None:
-        i = pick(front, args.max_cost, args.quality)
+        i = pick(front, args.max_cost, args.quality, args.cost)
         result["picked"] = None if i is None else str(paths[i])
     if not args.json:
         for r in result["front"]:

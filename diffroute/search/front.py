@@ -13,11 +13,13 @@ from diffroute.io import atomic_write_bytes, atomic_write_json
 from .genome import GenomeSpace
 
 
-def pareto_front(records: list[dict], quality: str) -> list[dict]:
-    """Non-dominated records by (cost, FD) or (cost, -PSNR), sorted by cost."""
-    F = np.array([[r["cost"], r["fd"] if quality == "fd" else -r["psnr"]] for r in records])
+def pareto_front(records: list[dict], quality: str, cost: str = "cost") -> list[dict]:
+    """Non-dominated records by (cost, quality objective), sorted by cost."""
+    from .nsga import quality_value
+
+    F = np.array([[r[cost], quality_value(r, quality)] for r in records])
     idx = NonDominatedSorting().do(F, only_non_dominated_front=True)
-    return sorted((records[i] for i in idx), key=lambda r: r["cost"])
+    return sorted((records[i] for i in idx), key=lambda r: r[cost])
 
 
 def save_front(front: list[dict], space: GenomeSpace, out: Path, settings: dict) -> list[Path]:
@@ -25,7 +27,14 @@ def save_front(front: list[dict], space: GenomeSpace, out: Path, settings: dict)
 
     paths = []
     for i, r in enumerate(front):
-        prov = {"name": f"ecad-{i:02d}", "rule": "ecad-nsga2", "cost": r["cost"], "psnr_vs_full": r["psnr"], **settings}
+        prov = {
+            "name": f"ecad-{i:02d}",
+            "rule": "ecad-nsga2",
+            **settings,
+            "cost": r["cost"],
+            "latency": r["latency"],
+            "psnr_vs_full": r["psnr"],
+        }
         if "fd" in r:
             prov["fd_vs_full"] = r["fd"]
         schedule = space.to_schedule(_str_to_bits(r["genome"]), prov)
@@ -37,25 +46,31 @@ def save_front(front: list[dict], space: GenomeSpace, out: Path, settings: dict)
     return paths
 
 
-def pick(front: list[dict], max_cost: float, quality: str) -> int | None:
+def pick(front: list[dict], max_cost: float, quality: str, cost: str = "cost") -> int | None:
     """Index of the best-quality front member within the cost budget."""
-    ok = [i for i, r in enumerate(front) if r["cost"] <= max_cost]
-    if not ok:
-        return None
-    return min(ok, key=lambda i: front[i]["fd"] if quality == "fd" else -front[i]["psnr"])
+    from .nsga import quality_value
+
+    ok = [i for i, r in enumerate(front) if r[cost] <= max_cost]
+    return min(ok, key=lambda i: quality_value(front[i], quality)) if ok else None
 
 
-def plot_front(records: list[dict], front: list[dict], quality: str, path: Path, title: str) -> None:
+def plot_front(records: list[dict], front: list[dict], quality: str, cost: str, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, label = ("fd", "FD vs full (lower is better)") if quality == "fd" else ("psnr", "PSNR vs full, dB")
+    labels = {
+        "fd": "FD vs full (lower is better)",
+        "psnr": "PSNR vs full, dB",
+        "clip": "CLIP score",
+        "user": "user objective",
+    }
+    key, label = quality, labels[quality]
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.scatter([r["cost"] for r in records], [r[key] for r in records], s=10, color="#bbbbbb", label="evaluated")
-    ax.plot([r["cost"] for r in front], [r[key] for r in front], "o-", color="tab:blue", label="Pareto front")
-    ax.set_xlabel("relative compute (analytic FLOPs, 1 = full)")
+    ax.scatter([r[cost] for r in records], [r[key] for r in records], s=10, color="#bbbbbb", label="evaluated")
+    ax.plot([r[cost] for r in front], [r[key] for r in front], "o-", color="tab:blue", label="Pareto front")
+    ax.set_xlabel("relative compute (analytic FLOPs, 1 = full)" if cost == "cost" else "relative transformer time")
     ax.set_ylabel(label)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -33,8 +33,14 @@ class SearchConfig:
     pop_size: int = 24
     generations: int = 10
     seed: int = 0
-    quality: str = "fd"  # objective 2: "fd" (FD vs full, lower) or "psnr" (PSNR vs full, higher)
+    quality: str = "fd"  # objective 2: "fd" (vs full, lower), "psnr" (vs full, higher), "clip" (higher), "user"
+    cost: str = "cost"  # objective 1: "cost" (analytic FLOPs) or "latency" (measured transformer time)
     mutation_prob: float = 0.02  # per-bit flip probability
+
+
+def quality_value(record: dict, quality: str) -> float:
+    """The quality objective to minimise."""
+    return -record[quality] if quality in ("psnr", "clip") else record[quality]
 
 
 def _bits_to_str(bits) -> str:
@@ -71,8 +77,8 @@ class Search:
         return [self._record(x) for x in X]
 
     def objectives(self, records: list[dict]) -> np.ndarray:
-        q = [r["fd"] if self.cfg.quality == "fd" else -r["psnr"] for r in records]
-        return np.column_stack([[r["cost"] for r in records], q]).astype(float)
+        q = [quality_value(r, self.cfg.quality) for r in records]
+        return np.column_stack([[r[self.cfg.cost] for r in records], q]).astype(float)
 
     # ---- the generations --------------------------------------------------------------------------------------
     def _algorithm(self, X: np.ndarray, gen: int) -> NSGA2:
