@@ -1,5 +1,6 @@
 """Shared fixtures: the six tiny random-weight routed pipelines and the call arguments each one takes."""
 
+import os
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from diffroute.zoo.tiny import TINY_PIPELINES
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 STEPS = 6
 

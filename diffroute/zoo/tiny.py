@@ -6,6 +6,8 @@ import string
 
 import torch
 
+from .builders import kl_vae, pixart_transformer
+
 
 def _t5_tokenizer():
     from transformers import T5Tokenizer
@@ -63,46 +65,18 @@ def _clip_text(projection: bool, hidden: int = 32):
 
 
 def _vae(latent_channels: int = 4, blocks: int = 2, **extra):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=(8,) * blocks,
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-        **extra,
-    ).eval()
+    return kl_vae((8,) * blocks, 8, latent_channels, **extra).eval()
 
 
 def tiny_pixart(sigma: bool = False, num_layers: int = 2, hidden: int = 32):
     """PixArt-α (or Σ) with a 2-layer transformer; 16x16 images, 8x8 latents."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler
 
     from diffroute.pipelines import RoutedPixArtAlphaPipeline, RoutedPixArtSigmaPipeline
 
     torch.manual_seed(0)
-    heads = hidden // 16
-    transformer = PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=num_layers,
-        patch_size=1,
-        attention_head_dim=16,
-        num_attention_heads=heads,
-        caption_channels=32,
-        in_channels=4,
-        out_channels=8,
-        cross_attention_dim=hidden,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        use_additional_conditions=False,
-    ).eval()
+    transformer = pixart_transformer(num_layers, hidden, 16, caption_channels=32, out_channels=8).eval()
     cls = RoutedPixArtSigmaPipeline if sigma else RoutedPixArtAlphaPipeline
     return cls(
         tokenizer=_t5_tokenizer(),
@@ -277,42 +251,17 @@ TINY_PIPELINES = {
 
 def tiny_pixart_demo():
     """PixArt-α at the embedded model's size (6 blocks of width 192, 32x32 images, 8x8 latents), random weights."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler
 
     from diffroute.pipelines import RoutedPixArtAlphaPipeline
 
     torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=6,
-        patch_size=1,
-        attention_head_dim=64,
-        num_attention_heads=3,
-        caption_channels=32,
-        in_channels=4,
-        out_channels=8,
-        cross_attention_dim=192,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        use_additional_conditions=False,
-    ).eval()
+    transformer = pixart_transformer(6, 192, 64, caption_channels=32, out_channels=8).eval()
     torch.manual_seed(0)
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=32,
-    ).eval()
     return RoutedPixArtAlphaPipeline(
         tokenizer=_t5_tokenizer(),
         text_encoder=_t5_encoder(),
-        vae=vae,
+        vae=kl_vae((32, 64, 64), 16).eval(),
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
     )

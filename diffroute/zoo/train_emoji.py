@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from . import emoji_data
+from .builders import kl_vae, pixart_transformer
 from .emoji_clip import EmojiCLIP
 from .text import sentence_embeddings, token_embeddings
 from .trainer import TrainConfig, train
@@ -26,40 +27,11 @@ BETAS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train
 
 
 def make_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(32, 64, 128),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    return kl_vae((32, 64, 128), 32)
 
 
 def make_transformer(hidden: int = 192, layers: int = 6):
-    from diffusers import PixArtTransformer2DModel
-
-    return PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=layers,
-        patch_size=1,
-        attention_head_dim=64,
-        num_attention_heads=hidden // 64,
-        caption_channels=384,
-        in_channels=4,
-        out_channels=4,
-        cross_attention_dim=hidden,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        use_additional_conditions=False,
-        dropout=0.0,
-    )
+    return pixart_transformer(layers, hidden, 64, caption_channels=384, out_channels=4)
 
 
 def _images(data, idx) -> torch.Tensor:
