@@ -45,7 +45,7 @@ data: install
 	$(BIN)/python -m diffroute.zoo.emoji_data
 
 train: install
-	$(BIN)/python -m diffroute.zoo.train_emoji --out runs/emoji --transformer-steps 3000
+	$(BIN)/python -m diffroute.zoo.train_emoji --out runs/emoji --transformer-steps 5500
 
 quality: install
 	$(BIN)/python -m diffroute.zoo.evaluate_emoji --out docs
