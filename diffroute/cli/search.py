@@ -97,6 +97,7 @@ def run(args) -> dict | None:
         records,
         front,
         args.quality,
+        args.cost,
         out / "front.png",
         f"{args.model}: {len(records)} schedules evaluated, {len(front)} on the front",
     )

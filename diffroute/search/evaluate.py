@@ -1,6 +1,8 @@
-"""Scoring one schedule on calibration prompts: analytic cost, and quality against the full-compute images."""
+"""Scoring one schedule on calibration prompts: analytic cost, measured latency, and quality against full compute."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -14,33 +16,55 @@ from .cost import CostModel
 
 
 class ScheduleEvaluator:
-    """Generates the calibration prompts with a schedule (fixed seeds) and compares with full compute."""
+    """Generates the calibration prompts with a schedule (fixed seeds) and compares with full compute.
 
-    def __init__(self, pipe, prompts: list[str], seed: int, call_kwargs: dict, cost: CostModel, feature=None):
+    Records `cost` (analytic FLOPs, relative), `latency` (measured transformer time relative to full), `psnr`, and
+    `fd` (with a feature module), `clip` (with a CLIP scorer) and `user` (with `quality_fn(images, full_images,
+    prompts) -> float`, lower is better), so that a search can take any of them as objectives.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        prompts: list[str],
+        seed: int,
+        call_kwargs: dict,
+        cost: CostModel,
+        feature=None,
+        clip_scorer=None,
+        quality_fn=None,
+    ):
         self.pipe, self.prompts, self.seed, self.kwargs, self.cost = pipe, prompts, seed, call_kwargs, cost
-        self.feature = feature
-        self.full = self.generate("full")
+        self.feature, self.clip_scorer, self.quality_fn = feature, clip_scorer, quality_fn
+        self.full, self.full_time = self.generate("full")
         self.full_stats = frechet.stats_of_images(to_uint8(self.full), feature) if feature is not None else None
 
-    def generate(self, plan) -> np.ndarray:
+    def generate(self, plan) -> tuple[np.ndarray, float]:
         diffroute.apply(self.pipe, plan)
         try:
             gens = [
                 torch.Generator(device=self.pipe.device).manual_seed(self.seed + i) for i in range(len(self.prompts))
             ]
-            return self.pipe(self.prompts, generator=gens, output_type="np", **self.kwargs).images
+            images = self.pipe(self.prompts, generator=gens, output_type="np", **self.kwargs).images
+            return images, self.pipe.last_stats.transformer_time_s
         finally:
             diffroute.remove(self.pipe)
 
     def __call__(self, schedule) -> dict:
-        images = self.generate(schedule)
+        images, seconds = self.generate(schedule)
         value = psnr(images, self.full)
-        out = {"cost": self.cost.relative_cost(schedule), "psnr": value if np.isfinite(value) else 99.0}
+        out = {
+            "cost": self.cost.relative_cost(schedule),
+            "latency": seconds / self.full_time,
+            "psnr": value if np.isfinite(value) else 99.0,
+        }
         if self.feature is not None:
-            import warnings
-
             with warnings.catch_warnings():  # few calibration images: FD is biased, but consistently so
                 warnings.simplefilter("ignore")
                 stats = frechet.stats_of_images(to_uint8(images), self.feature)
                 out["fd"] = max(frechet.fd_from_stats(self.full_stats, stats)["value"], 0.0)
+        if self.clip_scorer is not None:
+            out["clip"] = float(self.clip_scorer(to_uint8(images), self.prompts).mean())
+        if self.quality_fn is not None:
+            out["user"] = float(self.quality_fn(images, self.full, self.prompts))
         return out
