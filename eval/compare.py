@@ -134,13 +134,14 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
         clip_m = ClipScore(scorer).to(device) if scorer is not None else None
         psnr_m, ssim_m = psnr_metric().to(device), ssim_metric().to(device)
         computed, total = (SumMetric().set_dtype(torch.float64).to(device) for _ in range(2))
+        kid_fake, kid_real = [], []
         with state.split_between_processes(chunks) as mine:
             for chunk in mine:
                 imgs = _load(folder, chunk)
                 if fd_m is not None:
                     frechet.update(fd_m, imgs, real=False)
-                    kid_m.update(imgs, real=False)
-                    kid_m.update(_load(full_dir, chunk), real=True)
+                    kid_fake.append(imgs)
+                    kid_real.append(_load(full_dir, chunk))
                 if clip_m is not None:
                     clip_m.update(imgs, [cfg.prompts[i] for i in chunk])
                 update_fidelity(psnr_m, ssim_m, imgs, _load(full_dir, chunk))
@@ -156,6 +157,9 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
         if fd_m is not None:
             stats = frechet.stats_of(fd_m, False, feature)
             r["fd_vs_full"] = frechet.fd_from_stats(full_stats, stats)["value"]
+            if kid_fake:  # one update per process: torchmetrics gathers list states of equal length only
+                kid_m.update(torch.cat(kid_fake), real=False)
+                kid_m.update(torch.cat(kid_real), real=True)
             r["kid_vs_full"] = float(kid_m.compute()[0])
             if ref_stats is not None:
                 r["fd_vs_real"] = frechet.fd_from_stats(ref_stats, stats)["value"]
