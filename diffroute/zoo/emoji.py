@@ -42,10 +42,13 @@ def load_emoji_clip():
     return EmojiCLIP.from_pretrained(_require(WEIGHTS / "emoji-clip"), torch_dtype=torch.float32).eval()
 
 
-def heldout_captions(n: int | None = None) -> list[str]:
-    """Captions of the fixed held-out split (never trained on), in data-set order."""
+def heldout_captions(n: int | None = None, spread: bool = False) -> list[str]:
+    """Captions of the fixed held-out split (never trained on): all, the first n, or n spread over the list
+    (the data set is sorted by code point, so the first ones are all keycaps and symbols)."""
     from .emoji_data import load
 
     data = load()
     caps = [str(c) for c in data["captions"][data["held_out"]]]
-    return caps if n is None else caps[:n]
+    if n is None:
+        return caps
+    return caps[:: max(len(caps) // n, 1)][:n] if spread else caps[:n]

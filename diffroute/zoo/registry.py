@@ -33,7 +33,7 @@ MODELS: dict[str, ModelEntry] = {
         emoji.load_emoji_pipeline,
         dict(emoji.CALL_DEFAULTS),
         "PixArt-α architecture trained by diffroute on 32x32 emoji, MiniLM text encoder",
-        example_prompts=lambda: emoji.heldout_captions(8),
+        example_prompts=lambda: emoji.heldout_captions(8, spread=True),
         clip_scorer=lambda images, captions: _emoji_clip_scores(images, captions),
     ),
     "tiny-pixart": ModelEntry(
