@@ -12,6 +12,7 @@ import torch
 import diffroute
 from diffroute.eval.fidelity import psnr
 from diffroute.imageio import to_pil
+from diffroute.seeding import sample_generators
 from diffroute.zoo import MODELS, call_defaults, load_pipeline
 
 MAX_STEPS, MAX_BATCH, MAX_PROMPT_CHARS = 100, 8, 200
@@ -62,7 +63,7 @@ class DemoService:
 
     def _run(self, plan, prompt, steps, guidance, seed, batch):
         diffroute.apply(self.pipe, plan)
-        gens = [torch.Generator(device=self.pipe.device).manual_seed(int(seed) + i) for i in range(batch)]
+        gens = sample_generators(seed, range(batch), self.pipe.device)
         kwargs = {**call_defaults(self.model), "num_inference_steps": int(steps), "guidance_scale": float(guidance)}
         t0 = time.perf_counter()
         images = self.pipe([prompt] * batch, generator=gens, output_type="np", **kwargs).images

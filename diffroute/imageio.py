@@ -15,8 +15,7 @@ from .io import atomic_write_bytes
 def to_pil(images) -> list[Image.Image]:
     """PIL images from a float [N, H, W, 3] array in [0, 1] (rounded once to uint8) or a list of PIL images."""
     if isinstance(images, np.ndarray):
-        arr = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
-        return [Image.fromarray(a) for a in arr]
+        return [Image.fromarray(a) for a in to_uint8(images).permute(0, 2, 3, 1).numpy()]
     return list(images)
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from diffroute.imageio import save_png, to_pil
 from diffroute.io import atomic_write_json
+from diffroute.seeding import sample_generators
 
 from . import frechet
 from .clipscore import ClipScore
@@ -81,7 +82,7 @@ def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:
                 meta = folder / f"chunk-{chunk[0]:06d}.json"
                 if meta.is_file():
                     continue
-                gens = [torch.Generator(device=pipe.device).manual_seed(cfg.seed + i) for i in chunk]
+                gens = sample_generators(cfg.seed, chunk, pipe.device)
                 images = pipe(
                     [cfg.prompts[i] for i in chunk], generator=gens, output_type="np", **cfg.call_kwargs
                 ).images
@@ -178,7 +179,7 @@ def time_all(pipe, cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
         prompts = cfg.prompts[:k]
 
         def call():
-            gens = [torch.Generator(device=pipe.device).manual_seed(cfg.seed + i) for i in range(k)]
+            gens = sample_generators(cfg.seed, range(k), pipe.device)
             pipe(prompts, generator=gens, output_type="np", **cfg.call_kwargs)
 
         pipe.set_progress_bar_config(disable=True)

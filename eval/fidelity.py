@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from diffroute.imageio import to_uint8
 
 
 def _unit(images) -> torch.Tensor:
     """uint8 NCHW tensor, or float NHWC array in [0, 1] (quantized once), -> float64 NCHW in [0, 1]."""
     if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
         return images.double() / 255.0
-    q = np.clip(np.round(np.asarray(images, dtype=np.float64) * 255.0), 0, 255) / 255.0
-    return torch.from_numpy(q).permute(0, 3, 1, 2)
+    return to_uint8(images).double() / 255.0
 
 
 def psnr_metric() -> PeakSignalNoiseRatio:

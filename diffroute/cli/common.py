@@ -45,7 +45,9 @@ def read_prompts(args, default: list[str]) -> list[str]:
 
 def generators(seed: int, n: int, device) -> list[torch.Generator]:
     """One generator per sample, seeded by its global index: a sample's image does not depend on its batch."""
-    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
+    from diffroute.seeding import sample_generators
+
+    return sample_generators(seed, range(n), device)
 
 
 def call_kwargs(pipe, args) -> dict:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
 
 import diffroute
 from diffroute.eval import frechet
 from diffroute.eval.fidelity import psnr
 from diffroute.imageio import to_uint8
+from diffroute.seeding import sample_generators
 
 from .cost import CostModel
 
@@ -42,9 +42,7 @@ class ScheduleEvaluator:
     def generate(self, plan) -> tuple[np.ndarray, float]:
         diffroute.apply(self.pipe, plan)
         try:
-            gens = [
-                torch.Generator(device=self.pipe.device).manual_seed(self.seed + i) for i in range(len(self.prompts))
-            ]
+            gens = sample_generators(self.seed, range(len(self.prompts)), self.pipe.device)
             images = self.pipe(self.prompts, generator=gens, output_type="np", **self.kwargs).images
             return images, self.pipe.last_stats.transformer_time_s
         finally:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from diffroute.imageio import grid, save_png, to_pil, to_uint8
 from diffroute.io import atomic_write_json
+from diffroute.seeding import sample_generators
 
 
 def generate(pipe, captions: list[str], steps: int = 20, seed: int = 0, batch: int = 64, **kwargs) -> np.ndarray:
@@ -27,7 +28,7 @@ def generate(pipe, captions: list[str], steps: int = 20, seed: int = 0, batch: i
     out = []
     for i in tqdm(range(0, len(captions), batch), desc="generate", file=sys.stderr, leave=False):
         chunk = captions[i : i + batch]
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+        gens = sample_generators(seed, range(i, i + len(chunk)))
         out.append(pipe(chunk, generator=gens, **call).images)
     return np.concatenate(out)
 
