@@ -2,25 +2,45 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-
-from diffusers import (
-    DiffusionPipeline,
-    DiTPipeline,
-    FluxPipeline,
-    PixArtAlphaPipeline,
-    PixArtSigmaPipeline,
-    SanaPipeline,
-    StableDiffusion3Pipeline,
-)
+from pathlib import Path
 
 from diffroute.api import apply, get_executor, last_stats, remove
 from diffroute.executor import Executor
+from diffroute.quiet import quiet_loading
 from diffroute.stats import CallStats
+
+with quiet_loading():  # FLUX/SD3 pipelines import image processors that warn about torchvision on CPU installs
+    from diffusers import (
+        DiffusionPipeline,
+        DiTPipeline,
+        FluxPipeline,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+        SanaPipeline,
+        StableDiffusion3Pipeline,
+    )
+
+
+CALL_DEFAULTS_FILE = "diffroute.json"  # beside model_index.json: call defaults a saved model needs (e.g. tiny sizes)
 
 
 class RoutedPipelineMixin:
-    """Adds compute plans to a diffusers pipeline; without a plan it is the vanilla pipeline, call for call."""
+    """Adds compute plans to a diffusers pipeline; without a plan it is the vanilla pipeline, call for call.
+
+    Each subclass gets a `__call__` that wraps the vanilla one with `functools.wraps`, so `inspect.signature` and
+    the docstring are the vanilla pipeline's (diffusers' tooling and Gradio read them). `call_defaults` fills
+    arguments the caller did not pass (a model trained at 32x32 needs `use_resolution_binning=False`, say).
+    """
+
+    call_defaults: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__call__" not in cls.__dict__:
+            cls.__call__ = _routed_call(_vanilla_class(cls).__call__)
 
     def enable_cache(self, plan="full") -> Executor:
         """Route the transformer by `plan` (a name such as "fora-3", a schedule JSON path, a Schedule or a Plan)."""
@@ -39,12 +59,18 @@ class RoutedPipelineMixin:
         """What the last call computed and reused (None before the first routed call)."""
         return last_stats(self)
 
-    def __call__(self, *args, **kwargs):
-        executor = get_executor(self)
-        if executor is None:
-            return super().__call__(*args, **kwargs)
-        with executor.pipeline_call():
-            return super().__call__(*args, **kwargs)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if Path(str(pretrained_model_name_or_path)).is_dir():
+            pipe.call_defaults = read_call_defaults(pretrained_model_name_or_path)
+        return pipe
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.call_defaults:
+            path = Path(save_directory) / CALL_DEFAULTS_FILE
+            path.write_text(json.dumps({"call_defaults": self.call_defaults}, indent=2) + "\n")
 
     def to_json_string(self) -> str:
         # Save under the vanilla class name so that plain diffusers can load what a routed pipeline saves.
@@ -55,6 +81,35 @@ class RoutedPipelineMixin:
 
 def _vanilla_class(cls: type) -> type:
     return next(c for c in cls.__mro__ if c.__module__.startswith("diffusers.") and issubclass(c, DiffusionPipeline))
+
+
+def _routed_call(vanilla_call):
+    """The vanilla `__call__` bracketed by the executor (when a plan is on) and given the pipeline's call defaults."""
+    signature = inspect.signature(vanilla_call)
+
+    @functools.wraps(vanilla_call)
+    def __call__(self, *args, **kwargs):
+        if self.call_defaults:
+            given = signature.bind_partial(self, *args, **kwargs).arguments
+            kwargs.update({k: v for k, v in self.call_defaults.items() if k not in given})
+        executor = get_executor(self)
+        if executor is None:
+            return vanilla_call(self, *args, **kwargs)
+        with executor.pipeline_call():
+            return vanilla_call(self, *args, **kwargs)
+
+    return __call__
+
+
+def read_call_defaults(folder) -> dict:
+    """The call defaults saved beside a pipeline folder ({} when there are none)."""
+    path = Path(folder) / CALL_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["call_defaults"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid diffroute.json ({err}); delete it or fix it.") from err
 
 
 class RoutedPixArtAlphaPipeline(RoutedPipelineMixin, PixArtAlphaPipeline):

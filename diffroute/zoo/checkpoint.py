@@ -54,3 +54,15 @@ def load_checkpoint(out_dir: Path, model, ema: dict | None, optimizer) -> int:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"])
+
+
+def load_ema(out_dir: Path) -> dict:
+    """The EMA weights of the latest checkpoint in out_dir (for evaluating or exporting a run in progress)."""
+    meta_path = Path(out_dir) / "checkpoint.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no checkpoint.json in {out_dir}: not a training run folder, or nothing saved yet")
+    tensors = load_file(str(Path(out_dir) / json.loads(meta_path.read_text())["file"]))
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if not ema:
+        raise ValueError(f"the checkpoint in {out_dir} has no EMA weights")
+    return ema

@@ -5,8 +5,6 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 WEIGHTS = Path(__file__).parent / "weights"
 CALL_DEFAULTS = dict(
     height=32, width=32, guidance_scale=4.5, clean_caption=False, use_resolution_binning=False, max_sequence_length=32
@@ -23,15 +21,19 @@ def _require(path: Path) -> Path:
 
 
 def load_emoji_pipeline():
-    """RoutedPixArtAlphaPipeline with the shipped transformer/VAE (fp16 on disk, fp32 in memory) and MiniLM."""
+    """RoutedPixArtAlphaPipeline with the shipped transformer/VAE (fp16 on disk, fp32 in memory), MiniLM and the
+    call defaults the model was trained for (32x32, no resolution binning; see weights/emoji/diffroute.json)."""
     from diffroute.pipelines import RoutedPixArtAlphaPipeline
+    from diffroute.quiet import quiet_loading
 
     from .text import load_text_encoder
 
     text_encoder, tokenizer = load_text_encoder()
-    return RoutedPixArtAlphaPipeline.from_pretrained(
-        _require(WEIGHTS / "emoji"), text_encoder=text_encoder, tokenizer=tokenizer, torch_dtype=torch.float32
-    )
+    with quiet_loading():  # MiniLM instead of T5 is deliberate; diffusers would warn about the type
+        pipe = RoutedPixArtAlphaPipeline.from_pretrained(
+            _require(WEIGHTS / "emoji"), text_encoder=text_encoder, tokenizer=tokenizer
+        )
+    return pipe  # fp16 on disk; diffusers loads it as float32 when no dtype is asked for
 
 
 @lru_cache(maxsize=1)
@@ -39,7 +41,7 @@ def load_emoji_clip():
     """The emoji-CLIP image tower (fp32, eval mode)."""
     from .emoji_clip import EmojiCLIP
 
-    return EmojiCLIP.from_pretrained(_require(WEIGHTS / "emoji-clip"), torch_dtype=torch.float32).eval()
+    return EmojiCLIP.from_pretrained(_require(WEIGHTS / "emoji-clip")).float().eval()
 
 
 def heldout_captions(n: int | None = None, spread: bool = False) -> list[str]:

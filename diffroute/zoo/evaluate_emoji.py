@@ -1,6 +1,7 @@
-"""Measure the shipped emoji model on held-out captions: emoji-CLIP score, FD, nearest neighbours, and a grid.
+"""Measure the shipped emoji model: held-out emoji-CLIP score, FD, near-copies; does it draw training captions; grids.
 
-python -m diffroute.zoo.evaluate_emoji --out docs     # writes docs/emoji_quality.json and docs/emoji_heldout_grid.png
+python -m diffroute.zoo.evaluate_emoji --out docs     # writes docs/emoji_quality.json and docs/emoji_*_grid.png
+python -m diffroute.zoo.evaluate_emoji --out runs/eval --checkpoint runs/emoji-v3/transformer-ft   # a training run
 """
 
 from __future__ import annotations
@@ -40,7 +41,40 @@ def nearest_train(queries: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
     return torch.cdist(q, t).min(dim=1).values / q.shape[1] ** 0.5
 
 
-def evaluate(out: Path, steps: int = 20, guidance: float | None = None, n_grid: int = 12) -> dict:
+@torch.no_grad()
+def own_nearest_fraction(fake: torch.Tensor, rows: np.ndarray, all_real: torch.Tensor, clip) -> dict:
+    """For images generated from the captions of data rows `rows`: how often is the nearest real image (among all
+    emoji) the caption's own one, in emoji-CLIP image features (cosine) and in pixel space (RMS)?"""
+
+    def embed(x):
+        return torch.cat([clip.image_embeds(x[i : i + 512]) for i in range(0, len(x), 512)])
+
+    own = torch.from_numpy(rows)
+    by_clip = (embed(fake) @ embed(all_real).T).argmax(dim=1)
+    by_pixel = torch.cdist(fake.flatten(1).float(), all_real.flatten(1).float()).argmin(dim=1)
+    return {
+        "n_captions": len(rows),
+        "candidates": len(all_real),
+        "emoji_clip_features": float((by_clip == own).float().mean()),
+        "pixels": float((by_pixel == own).float().mean()),
+    }
+
+
+def load_checkpoint_transformer(pipe, checkpoint_dir: Path) -> None:
+    """Put a training run's EMA weights (trainer checkpoint folder) into the pipeline's transformer."""
+    from .checkpoint import load_ema
+
+    pipe.transformer.load_state_dict(load_ema(checkpoint_dir))
+
+
+def evaluate(
+    out: Path,
+    steps: int = 20,
+    guidance: float | None = None,
+    n_grid: int = 12,
+    n_train: int = 256,
+    checkpoint: Path | None = None,
+) -> dict:
     from diffroute.eval.clipscore import emoji_clip_scores
     from diffroute.eval.features import EmojiClipFeatures
     from diffroute.eval.frechet import frechet_distance
@@ -56,7 +90,14 @@ def evaluate(out: Path, steps: int = 20, guidance: float | None = None, n_grid: 
     train_imgs = torch.from_numpy(data["images"][train]).permute(0, 3, 1, 2).contiguous()
     guidance = guidance if guidance is not None else CALL_DEFAULTS["guidance_scale"]
     pipe = load_emoji_pipeline()
+    if checkpoint is not None:
+        load_checkpoint_transformer(pipe, checkpoint)
     fake = to_uint8(generate(pipe, captions, steps=steps, guidance_scale=guidance))
+    # Training captions: a fixed, evenly spread sample (the data set is sorted by code point).
+    train_rows = train[:: max(len(train) // n_train, 1)][:n_train]
+    train_caps = [str(c) for c in data["captions"][train_rows]]
+    fake_train = to_uint8(generate(pipe, train_caps, steps=steps, guidance_scale=guidance, seed=10_000))
+    all_real = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).contiguous()
     clip = load_emoji_clip()
     feats = EmojiClipFeatures(clip)
     shuffled = captions[1:] + captions[:1]  # each image against another image's caption
@@ -66,6 +107,7 @@ def evaluate(out: Path, steps: int = 20, guidance: float | None = None, n_grid: 
     copy_threshold = float(torch.quantile(nn_real, 0.05))
     report = {
         "model": "emoji",
+        "checkpoint": str(checkpoint) if checkpoint else None,
         "steps": steps,
         "guidance_scale": guidance,
         "n_heldout": len(held),
@@ -84,6 +126,7 @@ def evaluate(out: Path, steps: int = 20, guidance: float | None = None, n_grid: 
             "copy_threshold_(5th_pct_of_real)": copy_threshold,
             "generated_below_threshold_fraction": float((nn_fake < copy_threshold).float().mean()),
         },
+        "train_captions_nearest_is_own": own_nearest_fraction(fake_train, train_rows, all_real, clip),
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "emoji_quality.json", report)
@@ -94,6 +137,13 @@ def evaluate(out: Path, steps: int = 20, guidance: float | None = None, n_grid: 
     ]
     save_png(grid(rows, labels=["real", "generated"], scale=3), out / "emoji_heldout_grid.png")
     (out / "emoji_heldout_grid.txt").write_text("\n".join(captions[:n_grid]) + "\n")
+    pick = np.linspace(0, len(train_rows) - 1, n_grid).astype(int)
+    rows = [
+        to_pil(all_real[train_rows[pick]].permute(0, 2, 3, 1).numpy() / 255.0),
+        to_pil(fake_train[pick].permute(0, 2, 3, 1).numpy() / 255.0),
+    ]
+    save_png(grid(rows, labels=["real", "generated"], scale=3), out / "emoji_train_grid.png")
+    (out / "emoji_train_grid.txt").write_text("\n".join(train_caps[i] for i in pick) + "\n")
     return report
 
 
@@ -102,8 +152,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--n-train", type=int, default=256, help="training captions for the 'draws what it learned' check")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a trainer checkpoint folder: evaluate its EMA")
     args = p.parse_args()
-    print(json.dumps(evaluate(args.out, args.steps, args.guidance), indent=2))
+    report = evaluate(args.out, args.steps, args.guidance, n_train=args.n_train, checkpoint=args.checkpoint)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -57,9 +57,10 @@ def register_model(name: str, entry: ModelEntry) -> None:
 
 
 def call_defaults(name_or_pipe) -> dict:
-    """Call arguments a named model needs (e.g. tiny sizes); {} for anything else."""
-    name = name_or_pipe if isinstance(name_or_pipe, str) else getattr(name_or_pipe, "_diffroute_model_name", None)
-    entry = MODELS.get(name) if name else None
+    """Call arguments a named model (or a loaded pipeline) needs, e.g. tiny sizes; {} for anything else."""
+    if not isinstance(name_or_pipe, str):
+        return dict(getattr(name_or_pipe, "call_defaults", {}) or {})
+    entry = MODELS.get(name_or_pipe)
     return dict(entry.call_defaults) if entry else {}
 
 
@@ -71,6 +72,7 @@ def load_pipeline(
 
     if name in MODELS:
         pipe = MODELS[name].build()
+        pipe.call_defaults = {**pipe.call_defaults, **MODELS[name].call_defaults}
     else:
         from diffusers import DiffusionPipeline
 
@@ -78,8 +80,12 @@ def load_pipeline(
             raise ValueError(
                 f"Unknown model {name!r}: not a zoo name ({', '.join(MODELS)}), not a local folder, not a hub id."
             )
+        from diffroute.pipelines.routed import read_call_defaults
+
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
         pipe = to_routed(DiffusionPipeline.from_pretrained(name, **kwargs))
+        if Path(name).is_dir():
+            pipe.call_defaults = read_call_defaults(name)
     pipe._diffroute_model_name = name
     if device is not None:
         pipe.to(device)

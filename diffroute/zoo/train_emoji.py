@@ -57,7 +57,8 @@ def stage_vae(data, train_idx, out: Path, acc: Accelerator, steps: int):
     return vae
 
 
-def stage_transformer(data, train_idx, vae, out: Path, acc: Accelerator, steps: int, hidden: int, layers: int):
+def stage_transformer(data, train_idx, vae, out: Path, acc: Accelerator, cfg: TrainConfig, model, name="transformer"):
+    """Train `model` (epsilon prediction, 10% caption dropout) on the VAE latents of the training split."""
     from diffusers import DDPMScheduler
 
     captions = [str(c) for c in data["captions"][train_idx.numpy()]]
@@ -71,8 +72,6 @@ def stage_transformer(data, train_idx, vae, out: Path, acc: Accelerator, steps: 
         moments = torch.cat(moments)
     scale = vae.config.scaling_factor
     noise_sched = DDPMScheduler(**BETAS)
-    torch.manual_seed(0)
-    model = make_transformer(hidden, layers)
 
     def loss_fn(m, idx, gen):
         mean, std = moments[idx].chunk(2, 1)
@@ -93,11 +92,16 @@ def stage_transformer(data, train_idx, vae, out: Path, acc: Accelerator, steps: 
         ).sample
         return F.mse_loss(pred, eps.to(dev))
 
-    cfg = TrainConfig(steps=steps, lr=4e-4, warmup=300, ema_decay=0.999, weight_decay=0.01)
-    ema = train("transformer", model, loss_fn, len(train_idx), cfg, out / "transformer", acc)
+    ema = train(name, model, loss_fn, len(train_idx), cfg, out / name, acc)
     model = acc.unwrap_model(model)
     model.load_state_dict(ema)
     return model.eval()
+
+
+# The two phases of the shipped transformer: v2 trained phase 1 (fp32); v3 added phase 2, a warm restart from
+# phase 1's EMA weights at a lower peak rate, in bf16 autocast, with a slower EMA (the loss was still falling).
+PHASE1 = dict(lr=4e-4, warmup=300, ema_decay=0.999, weight_decay=0.01)
+PHASE2 = dict(lr=2e-4, warmup=200, ema_decay=0.9995, weight_decay=0.01, bf16=True, seed=1)
 
 
 def stage_clip(data, train_idx, out: Path, acc: Accelerator, steps: int):
@@ -165,6 +169,9 @@ def export(vae, transformer, clip, dest: Path = WEIGHTS_DIR) -> None:
     vae.to(torch.float16).save_pretrained(tmp / "emoji" / "vae")
     DPMSolverMultistepScheduler(**BETAS).save_pretrained(tmp / "emoji" / "scheduler")
     write_model_index(tmp / "emoji")
+    from .emoji import CALL_DEFAULTS
+
+    (tmp / "emoji" / "diffroute.json").write_text(json.dumps({"call_defaults": CALL_DEFAULTS}, indent=2) + "\n")
     clip.to(torch.float16).save_pretrained(tmp / "emoji-clip")
     for sub in ("emoji", "emoji-clip"):
         shutil.rmtree(dest / sub, ignore_errors=True)
@@ -173,30 +180,61 @@ def export(vae, transformer, clip, dest: Path = WEIGHTS_DIR) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def load_exported(folder: Path):
+    """(VAE, emoji-CLIP, transformer) in fp32 from an exported model folder (the layout `export` writes)."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+
+    folder = Path(folder)
+    emoji = folder / "emoji" if (folder / "emoji").is_dir() else folder
+    clip_dir = emoji.parent / "emoji-clip"
+    vae = AutoencoderKL.from_pretrained(emoji / "vae").float().eval()
+    transformer = PixArtTransformer2DModel.from_pretrained(emoji / "transformer").float()
+    clip = EmojiCLIP.from_pretrained(clip_dir).float().eval()
+    return vae, clip, transformer
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/emoji"))
     p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--transformer-steps", type=int, default=5000)
+    p.add_argument("--transformer-steps", type=int, default=5500, help="phase 1 (from scratch)")
+    p.add_argument("--finetune-steps", type=int, default=6000, help="phase 2 (warm restart from phase 1's EMA)")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="an exported emoji folder (e.g. the shipped one): take its VAE, emoji-CLIP and transformer as the "
+        "result of phase 1 and run phase 2 only",
+    )
     p.add_argument("--clip-steps", type=int, default=1500)
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--export-dir", type=Path, default=WEIGHTS_DIR, help="where the final weights go")
     p.add_argument("--no-export", action="store_true")
     args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     data = emoji_data.load()
     train_idx = torch.from_numpy(np.flatnonzero(~data["held_out"]))
     held_idx = torch.from_numpy(np.flatnonzero(data["held_out"]))
-    vae = stage_vae(data, train_idx, args.out, acc, args.vae_steps)
-    clip = stage_clip(data, train_idx, args.out, acc, args.clip_steps)
+    if args.init_from:
+        vae, clip, transformer = load_exported(args.init_from)
+    else:
+        vae = stage_vae(data, train_idx, args.out, acc, args.vae_steps)
+        clip = stage_clip(data, train_idx, args.out, acc, args.clip_steps)
+        torch.manual_seed(0)
+        phase1 = TrainConfig(steps=args.transformer_steps, **PHASE1)
+        transformer = stage_transformer(
+            data, train_idx, vae, args.out, acc, phase1, make_transformer(args.hidden, args.layers)
+        )
     if acc.is_main_process:
         report = retrieval_accuracy(clip, data, held_idx)
         acc.print(json.dumps({"emoji_clip_heldout_retrieval": report}))
         (args.out / "emoji_clip_retrieval.json").write_text(json.dumps(report, indent=2))
-    transformer = stage_transformer(
-        data, train_idx, vae, args.out, acc, args.transformer_steps, args.hidden, args.layers
-    )
+    if args.finetune_steps:
+        phase2 = TrainConfig(steps=args.finetune_steps, **PHASE2)
+        transformer = stage_transformer(
+            data, train_idx, vae, args.out, acc, phase2, transformer.train(), name="transformer-ft"
+        )
     if acc.is_main_process and not args.no_export:
         export(vae, transformer, clip, args.export_dir)
         acc.print(f"exported to {args.export_dir}")

@@ -28,6 +28,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     log_every: int = 50
     seed: int = 0
+    bf16: bool = False  # autocast the forward pass to bfloat16 (CPUs with avx512_bf16 and GPUs multiply ~4x faster)
 
 
 def batch_indices(n_items: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -69,7 +70,8 @@ def train(
     for step in range(start, cfg.steps):
         idx = batch_indices(n_items, step, cfg.batch_size, cfg.seed)[rank::world]
         gen = torch.Generator().manual_seed(hash((cfg.seed, step, rank)) & 0x7FFFFFFF)
-        loss = loss_fn(model, idx, gen)
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = loss_fn(model, idx, gen).float()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
