@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= outputs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 
 # torch 2.13.0 first: its CPU build is on this machine's index, and with it in place pip pulls no CUDA wheels.
 $(STAMP): pyproject.toml Makefile
@@ -13,17 +13,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	@# Debian's Chromium for the browser test of the demo (Playwright drives it; it never downloads a browser).
+	touch $(STAMP)
+
+# Debian's Chromium, only for the browser test of the demo (Playwright drives it; it never downloads a browser).
+# System-wide and large (~480 MB with its libraries): `make test` installs it, `make demo` does not.
+browser:
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium) \
 		|| echo "note: chromium could not be installed; the browser test will be skipped"
-	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: install
 	$(BIN)/diffroute generate --model emoji --plan fora-3 --steps 20 --out $(OUT)
 
-test: install
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -39,23 +42,39 @@ clean:
 # ---- Rebuilding the embedded emoji model and the figures the README shows (long; see README for times) ----
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,taylor-3,emoji:fast,emoji:faster,emoji:fastest,diffusers:fbc-0.1,diffusers:pab-2,diffusers:faster,diffusers:taylorseer-3,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate search compare
+.PHONY: data train quality calibrate search compare demo-grid artifacts
 
 data: install
 	$(BIN)/python -m diffroute.zoo.emoji_data
 
+# Phase 1 (5.5k steps, fp32) then phase 2 (5k steps, bf16 autocast, warm restart); resumable; exports into the package.
 train: install
-	$(BIN)/python -m diffroute.zoo.train_emoji --out runs/emoji --transformer-steps 5500
+	$(BIN)/python -m diffroute.zoo.train_emoji --out runs/emoji --transformer-steps 5500 --finetune-steps 5000
 
 quality: install
 	$(BIN)/python -m diffroute.zoo.evaluate_emoji --out docs
 
 calibrate: install
-	$(BIN)/diffroute calibrate --model emoji
+	$(BIN)/diffroute calibrate --model emoji --out diffroute/zoo/weights/emoji/teacache.json
 
+# The search restarts from scratch (its archive belongs to the model it ran on) and installs emoji:fast/faster/fastest.
 search: install
-	$(BIN)/diffroute search --model emoji --steps 20 --n 32 --pop 24 --generations 8 --out runs/search/emoji --max-cost 0.4
+	rm -rf runs/search/emoji
+	$(BIN)/diffroute search --model emoji --steps 20 --n 32 --pop 24 --generations 8 --quality psnr \
+		--out runs/search/emoji --ship fast=0.7,faster=0.5,fastest=0.36
+	mkdir -p docs/search && cp runs/search/emoji/front.json runs/search/emoji/front.png docs/search/
 
 compare: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
+	rm -rf docs/compare
 	$(BIN)/diffroute eval compare --model emoji --prompts heldout --n 64 --batch 32 --repeats 2 --plans $(COMPARE_PLANS) --out docs/compare
+
+demo-grid: demo
+	cp $(OUT)/grid.png docs/demo_grid.png
+
+# Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
+artifacts: install
+	@mkdir -p runs; for t in quality calibrate search compare demo-grid; do \
+		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
+		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
+	done

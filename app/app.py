@@ -4,14 +4,17 @@ time each took, PSNR, and the compute map of what was skipped; a second tab show
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import gradio as gr
 
-from diffroute.plans import PLAN_EXAMPLES, known_plan_names
+from diffroute.imageio import NonFiniteImagesError
 
 from .heatmap import compute_map_image
-from .service import MAX_BATCH, MAX_PROMPT_CHARS, MAX_STEPS, DemoService
+from .service import MAX_BATCH, MAX_PROMPT_CHARS, MAX_SCHEDULE_BYTES, MAX_STEPS, DemoService
+
+MAX_UPLOAD = MAX_SCHEDULE_BYTES  # Gradio refuses larger uploads before they reach the server's disk
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "docs" / "compare"
 
@@ -43,16 +46,17 @@ def build_demo(model: str = "emoji", results_dir: Path | None = None, service: D
     def generate(prompt, steps, guidance, seed, batch, plan, schedule_file, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         try:
             r = service.generate(prompt, steps, guidance, seed, batch, plan, schedule_file)
-        except (ValueError, FileNotFoundError, TypeError) as e:
-            raise gr.Error(str(e)) from e
+        except (ValueError, FileNotFoundError, TypeError, NonFiniteImagesError) as e:
+            raise gr.Error(str(e)) from None  # a handled bad request: a message for the user, no traceback
         name = Path(schedule_file).stem if schedule_file else plan
         return (r.full[0], r.fast[0]), r.full, r.fast, _summary(r, name), compute_map_image(r.stats)
 
-    with gr.Blocks(title="diffroute demo") as demo:
+    # Uploads are deleted hourly (those older than an hour) and all at shutdown.
+    with gr.Blocks(title="diffroute demo", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             f"# diffroute: the same image, less compute\nModel **{model}**"
             + (" (random weights: speed only)" if service.random_weights else "")
-            + f". Plans: {', '.join(known_plan_names())}, or upload a schedule JSON."
+            + f". Plans: {', '.join(service.offered_plans)}, or upload a schedule JSON."
         )
         with gr.Tab("Generate"):
             with gr.Row():
@@ -60,8 +64,8 @@ def build_demo(model: str = "emoji", results_dir: Path | None = None, service: D
                     prompt = gr.Textbox(label="Prompt", max_length=MAX_PROMPT_CHARS, elem_id="prompt")
                     if service.examples:
                         gr.Examples([[e] for e in service.examples], inputs=[prompt], label="Held-out captions")
-                    plan = gr.Dropdown(PLAN_EXAMPLES, value="fora-3", label="Plan", allow_custom_value=True)
-                    schedule = gr.File(label="…or a schedule JSON", file_types=[".json"], type="filepath")
+                    plan = gr.Dropdown(list(service.offered_plans), value="fora-3", label="Plan")
+                    schedule = gr.File(label="…or a schedule JSON (≤ 1 MB)", file_types=[".json"], type="filepath")
                     steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
                     guidance = gr.Slider(1.0, 10.0, value=4.5, step=0.5, label="Guidance scale")
                     seed = gr.Number(value=0, precision=0, label="Seed")
@@ -86,14 +90,28 @@ def build_demo(model: str = "emoji", results_dir: Path | None = None, service: D
     return demo
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def launch(model: str, results: Path | None, host: str, port: int) -> None:
+    if host not in LOOPBACK:
+        print(
+            f"warning: serving on {host}: anyone who can reach this machine on port {port} can use the demo (it runs "
+            "the model on this machine; no file a client names is opened, uploads are limited to 1 MB and deleted "
+            "at shutdown). Put it behind an authenticating proxy if the network is not yours.",
+            file=sys.stderr,
+        )
+    build_demo(model, results).launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD)
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="emoji")
-    p.add_argument("--results", type=Path, default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="emoji", help="zoo name or pipeline folder")
+    p.add_argument("--results", type=Path, default=None, help="an `eval compare` folder (default: docs/compare)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback: only this machine)")
+    p.add_argument("--port", type=int, default=7860, help="port")
     args = p.parse_args(argv)
-    build_demo(args.model, args.results).launch(server_name=args.host, server_port=args.port)
+    launch(args.model, args.results, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -12,10 +13,13 @@ import torch
 import diffroute
 from diffroute.eval.fidelity import psnr
 from diffroute.imageio import to_pil
-from diffroute.seeding import sample_generators
+from diffroute.plans import PLAN_EXAMPLES
+from diffroute.seeding import MAX_SEED, sample_generators
 from diffroute.zoo import MODELS, call_defaults, load_pipeline
 
 MAX_STEPS, MAX_BATCH, MAX_PROMPT_CHARS = 100, 8, 200
+MAX_SCHEDULE_BYTES = 2**20
+UPLOAD_HINT = "Upload a schedule JSON with the file picker (at most 1 MB), or pick a plan from the list."
 
 
 @dataclass
@@ -39,27 +43,42 @@ class DemoService:
         entry = MODELS.get(model)
         self.examples = entry.prompts() if entry else []
         self.random_weights = bool(entry and entry.random_weights)
+        self.offered_plans = tuple(PLAN_EXAMPLES)
         self.pipe.set_progress_bar_config(disable=True)
         self._run("full", "warm-up", 2, 1.0, 0, 1)  # one-off costs (allocations, lazy inits) before the first timing
         diffroute.remove(self.pipe)
         self.pipe.set_progress_bar_config(desc="denoising", disable=False)
 
     def resolve(self, plan: str, schedule_file: str | None) -> diffroute.Plan:
-        """The plan of a request; an uploaded schedule JSON wins over the picker and must fit the model."""
-        spec = schedule_file if schedule_file else plan
-        resolved = diffroute.resolve_plan(str(spec) if isinstance(spec, Path) else spec)
+        """The plan of a request: an uploaded schedule JSON (wins over the picker), or one of the offered names.
+
+        Clients are untrusted: no path a client names is opened unless it lies in Gradio's upload folder (where
+        Gradio stores what was uploaded), and the refusal reads the same whether or not such a path exists.
+        """
+        if schedule_file:
+            path = uploaded_file(schedule_file)
+            resolved = diffroute.SchedulePlan(diffroute.Schedule.load(path), name=Path(path).stem)
+        elif isinstance(plan, str) and plan in self.offered_plans:
+            resolved = diffroute.resolve_plan(plan, allow_files=False)
+        else:
+            raise ValueError(f"Unknown plan {str(plan)[:60]!r}: pick one of {', '.join(self.offered_plans)}.")
         resolved.check(self.arch)
         return resolved
 
-    def validate(self, prompt: str, steps: int, batch: int) -> None:
-        if not prompt or not prompt.strip():
+    def validate(self, prompt: str, steps, batch, guidance=4.5, seed=0) -> None:
+        """One rule for the app and the CLI: a non-empty prompt, whole steps/batch in range, a finite guidance
+        >= 0, a seed in torch's range."""
+        if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("Type a prompt first.")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
-        if not 1 <= int(steps) <= MAX_STEPS:
-            raise ValueError(f"Steps must be between 1 and {MAX_STEPS}, got {steps}.")
-        if not 1 <= int(batch) <= MAX_BATCH:
-            raise ValueError(f"Batch size must be between 1 and {MAX_BATCH}, got {batch}.")
+        for name, value, top in (("Steps", steps, MAX_STEPS), ("Batch size", batch, MAX_BATCH)):
+            if not _whole(value) or not 1 <= int(value) <= top:
+                raise ValueError(f"{name} must be a whole number from 1 to {top}, got {value!r}.")
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"Guidance must be a finite number >= 0, got {guidance!r}.")
+        if not _whole(seed) or not 0 <= int(seed) <= MAX_SEED:
+            raise ValueError(f"Seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}.")
 
     def _run(self, plan, prompt, steps, guidance, seed, batch):
         diffroute.apply(self.pipe, plan)
@@ -71,7 +90,7 @@ class DemoService:
 
     def generate(self, prompt, steps, guidance, seed, batch, plan="fora-3", schedule_file=None) -> Result:
         """Full compute and the chosen plan, same prompt and seeds; everything is validated before any work."""
-        self.validate(prompt, steps, batch)
+        self.validate(prompt, steps, batch, guidance, seed)
         resolved = self.resolve(plan, schedule_file)
         with self.lock:  # one pipeline, one request at a time: no plan or cache state is shared between requests
             try:
@@ -81,3 +100,24 @@ class DemoService:
                 diffroute.remove(self.pipe)
         value = psnr(fast, full)
         return Result(to_pil(full), to_pil(fast), full_s, fast_s, value if value != float("inf") else None, stats)
+
+
+def _whole(value) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value == int(value)
+    )
+
+
+def uploaded_file(name) -> Path:
+    """The path of a file a client uploaded through Gradio, or ValueError (the same one whatever the reason)."""
+    from gradio.utils import get_upload_folder
+
+    root = Path(get_upload_folder()).resolve()
+    try:
+        path = Path(str(name)).resolve()
+        ok = root in path.parents and path.is_file() and path.stat().st_size <= MAX_SCHEDULE_BYTES
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(UPLOAD_HINT)
+    return path

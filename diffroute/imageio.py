@@ -19,8 +19,26 @@ def to_pil(images) -> list[Image.Image]:
     return list(images)
 
 
+class NonFiniteImagesError(RuntimeError):
+    """Generated images hold NaN or infinite values: never saved, scored or reported as if they were images."""
+
+
+def check_finite(images) -> None:
+    """Raise NonFiniteImagesError if a float image batch holds NaN/inf (every image path of diffroute passes here)."""
+    arr = np.asarray(images)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1).sum()) if arr.ndim > 1 else 1
+        raise NonFiniteImagesError(
+            f"{bad} of {len(arr)} generated images contain NaN or infinite values, so they are not reported. "
+            "The sampler diverged: use fewer steps (many schedulers are unstable near their training timestep "
+            "count), another scheduler, or float32 instead of half precision."
+        )
+
+
 def to_uint8(images: np.ndarray) -> torch.Tensor:
-    """Float [N, H, W, 3] in [0, 1] -> uint8 [N, 3, H, W], quantized once by rounding (as metrics expect)."""
+    """Float [N, H, W, 3] in [0, 1] -> uint8 [N, 3, H, W], quantized once by rounding (as metrics expect);
+    refuses non-finite images."""
+    check_finite(images)
     arr = np.clip(np.round(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 

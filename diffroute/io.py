@@ -15,6 +15,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are for others to read too, as open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -26,16 +27,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Read JSON, turning a missing or broken file into an error that says which file and where it broke."""
+def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int | None = None) -> Any:
+    """Read JSON, turning a missing, oversized or broken file into an error that says which file and what is wrong."""
+    from .errors import InputError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise InputError(f"{what} {str(path)!r} is {path.stat().st_size} bytes; the limit is {max_bytes}.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from e
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno}, column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise InputError(f"{what} {str(path)!r} is not valid JSON ({where}).") from e
+    except RecursionError as e:
+        raise InputError(f"{what} {str(path)!r} nests too deeply to be a valid file.") from e

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .arch import ArchitectureMap
 from .deciders import Decider, ScheduleDecider
-from .schedule import Schedule
+from .errors import InputError, PlanError
+from .schedule import MAX_STEPS, Schedule
 
 
 class Plan:
@@ -27,6 +28,11 @@ class Plan:
 
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
         raise NotImplementedError
+
+    def content(self, arch: ArchitectureMap | None = None) -> dict:
+        """What this plan means (for fingerprints of resumable results): its name, plus the content of any schedule
+        or calibration it reads, so that a changed file makes a different fingerprint."""
+        return {"plan": self.name}
 
 
 class RulePlan(Plan):
@@ -56,14 +62,25 @@ class SchedulePlan(Plan):
     def check(self, arch: ArchitectureMap) -> None:
         self.schedule.check_fits(arch)
 
+    def content(self, arch: ArchitectureMap | None = None) -> dict:
+        from .fingerprint import digest
+
+        return {"plan": self.name, "schedule": digest(self.schedule.to_dict())}
+
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
         return ScheduleDecider(self.schedule.resample(num_steps))
 
 
+def interval_arg(text: str, name: str) -> int:
+    """The N of a plan name like fora-N: an integer from 1 to MAX_STEPS."""
+    n = int(text)
+    if not 1 <= n <= MAX_STEPS:
+        raise PlanError(f"{name} needs N from 1 to {MAX_STEPS}, got {text}.")
+    return n
+
+
 def _fora(m: re.Match) -> Plan:
-    n = int(m.group(1))
-    if n < 1:
-        raise ValueError(f"fora-N needs N >= 1, got {n}.")
+    n = interval_arg(m.group(1), "fora-N")
     return RulePlan(f"fora-{n}", lambda arch, steps: Schedule.fora(arch, steps, n))
 
 
@@ -89,19 +106,40 @@ def known_plan_names() -> list[str]:
     return list(PLAN_HELP)
 
 
-def resolve_plan(spec) -> Plan:
-    """Turn a Plan, Schedule, schedule JSON path or plan name into a Plan, or say clearly why not."""
+def resolve_plan(spec, allow_files: bool = True) -> Plan:
+    """Turn a Plan, Schedule, plan name or schedule JSON path into a Plan, or raise PlanError saying why not.
+
+    Names are matched first (so `teacache-0.3@calib.json` is a policy with a calibration file, not a schedule).
+    With allow_files=False (specs from untrusted clients) no file is ever opened: names that name a file are
+    refused with the same message whether or not the file exists.
+    """
     if isinstance(spec, Plan):
         return spec
     if isinstance(spec, Schedule):
         return SchedulePlan(spec)
-    if isinstance(spec, Path) or (isinstance(spec, str) and (spec.endswith(".json") or Path(spec).is_file())):
-        return SchedulePlan(Schedule.load(spec), name=Path(spec).stem)
     if isinstance(spec, str):
+        text = spec.strip()
+        if len(text) > 1000:
+            raise PlanError(f"a plan name of {len(text)} characters is too long to be one.")
         for pattern, factory in PLAN_NAMES.items():
-            m = re.fullmatch(pattern, spec.strip())
+            m = re.fullmatch(pattern, text)
             if m:
-                return factory(m)
+                if not allow_files and "@" in text:  # a policy's calibration file
+                    break
+                try:
+                    return factory(m)
+                except InputError:
+                    raise
+                except (ValueError, FileNotFoundError) as e:
+                    raise PlanError(f"plan {text!r}: {e}") from e
+    if allow_files and (isinstance(spec, Path) or (isinstance(spec, str) and spec.strip())):
+        path = Path(spec)
+        if path.suffix == ".json" or path.is_file():
+            if not path.is_file():
+                raise PlanError(f"schedule file {str(path)!r} does not exist.")
+            return SchedulePlan(Schedule.load(path), name=path.stem)
+    if isinstance(spec, (str, Path)):
         names = ", ".join(f"{k} ({v})" if v else k for k, v in PLAN_HELP.items())
-        raise ValueError(f"Unknown plan {spec!r}. Known plans: {names}; or give a path to a schedule JSON file.")
-    raise TypeError(f"A plan must be a name, a schedule JSON path, a Schedule or a Plan; got {type(spec).__name__}.")
+        files = "; or give a path to a schedule JSON file" if allow_files else ""
+        raise PlanError(f"Unknown plan {str(spec)[:100]!r}. Known plans: {names}{files}.")
+    raise PlanError(f"A plan must be a name, a schedule JSON path, a Schedule or a Plan; got {type(spec).__name__}.")

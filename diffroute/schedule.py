@@ -8,13 +8,17 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import ArchitectureMap
+from .errors import InputError
 from .io import atomic_write_json, read_json
 
 FORMAT = "diffroute.schedule/v1"
+MAX_STEPS = 1000  # no diffusers scheduler here trains on more timesteps
+MAX_BLOCKS = 1000
+MAX_FILE_BYTES = 8 * 2**20  # 1000 steps x 1000 blocks x 3 components is ~4 MB of rows
 
 
-class ScheduleMismatchError(ValueError):
-    """Raised before any work when a schedule does not fit the model it is applied to."""
+class ScheduleMismatchError(InputError):
+    """Raised before any work when a schedule is malformed or does not fit the model it is applied to."""
 
 
 @dataclass
@@ -152,25 +156,55 @@ class Schedule:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping, source: str = "schedule") -> Schedule:
+    def from_dict(cls, d, source: str = "schedule") -> Schedule:
+        """Validate a schedule's JSON object field by field (see README, "schedule files") and build it."""
+
+        def bad(msg: str) -> ScheduleMismatchError:
+            return ScheduleMismatchError(f"{source}: {msg}")
+
+        if not isinstance(d, Mapping):
+            raise bad(f"must be a JSON object with the fields of {FORMAT}, got {type(d).__name__}.")
         if d.get("format") != FORMAT:
             raise ScheduleMismatchError(
                 f"{source} is not a diffroute schedule (format {d.get('format')!r}, want {FORMAT!r})."
             )
-        try:
-            rows = [[[ch == "1" for ch in block] for block in row.split()] for row in d["compute"]]
-            s = cls(
-                torch.tensor(rows, dtype=torch.bool), d["model_class"], tuple(d["components"]), d.get("provenance", {})
+        model_class, components, provenance = d.get("model_class"), d.get("components"), d.get("provenance", {})
+        if not isinstance(model_class, str) or not model_class:
+            raise bad(
+                "'model_class' must be a non-empty string (the transformer class, e.g. PixArtTransformer2DModel)."
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ScheduleMismatchError(f"{source} is malformed: {e}") from e
-        if (s.num_steps, s.num_blocks) != (d.get("num_steps"), d.get("num_blocks")):
-            raise ScheduleMismatchError(f"{source}: num_steps/num_blocks disagree with the compute rows.")
-        return s
+        if (
+            not isinstance(components, list)
+            or not components
+            or not all(isinstance(c, str) and c for c in components)
+            or len(set(components)) != len(components)
+        ):
+            raise bad('\'components\' must be a list of distinct component names, e.g. ["attn1", "attn2", "ff"].')
+        if not isinstance(provenance, Mapping):
+            raise bad("'provenance' must be an object (or left out).")
+        limits = {"num_steps": MAX_STEPS, "num_blocks": MAX_BLOCKS}
+        for key, top in limits.items():
+            v = d.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+                raise bad(f"'{key}' must be an integer from 1 to {top}, got {v!r}.")
+        rows = d.get("compute")
+        if not isinstance(rows, list) or len(rows) != d["num_steps"]:
+            got = len(rows) if isinstance(rows, list) else type(rows).__name__
+            raise bad(f"'compute' must be a list of num_steps={d['num_steps']} rows, got {got}.")
+        width, bits = len(components), []
+        for i, row in enumerate(rows):
+            blocks = row.split() if isinstance(row, str) else None
+            if blocks is None or len(blocks) != d["num_blocks"]:
+                raise bad(f"compute row {i} must be a string of num_blocks={d['num_blocks']} space-separated groups.")
+            for j, block in enumerate(blocks):
+                if len(block) != width or set(block) - {"0", "1"}:
+                    raise bad(f"compute row {i}, block {j}: {block[:20]!r} must be {width} characters of 0/1.")
+            bits.append([[ch == "1" for ch in block] for block in blocks])
+        return cls(torch.tensor(bits, dtype=torch.bool), model_class, tuple(components), dict(provenance))
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> Schedule:
-        return cls.from_dict(read_json(path, "schedule"), source=f"schedule {str(path)!r}")
+        return cls.from_dict(read_json(path, "schedule", MAX_FILE_BYTES), source=f"schedule {str(path)!r}")

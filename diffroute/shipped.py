@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,19 @@ WEIGHTS = Path(__file__).parent / "zoo" / "weights"
 
 def shipped_schedules() -> dict[str, Path]:
     return {f"{p.parent.parent.name}:{p.stem}": p for p in sorted(WEIGHTS.glob("*/schedules/*.json"))}
+
+
+def install_schedule(source: Path, model: str, name: str) -> Path:
+    """Copy a schedule JSON into the zoo as `MODEL:NAME` (atomically), recording the name in its provenance."""
+    from .io import atomic_write_json
+
+    data = json.loads(Path(source).read_text())
+    data.setdefault("provenance", {})["shipped_as"] = f"{model}:{name}"
+    dest = WEIGHTS / model / "schedules" / f"{name}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(dest, data)
+    Schedule.load(dest)  # what was written loads back
+    return dest
 
 
 def _shipped(m: re.Match) -> Plan:

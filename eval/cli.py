@@ -10,19 +10,35 @@ HELP = "evaluate: FID/FD, statistics files, CLIP score, and the plan comparison"
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
-    f = sub.add_parser("fid", help="Fréchet distance between two image folders or .npz statistics files")
+    f = sub.add_parser(
+        "fid",
+        help="Fréchet distance between two image folders or .npz statistics files",
+        description="Fréchet distance between two image folders or .npz statistics files",
+    )
     f.add_argument("path_a")
     f.add_argument("path_b")
     _features(f)
-    s = sub.add_parser("stats", help="precompute reference statistics of an image folder")
+    s = sub.add_parser(
+        "stats",
+        help="precompute reference statistics of an image folder",
+        description="precompute reference statistics of an image folder",
+    )
     s.add_argument("path")
     s.add_argument("--out", required=True, help="output .npz")
     _features(s)
-    c = sub.add_parser("clip", help="CLIP score of an image folder against a prompts file (one line per image)")
+    c = sub.add_parser(
+        "clip",
+        help="CLIP score of an image folder against a prompts file (one line per image)",
+        description="CLIP score of an image folder against a prompts file (one line per image)",
+    )
     c.add_argument("images")
     c.add_argument("--prompts", required=True, help="text file, one prompt per image in sorted file order")
     c.add_argument("--clip", default="emoji-clip", help="emoji-clip (default) or clip:<local dir or hub id>")
-    m = sub.add_parser("compare", help="generate with several plans and compare speed and quality side by side")
+    m = sub.add_parser(
+        "compare",
+        help="generate with several plans and compare speed and quality side by side",
+        description="generate with several plans and compare speed and quality side by side",
+    )
     from diffroute.cli.common import add_model_arguments
 
     add_model_arguments(m)
@@ -31,7 +47,10 @@ def add_arguments(p) -> None:
     m.add_argument("--n", type=int, default=256, help="samples per plan (default 256)")
     m.add_argument("--batch", type=int, default=16, help="images per pipeline call (default 16)")
     m.add_argument("--repeats", type=int, default=5, help="timed repeats after a warm-up (default 5)")
-    m.add_argument("--out", required=True, help="output folder (resumable: existing images are kept)")
+    m.add_argument(
+        "--out", required=True, help="output folder (resumable: images made with the same settings are kept)"
+    )
+    m.add_argument("--overwrite", action="store_true", help="discard images in --out made with other settings")
     m.add_argument("--features", default=None, help="FD features (default: emoji-clip for the emoji model)")
     m.add_argument("--clip", default=None, help="CLIP scorer (default: emoji-clip for the emoji model)")
     m.add_argument("--weights", default=None, help="Inception weights file (with --features inception)")
@@ -82,9 +101,12 @@ def _fid(args) -> dict:
 
 
 def _stats_cmd(args) -> dict:
+    from diffroute.cli.common import check_out_file
+
     from .features import feature_extractor
 
     _check_path(args.path)
+    check_out_file(args.out)
     stats = _stats(args.path, feature_extractor(args.features, args.weights))
     stats.save(args.out)
     result = {"out": args.out, "n": stats.n, "feature": stats.extractor, "resize": stats.resize, "dim": len(stats.mu)}
@@ -114,7 +136,7 @@ def _clip(args) -> dict:
 
 
 def _compare(args) -> dict:
-    from diffroute.cli.common import call_kwargs, check_plans, load
+    from diffroute.cli.common import call_kwargs, check_out_dir, check_plans, load
 
     from .compare import CompareConfig, run_compare, stack_reference, validate
 
@@ -149,6 +171,17 @@ def _compare(args) -> dict:
         reference=reference[: args.n] if reference is not None else None,
     )
     validate(cfg)
+    check_out_dir(cfg.out)
+    if args.overwrite:
+        import shutil
+
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # the same state run_compare uses
+        if state.is_main_process:
+            shutil.rmtree(cfg.out / "images", ignore_errors=True)
+        state.wait_for_everyone()
     pipe = load(args)
     from .peers import is_peer
 

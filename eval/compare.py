@@ -24,7 +24,7 @@ from . import frechet
 from .clipscore import ClipScore
 from .fidelity import psnr_metric, ssim_metric, update_fidelity
 from .images import load_uint8
-from .peers import activate, call_counts, check_spec, deactivate
+from .peers import activate, call_counts, check_spec, deactivate, is_peer
 
 
 @dataclass
@@ -70,11 +70,62 @@ def validate(cfg: CompareConfig) -> None:
         check_spec(p)
 
 
+FIX = "Use a new --out, or pass --overwrite to discard the images there."
+
+
+def run_fingerprint(pipe, cfg: CompareConfig) -> dict:
+    """Everything that determines the images of every plan (besides the plan itself)."""
+    import diffroute
+    from diffroute.fingerprint import digest, weights_digest
+
+    return {
+        "diffroute": diffroute.__version__,
+        "model": cfg.model,
+        "weights": weights_digest(pipe),
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "batch": cfg.batch,
+        "n": cfg.n,
+        "prompts": digest(cfg.prompts[: cfg.n]),
+        "call_kwargs": digest(cfg.call_kwargs),
+    }
+
+
+def plan_fingerprint(pipe, spec: str) -> dict:
+    """What a plan spec means now: for our plans, the schedule/calibration content; for peers, library versions."""
+    import diffroute
+
+    if is_peer(spec):
+        from importlib.metadata import PackageNotFoundError, version
+
+        def v(pkg):
+            try:
+                return version(pkg)
+            except PackageNotFoundError:
+                return None
+
+        return {"plan": spec, "diffusers": v("diffusers"), "cache-dit": v("cache-dit")}
+    return diffroute.resolve_plan(spec).content(diffroute.architecture_map(pipe.transformer))
+
+
 def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:
-    """Generate every plan's images this process owns; chunks already on disk are skipped (resume)."""
+    """Generate every plan's images this process owns; chunks already on disk are skipped (resume), but only when
+    they were made with the same settings (fingerprints; a mismatch is refused before any work)."""
+    from diffroute.fingerprint import check_or_record
+
     chunks = _chunks(cfg.n, cfg.batch)
+    root = cfg.out / "images"
+    check_or_record(root / "run.json", run_fingerprint(pipe, cfg), "eval compare images", FIX, False)
     for plan in cfg.plans:
-        folder = cfg.out / "images" / slug(plan)
+        check_or_record(root / slug(plan) / "plan.json", plan_fingerprint(pipe, plan), f"plan {plan!r}", FIX, False)
+    state.wait_for_everyone()
+    if state.is_main_process:  # record only after every check passed on every process
+        check_or_record(root / "run.json", run_fingerprint(pipe, cfg), "eval compare images", FIX)
+        for plan in cfg.plans:
+            check_or_record(root / slug(plan) / "plan.json", plan_fingerprint(pipe, plan), f"plan {plan!r}", FIX)
+    state.wait_for_everyone()
+    for plan in cfg.plans:
+        folder = root / slug(plan)
         activate(pipe, plan)
         with state.split_between_processes(chunks) as mine:
             bar = tqdm(mine, desc=f"generate {slug(plan)}", file=sys.stderr, disable=not state.is_main_process)

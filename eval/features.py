@@ -32,6 +32,22 @@ class EmojiClipFeatures(nn.Module):
         return self.model.features(images).double()
 
 
+def load_clip_model(name: str):
+    """A transformers CLIPModel from a local folder or hub id, or one clear error saying what to give instead."""
+    from transformers import CLIPModel
+
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"CLIP model folder {name!r} does not exist; give a folder saved by CLIPModel.")
+    try:
+        return CLIPModel.from_pretrained(name).eval()
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"cannot load a CLIP model from {name!r} ({first}). Give a local folder saved by "
+            "transformers' CLIPModel, or a hub id on a machine that reaches the hub (HF_HUB_OFFLINE unset)."
+        ) from None
+
+
 class HFClipFeatures(nn.Module):
     """Image embeddings of a transformers CLIPModel (local folder or hub id), resized as its processor does."""
 
@@ -39,9 +55,7 @@ class HFClipFeatures(nn.Module):
 
     def __init__(self, name: str):
         super().__init__()
-        from transformers import CLIPModel
-
-        self.model = CLIPModel.from_pretrained(name).eval()
+        self.model = load_clip_model(name)
         self.extractor_id = f"clip:{name}/image_embeds"
         self.size = self.model.config.vision_config.image_size
         self.num_features = self.model.config.projection_dim

@@ -45,12 +45,15 @@ def load_uint8(paths: list[Path]) -> torch.Tensor:
     """uint8 [N, 3, H, W] (RGB; alpha composited on white)."""
     out = []
     for p in paths:
-        with Image.open(p) as im:
-            if im.mode in ("RGBA", "LA", "P"):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, "white")
-                im = Image.alpha_composite(bg, im)
-            out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        try:
+            with Image.open(p) as im:
+                if im.mode in ("RGBA", "LA", "P"):
+                    im = im.convert("RGBA")
+                    bg = Image.new("RGBA", im.size, "white")
+                    im = Image.alpha_composite(bg, im)
+                out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        except (UnidentifiedImageError, OSError) as e:  # e.g. a truncated file: its header reads, its pixels not
+            raise ValueError(f"{str(p)!r} is not a readable image ({e}).") from None
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 

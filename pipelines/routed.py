@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 from pathlib import Path
 
 from diffroute.api import apply, get_executor, last_stats, remove
+from diffroute.errors import InputError
 from diffroute.executor import Executor
 from diffroute.quiet import quiet_loading
 from diffroute.stats import CallStats
@@ -66,6 +68,11 @@ class RoutedPipelineMixin:
             pipe.call_defaults = read_call_defaults(pretrained_model_name_or_path)
         return pipe
 
+    @contextlib.contextmanager
+    def _one_step_call(self):
+        """Adjustments a one-step call of this pipeline needs (none, except for PixArt-α)."""
+        yield
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.call_defaults:
@@ -84,21 +91,58 @@ def _vanilla_class(cls: type) -> type:
 
 
 def _routed_call(vanilla_call):
-    """The vanilla `__call__` bracketed by the executor (when a plan is on) and given the pipeline's call defaults."""
+    """The vanilla `__call__` given the pipeline's call defaults, its step count checked before any work, and
+    bracketed by the executor when a plan is on."""
     signature = inspect.signature(vanilla_call)
 
     @functools.wraps(vanilla_call)
     def __call__(self, *args, **kwargs):
+        given = signature.bind_partial(self, *args, **kwargs).arguments
         if self.call_defaults:
-            given = signature.bind_partial(self, *args, **kwargs).arguments
             kwargs.update({k: v for k, v in self.call_defaults.items() if k not in given})
+        steps = None
+        if "num_inference_steps" in signature.parameters and not any(given.get(k) for k in ("timesteps", "sigmas")):
+            steps = kwargs.get("num_inference_steps", given.get("num_inference_steps"))
+            if steps is None:
+                steps = signature.parameters["num_inference_steps"].default
+            check_num_steps(self.scheduler, steps)
         executor = get_executor(self)
-        if executor is None:
-            return vanilla_call(self, *args, **kwargs)
-        with executor.pipeline_call():
+        with contextlib.ExitStack() as stack:
+            if steps == 1:
+                stack.enter_context(self._one_step_call())
+            if executor is not None:
+                stack.enter_context(executor.pipeline_call())
             return vanilla_call(self, *args, **kwargs)
 
     return __call__
+
+
+def check_num_steps(scheduler, steps) -> None:
+    """Refuse a step count the scheduler cannot run (0, negative, more than its training timesteps)."""
+    top = int(getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= top:
+        raise InputError(
+            f"num_inference_steps must be an integer from 1 to {top} ({type(scheduler).__name__} is trained on "
+            f"{top} timesteps); got {steps!r}."
+        )
+
+
+class _FinalStepAsOriginal:
+    """Scheduler view for PixArt-α's one-step call, which reads `step(...)[1]` (the predicted clean sample, as
+    one-step DMD-style schedulers return it). Multistep solvers return only the previous sample, which at the last
+    step (sigma 0) is their clean-sample estimate, so it is returned in both places. Everything else delegates."""
+
+    def __init__(self, scheduler):
+        self._scheduler = scheduler
+
+    def __getattr__(self, name):
+        return getattr(self._scheduler, name)
+
+    def step(self, *args, **kwargs):
+        out = self._scheduler.step(*args, **kwargs)
+        if isinstance(out, tuple) and len(out) == 1:
+            return (out[0], out[0])
+        return out
 
 
 def read_call_defaults(folder) -> dict:
@@ -114,6 +158,16 @@ def read_call_defaults(folder) -> dict:
 
 class RoutedPixArtAlphaPipeline(RoutedPipelineMixin, PixArtAlphaPipeline):
     """PixArt-α with compute plans."""
+
+    @contextlib.contextmanager
+    def _one_step_call(self):
+        # Set in __dict__: DiffusionPipeline.__setattr__ would re-register the module in the pipeline config.
+        scheduler = self.__dict__["scheduler"]
+        self.__dict__["scheduler"] = _FinalStepAsOriginal(scheduler)
+        try:
+            yield
+        finally:
+            self.__dict__["scheduler"] = scheduler
 
 
 class RoutedPixArtSigmaPipeline(RoutedPipelineMixin, PixArtSigmaPipeline):

@@ -12,11 +12,11 @@ def add_arguments(p) -> None:
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="zoo name or pipeline folder (default emoji)")
     p.add_argument("--results", type=Path, default=None, help="an `eval compare` folder for the results tab")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: only this machine)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
 
 
 def run(args) -> None:
-    from diffroute.app.app import build_demo
+    from diffroute.app.app import launch
 
-    build_demo(args.model, args.results).launch(server_name=args.host, server_port=args.port)
+    launch(args.model, args.results, args.host, args.port)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_model_arguments, call_kwargs, check_plans, generators, load
+from .common import add_model_arguments, call_kwargs, check_plans, generators, int_in, load
 
 HELP = "benchmarks: hook overhead of plan `full` and speedups of other plans"
 
@@ -13,8 +13,10 @@ def add_arguments(p) -> None:
     p.add_argument("which", choices=["overhead"], help="overhead: vanilla vs full vs --plans")
     add_model_arguments(p)
     p.add_argument("--plans", default="full,fora-2,fora-3", help="comma-separated plans (default full,fora-2,fora-3)")
-    p.add_argument("--batch", type=int, default=8, help="images per call (default 8)")
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats per plan after a warm-up (default 7)")
+    p.add_argument("--batch", type=int_in(1, 1024), default=8, help="images per call (default 8)")
+    p.add_argument(
+        "--repeats", type=int_in(1, 1000), default=7, help="timed repeats per plan after a warm-up (default 7)"
+    )
 
 
 def run(args) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import add_model_arguments, call_kwargs, generators, load, read_prompts
+from .common import add_model_arguments, call_kwargs, check_out_file, generators, load, read_prompts
 
 HELP = "calibrate dynamic policies (TeaCache's rescaling polynomial) for a model"
 
@@ -20,7 +20,12 @@ def add_arguments(p) -> None:
     p.add_argument("--prompts-file", help="a text file with one calibration prompt per line")
     p.add_argument("--n", type=int, default=16, help="calibration prompts to use (default 16)")
     p.add_argument("--degree", type=int, default=4, help="polynomial degree (default 4)")
-    p.add_argument("--out", default=None, help="output JSON (default: teacache.json in the model's folder)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output JSON (default: teacache.json in the model's folder; required for models shipped inside the "
+        "diffroute package, which is never written to unless named here)",
+    )
 
 
 def calibration_prompts(model: str, n: int) -> list[str]:
@@ -35,12 +40,15 @@ def calibration_prompts(model: str, n: int) -> list[str]:
 def run(args) -> dict:
     import diffroute
     from diffroute.policies.common import rel_l1
-    from diffroute.policies.teacache import CALIBRATION_FILE, modulated_input, save_calibration
+    from diffroute.policies.teacache import modulated_input, save_calibration
 
     default = calibration_prompts(args.model, args.n) if args.model == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
+    if args.out:
+        check_out_file(args.out)
     pipe = load(args)
     diffroute.remove(pipe)
+    out = _output_path(args, pipe)
     arch = diffroute.architecture_map(pipe.transformer)
     mods, outs = [], []
 
@@ -68,16 +76,29 @@ def run(args) -> dict:
     coeffs = np.polyfit(x, y, args.degree)
     fit = np.polyval(coeffs, x)
     r2 = 1 - ((y - fit) ** 2).sum() / ((y - y.mean()) ** 2).sum()
-    origin = getattr(pipe.transformer.config, "_name_or_path", None)
-    if args.out:
-        out = Path(args.out)
-    elif origin and Path(origin).is_dir():
-        out = Path(origin).parent / CALIBRATION_FILE
-    else:
-        raise ValueError("this model was not loaded from a folder: give --out FILE for the calibration.")
     extra = {"prompts": len(prompts), "steps": args.steps, "points": len(x), "r2": float(r2)}
     save_calibration(out, arch.model_class, coeffs, extra)
     result = {"out": str(out), "coefficients": [float(c) for c in coeffs], **extra}
     if not args.json:
         print(f"wrote {out}: degree-{args.degree} fit on {len(x)} points, R^2 {r2:.3f}", file=sys.stderr)
     return result
+
+
+def _output_path(args, pipe) -> Path:
+    """--out, or teacache.json beside the model's folders; never inside the installed diffroute package unless --out
+    names it (a silent write there would change `teacache-T` for every later run)."""
+    import diffroute
+    from diffroute.policies.teacache import CALIBRATION_FILE
+
+    if args.out:
+        return Path(args.out)
+    origin = getattr(pipe.transformer.config, "_name_or_path", None)
+    if not origin or not Path(origin).is_dir():
+        raise ValueError("this model was not loaded from a folder: give --out FILE for the calibration.")
+    out = Path(origin).parent / CALIBRATION_FILE
+    if Path(diffroute.__file__).resolve().parent in out.resolve().parents:
+        raise ValueError(
+            f"{args.model!r} is shipped inside the diffroute package; its calibration {out} is not overwritten. "
+            "Give --out FILE and use the plan teacache-T@FILE."
+        )
+    return check_out_file(out)

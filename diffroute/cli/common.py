@@ -2,27 +2,62 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
+
+from diffroute.schedule import MAX_STEPS
+from diffroute.seeding import MAX_SEED
 
 
 def add_model_arguments(p) -> None:
     from diffroute.zoo import DEFAULT_MODEL, MODELS
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name ({', '.join(MODELS)}), pipeline folder or hub id")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
+    p.add_argument(
+        "--device", type=device_arg, default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=20, help="denoising steps (default 20)")
+    p.add_argument("--guidance", type=guidance_value, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument(
+        "--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the first sample; sample i uses seed + i"
+    )
+
+
+def int_in(low: int, high: int):
+    """An argparse type: an integer from low to high, refused at parse time (before any model loads)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {low} to {high}")
+        return value
+
+    return parse
+
+
+def guidance_value(text: str) -> float:
+    """Classifier-free guidance scale: a finite number >= 0 (0 and 1 switch guidance off in diffusers pipelines)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a guidance scale: give a finite number >= 0")
+    return value
 
 
 def load(args):
     """Load the pipeline named by --model, saying on stderr when its weights are random."""
     from diffroute.zoo import MODELS, load_pipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     entry = MODELS.get(args.model)
     if entry is not None and entry.random_weights:
         print(f"note: model {args.model!r} has RANDOM weights: {entry.description}", file=sys.stderr)
@@ -30,13 +65,47 @@ def load(args):
     return pipe
 
 
+def check_device(device: str) -> str:
+    """Refuse a device this torch build cannot use, before any model loads."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: this torch build ({torch.__version__}) sees no CUDA GPU; use --device cpu."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu.")
+    return device
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: a device this torch build can use, refused at parse time."""
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+
 def read_prompts(args, default: list[str]) -> list[str]:
+    """--prompt values and --prompts-file lines; `default` only when neither is given (an empty file is refused)."""
     prompts = list(args.prompt or [])
+    if any(not p.strip() for p in prompts):
+        raise ValueError("--prompt must not be empty.")
     if getattr(args, "prompts_file", None):
         path = Path(args.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {str(path)!r} does not exist.")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise ValueError(f"prompts file {str(path)!r} is not UTF-8 text.") from None
+        if not lines:
+            raise ValueError(f"prompts file {str(path)!r} has no prompts (one per line).")
+        prompts += lines
     prompts = prompts or list(default)
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE.")
@@ -69,3 +138,37 @@ def check_plans(pipe, names: list[str]) -> None:
         plan = diffroute.resolve_plan(name)
         if arch is not None:
             plan.check(arch)
+
+
+def check_out_dir(path) -> Path:
+    """Refuse an --out folder that is a file or cannot be written, before any work (it is created if missing)."""
+    import os
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a file, not a folder: give a folder path.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {str(path)!r} cannot be created ({e.strerror}).") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(path)!r} is not writable.")
+    return path
+
+
+def check_out_file(path) -> Path:
+    """Refuse an output file path that is a folder or whose folder cannot be written, before any work."""
+    import os
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a folder: give a file path.")
+    folder = path.parent if str(path.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output {str(path)!r}: {str(folder)!r} is a file, not a folder.")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"output {str(path)!r} cannot be written (no permission in {str(probe)!r}).")
+    return path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffroute.io import atomic_write_json
 
-from .common import add_model_arguments, call_kwargs, check_plans, generators, load, read_prompts
+from .common import add_model_arguments, call_kwargs, check_out_dir, check_plans, generators, load, read_prompts
 
 HELP = "generate images with a plan and compare with full compute"
 
@@ -44,6 +44,7 @@ def run(args) -> dict:
     prompts = read_prompts(args, MODELS[args.model].prompts() if args.model in MODELS else [])
     plans = [args.plan] if args.no_compare or args.plan == "full" else ["full", args.plan]
     check_plans(None, plans)  # names and files first: no model loaded for a typo
+    check_out_dir(args.out)
     pipe = load(args)
     check_plans(pipe, plans)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty())

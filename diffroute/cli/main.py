@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from diffroute.eval import cli as eval_cli
+from diffroute.imageio import NonFiniteImagesError
 
 from . import app, bench, calibrate, generate, search
 
@@ -42,8 +43,19 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command].run(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, NonFiniteImagesError) as e:
         print(f"diffroute {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        _close_process_group()
     if args.json and result is not None:
         print(json.dumps(result, indent=2))
+
+
+def _close_process_group() -> None:
+    """Tear down torch.distributed (gloo/nccl) before the interpreter exits: a process group left to die at
+    interpreter teardown can abort in its worker threads' destructors ("terminate called without an active
+    exception") after all the work succeeded."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

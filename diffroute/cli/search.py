@@ -31,7 +31,15 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--features", default="emoji-clip", help="FD features (default emoji-clip)")
     p.add_argument("--max-cost", type=float, default=None, help="also pick the best schedule within this cost")
-    p.add_argument("--out", required=True, help="search folder (checkpointed; rerun to resume)")
+    p.add_argument("--out", required=True, help="search folder (checkpointed; rerun with the same settings to resume)")
+    p.add_argument("--overwrite", action="store_true", help="discard a search in --out made with other settings")
+    p.add_argument(
+        "--ship",
+        default=None,
+        metavar="NAME=MAXCOST,...",
+        help="zoo models only: install the best front member within each cost budget as the shipped schedule "
+        "MODEL:NAME (e.g. fast=0.7,faster=0.5,fastest=0.36)",
+    )
 
 
 def run(args) -> dict | None:
@@ -46,13 +54,16 @@ def run(args) -> dict | None:
     from diffroute.search.nsga import Search, SearchConfig
 
     from .calibrate import calibration_prompts
-    from .common import call_kwargs, load, read_prompts
+    from .common import call_kwargs, check_out_dir, load, read_prompts
 
     if args.pop < 4 or args.generations < 1 or args.n < 2:
         raise ValueError("need --pop >= 4, --generations >= 1 and --n >= 2.")
+    if args.steps < 2:
+        raise ValueError("--steps must be at least 2: at one step everything computes, there is nothing to search.")
+    ship = _parse_ship(args.ship, args.model) if args.ship else {}
     default = calibration_prompts(args.model, args.n) if args.model == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
-    out = Path(args.out)
+    out = check_out_dir(args.out)
     state = PartialState(cpu=not torch.cuda.is_available())
     pipe = load(args)
     pipe.set_progress_bar_config(disable=True)
@@ -63,6 +74,7 @@ def run(args) -> dict | None:
         from diffroute.eval.features import feature_extractor
 
         feature = feature_extractor(args.features)
+    _check_resume(args, pipe, prompts, kwargs, out, state)
     cost = measure_cost(pipe, arch, {k: v for k, v in kwargs.items() if k != "num_inference_steps"})
     scorer = None
     if args.quality == "clip":
@@ -109,6 +121,15 @@ def run(args) -> dict | None:
     if args.max_cost is not None:
         i = pick(front, args.max_cost, args.quality, args.cost)
         result["picked"] = None if i is None else str(paths[i])
+    if ship:
+        from diffroute.shipped import install_schedule
+
+        result["shipped"] = {}
+        for name, max_cost in ship.items():
+            i = pick(front, max_cost, args.quality, args.cost)
+            if i is None:
+                raise ValueError(f"--ship {name}={max_cost}: no front member costs <= {max_cost}; raise the budget.")
+            result["shipped"][f"{args.model}:{name}"] = str(install_schedule(paths[i], args.model, name))
     if not args.json:
         for r in result["front"]:
             q = f"FD {r['fd']:.3f}, " if "fd" in r else ""
@@ -116,3 +137,50 @@ def run(args) -> dict | None:
         if "picked" in result:
             print(f"picked for --max-cost {args.max_cost}: {result['picked']}", file=sys.stderr)
     return result
+
+
+def _parse_ship(spec: str, model: str) -> dict[str, float]:
+    """'fast=0.7,faster=0.5' -> {'fast': 0.7, 'faster': 0.5}, checked before the search starts."""
+    from diffroute.shipped import WEIGHTS
+
+    if not (WEIGHTS / model).is_dir():
+        raise ValueError(f"--ship installs into a zoo model's folder; {model!r} has none (zoo: {WEIGHTS}).")
+    out = {}
+    for item in spec.split(","):
+        name, sep, cost = item.partition("=")
+        try:
+            out[name.strip()] = float(cost)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip().replace("-", "").isalnum():
+            raise ValueError(f"--ship: {item!r} is not NAME=MAXCOST (e.g. fast=0.7).")
+    return out
+
+
+def _check_resume(args, pipe, prompts, kwargs, out: Path, state) -> None:
+    """Evaluations in --out are reused only if made with the same model, prompts, seeds, steps and objectives (more
+    --generations may be asked for: that extends the search)."""
+    import shutil
+
+    import diffroute
+    from diffroute.fingerprint import check_or_record, digest, weights_digest
+
+    if args.overwrite and state.is_main_process:
+        shutil.rmtree(out, ignore_errors=True)
+    state.wait_for_everyone()
+    fingerprint = {
+        "diffroute": diffroute.__version__,
+        "model": args.model,
+        "weights": weights_digest(pipe),
+        "steps": args.steps,
+        "seed": args.seed,
+        "prompts": digest(prompts),
+        "call_kwargs": digest(kwargs),
+        "quality": args.quality,
+        "features": args.features if args.quality == "fd" else None,
+        "pop": args.pop,
+    }
+    fix = "Use a new --out, or pass --overwrite to discard that search."
+    check_or_record(out / "settings.json", fingerprint, "search", fix, write=False)
+    state.wait_for_everyone()
+    check_or_record(out / "settings.json", fingerprint, "search", fix, write=state.is_main_process)

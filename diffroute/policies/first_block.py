@@ -15,7 +15,9 @@ import torch
 
 from diffroute.arch import ArchitectureMap
 from diffroute.deciders import Decider
+from diffroute.errors import PlanError
 from diffroute.plans import Plan, register_plan
+from diffroute.schedule import MAX_BLOCKS
 
 from .common import block_hidden_input, main_tensor, rel_l1
 
@@ -80,7 +82,10 @@ def _fbcache(m: re.Match) -> Plan:
 
 
 def _dbcache(m: re.Match) -> Plan:
-    return FirstBlockPlan(int(m.group(1)), int(m.group(2)), float(m.group(3)), m.group(0))
+    fn, bn = int(m.group(1)), int(m.group(2))
+    if max(fn, bn) > MAX_BLOCKS:
+        raise PlanError(f"{m.group(0)}: Fn and Bn count blocks; at most {MAX_BLOCKS}.")
+    return FirstBlockPlan(fn, bn, float(m.group(3)), m.group(0))
 
 
 register_plan(r"fbcache-([0-9]*\.?[0-9]+)", _fbcache, "fbcache-T", "first-block residual cache", ["fbcache-0.1"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from diffroute.deciders import FORECAST, ScheduleDecider
-from diffroute.plans import RulePlan, register_plan
+from diffroute.plans import RulePlan, interval_arg, register_plan
 from diffroute.schedule import Schedule
 
 
@@ -33,9 +33,7 @@ class TaylorPlan(RulePlan):
 
 
 def _taylor(m: re.Match) -> TaylorPlan:
-    n = int(m.group(1))
-    if n < 1:
-        raise ValueError(f"taylor-N needs N >= 1, got {n}.")
+    n = interval_arg(m.group(1), "taylor-N")
     return TaylorPlan(f"taylor-{n}", lambda arch, steps: Schedule.fora(arch, steps, n))
 
 

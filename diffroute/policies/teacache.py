@@ -9,6 +9,7 @@ and last steps always compute."""
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -75,12 +76,22 @@ def find_calibration(arch: ArchitectureMap) -> Path | None:
 
 
 def load_coefficients(path: Path, arch: ArchitectureMap) -> list[float]:
+    from diffroute.errors import InputError
     from diffroute.io import read_json
 
-    d = read_json(path, "TeaCache calibration")
+    d = read_json(path, "TeaCache calibration", max_bytes=2**20)
+    if not isinstance(d, dict):
+        raise InputError(f"TeaCache calibration {str(path)!r} must be a JSON object with model_class and coefficients.")
     if d.get("model_class") != arch.model_class:
-        raise ValueError(f"calibration {str(path)!r} is for {d.get('model_class')}, the model is {arch.model_class}.")
-    return [float(c) for c in d["coefficients"]]
+        raise InputError(f"calibration {str(path)!r} is for {d.get('model_class')}, the model is {arch.model_class}.")
+    coeffs = d.get("coefficients")
+    if (
+        not isinstance(coeffs, list)
+        or not 1 <= len(coeffs) <= 16
+        or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coeffs)
+    ):
+        raise InputError(f"calibration {str(path)!r}: 'coefficients' must be 1 to 16 finite numbers.")
+    return [float(c) for c in coeffs]
 
 
 class TeaCacheDecider(Decider):
@@ -130,6 +141,13 @@ class TeaCachePlan(Plan):
 
     def observed_blocks(self, arch):
         return (0,)
+
+    def content(self, arch: ArchitectureMap | None = None) -> dict:
+        import hashlib
+
+        path = Path(self.calibration) if self.calibration else (find_calibration(arch) if arch else None)
+        calib = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path and path.is_file() else None
+        return {"plan": self.name, "calibration": calib}
 
     def decider(self, arch, num_steps):
         path = Path(self.calibration) if self.calibration else find_calibration(arch)

@@ -40,9 +40,9 @@ class GenomeSpace:
         made += [Schedule.intervals(a, s, {c: n for c in attn}) for n in (2, 3)]
         made += [Schedule.intervals(a, s, {c: 2 for c in a.components if c not in attn})]
         nb = a.num_blocks
-        made += [
-            Schedule.ranges(a, s, [{"blocks": (1, max(nb - 1, 2)), "steps": (2, s - 2), "every": n}]) for n in (2, 3)
-        ]
+        if s > 4:  # the middle steps of inner blocks (needs steps left at both ends)
+            rule = {"blocks": (1, max(nb - 1, 2)), "steps": (2, s - 2)}
+            made += [Schedule.ranges(a, s, [dict(rule, every=n)]) for n in (2, 3)]
         out, keys = [], set()
         for bits in [self.from_schedule(m) for m in made if m.num_blocks == nb]:
             if self.key(bits) not in keys and len(out) < size:

@@ -1,0 +1,145 @@
+"""Every refusal of the `diffroute` command: exit status 2, one line saying what is wrong, no traceback, and no work
+(no output folder written, no shipped file changed); resumed runs with other settings are refused, naming them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffroute.zoo.emoji import WEIGHTS
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "diffroute", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _refused(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+GEN = ("generate", "--model", "tiny-pixart", "--prompt", "cat")
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (("--steps", "-5"), "argument --steps: -5 is out of range"),
+        (("--steps", "0"), "argument --steps: 0 is out of range"),
+        (("--seed", str(2**64)), "argument --seed"),
+        (("--guidance", "nan"), "argument --guidance"),
+        (("--guidance", "-1"), "argument --guidance"),
+        (("--device", "cuda"), "sees no CUDA GPU"),
+        (("--device", "warp"), "is not a torch device"),
+        (("--prompt", "  "), "--prompt must not be empty"),
+    ],
+)
+def test_generate_refusals(tmp_path, extra, needle):
+    out = tmp_path / "out"
+    _refused(_cli(*GEN, "--out", out, *extra), needle)
+    assert not out.exists()
+
+
+def test_empty_prompts_file_is_refused_not_replaced_by_defaults(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    _refused(_cli("generate", "--model", "tiny-pixart", "--prompts-file", empty, "--out", tmp_path / "o"), "no prompts")
+
+
+def test_out_that_is_a_file_or_unwritable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _refused(_cli(*GEN, "--out", blocker), "is a file, not a folder")
+    _refused(_cli(*GEN, "--out", blocker / "sub"), "cannot be created")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(images / f"{i}.png")
+    _refused(_cli("eval", "stats", images, "--out", blocker / "ref.npz", "--features", "emoji-clip"), "is a file")
+
+
+def test_bench_batch_zero():
+    _refused(_cli("bench", "overhead", "--model", "tiny-pixart", "--batch", "0"), "argument --batch")
+
+
+def test_truncated_png_and_bad_clip_model(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(good / f"{i}.png")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), np.uint8)).save(broken / f"{i}.png")
+    data = (broken / "1.png").read_bytes()
+    (broken / "1.png").write_bytes(data[: len(data) // 2])
+    _refused(_cli("eval", "fid", good, broken, "--features", "emoji-clip"), "1.png", "not a readable image")
+    proc = _cli("eval", "fid", good, good, "--features", "clip:/not/a/model")
+    _refused(proc, "/not/a/model")
+    assert proc.stderr.count("error") == 1
+
+
+def test_calibrate_never_writes_into_the_package(tmp_path):
+    shipped = WEIGHTS / "emoji" / "teacache.json"
+    before = shipped.read_bytes()
+    _refused(_cli("calibrate", "--model", "emoji", "--n", "2", "--steps", "3"), "shipped inside the diffroute package")
+    assert shipped.read_bytes() == before
+    _refused(_cli("calibrate", "--model", "emoji", "--out", tmp_path), "is a folder")
+    out = tmp_path / "calib.json"
+    proc = _cli("calibrate", "--model", "tiny-pixart", "--prompt", "a", "--prompt", "b", "--steps", "4", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["model_class"] == "PixArtTransformer2DModel"
+
+
+# ---- resume never mixes settings ------------------------------------------------------------------------------------
+def test_compare_resume_refuses_other_settings(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("red apple\ncat\nblue car\n")
+    out = tmp_path / "cmp"
+    base = ["eval", "compare", "--model", "tiny-pixart", "--prompts", prompts, "--n", "2", "--batch", "2"]
+    base += ["--repeats", "1", "--plans", "fora-2", "--out", out, "--json"]
+    first = _cli(*base, "--steps", "4")
+    assert first.returncode == 0, first.stderr
+    _refused(_cli(*base, "--steps", "5"), "other settings", "steps: 4 then, 5 now", "--overwrite")
+    _refused(_cli(*base, "--steps", "4", "--seed", "1"), "seed: 0 then, 1 now")
+    prompts.write_text("green apple\ncat\nblue car\n")
+    _refused(_cli(*base, "--steps", "4"), "prompts:")
+    again = _cli(*base, "--steps", "5", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["steps"] == 5
+    assert json.loads((out / "images" / "run.json").read_text())["steps"] == 5
+
+
+def test_compare_resume_refuses_a_changed_schedule_file(tmp_path):
+    import diffroute
+    from diffroute.zoo.tiny import tiny_pixart_demo
+
+    arch = diffroute.architecture_map(tiny_pixart_demo().transformer)
+    sched = tmp_path / "mine.json"
+    diffroute.Schedule.fora(arch, 4, 2).save(sched)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("red apple\ncat\n")
+    base = ["eval", "compare", "--model", "tiny-pixart", "--prompts", prompts, "--n", "2", "--batch", "2"]
+    base += ["--repeats", "1", "--steps", "4", "--plans", sched, "--out", tmp_path / "cmp", "--json"]
+    assert _cli(*base).returncode == 0
+    diffroute.Schedule.fora(arch, 4, 3).save(sched)
+    _refused(_cli(*base), "plan", "schedule:")
+
+
+def test_search_resume_refuses_other_settings(tmp_path):
+    out = tmp_path / "search"
+    base = ["search", "--model", "tiny-pixart", "--prompt", "red apple", "--prompt", "cat", "--n", "2"]
+    base += ["--pop", "4", "--generations", "1", "--steps", "4", "--out", out, "--json"]
+    first = _cli(*base, "--quality", "psnr")
+    assert first.returncode == 0, first.stderr
+    _refused(_cli(*base, "--quality", "psnr", "--seed", "3"), "seed: 0 then, 3 now")
+    _refused(_cli(*base, "--quality", "clip"), 'quality: "psnr" then, "clip" now')  # once a KeyError
+    assert Path(out / "settings.json").is_file()
