@@ -50,7 +50,7 @@ def test_invalid_inputs_return_clear_errors(server, tmp_path):
     client = Client(url, verbose=False)
     with pytest.raises(AppError, match="Type a prompt first"):
         client.predict("", 6, 4.5, 0, 1, "fora-2", None, api_name="/generate")
-    with pytest.raises(AppError, match="Unknown plan"):
+    with pytest.raises(AppError):  # not one of the offered plans
         client.predict("cat", 6, 4.5, 0, 1, "warp-speed", None, api_name="/generate")
     d = Schedule.fora(service.arch, 6, 2).to_dict()
     d["num_blocks"], d["compute"] = 2, [" ".join(r.split()[:2]) for r in d["compute"]]
@@ -62,12 +62,71 @@ def test_invalid_inputs_return_clear_errors(server, tmp_path):
 
 def test_service_limits():
     service = DemoService.__new__(DemoService)  # validation needs no model
-    with pytest.raises(ValueError, match="between 1 and 100"):
+    with pytest.raises(ValueError, match="from 1 to 100"):
         service.validate("cat", 101, 1)
-    with pytest.raises(ValueError, match="between 1 and 8"):
+    with pytest.raises(ValueError, match="from 1 to 8"):
         service.validate("cat", 10, 9)
     with pytest.raises(ValueError, match="limit is 200"):
         service.validate("x" * 201, 10, 1)
+    for guidance in (float("nan"), -1.0):  # the CLI's rule: finite and >= 0
+        with pytest.raises(ValueError, match="Guidance"):
+            service.validate("cat", 10, 1, guidance)
+    with pytest.raises(ValueError, match="Seed"):
+        service.validate("cat", 10, 1, 4.5, 2**64)
+    with pytest.raises(ValueError, match="Steps must be a whole number"):
+        service.validate("cat", 2.5, 1)
+
+
+def test_one_step_in_the_app(server):
+    from gradio_client import Client
+
+    url, _ = server
+    *_, summary, _ = Client(url, verbose=False).predict("cat", 1, 4.5, 0, 1, "fora-2", None, api_name="/generate")
+    assert "computed 100%" in summary  # one step: nothing to reuse
+
+
+def _raw_call(url: str, data: list) -> str:
+    """POST to the generate endpoint over plain HTTP, as a hostile client would (gradio_client would upload a local
+    file itself); returns the event stream's text."""
+    import httpx
+
+    event = httpx.post(f"{url}gradio_api/call/generate", json={"data": data}, timeout=60).json()["event_id"]
+    return httpx.get(f"{url}gradio_api/call/generate/{event}", timeout=120).text
+
+
+def test_the_app_opens_no_path_a_client_names(server, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    url, service = server
+    client = Client(url, verbose=False)
+    secret = tmp_path / "secret.json"  # a readable JSON schedule on the server, outside the upload folder
+    Schedule.fora(service.arch, 6, 2).save(secret)
+    opened = []
+    real_load = Schedule.load
+    Schedule.load = classmethod(lambda cls, path: opened.append(path) or real_load(path))
+    try:
+        for plan in (str(secret), f"teacache-0.3@{secret}", "/etc/passwd", "../../etc/passwd"):
+            with pytest.raises(AppError) as err:
+                client.predict("cat", 2, 4.5, 0, 1, plan, None, api_name="/generate")
+            assert "root:x:0" not in str(err.value) and "not in the list of choices" in str(err.value)
+        answers = set()  # a file reference naming a server path instead of an upload
+        for path in (str(secret), "/etc/passwd", str(tmp_path / "does-not-exist.json")):
+            ref = {"path": path, "meta": {"_type": "gradio.FileData"}}
+            text = _raw_call(url, ["cat", 2, 4.5, 0, 1, "full", ref])
+            assert "event: error" in text and "root:x:0" not in text
+            answers.add(text.replace(path, "PATH"))
+        assert len(answers) == 1  # the same answer whether or not the path exists
+        with pytest.raises(ValueError) as err:  # and the service itself opens nothing outside Gradio's uploads
+            service.resolve("full", str(secret))
+        assert str(err.value) == str(pytest.raises(ValueError, service.resolve, "full", "/no/such.json").value)
+        big = tmp_path / "big.json"
+        big.write_text(" " * (2**20 + 10))
+        with pytest.raises(AppError):
+            client.predict("cat", 2, 4.5, 0, 1, "full", handle_file(str(big)), api_name="/generate")
+    finally:
+        Schedule.load = real_load
+    assert not any(str(secret) == str(p) for p in opened)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it with apt)")
