@@ -21,8 +21,7 @@ def compute_map_image(stats: CallStats) -> Image.Image:
     steps, blocks, comps = cmap_t.shape
     grid = cmap_t.transpose(1, 2, 0).reshape(blocks * comps, steps)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.28 * steps + 2.2), max(2.5, 0.16 * blocks * comps + 1.2)))
-    cm = ListedColormap(["#d9d9d9", "#2f6db5"])
-    cm.set_bad("white")
+    cm = ListedColormap(["#d9d9d9", "#2f6db5"]).with_extremes(bad="white")
     ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cm, vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(blocks * comps))
     ax.set_yticklabels([f"{b.split('.')[-1]}:{c}" for b in stats.block_names for c in stats.components], fontsize=6)

@@ -1,38 +1,47 @@
-"""diffroute: timestep-aware routing (feature caching by compute plans) for diffusers DiT pipelines."""
+"""diffroute: timestep-aware routing (feature caching by compute plans) for diffusers DiT pipelines.
 
-from . import policies, shipped  # noqa: F401  (register the dynamic policies' and shipped schedules' names)
-from .api import apply, get_executor, last_stats, remove
-from .arch import (
-    ARCHITECTURES,
-    ArchitectureMap,
-    ArchSpec,
-    UnsupportedModelError,
-    architecture_map,
-    register_architecture,
-)
-from .plans import Plan, RulePlan, SchedulePlan, register_plan, resolve_plan
-from .schedule import Schedule, ScheduleMismatchError
-from .stats import CallStats
+The public names below load on first use (PEP 562), so that `diffroute --help` and argument errors answer without
+importing torch and diffusers.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ARCHITECTURES",
-    "ArchSpec",
-    "ArchitectureMap",
-    "CallStats",
-    "Plan",
-    "RulePlan",
-    "Schedule",
-    "ScheduleMismatchError",
-    "SchedulePlan",
-    "UnsupportedModelError",
-    "apply",
-    "architecture_map",
-    "get_executor",
-    "last_stats",
-    "register_architecture",
-    "register_plan",
-    "remove",
-    "resolve_plan",
-]
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "apply": "api",
+    "get_executor": "api",
+    "last_stats": "api",
+    "remove": "api",
+    "ARCHITECTURES": "arch",
+    "ArchSpec": "arch",
+    "ArchitectureMap": "arch",
+    "UnsupportedModelError": "arch",
+    "architecture_map": "arch",
+    "register_architecture": "arch",
+    "Plan": "plans",
+    "RulePlan": "plans",
+    "SchedulePlan": "plans",
+    "register_plan": "plans",
+    "resolve_plan": "plans",
+    "Schedule": "schedule",
+    "ScheduleMismatchError": "schedule",
+    "CallStats": "stats",
+    "InputError": "errors",
+    "PlanError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'diffroute' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class PlanError(InputError):
     """A plan spec (name, schedule file, policy) cannot be resolved."""
+
+
+class NonFiniteImagesError(RuntimeError):
+    """Generated images hold NaN or infinite values: never saved, scored or reported as if they were images."""

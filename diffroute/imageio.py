@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .errors import NonFiniteImagesError
 from .io import atomic_write_bytes
 
 
@@ -17,10 +18,6 @@ def to_pil(images) -> list[Image.Image]:
     if isinstance(images, np.ndarray):
         return [Image.fromarray(a) for a in to_uint8(images).permute(0, 2, 3, 1).numpy()]
     return list(images)
-
-
-class NonFiniteImagesError(RuntimeError):
-    """Generated images hold NaN or infinite values: never saved, scored or reported as if they were images."""
 
 
 def check_finite(images) -> None:

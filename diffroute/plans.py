@@ -143,3 +143,8 @@ def resolve_plan(spec, allow_files: bool = True) -> Plan:
         files = "; or give a path to a schedule JSON file" if allow_files else ""
         raise PlanError(f"Unknown plan {str(spec)[:100]!r}. Known plans: {names}{files}.")
     raise PlanError(f"A plan must be a name, a schedule JSON path, a Schedule or a Plan; got {type(spec).__name__}.")
+
+
+# The dynamic policies and the shipped schedules register their names here, so that every way of importing
+# resolve_plan knows them (they import this module, which is complete by now).
+from . import policies, shipped  # noqa: E402, F401

@@ -20,7 +20,27 @@ def quiet_loading():
     tlog.set_verbosity_error()
     dlog.set_verbosity_error()
     try:
-        yield
+        with loading_bars_off():
+            yield
     finally:
         tlog.set_verbosity(saved[0])
         dlog.set_verbosity(saved[1])
+
+
+@contextmanager
+def loading_bars_off():
+    """No per-file 'Loading weights' / 'Loading pipeline components' bars while a pipeline loads (the denoising
+    progress bar is not affected)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    saved = tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if saved[0]:
+            tlog.enable_progress_bar()
+        if saved[1]:
+            dlog.enable_progress_bar()

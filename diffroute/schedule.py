@@ -10,10 +10,9 @@ import torch
 from .arch import ArchitectureMap
 from .errors import InputError
 from .io import atomic_write_json, read_json
+from .limits import MAX_BLOCKS, MAX_STEPS
 
 FORMAT = "diffroute.schedule/v1"
-MAX_STEPS = 1000  # no diffusers scheduler here trains on more timesteps
-MAX_BLOCKS = 1000
 MAX_FILE_BYTES = 8 * 2**20  # 1000 steps x 1000 blocks x 3 components is ~4 MB of rows
 
 

@@ -7,9 +7,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .limits import MAX_SEED  # noqa: F401  (re-exported: the bound on seeds)
+
 
 def sample_generators(seed: int, indices: Iterable[int], device=None) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(int(seed) + int(i)) for i in indices]
-
-
-MAX_SEED = 2**63 - 1 - 10**7  # torch seeds are signed 64-bit; sample i uses seed + i (room for 10 million samples)

@@ -84,7 +84,7 @@ def test_plan_names():
     assert diffroute.resolve_plan("fora-4").name == "fora-4"
     with pytest.raises(ValueError, match="Unknown plan 'fora3'.*fora-N"):
         diffroute.resolve_plan("fora3")
-    with pytest.raises(ValueError, match="N >= 1"):
+    with pytest.raises(ValueError, match="N from 1 to 1000"):
         diffroute.resolve_plan("fora-0")
 
 

@@ -89,5 +89,5 @@ def test_broken_json_and_bad_format(tmp_path):
     other.write_text('{"hello": 1}')
     with pytest.raises(ScheduleMismatchError, match="not a diffroute schedule"):
         diffroute.resolve_plan(str(other))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(diffroute.PlanError, match="does not exist"):
         diffroute.resolve_plan(str(tmp_path / "missing.json"))

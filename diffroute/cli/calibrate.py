@@ -6,9 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from .common import add_model_arguments, call_kwargs, check_out_file, generators, load, read_prompts
 
 HELP = "calibrate dynamic policies (TeaCache's rescaling polynomial) for a model"
@@ -30,6 +27,8 @@ def add_arguments(p) -> None:
 
 def calibration_prompts(model: str, n: int) -> list[str]:
     """Training captions for the emoji model: disjoint from the held-out evaluation captions."""
+    import numpy as np
+
     from diffroute.zoo.emoji_data import load
 
     data = load()
@@ -38,6 +37,9 @@ def calibration_prompts(model: str, n: int) -> list[str]:
 
 
 def run(args) -> dict:
+    import numpy as np
+    import torch
+
     import diffroute
     from diffroute.policies.common import rel_l1
     from diffroute.policies.teacache import modulated_input, save_calibration

@@ -7,10 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
-from diffroute.schedule import MAX_STEPS
-from diffroute.seeding import MAX_SEED
+from diffroute.limits import MAX_SEED, MAX_STEPS
 
 
 def add_model_arguments(p) -> None:
@@ -55,6 +52,8 @@ def guidance_value(text: str) -> float:
 
 def load(args):
     """Load the pipeline named by --model, saying on stderr when its weights are random."""
+    import torch
+
     from diffroute.zoo import MODELS, load_pipeline
 
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -67,6 +66,8 @@ def load(args):
 
 def check_device(device: str) -> str:
     """Refuse a device this torch build cannot use, before any model loads."""
+    import torch
+
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -112,7 +113,7 @@ def read_prompts(args, default: list[str]) -> list[str]:
     return prompts
 
 
-def generators(seed: int, n: int, device) -> list[torch.Generator]:
+def generators(seed: int, n: int, device) -> list:
     """One generator per sample, seeded by its global index: a sample's image does not depend on its batch."""
     from diffroute.seeding import sample_generators
 

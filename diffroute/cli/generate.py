@@ -47,7 +47,7 @@ def run(args) -> dict:
     check_out_dir(args.out)
     pipe = load(args)
     check_plans(pipe, plans)
-    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
+    pipe.set_progress_bar_config(disable=False, file=sys.stderr, leave=False)
     generate(pipe, "full", prompts[:1], args, steps=2)  # warm-up: the first call pays one-off costs
     out = Path(args.out)
     runs = {}

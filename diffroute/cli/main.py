@@ -8,8 +8,8 @@ import os
 import sys
 import warnings
 
+from diffroute.errors import NonFiniteImagesError
 from diffroute.eval import cli as eval_cli
-from diffroute.imageio import NonFiniteImagesError
 
 from . import app, bench, calibrate, generate, search
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub unless the user asks
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision-missing notices on CPU machines
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command].run(args)
@@ -59,3 +60,8 @@ def _close_process_group() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """`warning: <message>` without the library's file and source line, which a user cannot act on."""
+    return f"warning: {message}\n"

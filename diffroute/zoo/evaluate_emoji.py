@@ -74,6 +74,7 @@ def evaluate(
     n_grid: int = 12,
     n_train: int = 256,
     checkpoint: Path | None = None,
+    n_heldout: int | None = None,
 ) -> dict:
     from diffroute.eval.clipscore import emoji_clip_scores
     from diffroute.eval.features import EmojiClipFeatures
@@ -84,6 +85,8 @@ def evaluate(
 
     data = load()
     held = np.flatnonzero(data["held_out"])
+    if n_heldout is not None:  # a quick look: an evenly spread subset
+        held = held[:: max(len(held) // n_heldout, 1)][:n_heldout]
     train = np.flatnonzero(~data["held_out"])
     captions = [str(c) for c in data["captions"][held]]
     real = torch.from_numpy(data["images"][held]).permute(0, 3, 1, 2).contiguous()
@@ -111,6 +114,7 @@ def evaluate(
         "steps": steps,
         "guidance_scale": guidance,
         "n_heldout": len(held),
+        "n_heldout_of": int(data["held_out"].sum()),
         "clip_score": {
             "generated_vs_own_caption": float(emoji_clip_scores(fake, captions, clip).mean()),
             "real_vs_own_caption": float(emoji_clip_scores(real, captions, clip).mean()),
@@ -154,8 +158,11 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--n-train", type=int, default=256, help="training captions for the 'draws what it learned' check")
     p.add_argument("--checkpoint", type=Path, default=None, help="a trainer checkpoint folder: evaluate its EMA")
+    p.add_argument("--n-heldout", type=int, default=None, help="a spread subset of held-out captions (quick look)")
     args = p.parse_args()
-    report = evaluate(args.out, args.steps, args.guidance, n_train=args.n_train, checkpoint=args.checkpoint)
+    report = evaluate(
+        args.out, args.steps, args.guidance, n_train=args.n_train, checkpoint=args.checkpoint, n_heldout=args.n_heldout
+    )
     print(json.dumps(report, indent=2))
 
 

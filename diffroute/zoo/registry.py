@@ -6,9 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from . import emoji, tiny
+from . import emoji
 
 
 @dataclass
@@ -37,13 +35,19 @@ MODELS: dict[str, ModelEntry] = {
         clip_scorer=lambda images, captions: _emoji_clip_scores(images, captions),
     ),
     "tiny-pixart": ModelEntry(
-        tiny.tiny_pixart_demo,
+        lambda: _tiny_pixart_demo(),
         dict(height=32, width=32, clean_caption=False, use_resolution_binning=False, max_sequence_length=16),
         "PixArt-α architecture, 6 blocks of width 192, RANDOM weights (shows speed, not quality)",
         random_weights=True,
         example_prompts=["a red apple", "grinning face", "flag: japan", "a smiling cat"],
     ),
 }
+
+
+def _tiny_pixart_demo():
+    from .tiny import tiny_pixart_demo
+
+    return tiny_pixart_demo()
 
 
 def _emoji_clip_scores(images, captions):
@@ -64,9 +68,7 @@ def call_defaults(name_or_pipe) -> dict:
     return dict(entry.call_defaults) if entry else {}
 
 
-def load_pipeline(
-    name: str = DEFAULT_MODEL, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-):
+def load_pipeline(name: str = DEFAULT_MODEL, device=None, dtype=None):
     """A routed pipeline for a zoo name, a local pipeline folder or a hub id (the latter needs the hub)."""
     from diffroute.pipelines import to_routed
 
@@ -81,9 +83,11 @@ def load_pipeline(
                 f"Unknown model {name!r}: not a zoo name ({', '.join(MODELS)}), not a local folder, not a hub id."
             )
         from diffroute.pipelines.routed import read_call_defaults
+        from diffroute.quiet import loading_bars_off
 
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-        pipe = to_routed(DiffusionPipeline.from_pretrained(name, **kwargs))
+        with loading_bars_off():
+            pipe = to_routed(DiffusionPipeline.from_pretrained(name, **kwargs))
         if Path(name).is_dir():
             pipe.call_defaults = read_call_defaults(name)
     pipe._diffroute_model_name = name
