@@ -47,9 +47,9 @@ COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fbcache-0.1,dbcache-F1B1-0.1,teacache
 data: install
 	$(BIN)/python -m diffroute.zoo.emoji_data
 
-# Phase 1 (5.5k steps, fp32) then phase 2 (5k steps, bf16 autocast, warm restart); resumable; exports into the package.
+# Phase 1 (5.5k steps, fp32) then phase 2 (3.5k steps, bf16 autocast, warm restart); resumable; exports into the package.
 train: install
-	$(BIN)/python -m diffroute.zoo.train_emoji --out runs/emoji --transformer-steps 5500 --finetune-steps 5000
+	$(BIN)/python -m diffroute.zoo.train_emoji --out runs/emoji --transformer-steps 5500 --finetune-steps 3500
 
 quality: install
 	$(BIN)/python -m diffroute.zoo.evaluate_emoji --out docs

@@ -198,7 +198,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/emoji"))
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--transformer-steps", type=int, default=5500, help="phase 1 (from scratch)")
-    p.add_argument("--finetune-steps", type=int, default=5000, help="phase 2 (warm restart from phase 1's EMA)")
+    p.add_argument("--finetune-steps", type=int, default=3500, help="phase 2 (warm restart from phase 1's EMA)")
     p.add_argument(
         "--init-from",
         type=Path,
