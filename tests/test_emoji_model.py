@@ -81,3 +81,21 @@ def test_emoji_clip_ranks_own_caption_above_random():
     random_caps = [str(c) for c in data["captions"][rng.choice(len(data["captions"]), len(held))]]
     other = emoji_clip_scores(images, random_caps)
     assert (own > other).float().mean() > 0.85  # measured 0.93-0.94 over 3 random draws (fp32 weights)
+
+
+def test_plain_call_of_the_embedded_model_without_unactionable_warnings():
+    """`load_pipeline("emoji")("grinning face")` works with no extra arguments and prints nothing but the denoising
+    progress bar (no text-encoder type notice, no torch_dtype deprecation, no float32 cast, no loading bars)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from diffroute.zoo import load_pipeline\n"
+        "image = load_pipeline('emoji')('grinning face').images[0]\n"
+        "print(image.size)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(32, 32)"
+    for noise in ("Warning", "warning", "Expected types", "torch_dtype", "float32", "Loading", "torchvision"):
+        assert noise not in proc.stderr, proc.stderr

@@ -21,8 +21,11 @@ def load_text_encoder():
     """(BertModel, tokenizer) from site-packages, offline."""
     from transformers import AutoTokenizer, BertModel
 
+    from diffroute.quiet import loading_bars_off
+
     path = minilm_path()
-    return BertModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    with loading_bars_off():
+        return BertModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 @torch.no_grad()
