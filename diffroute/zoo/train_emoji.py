@@ -169,6 +169,10 @@ def export(vae, transformer, clip, dest: Path = WEIGHTS_DIR) -> None:
     vae.to(torch.float16).save_pretrained(tmp / "emoji" / "vae")
     DPMSolverMultistepScheduler(**BETAS).save_pretrained(tmp / "emoji" / "scheduler")
     write_model_index(tmp / "emoji")
+    for config in (tmp / "emoji").glob("*/config.json"):  # where the weights were loaded from is not theirs to say
+        d = json.loads(config.read_text())
+        d.pop("_name_or_path", None)
+        config.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     from .emoji import CALL_DEFAULTS
 
     (tmp / "emoji" / "diffroute.json").write_text(json.dumps({"call_defaults": CALL_DEFAULTS}, indent=2) + "\n")
