@@ -13,6 +13,7 @@ import torch
 import diffroute
 from diffroute.eval.fidelity import psnr
 from diffroute.imageio import to_pil
+from diffroute.limits import is_guidance
 from diffroute.plans import PLAN_EXAMPLES
 from diffroute.seeding import MAX_SEED, sample_generators
 from diffroute.zoo import MODELS, call_defaults, load_pipeline
@@ -75,7 +76,7 @@ class DemoService:
         for name, value, top in (("Steps", steps, MAX_STEPS), ("Batch size", batch, MAX_BATCH)):
             if not _whole(value) or not 1 <= int(value) <= top:
                 raise ValueError(f"{name} must be a whole number from 1 to {top}, got {value!r}.")
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+        if not is_guidance(guidance):
             raise ValueError(f"Guidance must be a finite number >= 0, got {guidance!r}.")
         if not _whole(seed) or not 0 <= int(seed) <= MAX_SEED:
             raise ValueError(f"Seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}.")

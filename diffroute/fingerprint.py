@@ -25,6 +25,11 @@ def digest(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """Short SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 @torch.no_grad()
 def weights_digest(pipe) -> str:
     """Digest of a pipeline's weights: every tensor's name, shape and dtype plus evenly strided samples of its values
@@ -61,6 +66,18 @@ def check_or_record(path: Path, fingerprint: dict, what: str, fix: str, write: b
             )
     elif write:
         atomic_write_json(path, fingerprint)
+
+
+def check_or_record_all(records, fix: str, state) -> None:
+    """`records`: (path, fingerprint, what) triples. Every process checks them all before the main process records
+    any (`state`: an accelerate PartialState), so a mismatch anywhere leaves nothing written."""
+    for path, fingerprint, what in records:
+        check_or_record(path, fingerprint, what, fix, write=False)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for path, fingerprint, what in records:
+            check_or_record(path, fingerprint, what, fix)
+    state.wait_for_everyone()
 
 
 def _short(value) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,14 +17,10 @@ def shipped_schedules() -> dict[str, Path]:
 
 def install_schedule(source: Path, model: str, name: str) -> Path:
     """Copy a schedule JSON into the zoo as `MODEL:NAME` (atomically), recording the name in its provenance."""
-    from .io import atomic_write_json
-
-    data = json.loads(Path(source).read_text())
-    data.setdefault("provenance", {})["shipped_as"] = f"{model}:{name}"
+    schedule = Schedule.load(source)  # validated before anything is written into the zoo
+    schedule.provenance["shipped_as"] = f"{model}:{name}"
     dest = WEIGHTS / model / "schedules" / f"{name}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(dest, data)
-    Schedule.load(dest)  # what was written loads back
+    schedule.save(dest)
     return dest
 
 

@@ -10,35 +10,19 @@ HELP = "evaluate: FID/FD, statistics files, CLIP score, and the plan comparison"
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
-    f = sub.add_parser(
-        "fid",
-        help="Fréchet distance between two image folders or .npz statistics files",
-        description="Fréchet distance between two image folders or .npz statistics files",
-    )
+    f = _subcommand(sub, "fid", "Fréchet distance between two image folders or .npz statistics files")
     f.add_argument("path_a")
     f.add_argument("path_b")
     _features(f)
-    s = sub.add_parser(
-        "stats",
-        help="precompute reference statistics of an image folder",
-        description="precompute reference statistics of an image folder",
-    )
+    s = _subcommand(sub, "stats", "precompute reference statistics of an image folder")
     s.add_argument("path")
     s.add_argument("--out", required=True, help="output .npz")
     _features(s)
-    c = sub.add_parser(
-        "clip",
-        help="CLIP score of an image folder against a prompts file (one line per image)",
-        description="CLIP score of an image folder against a prompts file (one line per image)",
-    )
+    c = _subcommand(sub, "clip", "CLIP score of an image folder against a prompts file (one line per image)")
     c.add_argument("images")
     c.add_argument("--prompts", required=True, help="text file, one prompt per image in sorted file order")
     c.add_argument("--clip", default="emoji-clip", help="emoji-clip (default) or clip:<local dir or hub id>")
-    m = sub.add_parser(
-        "compare",
-        help="generate with several plans and compare speed and quality side by side",
-        description="generate with several plans and compare speed and quality side by side",
-    )
+    m = _subcommand(sub, "compare", "generate with several plans and compare speed and quality side by side")
     from diffroute.cli.common import add_model_arguments
 
     add_model_arguments(m)
@@ -56,6 +40,11 @@ def add_arguments(p) -> None:
     m.add_argument("--weights", default=None, help="Inception weights file (with --features inception)")
     for q in (f, s, c, m):
         q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _subcommand(sub, name: str, text: str):
+    """A subcommand whose one-line summary is also its --help description."""
+    return sub.add_parser(name, help=text, description=text)
 
 
 def _features(p) -> None:

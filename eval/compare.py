@@ -111,19 +111,13 @@ def plan_fingerprint(pipe, spec: str) -> dict:
 def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:
     """Generate every plan's images this process owns; chunks already on disk are skipped (resume), but only when
     they were made with the same settings (fingerprints; a mismatch is refused before any work)."""
-    from diffroute.fingerprint import check_or_record
+    from diffroute.fingerprint import check_or_record_all
 
     chunks = _chunks(cfg.n, cfg.batch)
     root = cfg.out / "images"
-    check_or_record(root / "run.json", run_fingerprint(pipe, cfg), "eval compare images", FIX, False)
-    for plan in cfg.plans:
-        check_or_record(root / slug(plan) / "plan.json", plan_fingerprint(pipe, plan), f"plan {plan!r}", FIX, False)
-    state.wait_for_everyone()
-    if state.is_main_process:  # record only after every check passed on every process
-        check_or_record(root / "run.json", run_fingerprint(pipe, cfg), "eval compare images", FIX)
-        for plan in cfg.plans:
-            check_or_record(root / slug(plan) / "plan.json", plan_fingerprint(pipe, plan), f"plan {plan!r}", FIX)
-    state.wait_for_everyone()
+    records = [(root / "run.json", run_fingerprint(pipe, cfg), "eval compare images")]
+    records += [(root / slug(p) / "plan.json", plan_fingerprint(pipe, p), f"plan {p!r}") for p in cfg.plans]
+    check_or_record_all(records, FIX, state)
     for plan in cfg.plans:
         folder = root / slug(plan)
         activate(pipe, plan)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-from diffroute.limits import MAX_SEED, MAX_STEPS
+from diffroute.limits import MAX_SEED, MAX_STEPS, is_guidance
 
 
 def add_model_arguments(p) -> None:
@@ -40,12 +39,12 @@ def int_in(low: int, high: int):
 
 
 def guidance_value(text: str) -> float:
-    """Classifier-free guidance scale: a finite number >= 0 (0 and 1 switch guidance off in diffusers pipelines)."""
+    """An argparse type: a guidance scale (`limits.is_guidance`, the rule the app applies too)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
+    if not is_guidance(value):
         raise argparse.ArgumentTypeError(f"{text} is not a guidance scale: give a finite number >= 0")
     return value
 

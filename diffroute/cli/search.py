@@ -147,12 +147,12 @@ def _parse_ship(spec: str, model: str) -> dict[str, float]:
         raise ValueError(f"--ship installs into a zoo model's folder; {model!r} has none (zoo: {WEIGHTS}).")
     out = {}
     for item in spec.split(","):
-        name, sep, cost = item.partition("=")
+        name, _, cost = (part.strip() for part in item.partition("="))
         try:
-            out[name.strip()] = float(cost)
+            out[name] = float(cost)
         except ValueError:
-            sep = ""
-        if not sep or not name.strip().replace("-", "").isalnum():
+            out[name] = None
+        if out[name] is None or not name.replace("-", "").isalnum():
             raise ValueError(f"--ship: {item!r} is not NAME=MAXCOST (e.g. fast=0.7).")
     return out
 
@@ -163,7 +163,7 @@ def _check_resume(args, pipe, prompts, kwargs, out: Path, state) -> None:
     import shutil
 
     import diffroute
-    from diffroute.fingerprint import check_or_record, digest, weights_digest
+    from diffroute.fingerprint import check_or_record_all, digest, weights_digest
 
     if args.overwrite and state.is_main_process:
         shutil.rmtree(out, ignore_errors=True)
@@ -181,6 +181,4 @@ def _check_resume(args, pipe, prompts, kwargs, out: Path, state) -> None:
         "pop": args.pop,
     }
     fix = "Use a new --out, or pass --overwrite to discard that search."
-    check_or_record(out / "settings.json", fingerprint, "search", fix, write=False)
-    state.wait_for_everyone()
-    check_or_record(out / "settings.json", fingerprint, "search", fix, write=state.is_main_process)
+    check_or_record_all([(out / "settings.json", fingerprint, "search")], fix, state)

@@ -143,11 +143,10 @@ class TeaCachePlan(Plan):
         return (0,)
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
-        import hashlib
+        from diffroute.fingerprint import file_digest
 
         path = Path(self.calibration) if self.calibration else (find_calibration(arch) if arch else None)
-        calib = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path and path.is_file() else None
-        return {"plan": self.name, "calibration": calib}
+        return {"plan": self.name, "calibration": file_digest(path) if path and path.is_file() else None}
 
     def decider(self, arch, num_steps):
         path = Path(self.calibration) if self.calibration else find_calibration(arch)

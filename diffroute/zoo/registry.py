@@ -25,6 +25,12 @@ class ModelEntry:
         return self.example_prompts() if callable(self.example_prompts) else list(self.example_prompts)
 
 
+def _tiny_pixart_demo():
+    from .tiny import tiny_pixart_demo
+
+    return tiny_pixart_demo()
+
+
 DEFAULT_MODEL = "emoji"
 MODELS: dict[str, ModelEntry] = {
     "emoji": ModelEntry(
@@ -35,19 +41,13 @@ MODELS: dict[str, ModelEntry] = {
         clip_scorer=lambda images, captions: _emoji_clip_scores(images, captions),
     ),
     "tiny-pixart": ModelEntry(
-        lambda: _tiny_pixart_demo(),
+        _tiny_pixart_demo,
         dict(height=32, width=32, clean_caption=False, use_resolution_binning=False, max_sequence_length=16),
         "PixArt-α architecture, 6 blocks of width 192, RANDOM weights (shows speed, not quality)",
         random_weights=True,
         example_prompts=["a red apple", "grinning face", "flag: japan", "a smiling cat"],
     ),
 }
-
-
-def _tiny_pixart_demo():
-    from .tiny import tiny_pixart_demo
-
-    return tiny_pixart_demo()
 
 
 def _emoji_clip_scores(images, captions):
