@@ -9,7 +9,9 @@ from pathlib import Path
 
 import gradio as gr
 
+from diffroute.cli.common import add_runtime_arguments, runtime_of
 from diffroute.imageio import NonFiniteImagesError
+from diffroute.runtime import Runtime
 
 from .heatmap import compute_map_image
 from .service import MAX_BATCH, MAX_PROMPT_CHARS, MAX_SCHEDULE_BYTES, MAX_STEPS, DemoService
@@ -93,7 +95,7 @@ def build_demo(model: str = "emoji", results_dir: Path | None = None, service: D
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def launch(model: str, results: Path | None, host: str, port: int) -> None:
+def launch(model: str, results: Path | None, host: str, port: int, runtime: Runtime | None = None) -> None:
     if host not in LOOPBACK:
         print(
             f"warning: serving on {host}: anyone who can reach this machine on port {port} can use the demo (it runs "
@@ -101,7 +103,8 @@ def launch(model: str, results: Path | None, host: str, port: int) -> None:
             "at shutdown). Put it behind an authenticating proxy if the network is not yours.",
             file=sys.stderr,
         )
-    build_demo(model, results).launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD)
+    service = DemoService(model, runtime=runtime)
+    build_demo(model, results, service).launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD)
 
 
 def main(argv=None) -> None:
@@ -110,8 +113,9 @@ def main(argv=None) -> None:
     p.add_argument("--results", type=Path, default=None, help="an `eval compare` folder (default: docs/compare)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback: only this machine)")
     p.add_argument("--port", type=int, default=7860, help="port")
+    add_runtime_arguments(p)
     args = p.parse_args(argv)
-    launch(args.model, args.results, args.host, args.port)
+    launch(args.model, args.results, args.host, args.port, runtime_of(args))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,8 +15,9 @@ from diffroute.eval.fidelity import psnr
 from diffroute.imageio import to_pil
 from diffroute.limits import is_guidance
 from diffroute.plans import PLAN_EXAMPLES
+from diffroute.runtime import Runtime, load_with
 from diffroute.seeding import MAX_SEED, sample_generators
-from diffroute.zoo import MODELS, call_defaults, load_pipeline
+from diffroute.zoo import MODELS, call_defaults
 
 MAX_STEPS, MAX_BATCH, MAX_PROMPT_CHARS = 100, 8, 200
 MAX_SCHEDULE_BYTES = 2**20
@@ -36,9 +37,11 @@ class Result:
 class DemoService:
     """Holds one pipeline; requests run one at a time (the lock), each with its own plan and generators."""
 
-    def __init__(self, model: str = "emoji", device: str | None = None):
+    def __init__(self, model: str = "emoji", device: str | None = None, runtime: Runtime | None = None):
         self.model = model
-        self.pipe = load_pipeline(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        runtime = runtime or Runtime()
+        device = device or runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.pipe = load_with(model, replace(runtime, device=device))
         self.arch = diffroute.architecture_map(self.pipe.transformer)
         self.lock = threading.Lock()
         entry = MODELS.get(model)

@@ -14,12 +14,17 @@ def _split(target) -> tuple[torch.nn.Module, object | None]:
     """(transformer, scheduler) of a pipeline, or (module, None) of a bare transformer."""
     transformer = getattr(target, "transformer", None)
     if isinstance(transformer, torch.nn.Module):
-        return transformer, getattr(target, "scheduler", None)
+        return _unwrap(transformer), getattr(target, "scheduler", None)
     if isinstance(target, torch.nn.Module):
-        return target, None
+        return _unwrap(target), None
     raise TypeError(
         f"diffroute.apply needs a diffusers pipeline with a transformer, or a transformer; got {type(target)}."
     )
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself under `torch.compile(module)` (hooks go on it; the compiled wrapper calls it)."""
+    return getattr(module, "_orig_mod", module)
 
 
 def apply(target, plan="full", num_inference_steps: int | None = None) -> Executor:

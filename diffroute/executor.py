@@ -1,4 +1,12 @@
-"""The executor: diffusers hooks on a transformer and its components that carry out a plan's decisions."""
+"""The executor: diffusers hooks on a transformer and its components that carry out a plan's decisions.
+
+Compile-friendly by construction: everything the executor does in Python (step tracking, decisions, the cache,
+stats) sits in methods marked `torch.compiler.disable`, so a compiled transformer (`transformer.compile()` or
+diffusers' `compile_repeated_blocks()`) breaks its graph around them instead of tracing them and recompiling at
+every step; the components' own forwards are still traced and compiled. One opaque call per component call
+(`stand_in`), two when the output must be kept (`keep`). Components a plan computes at every step and
+never stores (all of them under `full`) get no hook at all, so `full` compiles to the same graph as vanilla.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ from .stats import CallStats, StatsRecorder
 STEP_HOOK = "diffroute_step"
 BLOCK_HOOK = "diffroute_block"
 COMPONENT_HOOK = "diffroute_component"
+# What `stand_in` answers when the component must compute and its output be kept for later steps.
+KEEP = "keep"
 # Keyword arguments of component forwards that carry one row per sample (sliced when only some samples compute).
 BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_attention_mask", "temb")
 
@@ -34,7 +44,7 @@ class _StepHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module, output):
-        self.executor.stats.transformer_stop()
+        self.executor.on_transformer_end()
         return output
 
 
@@ -46,13 +56,11 @@ class _BlockHook(ModelHook):
         self.executor, self.block = executor, block
 
     def pre_forward(self, module, *args, **kwargs):
-        if self.executor.decider is not None:
-            self.executor.decider.on_block_start(self.executor.ctx, self.block, module, args, kwargs)
+        self.executor.on_block_start(self.block, module, args, kwargs)
         return args, kwargs
 
     def post_forward(self, module, output):
-        if self.executor.decider is not None:
-            self.executor.decider.on_block_end(self.executor.ctx, self.block, output)
+        self.executor.on_block_end(self.block, output)
         return output
 
 
@@ -63,10 +71,16 @@ class _ComponentHook(ModelHook):
         super().__init__()
         self.executor, self.block, self.comp = executor, block, comp
 
+    @torch.compiler.disable(recursive=False)  # this frame stays Python; the component's forward may still compile
     def new_forward(self, module, *args, **kwargs):
-        if self.executor.decider is None:  # called outside a transformer forward: nothing to decide
-            return self.fn_ref.original_forward(*args, **kwargs)
-        return self.executor.run_component(self.fn_ref.original_forward, self.block, self.comp, args, kwargs)
+        # Two opaque calls around the component's own forward, which stays traceable for torch.compile.
+        out = self.executor.stand_in(self.fn_ref.original_forward, self.block, self.comp, args, kwargs)
+        if out is None or out is KEEP:
+            keep = out is KEEP
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if keep:
+                self.executor.keep(self.block, self.comp, out)
+        return out
 
 
 class Executor:
@@ -88,6 +102,8 @@ class Executor:
         self.default_num_steps = default_steps
         self.cache = FeatureCache(history=self.plan.cache_history)
         self.present = self.arch.present()
+        # Computed at every step and never stored: no hook needed (stats count them once per transformer call).
+        self.always = self.plan.always_computed(self.arch) & self.present
         self.decider = None
         self.stats: StatsRecorder | None = None
         self.last_stats: CallStats | None = None
@@ -103,7 +119,7 @@ class Executor:
             )
         for b, row in enumerate(self.arch.modules):
             for c, module in enumerate(row):
-                if module is not None:
+                if module is not None and not self.always[b, c]:
                     registry = HookRegistry.check_if_exists_or_initialize(module)
                     registry.register_hook(_ComponentHook(self, b, c), COMPONENT_HOOK)
         self._invalidate()
@@ -130,16 +146,23 @@ class Executor:
     def ctx(self) -> StepContext:
         return self.tracker.ctx
 
+    @torch.compiler.disable
     def on_transformer_start(self, timestep, hidden: torch.Tensor) -> None:
         ctx, new_call = self.tracker.advance(timestep, hidden.shape[0])
         if new_call or self.stats is None:
-            self._start_call(ctx.num_steps or self.default_num_steps)
+            self._start_call(ctx.num_steps or self.default_num_steps, hidden.device)
         self.stats.transformer_start(ctx.step, hidden.device)
+        self.stats.record_always(ctx.step, ctx.batch_size)
 
-    def _start_call(self, num_steps: int) -> None:
+    @torch.compiler.disable
+    def on_transformer_end(self) -> None:
+        if self.stats is not None:
+            self.stats.transformer_stop()
+
+    def _start_call(self, num_steps: int, device: torch.device) -> None:
         self.end_call(reset_tracker=False)
         self.decider = self.plan.decider(self.arch, num_steps)
-        self.stats = StatsRecorder(num_steps, self.present)
+        self.stats = StatsRecorder(num_steps, self.present, self.always, device)
         self.cache.reset_peak()
 
     def end_call(self, reset_tracker: bool = True) -> None:
@@ -147,16 +170,36 @@ class Executor:
         if self.stats is not None:
             info = dict(self.decider.info(), plan=self.plan.name)
             self.last_stats = self.stats.finish(
-                self.plan.name, self.arch.block_names, self.arch.components, self.cache.peak_bytes, info
+                self.plan.name,
+                self.arch.block_names,
+                self.arch.components,
+                self.cache.peak_bytes,
+                info,
+                history=self.plan.cache_history,
             )
         self.stats, self.decider = None, None
         self.cache.clear()
         if reset_tracker:
             self.tracker.reset()
 
-    # ---- one component call ------------------------------------------------------------------------------------
-    def run_component(self, forward, b: int, c: int, args: tuple, kwargs: dict):
-        """Carry out the decider's decision: compute, reuse, forecast, or compute only some samples."""
+    # ---- one block / component call ------------------------------------------------------------------------------
+    @torch.compiler.disable
+    def on_block_start(self, b: int, module, args: tuple, kwargs: dict) -> None:
+        if self.decider is not None:
+            self.decider.on_block_start(self.ctx, b, module, args, kwargs)
+
+    @torch.compiler.disable
+    def on_block_end(self, b: int, output) -> None:
+        if self.decider is not None:
+            self.decider.on_block_end(self.ctx, b, output)
+
+    @torch.compiler.disable
+    def stand_in(self, forward, b: int, c: int, args: tuple, kwargs: dict):
+        """Carry out the decider's decision where it is not a plain compute: the cached or forecast output, or the
+        cached output with some samples computed afresh. None: compute (also outside a transformer forward, where
+        there is nothing to decide); KEEP: compute, then hand the output to `keep` (a later step reuses it)."""
+        if self.decider is None:
+            return None
         ctx, cache = self.ctx, self.cache
         key, n = (ctx.branch, b, c), ctx.batch_size
         decision = self.decider.decide(ctx, b, c)
@@ -177,11 +220,15 @@ class Executor:
             if out is not None:
                 self.stats.record(ctx.step, b, c, 0, n)
                 return out
-        out = forward(*args, **kwargs)  # compute (also when nothing usable is cached)
-        if self.decider.must_store(ctx, b, c):
-            cache.put(key, out, ctx.step)
-        self.stats.record(ctx.step, b, c, n, n)
-        return out
+        self.stats.record(ctx.step, b, c, n, n)  # compute (also when nothing usable is cached)
+        return KEEP if self.decider.must_store(ctx, b, c) else None
+
+    @torch.compiler.disable
+    def keep(self, b: int, c: int, out) -> None:
+        """Store a computed output that a later step may reuse."""
+        key = (self.ctx.branch, b, c)
+        self.stats.note_output(key, tensors_of(out))
+        self.cache.put(key, out, self.ctx.step)
 
     def _compute_rows(self, forward, key, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
         """Compute the component for the masked samples only and merge them into the cached output."""
@@ -199,6 +246,7 @@ class Executor:
         fresh = tensors_of(forward(*args, **kwargs))
         merged = [None if c is None else c.clone().index_copy_(0, rows, f) for c, f in zip(tensors_of(cached), fresh)]
         out = rebuild(type(cached), merged)
+        self.stats.note_output(key, merged)
         self.cache.put(key, out, self.ctx.step)
         return out
 

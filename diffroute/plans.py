@@ -6,6 +6,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .arch import ArchitectureMap
 from .deciders import Decider, ScheduleDecider
 from .errors import InputError, PlanError
@@ -26,6 +28,11 @@ class Plan:
     def check(self, arch: ArchitectureMap) -> None:
         """Raise before any work if this plan cannot drive `arch`."""
 
+    def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
+        """Bool [blocks, components]: components computed at every step of every call, never stored, never watched
+        (the executor leaves them unhooked, so they cost nothing and compile as in vanilla). None by default."""
+        return torch.zeros(arch.num_blocks, len(arch.components), dtype=torch.bool)
+
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
         raise NotImplementedError
 
@@ -38,8 +45,12 @@ class Plan:
 class RulePlan(Plan):
     """A schedule rule that fits any step count (full, FORA-N, intervals): built afresh for each step count."""
 
-    def __init__(self, name: str, build: Callable[[ArchitectureMap, int], Schedule]):
+    def __init__(self, name: str, build: Callable[[ArchitectureMap, int], Schedule], computes_all: bool = False):
         self.name, self._build, self._built = name, build, {}
+        self.computes_all = computes_all  # the rule computes every cell at any step count (`full`)
+
+    def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
+        return arch.present() if self.computes_all else super().always_computed(arch)
 
     def schedule(self, arch: ArchitectureMap, num_steps: int) -> Schedule:
         key = (arch.model_class, arch.num_blocks, num_steps)
@@ -61,6 +72,9 @@ class SchedulePlan(Plan):
 
     def check(self, arch: ArchitectureMap) -> None:
         self.schedule.check_fits(arch)
+
+    def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
+        return self.schedule.compute.all(dim=0)  # resampling picks cells of these columns: still all computed
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
         from .fingerprint import digest
@@ -86,7 +100,7 @@ def _fora(m: re.Match) -> Plan:
 
 # Name patterns -> plan factories. Later features register more (dynamic policies, shipped schedules).
 PLAN_NAMES: dict[str, Callable[[re.Match], Plan]] = {
-    r"full": lambda m: RulePlan("full", Schedule.full),
+    r"full": lambda m: RulePlan("full", Schedule.full, computes_all=True),
     r"fora-(\d+)": _fora,
 }
 PLAN_HELP: dict[str, str] = {"full": "compute everything", "fora-N": "compute every N-th step, reuse in between"}

@@ -22,10 +22,15 @@ class CallStats:
     component_calls: int
     computed_calls: int
     peak_cache_bytes: int
+    # The analytic bound on the cache: one output per cached component per CFG branch (times the plan's history,
+    # 2 for Taylor forecasts), from the sizes of the outputs this call stored.
+    cache_bound_bytes: int
     transformer_time_s: float
     transformer_calls: int
     completed: bool
     plan_info: dict = field(default_factory=dict)
+    # CUDA only (None elsewhere): torch.cuda.max_memory_allocated over the call (the peak is reset at its start).
+    max_memory_allocated_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,21 +45,37 @@ class CallStats:
 class StatsRecorder:
     """Counts computed and total samples per (step, block, component) in flat Python lists (cheap per hook call)."""
 
-    def __init__(self, num_steps: int, present: torch.Tensor):
+    def __init__(self, num_steps: int, present: torch.Tensor, always=None, device=None):
         self.num_steps = num_steps
         self.present = present.tolist()
         self.nb, self.nc = present.shape
         size = num_steps * self.nb * self.nc
         self.computed = [0] * size
         self.total = [0] * size
+        # Unhooked components (computed at every step): counted once per transformer call by `record_always`.
+        self._always = [] if always is None else [b * self.nc + c for b, c in always.nonzero().tolist()]
+        self.output_bytes: dict = {}  # (branch, block, component) -> bytes of one output, for the cache bound
         self.transformer_calls = 0
         self.steps_seen = 0
         self._timer = _Timer()
+        self.device = torch.device(device) if device is not None else None
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def record(self, step: int, block: int, comp: int, n_computed: int, n_total: int) -> None:
         i = (step * self.nb + block) * self.nc + comp
         self.computed[i] += n_computed
         self.total[i] += n_total
+
+    def record_always(self, step: int, n: int) -> None:
+        base = step * self.nb * self.nc
+        for i in self._always:
+            self.computed[base + i] += n
+            self.total[base + i] += n
+
+    def note_output(self, key, tensors: list) -> None:
+        if key not in self.output_bytes:
+            self.output_bytes[key] = sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def transformer_start(self, step: int, device: torch.device) -> None:
         self.transformer_calls += 1
@@ -64,7 +85,9 @@ class StatsRecorder:
     def transformer_stop(self) -> None:
         self._timer.stop()
 
-    def finish(self, plan: str, block_names, components, peak_bytes: int, plan_info: dict) -> CallStats:
+    def finish(
+        self, plan: str, block_names, components, peak_bytes: int, plan_info: dict, history: int = 1
+    ) -> CallStats:
         cmap = []
         for s in range(self.num_steps):
             rows = []
@@ -89,10 +112,16 @@ class StatsRecorder:
             component_calls=total,
             computed_calls=computed,
             peak_cache_bytes=peak_bytes,
+            cache_bound_bytes=history * sum(self.output_bytes.values()),
             transformer_time_s=self._timer.total(),
             transformer_calls=self.transformer_calls,
             completed=self.steps_seen >= self.num_steps,
             plan_info=plan_info,
+            max_memory_allocated_bytes=(
+                torch.cuda.max_memory_allocated(self.device)
+                if self.device is not None and self.device.type == "cuda"
+                else None
+            ),
         )
 
 

@@ -42,15 +42,52 @@ class ForwardTimer:
             h.remove()
 
 
+class CallTimer:
+    """Sums a module's call time from *outside* torch.compile: wraps the module's call (compiled or not) instead of
+    adding forward hooks, which a compiled module would trace (a timer inside the graph breaks it, and breaks
+    vanilla's graph too). Uses `Module._compiled_call_impl`, the slot `Module.compile()` fills, since torch has no
+    public hook that runs around a compiled call. `inner` is the compiled call in use (None: eager)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.total = module, 0.0
+        self.inner = self._saved = module._compiled_call_impl
+
+        def timed(*args, **kwargs):
+            _sync(self._device())
+            t0 = time.perf_counter()
+            try:
+                return (self.inner or module._call_impl)(*args, **kwargs)
+            finally:
+                _sync(self._device())
+                self.total += time.perf_counter() - t0
+
+        module._compiled_call_impl = timed
+
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def remove(self) -> None:
+        self.module._compiled_call_impl = self._saved
+
+
 def time_plans(
-    pipe, plans: dict[str, object | None], call: Callable[[], object], repeats: int = 5, warmup: int = 1
+    pipe,
+    plans: dict[str, object | None],
+    call: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    before: Callable[[str], None] | None = None,
+    after: Callable[[str, bool], None] | None = None,
+    timer=None,
 ) -> dict[str, dict]:
     """Time `call()` under each plan (None = vanilla, no hooks at all), interleaving plans within every repeat so
     that drifts in machine speed hit all plans alike. Returns per plan: the end-to-end and transformer times of each
-    repeat, their medians, and the computed fraction of the last routed call."""
+    repeat, their medians, and the computed fraction of the last routed call. `before(name)` runs before each call
+    (e.g. to switch compilation), `after(name, timed)` after it; `timer` sums transformer time (default
+    ForwardTimer)."""
     device = pipe.transformer.device
     results = {name: {"e2e_s": [], "transformer_s": [], "computed_fraction": 1.0} for name in plans}
-    timer = ForwardTimer(pipe.transformer)
+    timer = timer or ForwardTimer(pipe.transformer)
     names = list(plans)
     try:
         for r in range(warmup + repeats):
@@ -61,12 +98,16 @@ def time_plans(
                     deactivate(pipe)
                 else:
                     activate(pipe, plan)
+                if before is not None:
+                    before(name)
                 timer.total = 0.0
                 _sync(device)
                 t0 = time.perf_counter()
                 call()
                 _sync(device)
                 e2e = time.perf_counter() - t0
+                if after is not None:
+                    after(name, r >= warmup)
                 if r >= warmup:
                     results[name]["e2e_s"].append(e2e)
                     results[name]["transformer_s"].append(timer.total)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import json
@@ -26,6 +27,8 @@ with quiet_loading():  # FLUX/SD3 pipelines import image processors that warn ab
     )
 
 
+# Set while `from_pipe` builds a pipeline with no dtype asked for: its closing `.to(dtype=float32)` is skipped.
+_KEEP_DTYPES = contextvars.ContextVar("diffroute_keep_dtypes", default=False)
 CALL_DEFAULTS_FILE = "diffroute.json"  # beside model_index.json: call defaults a saved model needs (e.g. tiny sizes)
 
 
@@ -67,6 +70,25 @@ class RoutedPipelineMixin:
         if Path(str(pretrained_model_name_or_path)).is_dir():
             pipe.call_defaults = read_call_defaults(pretrained_model_name_or_path)
         return pipe
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' `from_pipe`, except that with no `torch_dtype`/`dtype` every component keeps its dtype.
+
+        diffusers ends `from_pipe` with `.to(float32)` by default; the components are shared, so that would also
+        cast the caller's own fp16/bf16 pipeline (doubling its memory on a GPU). Asking for a dtype still casts."""
+        if kwargs.get("torch_dtype") is not None or kwargs.get("dtype") is not None:
+            return super().from_pipe(pipeline, **kwargs)
+        token = _KEEP_DTYPES.set(True)
+        try:
+            return super().from_pipe(pipeline, **kwargs)
+        finally:
+            _KEEP_DTYPES.reset(token)
+
+    def to(self, *args, **kwargs):
+        if _KEEP_DTYPES.get() and not args and set(kwargs) == {"dtype"}:
+            return self  # from_pipe's default cast (see from_pipe)
+        return super().to(*args, **kwargs)
 
     @contextlib.contextmanager
     def _one_step_call(self):
@@ -204,7 +226,7 @@ ROUTED_PIPELINES: dict[str, type] = {
 
 
 def to_routed(pipe: DiffusionPipeline) -> DiffusionPipeline:
-    """The routed twin of a vanilla pipeline, sharing its components (no copies)."""
+    """The routed twin of a vanilla pipeline, sharing its components (no copies, no casts: see `from_pipe`)."""
     if isinstance(pipe, RoutedPipelineMixin):
         return pipe
     cls = ROUTED_PIPELINES.get(type(pipe).__name__)
@@ -213,4 +235,6 @@ def to_routed(pipe: DiffusionPipeline) -> DiffusionPipeline:
             f"No routed pipeline for {type(pipe).__name__}; routed: {sorted(ROUTED_PIPELINES)}. "
             "Any pipeline with a supported transformer still works with diffroute.apply(pipe, plan)."
         )
-    return cls.from_pipe(pipe)
+    routed = cls.from_pipe(pipe)
+    routed.call_defaults = dict(getattr(pipe, "call_defaults", {}) or {})
+    return routed

@@ -58,3 +58,13 @@ def test_unknown_plan_fails_before_work(tmp_path):
 def test_missing_prompts_file(tmp_path):
     proc = _cli("generate", "--prompts-file", str(tmp_path / "nope.txt"), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_generate_in_bf16_with_another_attention_and_compiled(tmp_path):
+    out = tmp_path / "gen"
+    args = ["generate", "--model", "tiny-pixart", "--steps", "4", "--prompt", "cat", "--out", str(out), "--json"]
+    args += ["--dtype", "bfloat16", "--attention", "classic", "--compile", "regional"]
+    result = json.loads(_cli(*args).stdout)
+    assert result["runtime"] == {"device": "cpu", "dtype": "bfloat16", "attention": "classic", "compile": "regional"}
+    assert result["plans"]["fora-3"]["computed_fraction"] == pytest.approx(2 / 4)  # steps 0 and 3 of 4
+    assert (out / "fora-3" / "000.png").is_file()

@@ -40,6 +40,10 @@ GEN = ("generate", "--model", "tiny-pixart", "--prompt", "cat")
         (("--device", "cuda"), "sees no CUDA GPU"),
         (("--device", "warp"), "is not a torch device"),
         (("--prompt", "  "), "--prompt must not be empty"),
+        (("--attention", "fastest"), "argument --attention: unknown attention back-end 'fastest'"),
+        (("--dtype", "float8"), "argument --dtype: invalid choice"),
+        (("--compile", "all"), "argument --compile: invalid choice"),
+        (("--attention", "dispatch:warp"), "unknown diffusers attention back-end in 'dispatch:warp'"),
     ],
 )
 def test_generate_refusals(tmp_path, extra, needle):

@@ -1,4 +1,5 @@
-"""Benchmarks (not tests): `bench overhead` times vanilla diffusers against plans, side by side in one run."""
+"""Benchmarks (not tests), side by side in one run: `bench overhead` times vanilla diffusers against plans;
+`bench compile` times eager against torch.compile for vanilla and plans, per dtype, with dynamo's graph counts."""
 
 from __future__ import annotations
 
@@ -6,17 +7,24 @@ import sys
 
 from .common import add_model_arguments, call_kwargs, check_plans, generators, int_in, load
 
-HELP = "benchmarks: hook overhead of plan `full` and speedups of other plans"
+HELP = "benchmarks: hook overhead and plan speedups (overhead); torch.compile and dtypes (compile)"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("which", choices=["overhead"], help="overhead: vanilla vs full vs --plans")
+    p.add_argument(
+        "which",
+        choices=["overhead", "compile"],
+        help="overhead: vanilla vs full vs --plans; compile: eager vs compiled, vanilla and --plans, per --dtypes",
+    )
     add_model_arguments(p)
     p.add_argument("--plans", default="full,fora-2,fora-3", help="comma-separated plans (default full,fora-2,fora-3)")
     p.add_argument("--batch", type=int_in(1, 1024), default=8, help="images per call (default 8)")
     p.add_argument(
         "--repeats", type=int_in(1, 1000), default=7, help="timed repeats per plan after a warm-up (default 7)"
     )
+    p.add_argument("--dtypes", default="float32,bfloat16", help="compile: dtypes to time, in turn (default both)")
+    p.add_argument("--compile-mode", choices=["whole", "regional"], default="whole", help="compile: what to compile")
+    p.add_argument("--backend", default="inductor", help="compile: torch.compile back-end (default inductor)")
 
 
 def run(args) -> dict:
@@ -24,6 +32,13 @@ def run(args) -> dict:
 
     names = [p.strip() for p in args.plans.split(",") if p.strip()]
     check_plans(None, names)
+    if args.which == "compile":
+        from diffroute.runtime import Runtime
+
+        for d in args.dtypes.split(","):
+            Runtime(dtype=d.strip()).check()
+        if args.compile != "none":
+            raise ValueError("bench compile compiles by itself: leave out --compile (use --compile-mode).")
     pipe = load(args)
     check_plans(pipe, names)
     pipe.set_progress_bar_config(disable=True)
@@ -33,6 +48,11 @@ def run(args) -> dict:
 
     def call():
         pipe(prompts, generator=generators(args.seed, len(prompts), pipe.device), output_type="np", **kwargs)
+
+    if args.which == "compile":
+        from . import bench_compile
+
+        return bench_compile.run(args, pipe, names, call)
 
     plans = {"vanilla": None, **{n: n for n in names}}
     print(f"timing {list(plans)} x {args.repeats} repeats (+1 warm-up), interleaved...", file=sys.stderr)

@@ -21,6 +21,47 @@ def add_model_arguments(p) -> None:
     p.add_argument(
         "--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the first sample; sample i uses seed + i"
     )
+    add_runtime_arguments(p)
+
+
+def add_runtime_arguments(p) -> None:
+    """--dtype, --attention, --compile (see diffroute.runtime)."""
+    from diffroute.attention import attention_names
+    from diffroute.compiling import COMPILE_MODES
+    from diffroute.runtime import DTYPES
+
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast the pipeline (default: as it loads)")
+    p.add_argument(
+        "--attention", type=attention_arg, default="default", help=f"attention back-end: {attention_names()}"
+    )
+    p.add_argument(
+        "--compile", choices=list(COMPILE_MODES), default="none", help="torch.compile the transformer (default none)"
+    )
+
+
+def attention_arg(text: str) -> str:
+    """An argparse type: a known attention back-end name, refused at parse time."""
+    from diffroute.attention import ATTENTION_HELP, attention_names
+
+    if text.startswith("dispatch:"):
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        known = sorted(b.value for b in AttentionBackendName)
+        if text.split(":", 1)[1] not in known:
+            raise argparse.ArgumentTypeError(f"unknown diffusers attention back-end in {text!r}; known: {known}")
+    elif text not in ATTENTION_HELP:
+        raise argparse.ArgumentTypeError(f"unknown attention back-end {text!r}; known: {attention_names()}")
+    return text
+
+
+def runtime_of(args):
+    from diffroute.runtime import Runtime
+
+    runtime = Runtime(
+        device=getattr(args, "device", None), dtype=args.dtype, attention=args.attention, compile=args.compile
+    )
+    runtime.check()
+    return runtime
 
 
 def int_in(low: int, high: int):
@@ -51,16 +92,19 @@ def guidance_value(text: str) -> float:
 
 def load(args):
     """Load the pipeline named by --model, saying on stderr when its weights are random."""
+    from dataclasses import replace
+
     import torch
 
-    from diffroute.zoo import MODELS, load_pipeline
+    from diffroute.runtime import load_with
+    from diffroute.zoo import MODELS
 
+    runtime = runtime_of(args)
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     entry = MODELS.get(args.model)
     if entry is not None and entry.random_weights:
         print(f"note: model {args.model!r} has RANDOM weights: {entry.description}", file=sys.stderr)
-    pipe = load_pipeline(args.model, device=device)
-    return pipe
+    return load_with(args.model, replace(runtime, device=device))
 
 
 def check_device(device: str) -> str:

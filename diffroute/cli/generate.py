@@ -60,6 +60,8 @@ def run(args) -> dict:
         atomic_write_json(out / name / "stats.json", stats.to_dict())
 
     result = {"model": args.model, "steps": args.steps, "prompts": prompts, "out": str(out), "plans": {}}
+    result["runtime"] = {"device": str(pipe.device), "dtype": str(pipe.transformer.dtype).replace("torch.", "")}
+    result["runtime"].update(attention=args.attention, compile=args.compile)
     full = runs.get("full")
     scorer = MODELS[args.model].clip_scorer if args.model in MODELS else None
     for name, r in runs.items():

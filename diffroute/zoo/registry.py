@@ -69,7 +69,8 @@ def call_defaults(name_or_pipe) -> dict:
 
 
 def load_pipeline(name: str = DEFAULT_MODEL, device=None, dtype=None):
-    """A routed pipeline for a zoo name, a local pipeline folder or a hub id (the latter needs the hub)."""
+    """A routed pipeline for a zoo name, a local pipeline folder or a hub id (the latter needs the hub), on `device`
+    and in `dtype` (None: as the model loads; a folder or hub id is loaded in `dtype` directly, never via float32)."""
     from diffroute.pipelines import to_routed
 
     if name in MODELS:
@@ -85,12 +86,17 @@ def load_pipeline(name: str = DEFAULT_MODEL, device=None, dtype=None):
         from diffroute.pipelines.routed import read_call_defaults
         from diffroute.quiet import loading_bars_off
 
-        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        kwargs = {"dtype": dtype} if dtype is not None else {}
         with loading_bars_off():
             pipe = to_routed(DiffusionPipeline.from_pretrained(name, **kwargs))
         if Path(name).is_dir():
             pipe.call_defaults = read_call_defaults(name)
+        dtype = None  # loaded in it
     pipe._diffroute_model_name = name
+    if dtype is not None:
+        from diffroute.runtime import cast_pipeline
+
+        cast_pipeline(pipe, dtype)
     if device is not None:
         pipe.to(device)
     return pipe
