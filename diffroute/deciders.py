@@ -34,17 +34,23 @@ class Decider:
 
 
 class ScheduleDecider(Decider):
-    """Follows a static schedule; decisions are plain Python bools, so the loop never waits on the device."""
+    """Follows a static schedule; decisions are plain Python values, so the loop never waits on the device."""
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
-        c = schedule.compute
+        c, f = schedule.compute, schedule.forecast
         reused_next = torch.cat([~c[1:], torch.zeros_like(c[:1])])
-        self._compute = c.tolist()
-        self._store = (c & reused_next).tolist()  # keep an output only if the very next step reuses it
+        # Keep an output if the very next step reuses it; in a column that forecasts, keep every computed output
+        # (a forecast extrapolates from the last two).
+        store = c & (reused_next | f.any(dim=0, keepdim=True))
+        self._decision = [
+            [[True if cc else (FORECAST if ff else False) for cc, ff in zip(cb, fb)] for cb, fb in zip(cs, fs)]
+            for cs, fs in zip(c.tolist(), f.tolist())
+        ]
+        self._store = store.tolist()
 
-    def decide(self, ctx: StepContext, block: int, comp: int) -> bool:
-        return ctx.step >= len(self._compute) or self._compute[ctx.step][block][comp]
+    def decide(self, ctx: StepContext, block: int, comp: int):
+        return True if ctx.step >= len(self._decision) else self._decision[ctx.step][block][comp]
 
     def must_store(self, ctx: StepContext, block: int, comp: int) -> bool:
         return ctx.step < len(self._store) and self._store[ctx.step][block][comp]

@@ -45,9 +45,16 @@ class Plan:
 class RulePlan(Plan):
     """A schedule rule that fits any step count (full, FORA-N, intervals): built afresh for each step count."""
 
-    def __init__(self, name: str, build: Callable[[ArchitectureMap, int], Schedule], computes_all: bool = False):
+    def __init__(
+        self,
+        name: str,
+        build: Callable[[ArchitectureMap, int], Schedule],
+        computes_all: bool = False,
+        forecasts: bool = False,
+    ):
         self.name, self._build, self._built = name, build, {}
         self.computes_all = computes_all  # the rule computes every cell at any step count (`full`)
+        self.cache_history = 2 if forecasts else 1  # the rule's schedules forecast skipped cells
 
     def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
         return arch.present() if self.computes_all else super().always_computed(arch)
@@ -69,6 +76,7 @@ class SchedulePlan(Plan):
         self.schedule = schedule
         self.name = name or schedule.provenance.get("name") or schedule.provenance.get("rule") or "schedule"
         self.default_num_steps = schedule.num_steps
+        self.cache_history = 2 if schedule.has_forecasts else 1
 
     def check(self, arch: ArchitectureMap) -> None:
         self.schedule.check_fits(arch)
@@ -93,17 +101,26 @@ def interval_arg(text: str, name: str) -> int:
     return n
 
 
+def warmup_arg(text: str | None) -> int:
+    """The K of a `-wK` suffix (steps that all compute before a cycle starts); 0 without one."""
+    return 0 if text is None else interval_arg(text, "-wK")
+
+
 def _fora(m: re.Match) -> Plan:
-    n = interval_arg(m.group(1), "fora-N")
-    return RulePlan(f"fora-{n}", lambda arch, steps: Schedule.fora(arch, steps, n))
+    n, w = interval_arg(m.group(1), "fora-N"), warmup_arg(m.group(2))
+    name = f"fora-{n}" + (f"-w{w}" if w else "")
+    return RulePlan(name, lambda arch, steps: Schedule.fora(arch, steps, n, warmup=min(w, steps)))
 
 
 # Name patterns -> plan factories. Later features register more (dynamic policies, shipped schedules).
 PLAN_NAMES: dict[str, Callable[[re.Match], Plan]] = {
     r"full": lambda m: RulePlan("full", Schedule.full, computes_all=True),
-    r"fora-(\d+)": _fora,
+    r"fora-(\d+)(?:-w(\d+))?": _fora,
 }
-PLAN_HELP: dict[str, str] = {"full": "compute everything", "fora-N": "compute every N-th step, reuse in between"}
+PLAN_HELP: dict[str, str] = {
+    "full": "compute everything",
+    "fora-N[-wK]": "compute every N-th step, reuse in between (-wK: the first K steps all compute)",
+}
 # Concrete names a user interface offers in its plan picker.
 PLAN_EXAMPLES: list[str] = ["full", "fora-2", "fora-3", "fora-4"]
 

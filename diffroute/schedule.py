@@ -1,4 +1,8 @@
-"""Compute schedules: a boolean [steps x blocks x components] tensor (True = compute) with metadata and JSON I/O."""
+"""Compute schedules: per (step, block, component) compute, reuse or forecast, with metadata and JSON I/O.
+
+A schedule is a boolean `compute` tensor [steps x blocks x components] (True = compute) and a boolean `forecast`
+tensor of the same shape (True = a skipped cell is extrapolated from the component's last two computed outputs
+instead of reusing the last one). In JSON each cell is one character: 1 compute, 0 reuse, f forecast."""
 
 from __future__ import annotations
 
@@ -28,9 +32,19 @@ class Schedule:
     model_class: str
     components: tuple[str, ...]
     provenance: dict = field(default_factory=dict)
+    forecast: torch.Tensor | None = None  # bool, same shape; only where compute is False. None: no forecasts
 
     def __post_init__(self):
         self.compute = torch.as_tensor(self.compute, dtype=torch.bool).cpu()
+        self.forecast = (
+            torch.zeros_like(self.compute)
+            if self.forecast is None
+            else torch.as_tensor(self.forecast, dtype=torch.bool).cpu()
+        )
+        if self.forecast.shape != self.compute.shape:
+            raise ScheduleMismatchError(f"forecast must have compute's shape {tuple(self.compute.shape)}.")
+        if bool((self.forecast & self.compute).any()):
+            raise ScheduleMismatchError("a cell cannot both compute and forecast: forecast marks skipped cells.")
         self.components = tuple(self.components)
         if self.compute.ndim != 3 or self.compute.shape[2] != len(self.components):
             raise ScheduleMismatchError(
@@ -58,24 +72,41 @@ class Schedule:
         return cls._filled(arch, num_steps, {"rule": "full"})
 
     @classmethod
-    def fora(cls, arch: ArchitectureMap, num_steps: int, n: int) -> Schedule:
-        """FORA: every component of every block computes every `n`-th step and is reused in between."""
-        return cls.intervals(arch, num_steps, {c: n for c in arch.components}, rule=f"fora-{n}")
+    def fora(cls, arch: ArchitectureMap, num_steps: int, n: int, warmup: int = 0) -> Schedule:
+        """FORA: every component of every block computes every `n`-th step and is reused in between; with a warm-up,
+        the first `warmup` steps all compute and the cycle counts from the last of them."""
+        rule = f"fora-{n}" + (f"-w{warmup}" if warmup else "")
+        return cls.intervals(arch, num_steps, {c: n for c in arch.components}, rule=rule, warmup=warmup)
 
     @classmethod
-    def intervals(cls, arch: ArchitectureMap, num_steps: int, every: Mapping[str, int], rule: str | None = None):
-        """Per-component intervals, e.g. {"attn1": 2, "attn2": 4, "ff": 2}; components not named compute always."""
+    def intervals(
+        cls,
+        arch: ArchitectureMap,
+        num_steps: int,
+        every: Mapping[str, int],
+        rule: str | None = None,
+        warmup: int = 0,
+    ) -> Schedule:
+        """Per-component intervals, e.g. {"attn1": 2, "attn2": 4, "ff": 2}; components not named compute always.
+        Steps before `warmup` compute everything (a forecast needs two computed outputs: TaylorSeer computes its
+        first two steps); after it, a component computes when (step - warmup + 1) is a multiple of its interval."""
         unknown = set(every) - set(arch.components)
         if unknown:
             raise ScheduleMismatchError(
                 f"unknown components {sorted(unknown)}; {arch.model_class} has {arch.components}."
             )
-        s = cls._filled(arch, num_steps, {"rule": rule or "intervals", "every": dict(every)})
+        if not 0 <= int(warmup) <= num_steps:
+            raise ValueError(f"warm-up must be 0 to {num_steps} steps, got {warmup}.")
+        provenance = {"rule": rule or "intervals", "every": dict(every)}
+        if warmup:
+            provenance["warmup"] = int(warmup)
+        s = cls._filled(arch, num_steps, provenance)
         steps = torch.arange(num_steps)
+        phase = max(int(warmup) - 1, 0)
         for name, n in every.items():
             if int(n) < 1:
                 raise ValueError(f"interval for {name!r} must be >= 1, got {n}.")
-            s.compute[:, :, arch.components.index(name)] = (steps % int(n) == 0)[:, None]
+            s.compute[:, :, arch.components.index(name)] = ((steps < warmup) | ((steps - phase) % int(n) == 0))[:, None]
         return s
 
     @classmethod
@@ -134,7 +165,15 @@ class Schedule:
             return self
         src = [round(i * (self.num_steps - 1) / max(num_steps - 1, 1)) for i in range(num_steps)]
         prov = dict(self.provenance, resampled_from=self.num_steps)
-        return Schedule(self.compute[src].clone(), self.model_class, self.components, prov)
+        return Schedule(self.compute[src].clone(), self.model_class, self.components, prov, self.forecast[src].clone())
+
+    @property
+    def has_forecasts(self) -> bool:
+        return bool(self.forecast.any())
+
+    def with_forecasts(self) -> Schedule:
+        """The same compute cells, every skipped cell forecast (TaylorSeer-style) instead of reused."""
+        return Schedule(self.compute, self.model_class, self.components, dict(self.provenance), ~self.compute)
 
     def computed_fraction(self, present: torch.Tensor | None = None) -> float:
         """Executed component calls / all component calls (only components the blocks have, when `present` given)."""
@@ -143,7 +182,8 @@ class Schedule:
 
     # ---- JSON ---------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        rows = [" ".join("".join("1" if c else "0" for c in block) for block in step) for step in self.compute.tolist()]
+        cells = self.compute.to(torch.uint8) + 2 * self.forecast.to(torch.uint8)  # 0 reuse, 1 compute, 2 forecast
+        rows = [" ".join("".join("01f"[c] for c in block) for block in step) for step in cells.tolist()]
         return {
             "format": FORMAT,
             "model_class": self.model_class,
@@ -190,16 +230,21 @@ class Schedule:
         if not isinstance(rows, list) or len(rows) != d["num_steps"]:
             got = len(rows) if isinstance(rows, list) else type(rows).__name__
             raise bad(f"'compute' must be a list of num_steps={d['num_steps']} rows, got {got}.")
-        width, bits = len(components), []
+        width, bits, fcast = len(components), [], []
         for i, row in enumerate(rows):
             blocks = row.split() if isinstance(row, str) else None
             if blocks is None or len(blocks) != d["num_blocks"]:
                 raise bad(f"compute row {i} must be a string of num_blocks={d['num_blocks']} space-separated groups.")
             for j, block in enumerate(blocks):
-                if len(block) != width or set(block) - {"0", "1"}:
-                    raise bad(f"compute row {i}, block {j}: {block[:20]!r} must be {width} characters of 0/1.")
+                if len(block) != width or set(block) - {"0", "1", "f"}:
+                    raise bad(
+                        f"compute row {i}, block {j}: {block[:20]!r} must be {width} characters of 0/1/f "
+                        "(reuse, compute, forecast)."
+                    )
             bits.append([[ch == "1" for ch in block] for block in blocks])
-        return cls(torch.tensor(bits, dtype=torch.bool), model_class, tuple(components), dict(provenance))
+            fcast.append([[ch == "f" for ch in block] for block in blocks])
+        compute, forecast = torch.tensor(bits, dtype=torch.bool), torch.tensor(fcast, dtype=torch.bool)
+        return cls(compute, model_class, tuple(components), dict(provenance), forecast)
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())

@@ -3,7 +3,7 @@
 PixArt's transformer has no CacheMixin and its pipeline sets no cache context, so a hook of ours on the transformer
 supplies diffusers' `CacheContext` at every call and resets the caches' state at the start of every pipeline call.
 Executed component calls are counted by inner hooks, so the computed fraction is measured the same way as ours.
-Names: `diffusers:fbc-T`, `diffusers:pab-N`, `diffusers:faster`, `diffusers:taylorseer-N`; with the optional
+Names: `diffusers:fbc-T`, `diffusers:pab-N`, `diffusers:faster[-N]`, `diffusers:taylorseer-N`; with the optional
 `bench` extra (cache-dit from PyPI), `cachedit:dbcache-F<n>B<n>-T` and `cachedit:dbcache-taylor-F<n>B<n>-T`.
 """
 
@@ -37,6 +37,7 @@ class _Context(ModelHook):
             HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks(recurse=True)
             self.run.new_call()
         self.run.calls += 1
+        self.run.batch = ctx.batch_size
         t = kwargs.get("timestep")
         self.run.timestep = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else t
         _set_cache_context(module, CacheContext("cond", ctx.step, ctx.num_steps, t))
@@ -44,12 +45,17 @@ class _Context(ModelHook):
 
 
 class _Count(ModelHook):
+    """Counts executed *rows* (samples), as our stats do: a call on half the batch (FasterCache computing only the
+    conditional rows) counts one half, not one."""
+
     def __init__(self, run: PeerRun):
         super().__init__()
         self.run = run
 
     def pre_forward(self, module, *args, **kwargs):
-        self.run.executed += 1
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        rows = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.ndim else self.run.batch
+        self.run.executed += rows / self.run.batch if self.run.batch else 1
         return args, kwargs
 
 
@@ -60,7 +66,7 @@ class PeerRun:
         self.pipe, self.name = pipe, name
         self.arch = diffroute.architecture_map(pipe.transformer)
         self.tracker = StepTracker(scheduler_step_source(pipe.scheduler))
-        self.timestep, self.calls, self.executed, self.last = None, 0, 0, None
+        self.timestep, self.calls, self.executed, self.last, self.batch = None, 0, 0, None, 0
 
     def new_call(self) -> None:
         if self.calls:
@@ -132,13 +138,13 @@ def _apply_diffusers_cache(transformer, name: str, run: PeerRun) -> None:
             current_timestep_callback=now,
         )
         apply_pyramid_attention_broadcast(transformer, cfg)
-    elif spec == "faster":
+    elif m := re.fullmatch(r"faster(?:-(\d+))?", spec):
+        # diffusers' defaults (timestep ranges, unconditional skip 5 in (-1, 641)); the attention weight grows from
+        # 0 to 1 over the denoising run, as the FasterCache paper recommends (diffusers' fallback is a flat 0.5).
         cfg = FasterCacheConfig(
-            spatial_attention_block_skip_range=2,
-            spatial_attention_timestep_skip_range=(-1, 681),
-            unconditional_batch_skip_range=5,
-            unconditional_batch_timestep_skip_range=(-1, 781),
+            spatial_attention_block_skip_range=int(m.group(1) or 2),
             spatial_attention_block_identifiers=("transformer_blocks.*attn1",),
+            attention_weight_callback=lambda _: 1.0 - now() / 1000.0,
             tensor_format="BCHW",
             is_guidance_distilled=False,
             current_timestep_callback=now,
@@ -223,7 +229,7 @@ def computed_fraction(pipe) -> float:
 PEER_PATTERNS = (
     r"diffusers:fbc-[0-9.]+",
     r"diffusers:pab-\d+",
-    "diffusers:faster",
+    r"diffusers:faster(-\d+)?",
     r"diffusers:taylorseer-\d+",
     r"cachedit:dbcache-(taylor-)?F\d+B\d+-[0-9.]+",
 )

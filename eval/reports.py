@@ -16,8 +16,11 @@ COLUMNS = [
     ("computed_fraction", "computed", "{:.1%}"),
     ("fd_vs_full", "FD vs full", "{:.3f}"),
     ("fd_vs_real", "FD vs real", "{:.3f}"),
-    ("kid_vs_full", "KID vs full", "{:.4f}"),
-    ("psnr_vs_full_db", "PSNR vs full (dB)", "{:.2f}"),
+    ("kid_vs_full_anchored", "KID vs full − KID(full, full)", "{:.4f}"),
+    ("psnr_vs_full_db", "PSNR vs full, pooled (dB)", "{:.2f}"),
+    ("psnr_vs_full_ci95", "95% CI", "[{0[0]:.2f}, {0[1]:.2f}]"),
+    ("psnr_mean_vs_full_db", "PSNR vs full, mean per image ≤60 (dB)", "{:.2f}"),
+    ("psnr_mean_vs_full_ci95", "95% CI", "[{0[0]:.2f}, {0[1]:.2f}]"),
     ("ssim_vs_full", "SSIM vs full", "{:.4f}"),
     ("clip_score", "CLIP score", "{:.2f}"),
 ]

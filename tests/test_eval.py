@@ -175,8 +175,14 @@ def test_compare_one_and_two_processes_agree(tmp_path):
     assert (r1["processes"], r2["processes"]) == (1, 2)
     for plan in ("full", "fora-3"):
         a, b = r1["plans"][plan], r2["plans"][plan]
-        for key in ("computed_fraction", "psnr_vs_full_db", "ssim_vs_full", "fd_vs_full", "kid_vs_full"):
+        keys = ("computed_fraction", "psnr_vs_full_db", "psnr_mean_vs_full_db", "ssim_vs_full", "fd_vs_full")
+        keys += ("kid_vs_full", "kid_vs_full_anchored", "psnr_vs_full_ci95", "psnr_mean_vs_full_ci95")
+        for key in keys:
             assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-9), key
+    full, fora = r1["plans"]["full"], r1["plans"]["fora-3"]
+    assert full["kid_vs_full_anchored"] == 0 and full["psnr_mean_vs_full_db"] == 60  # identical: capped
+    lo, hi = fora["psnr_mean_vs_full_ci95"]
+    assert lo <= fora["psnr_mean_vs_full_db"] <= hi and lo < hi
     for name in ("results.json", "results.csv", "results.md", "speed_quality.png", "grid.png"):
         assert (tmp_path / "two" / name).is_file()
     # resumable: a second run regenerates nothing (the PNGs keep their modification times)
@@ -184,3 +190,17 @@ def test_compare_one_and_two_processes_agree(tmp_path):
     before = png.stat().st_mtime_ns
     again = _cli(*common, "--out", str(tmp_path / "one"))
     assert again.returncode == 0 and png.stat().st_mtime_ns == before
+
+
+def test_psnr_summary_pooled_and_capped_mean():
+    import torch
+
+    from diffroute.eval.fidelity import psnr_summary
+
+    mse = torch.tensor([1e-2, 1e-4, 0.0])  # 20 dB, 40 dB, identical
+    s = psnr_summary(mse)
+    assert s["psnr_vs_full_db"] == pytest.approx(-10 * np.log10((1e-2 + 1e-4) / 3))  # one MSE over the set
+    assert s["psnr_mean_vs_full_db"] == pytest.approx((20 + 40 + 60) / 3)  # the identical image counts 60, not inf
+    assert s["psnr_vs_full_ci95"][0] <= s["psnr_vs_full_db"] <= s["psnr_vs_full_ci95"][1]
+    assert psnr_summary(torch.zeros(4))["psnr_vs_full_db"] is None
+    assert psnr_summary(mse.flip(0)) == s  # order-free

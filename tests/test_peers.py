@@ -48,3 +48,25 @@ def test_cachedit_peer(pipe):
 def test_unknown_peer_is_refused():
     with pytest.raises(ValueError, match="unknown peer"):
         check_spec("diffusers:warp-9")
+
+
+def test_computed_fraction_counts_rows_not_calls(pipe, monkeypatch):
+    """FasterCache computes only the conditional rows at some steps: those executions count half, as rows."""
+    from diffroute.eval import peers
+
+    rows = []  # rows of each executed component call, seen by the innermost counting hook
+    count = peers._Count.pre_forward
+
+    def spy(self, module, *args, **kwargs):
+        rows.append((args[0] if args else kwargs["hidden_states"]).shape[0])
+        return count(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(peers._Count, "pre_forward", spy)
+    activate(pipe, "diffusers:faster")
+    try:
+        run(pipe, "pixart-alpha", ["a cat"], [0], steps=20)  # one prompt with CFG: 2 rows per call
+        executed, total = peers.call_counts(pipe)
+    finally:
+        deactivate(pipe)
+    assert 1 in rows and 2 in rows  # some executions ran on the conditional row only
+    assert executed == sum(rows) / 2 < len(rows)  # rows counted, not calls

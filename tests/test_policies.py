@@ -64,6 +64,23 @@ def test_fn_and_bn_blocks_always_compute():
     cmap = pipe.last_stats.compute_tensor()
     assert (cmap[:, [0, 1, 4]] == 1).all() and (cmap[1:, 2:4] == 0).all()
     assert pipe.last_stats.computed_fraction == pytest.approx((8 * 3 + 2) / (8 * 5))
+    # Fast paths: the always-computing Fn/Bn blocks carry no component hook; only the middle blocks are kept.
+    arch = diffroute.architecture_map(pipe.transformer)
+    hooked = [
+        [hasattr(m, "_diffusers_hook") and "diffroute_component" in m._diffusers_hook.hooks for m in row]
+        for row in arch.modules
+    ]
+    assert [any(r) for r in hooked] == [False, False, True, True, False]
+    assert pipe.last_stats.cache_bound_bytes > 0
+    pipe.enable_cache("dbcache-F2B1-0")  # threshold 0: nothing can be reused, so nothing is hooked or kept
+    run(pipe, "pixart-alpha", ["a cat"], [0], steps=8)
+    assert pipe.last_stats.peak_cache_bytes == 0 and pipe.last_stats.computed_fraction == 1.0
+    assert not any(
+        "diffroute_component" in m._diffusers_hook.hooks
+        for row in arch.modules
+        for m in row
+        if hasattr(m, "_diffusers_hook")
+    )
 
 
 def test_per_sample_decisions_match_single_runs(tiny_pipes):
@@ -130,6 +147,33 @@ def test_taylor_forecast_is_exact_for_linear_outputs():
     finally:
         diffroute.remove(toy)
         ARCHITECTURES.pop("_Toy", None)
+
+
+def test_teacache_rescaled_change_is_clamped_at_zero(tiny_pipes):
+    """A fitted polynomial that goes negative must not lower the accumulator (it would skip indefinitely)."""
+    from diffroute.policies.teacache import TeaCacheDecider
+
+    arch = diffroute.architecture_map(tiny_pipes("pixart-alpha").transformer)
+    decider = TeaCacheDecider(arch, 10, 0.5, [-3.0, 0.1], "test")  # -3x + 0.1: negative for any real change
+    seen = []
+
+    def watch(module, args, kwargs):
+        decider.on_block_start(ctx, 0, module, args, kwargs)
+        seen.append(decider._acc[0].clone())
+
+    pipe = tiny_pipes("pixart-alpha")
+    h = arch.blocks[0].register_forward_pre_hook(watch, with_kwargs=True)
+    from diffroute.context import StepContext
+
+    ctx = StepContext(step=0, num_steps=10)
+    try:
+        for step in range(4):
+            ctx.step = step
+            run(pipe, "pixart-alpha", ["a cat"], [step], steps=1)
+    finally:
+        h.remove()
+    assert len(seen) == 4 and all((a >= 0).all() for a in seen)
+    assert seen[-1].max() == 0  # every clamped change was 0: nothing accumulated
 
 
 def test_policy_names():

@@ -25,6 +25,39 @@ def test_fora_and_intervals(arch):
     assert iv.compute[:, :, 2].tolist() == [[i % 2 == 0] * arch.num_blocks for i in range(8)]
 
 
+def test_warm_up_computes_the_first_steps_then_cycles_from_the_last(arch):
+    s = Schedule.fora(arch, 8, 3, warmup=2)
+    assert [bool(s.compute[i].all()) for i in range(8)] == [i in (0, 1, 4, 7) for i in range(8)]
+    assert not s.compute[[2, 3, 5, 6]].any() and s.provenance["warmup"] == 2
+    assert torch.equal(Schedule.fora(arch, 8, 3, warmup=1).compute, Schedule.fora(arch, 8, 3).compute)
+    plan = diffroute.resolve_plan("fora-3-w2")
+    assert plan.name == "fora-3-w2" and torch.equal(plan.schedule(arch, 8).compute, s.compute)
+    assert diffroute.resolve_plan("taylor-3-w2").schedule(arch, 8).compute.equal(s.compute)
+
+
+def test_forecast_cells_round_trip_and_drive_the_decider(arch, tmp_path):
+    from diffroute.deciders import FORECAST, ScheduleDecider
+
+    s = Schedule.fora(arch, 6, 3)
+    forecast = ~s.compute
+    forecast[1] = False  # step 1 reuses, steps 2, 4, 5 forecast
+    t = Schedule(s.compute, s.model_class, s.components, {"name": "mixed"}, forecast)
+    assert t.to_dict()["compute"][2].startswith("fff") and t.to_dict()["compute"][1].startswith("000")
+    t.save(tmp_path / "t.json")
+    back = Schedule.load(tmp_path / "t.json")
+    assert torch.equal(back.forecast, t.forecast) and torch.equal(back.compute, t.compute)
+    plan = diffroute.resolve_plan(str(tmp_path / "t.json"))
+    assert plan.cache_history == 2  # a forecast needs the last two outputs
+    d = ScheduleDecider(t)
+    from diffroute.context import StepContext as ctx
+
+    assert [d.decide(ctx(step=i), 0, 0) for i in range(6)] == [True, False, FORECAST, True, FORECAST, FORECAST]
+    assert d.must_store(ctx(step=0), 0, 0) and d.must_store(ctx(step=3), 0, 0)  # forecasting column: keep all
+    with pytest.raises(ScheduleMismatchError, match="cannot both compute and forecast"):
+        Schedule(s.compute, s.model_class, s.components, {}, torch.ones_like(s.compute))
+    assert diffroute.resolve_plan("taylor-3").schedule(arch, 6).forecast.equal(~s.compute)
+
+
 def test_ranges(arch):
     s = Schedule.ranges(arch, 10, [{"blocks": (1, 2), "steps": (2, 8), "components": ["ff"], "every": 3}])
     ff = s.compute[:, :, 2]

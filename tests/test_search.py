@@ -89,3 +89,115 @@ def test_interrupted_generation_loses_nothing_finished(setup, tmp_path):
     assert done == 5  # every evaluation that finished before the kill is on disk
     resumed = _search(setup, tmp_path / "k", 2).run()
     assert np.array_equal(resumed["population"], reference["population"])
+
+
+def test_three_valued_genome_round_trip_and_seeds(setup):
+    arch = setup[0]
+    space = GenomeSpace(arch, STEPS)
+    assert space.n_var == 2 * space.n_cells
+    taylor = diffroute.Schedule.fora(arch, STEPS, 3, warmup=2).with_forecasts()
+    back = space.to_schedule(space.from_schedule(taylor))
+    assert torch.equal(back.compute, taylor.compute) and torch.equal(back.forecast, taylor.forecast)
+    seeds = [space.to_schedule(x) for x in space.seeds(np.random.default_rng(0), 16)]
+    assert any(s.has_forecasts for s in seeds) and any(not s.has_forecasts for s in seeds)
+    two = GenomeSpace(arch, STEPS, forecast=False)
+    assert two.n_var == space.n_cells and not two.to_schedule(two.from_schedule(taylor)).has_forecasts
+
+
+def test_structured_mutation_moves_whole_groups(setup):
+    from diffroute.search.genome import StructuredMutation
+
+    arch = setup[0]
+    space = GenomeSpace(arch, STEPS, forecast=False)
+    mutation = StructuredMutation(space, prob_var=0.0, structured=1.0)
+    X = np.ones((64, space.n_var), dtype=bool)
+    Y = mutation._do(None, X, random_state=np.random.default_rng(0))
+    present = arch.present()
+    for y in Y:
+        changed = ~space.to_schedule(y).compute  # [steps, blocks, comps]: cells that now skip
+        if not changed.any():
+            continue  # the move set its group to "compute": nothing changed
+        steps = changed.any(dim=(1, 2)).nonzero().flatten().tolist()
+        assert len(steps) == 1  # one step only
+        cells = changed[steps[0]]
+        whole_step = torch.equal(cells, present)
+        one_block = cells.any(dim=1).sum() == 1 and torch.equal(cells[cells.any(dim=1)], present[cells.any(dim=1)])
+        one_comp = cells.any(dim=0).sum() == 1 and torch.equal(cells[:, cells.any(dim=0)], present[:, cells.any(dim=0)])
+        assert whole_step or one_block or one_comp
+
+
+def test_bac_dynamic_programme_is_optimal():
+    import itertools
+
+    from diffroute.search.bac import best_updates
+
+    def value(sim, updates):
+        return sum(float(sim[max(u for u in updates if u <= j), j]) for j in range(sim.shape[0]))
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        sim = torch.rand(7, 7, generator=g).triu()
+        for k in (1, 2, 3, 5):
+            best = max(value(sim, (0, *rest)) for rest in itertools.combinations(range(1, 7), k - 1))
+            got = best_updates(sim, k)
+            assert got[0] == 0 and len(got) == k and value(sim, got) == pytest.approx(best)
+
+
+def test_bac_schedules_from_a_calibration_run(tiny_pipes):
+    from diffroute.search.bac import bac_schedules, similarity_tables
+
+    pipe = tiny_pipes("pixart-alpha")
+    diffroute.remove(pipe)
+    arch = diffroute.architecture_map(pipe.transformer)
+    table = similarity_tables(pipe, arch, lambda: pipe(["a cat"], **KW), STEPS)
+    assert table.shape == (arch.num_blocks, 3, STEPS, STEPS)
+    assert torch.allclose(table[0, 0].diagonal(), torch.ones(STEPS), atol=1e-5)  # a step is itself
+    schedules = bac_schedules(arch, table, fractions=(0.5,))
+    assert schedules[0].compute[0].all() and schedules[0].compute.sum(0).eq(3).all()  # 3 of 6 steps each
+
+
+def test_latency_model_arithmetic(setup):
+    from diffroute.search.cost import LatencyModel
+
+    arch = setup[0]
+    present = arch.present()
+    comp = present.float() * 0.01
+    model = LatencyModel(comp, present, step_s=0.005, reuse_s=0.0001, forecast_s=0.0002)
+    full = diffroute.Schedule.full(arch, STEPS)
+    assert model.relative(full) == pytest.approx(1.0)
+    fora = diffroute.Schedule.fora(arch, STEPS, 3)  # steps 0 and 3 compute
+    cells = int(present.sum())
+    expect = 2 * cells * 0.01 + STEPS * 0.005 + 4 * cells * 0.0001
+    assert model.seconds(fora) == pytest.approx(expect)
+    assert model.seconds(fora.with_forecasts()) == pytest.approx(expect + 4 * cells * 0.0001)
+
+
+def test_hypervolume_grows_with_a_dominating_point_and_plateaus(setup, tmp_path):
+    from diffroute.search.nsga import hypervolume
+
+    F = np.array([[0.5, -20.0], [0.8, -30.0]])
+    base = hypervolume(F, "psnr", -10.0)
+    assert 0 < base < hypervolume(np.vstack([F, [[0.4, -25.0]]]), "psnr", -10.0)
+    search = _search(setup, tmp_path / "p", 10)
+    assert not search.plateaued([0.1, 0.2, 0.3]) and search.plateaued([0.1, 0.3, 0.3, 0.3, 0.3])
+
+
+def test_search_cli_with_forecasts_latency_model_and_per_image_quality(tmp_path):
+    import subprocess
+    import sys
+
+    args = ["search", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--pop", "6", "--generations", "2"]
+    args += ["--quality", "psnr_mean", "--cost", "latency_model", "--out", str(tmp_path / "s"), "--json"]
+    args += ["--prompt", "a red apple", "--prompt", "a cat"]
+    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    check = result["latency_model_check"]
+    assert set(check) == {"fora-2", "fora-3", "taylor-3"}
+    assert all(c["predicted_speedup"] > 1 and c["measured_speedup"] > 0 for c in check.values())
+    assert "latency model: fora-3 predicted" in proc.stderr
+    assert len(result["hypervolume"]) == result["generations_run"] == 2
+    for member in result["front"]:
+        s = diffroute.Schedule.load(member["file"])
+        assert 0 < member["latency_model"] <= 1.0 + 1e-9 and 0 < member["psnr_mean"] <= 60
+        assert s.provenance["psnr_mean_vs_full"] == member["psnr_mean"]

@@ -19,15 +19,22 @@ def add_arguments(p) -> None:
     p.add_argument("--generations", type=int, default=10, help="generations (default 10)")
     p.add_argument(
         "--quality",
-        choices=["fd", "psnr", "clip"],
+        choices=["fd", "psnr", "psnr_mean", "clip"],
         default="fd",
-        help="quality objective vs full compute: fd (default), psnr, or clip (the model's CLIP score)",
+        help="quality objective vs full compute: fd (default), psnr (pooled), psnr_mean (mean per-image PSNR, "
+        "capped at 60 dB), or clip (the model's CLIP score)",
     )
     p.add_argument(
         "--cost",
-        choices=["cost", "latency"],
+        choices=["cost", "latency_model", "latency"],
         default="cost",
-        help="cost objective: analytic FLOPs (default) or measured transformer latency",
+        help="cost objective: analytic FLOPs (default), latency_model (a latency table measured on this device "
+        "predicts wall-clock; prints predicted vs measured speedups), or latency (measured per candidate, noisy)",
+    )
+    p.add_argument("--no-forecast", action="store_true", help="two-valued genome: compute or reuse, no forecasts")
+    p.add_argument("--no-bac", action="store_true", help="do not seed the population with BAC schedules")
+    p.add_argument(
+        "--patience", type=int, default=3, help="stop after this many generations without hypervolume growth (0: never)"
     )
     p.add_argument("--features", default="emoji-clip", help="FD features (default emoji-clip)")
     p.add_argument("--max-cost", type=float, default=None, help="also pick the best schedule within this cost")
@@ -83,13 +90,24 @@ def run(args) -> dict | None:
         scorer = MODELS[args.model].clip_scorer if args.model in MODELS else None
         if scorer is None:
             raise ValueError(f"--quality clip needs a model with a CLIP scorer (emoji); {args.model!r} has none.")
-    evaluator = ScheduleEvaluator(pipe, prompts, args.seed, kwargs, cost, feature, clip_scorer=scorer)
-    space = GenomeSpace(arch, args.steps)
-    cfg = SearchConfig(
-        pop_size=args.pop, generations=args.generations, seed=args.seed, quality=args.quality, cost=args.cost
+    latency_model, check = None, None
+    if args.cost == "latency_model":
+        latency_model, check = _latency_model(pipe, arch, prompts, kwargs, args, state)
+    evaluator = ScheduleEvaluator(
+        pipe, prompts, args.seed, kwargs, cost, feature, clip_scorer=scorer, latency_model=latency_model
     )
-    search = Search(space, evaluator, cfg, out, state)
-    search.run()
+    space = GenomeSpace(arch, args.steps, forecast=not args.no_forecast)
+    cfg = SearchConfig(
+        pop_size=args.pop,
+        generations=args.generations,
+        seed=args.seed,
+        quality=args.quality,
+        cost=args.cost,
+        patience=args.patience,
+    )
+    seeds = [] if args.no_bac else _bac_seeds(pipe, arch, prompts, kwargs, args)
+    search = Search(space, evaluator, cfg, out, state, seeds=seeds)
+    run = search.run()
     if not state.is_main_process:
         return None
     records = search.archive()
@@ -116,6 +134,9 @@ def run(args) -> dict | None:
     result = {
         "out": str(out),
         "evaluated": len(records),
+        "generations_run": run["generation"],
+        "hypervolume": run["hypervolume"],
+        "latency_model_check": check,
         "front": [{k: v for k, v in r.items() if k != "genome"} | {"file": str(p)} for r, p in zip(front, paths)],
     }
     if args.max_cost is not None:
@@ -137,6 +158,53 @@ def run(args) -> dict | None:
         if "picked" in result:
             print(f"picked for --max-cost {args.max_cost}: {result['picked']}", file=sys.stderr)
     return result
+
+
+def _calls(pipe, prompts, kwargs, seed):
+    from diffroute.seeding import sample_generators
+
+    def call():
+        gens = sample_generators(seed, range(len(prompts)), pipe.device)
+        pipe(prompts, generator=gens, output_type="latent", **kwargs)
+
+    return call
+
+
+def _latency_model(pipe, arch, prompts, kwargs, args, state):
+    """Measure the latency table on this device and check it: predicted vs measured transformer speedups of FORA-2,
+    FORA-3 and TaylorSeer-3 (printed; the issue's bar is agreement within 10%)."""
+    from diffroute.schedule import Schedule
+    from diffroute.search.cost import _timed_call, measure_latency
+
+    call = _calls(pipe, prompts, kwargs, args.seed)
+    model = measure_latency(pipe, arch, call, args.steps)
+    full = _timed_call(pipe, "full", call)
+    check = {}
+    for name, sched in (
+        ("fora-2", Schedule.fora(arch, args.steps, 2)),
+        ("fora-3", Schedule.fora(arch, args.steps, 3)),
+        ("taylor-3", Schedule.fora(arch, args.steps, 3).with_forecasts()),
+    ):
+        predicted, measured = 1 / model.relative(sched), full / _timed_call(pipe, sched, call)
+        check[name] = {"predicted_speedup": predicted, "measured_speedup": measured, "error": predicted / measured - 1}
+        if state.is_main_process:
+            print(
+                f"latency model: {name} predicted {predicted:.2f}x, measured {measured:.2f}x "
+                f"({check[name]['error']:+.1%})",
+                file=sys.stderr,
+            )
+    return model, check
+
+
+def _bac_seeds(pipe, arch, prompts, kwargs, args):
+    """BAC schedules from one `full` call on the first 8 calibration prompts (memory: every component output of every
+    step is kept for the similarity tables)."""
+    import diffroute
+    from diffroute.search.bac import bac_schedules, similarity_tables
+
+    diffroute.remove(pipe)
+    table = similarity_tables(pipe, arch, _calls(pipe, prompts[:8], kwargs, args.seed), args.steps)
+    return bac_schedules(arch, table)
 
 
 def _parse_ship(spec: str, model: str) -> dict[str, float]:
@@ -177,6 +245,9 @@ def _check_resume(args, pipe, prompts, kwargs, out: Path, state) -> None:
         "prompts": digest(prompts),
         "call_kwargs": digest(kwargs),
         "quality": args.quality,
+        "cost": args.cost,
+        "forecast": not args.no_forecast,
+        "bac": not args.no_bac,
         "features": args.features if args.quality == "fd" else None,
         "pop": args.pop,
     }

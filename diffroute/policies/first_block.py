@@ -5,6 +5,10 @@ input of block 0) is compared with that sample's residual at its last full compu
 is below the threshold, the middle blocks reuse their cached component outputs for that sample. The last `Bn`
 blocks always compute. Deviation from FBCache/DBCache: the middle blocks reuse *component* outputs with their gates
 recomputed (the one executor of diffroute), not the whole residual of the middle blocks.
+
+Fast paths (so that bookkeeping never costs more than it skips): the Fn/Bn blocks get no component hooks at all (they
+always compute), and with threshold 0 nothing does; the per-sample mask is read once per step and, when all samples
+agree, handed to the executor as one Python bool; only the middle blocks' outputs are kept for reuse.
 """
 
 from __future__ import annotations
@@ -46,12 +50,16 @@ class FirstBlockDecider(Decider):
         else:
             compute = rel_l1(residual, prev) >= self.threshold
             self._prev[ctx.branch] = torch.where(compute.view(-1, *[1] * (residual.ndim - 1)), residual, prev)
-        self._compute[ctx.branch] = compute
+        n = int(compute.sum())  # one read per step; the components then get a plain bool when all rows agree
+        self._compute[ctx.branch] = True if n == compute.numel() else False if n == 0 else compute
 
     def decide(self, ctx, block, comp):
         if block < self.fn or block >= self.nb - self.bn:
             return True
         return self._compute.get(ctx.branch, True)
+
+    def must_store(self, ctx, block, comp) -> bool:
+        return self.threshold > 0 and self.fn <= block < self.nb - self.bn
 
     def info(self) -> dict:
         return {"policy": "first-block residual", "Fn": self.fn, "Bn": self.bn, "threshold": self.threshold}
@@ -72,6 +80,15 @@ class FirstBlockPlan(Plan):
 
     def observed_blocks(self, arch):
         return tuple(sorted({0, self.fn - 1}))
+
+    def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
+        present = arch.present()
+        if self.threshold == 0:  # a change is never below 0: everything computes
+            return present
+        outer = torch.zeros(arch.num_blocks, dtype=torch.bool)
+        outer[: self.fn] = True
+        outer[arch.num_blocks - self.bn :] = True
+        return present & outer[:, None]
 
     def decider(self, arch, num_steps):
         return FirstBlockDecider(arch, self.fn, self.bn, self.threshold)

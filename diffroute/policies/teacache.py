@@ -1,5 +1,7 @@
-"""TeaCache-style policy: accumulate a rescaled relative L1 change of the timestep-modulated input of block 0 and
-skip the whole transformer (all components reuse) while the sum stays under the threshold; per sample.
+"""TeaCache-style policy: accumulate a rescaled relative L1 change of the timestep-modulated input of block 0 and,
+while the sum stays under the threshold, reuse the cached output of every component of every block (per sample).
+Deviation from TeaCache, which skips the whole transformer and reuses its output residual: here the blocks still
+run their timestep modulation and gates around the reused component outputs (our one executor, as in ECAD).
 
 The rescaling polynomial maps input change to output change; `diffroute calibrate` fits it for a model on a few
 prompts and writes `teacache.json` beside the pipeline's folders (found from the transformer's load path), or pass
@@ -117,6 +119,9 @@ class TeaCacheDecider(Decider):
             x, d = d, torch.zeros_like(d)
             for c in self.coefficients:
                 d = d * x + c
+            # A fitted polynomial can go negative outside its calibrated range; a negative change would lower the
+            # accumulator and let it skip indefinitely.
+            d = d.clamp_min(0)
         acc = self._acc[ctx.branch] + d
         compute = acc >= self.threshold
         self._acc[ctx.branch] = torch.where(compute, torch.zeros_like(acc), acc)

@@ -56,3 +56,99 @@ def measure_cost(pipe, arch: ArchitectureMap, call_kwargs: dict) -> CostModel:
             flops[fqn[name]] = float(sum(ops.values()))
     other = float(counter.get_total_flops()) - float(flops.sum())
     return CostModel(flops, max(other, 0.0))
+
+
+@dataclass
+class LatencyModel:
+    """Predicted transformer wall-clock of a schedule on the device it was measured on: each computed cell costs its
+    measured component latency, each reused or forecast cell the executor's measured cost of standing in for it, and
+    every step the time outside the components (embeddings, norms, gates, final layer, hooks)."""
+
+    component_s: torch.Tensor  # [blocks, components] seconds per call, 0 where absent
+    present: torch.Tensor  # [blocks, components] bool
+    step_s: float  # per transformer call, outside the components
+    reuse_s: float  # per reused cell
+    forecast_s: float  # per forecast cell
+
+    def seconds(self, schedule: Schedule) -> float:
+        present = self.present
+        c = schedule.compute & present
+        f = schedule.forecast & present
+        reuse = ~schedule.compute & ~schedule.forecast & present
+        return float(
+            (c.double() * self.component_s.double()).sum()
+            + schedule.num_steps * self.step_s
+            + reuse.sum() * self.reuse_s
+            + f.sum() * self.forecast_s
+        )
+
+    def relative(self, schedule: Schedule) -> float:
+        """Predicted time / predicted time of computing everything."""
+        full = Schedule(torch.ones_like(schedule.compute), schedule.model_class, schedule.components)
+        return self.seconds(schedule) / self.seconds(full)
+
+    def to_dict(self) -> dict:
+        return {
+            "component_s": self.component_s.tolist(),
+            "present": self.present.tolist(),
+            "step_s": self.step_s,
+            "reuse_s": self.reuse_s,
+            "forecast_s": self.forecast_s,
+        }
+
+
+def _timed_call(pipe, plan, call, component_timers=None) -> float:
+    """Transformer seconds of one call under `plan` (median of 3 after a warm-up)."""
+    import statistics
+
+    import diffroute
+    from diffroute.eval.timing import ForwardTimer
+
+    diffroute.apply(pipe, plan)
+    timer = ForwardTimer(pipe.transformer)
+    times = []
+    try:
+        for r in range(4):
+            timer.total = 0.0
+            if r <= 1:  # component timers sum the three timed repeats
+                for t in component_timers or []:
+                    t.total = 0.0
+            call()
+            times.append(timer.total)
+    finally:
+        timer.remove()
+        diffroute.remove(pipe)
+    return statistics.median(times[1:])
+
+
+@torch.no_grad()
+def measure_latency(pipe, arch: ArchitectureMap, call, num_steps: int) -> LatencyModel:
+    """Fit the latency table on the device: per-component times from forward timers during `full`, then the cost of
+    a reused and of a forecast cell from runs that compute step 0 only (reuse) or steps 0-1 only (forecast)."""
+    from diffroute.eval.timing import ForwardTimer
+
+    timers = [[None if m is None else ForwardTimer(m) for m in row] for row in arch.modules]
+    flat = [t for row in timers for t in row if t is not None]
+    try:
+        full_s = _timed_call(pipe, "full", call, flat)
+        per_call = torch.tensor(
+            [[0.0 if t is None else t.total / (3 * num_steps) for t in row] for row in timers], dtype=torch.float64
+        )
+    finally:
+        for t in flat:
+            t.remove()
+    step_s = max(full_s / num_steps - float(per_call.sum()), 0.0)
+    present = arch.present()
+    cells = int(present.sum())
+    only0 = Schedule.full(arch, num_steps)
+    only0.compute[1:] = False
+    only0.compute[:, ~present] = True
+    reuse_s = (_timed_call(pipe, only0, call) - float(per_call.sum()) - num_steps * step_s) / ((num_steps - 1) * cells)
+    only01 = Schedule.full(arch, num_steps)
+    only01.compute[2:] = False
+    only01.compute[:, ~present] = True
+    fc = only01.with_forecasts()
+    forecast_s = (_timed_call(pipe, fc, call) - 2 * float(per_call.sum()) - num_steps * step_s) / (
+        max(num_steps - 2, 1) * cells
+    )
+    return LatencyModel(per_call.float(), present, step_s, max(reuse_s, 0.0), max(forecast_s, 0.0))

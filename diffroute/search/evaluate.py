@@ -8,7 +8,7 @@ import numpy as np
 
 import diffroute
 from diffroute.eval import frechet
-from diffroute.eval.fidelity import psnr
+from diffroute.eval.fidelity import PSNR_CAP_DB, psnr
 from diffroute.imageio import to_uint8
 from diffroute.seeding import sample_generators
 
@@ -18,7 +18,8 @@ from .cost import CostModel
 class ScheduleEvaluator:
     """Generates the calibration prompts with a schedule (fixed seeds) and compares with full compute.
 
-    Records `cost` (analytic FLOPs, relative), `latency` (measured transformer time relative to full), `psnr`, and
+    Records `cost` (analytic FLOPs, relative), `latency` (measured transformer time relative to full),
+    `latency_model` (predicted by a LatencyModel, when given), `psnr` (pooled), `psnr_mean` (per image, capped), and
     `fd` (with a feature module), `clip` (with a CLIP scorer) and `user` (with `quality_fn(images, full_images,
     prompts) -> float`, lower is better), so that a search can take any of them as objectives.
     """
@@ -33,9 +34,11 @@ class ScheduleEvaluator:
         feature=None,
         clip_scorer=None,
         quality_fn=None,
+        latency_model=None,
     ):
         self.pipe, self.prompts, self.seed, self.kwargs, self.cost = pipe, prompts, seed, call_kwargs, cost
         self.feature, self.clip_scorer, self.quality_fn = feature, clip_scorer, quality_fn
+        self.latency_model = latency_model
         self.full, self.full_time = self.generate("full")
         self.full_stats = frechet.stats_of_images(to_uint8(self.full), feature) if feature is not None else None
 
@@ -51,11 +54,17 @@ class ScheduleEvaluator:
     def __call__(self, schedule) -> dict:
         images, seconds = self.generate(schedule)
         value = psnr(images, self.full)
+        q = to_uint8(images).double() / 255.0
+        mse = ((q - to_uint8(self.full).double() / 255.0) ** 2).flatten(1).mean(1)
+        per_image = (-10 * np.log10(mse.clamp_min(1e-30).numpy())).clip(max=PSNR_CAP_DB)
         out = {
             "cost": self.cost.relative_cost(schedule),
             "latency": seconds / self.full_time,
             "psnr": value if np.isfinite(value) else 99.0,
+            "psnr_mean": float(per_image.mean()),  # per image, capped: an identical image does not dominate
         }
+        if self.latency_model is not None:
+            out["latency_model"] = self.latency_model.relative(schedule)
         if self.feature is not None:
             with warnings.catch_warnings():  # few calibration images: FD is biased, but consistently so
                 warnings.simplefilter("ignore")

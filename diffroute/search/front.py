@@ -37,6 +37,9 @@ def save_front(front: list[dict], space: GenomeSpace, out: Path, settings: dict)
         }
         if "fd" in r:
             prov["fd_vs_full"] = r["fd"]
+        for key, name in (("psnr_mean", "psnr_mean_vs_full"), ("latency_model", "latency_model")):
+            if key in r:
+                prov[name] = r[key]
         schedule = space.to_schedule(_str_to_bits(r["genome"]), prov)
         path = out / "front" / f"ecad-{i:02d}.json"
         schedule.save(path)
@@ -62,7 +65,8 @@ def plot_front(records: list[dict], front: list[dict], quality: str, cost: str, 
 
     labels = {
         "fd": "FD vs full (lower is better)",
-        "psnr": "PSNR vs full, dB",
+        "psnr": "PSNR vs full, pooled, dB",
+        "psnr_mean": "PSNR vs full, mean per image (capped 60), dB",
         "clip": "CLIP score",
         "user": "user objective",
     }
@@ -70,7 +74,12 @@ def plot_front(records: list[dict], front: list[dict], quality: str, cost: str, 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.scatter([r[cost] for r in records], [r[key] for r in records], s=10, color="#bbbbbb", label="evaluated")
     ax.plot([r[cost] for r in front], [r[key] for r in front], "o-", color="tab:blue", label="Pareto front")
-    ax.set_xlabel("relative compute (analytic FLOPs, 1 = full)" if cost == "cost" else "relative transformer time")
+    xlabels = {
+        "cost": "relative compute (analytic FLOPs, 1 = full)",
+        "latency_model": "relative transformer time, predicted by the latency table",
+        "latency": "relative transformer time, measured",
+    }
+    ax.set_xlabel(xlabels[cost])
     ax.set_ylabel(label)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -1,4 +1,9 @@
-"""Genomes <-> schedules, and the seeds of the initial population (FORA-N, attention-only, block ranges, random)."""
+"""Genomes <-> schedules, the seeds of the initial population, and mutations that move whole rows and columns.
+
+A genome has two bits per searchable cell (step >= 1, block, present component): a compute bit and, read only where
+the cell does not compute, a forecast bit (forecast from the last two computed outputs instead of reusing the last).
+So each cell is compute, reuse or forecast: hybrids no fixed policy expresses. Step 0 always computes.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +11,67 @@ import hashlib
 
 import numpy as np
 import torch
+from pymoo.core.mutation import Mutation
 
 from diffroute.arch import ArchitectureMap
 from diffroute.schedule import Schedule
 
 
 class GenomeSpace:
-    """One bit per (step >= 1, block, present component); step 0 always computes and absent cells are not genes."""
+    """Compute bits for every (step >= 1, block, present component), then as many forecast bits (if `forecast`)."""
 
-    def __init__(self, arch: ArchitectureMap, num_steps: int):
-        self.arch, self.num_steps = arch, num_steps
+    def __init__(self, arch: ArchitectureMap, num_steps: int, forecast: bool = True):
+        self.arch, self.num_steps, self.forecast = arch, num_steps, forecast
         self.present = arch.present()
-        self.n_var = (num_steps - 1) * int(self.present.sum())
+        self.n_cells = (num_steps - 1) * int(self.present.sum())
+        self.n_var = self.n_cells * (2 if forecast else 1)
+
+    def _cells(self, bits: np.ndarray) -> torch.Tensor:
+        full = torch.zeros(self.num_steps, *self.present.shape, dtype=torch.bool)
+        full[1:, self.present] = torch.from_numpy(np.asarray(bits, dtype=bool).reshape(self.num_steps - 1, -1))
+        return full
 
     def to_schedule(self, bits: np.ndarray, provenance: dict | None = None) -> Schedule:
-        compute = torch.ones(self.num_steps, *self.present.shape, dtype=torch.bool)
-        body = compute[1:]
-        body[:, self.present] = torch.from_numpy(np.asarray(bits, dtype=bool).reshape(self.num_steps - 1, -1))
-        return Schedule(compute, self.arch.model_class, self.arch.components, dict(provenance or {}))
+        bits = np.asarray(bits, dtype=bool)
+        compute = self._cells(bits[: self.n_cells])
+        compute[0] = True
+        compute[:, ~self.present] = True  # absent components: nothing to decide
+        forecast = self._cells(bits[self.n_cells :]) & ~compute if self.forecast else None
+        return Schedule(compute, self.arch.model_class, self.arch.components, dict(provenance or {}), forecast)
 
     def from_schedule(self, schedule: Schedule) -> np.ndarray:
-        return schedule.compute[1:][:, self.present].reshape(-1).numpy().astype(bool)
+        compute = schedule.compute[1:][:, self.present].reshape(-1).numpy().astype(bool)
+        if not self.forecast:
+            return compute
+        forecast = schedule.forecast[1:][:, self.present].reshape(-1).numpy().astype(bool)
+        return np.concatenate([compute, forecast])
 
     @staticmethod
     def key(bits: np.ndarray) -> str:
         return hashlib.sha1(np.packbits(np.asarray(bits, dtype=bool)).tobytes()).hexdigest()[:16]
 
-    def seeds(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        """Hand-made schedules first, then random ones of varied density, `size` in all, no duplicates."""
+    def seed_schedules(self, extra: list[Schedule] = ()) -> list[Schedule]:
+        """Hand-made schedules: FORA-N, TaylorSeer-N (with and without a warm-up), attention-only and MLP-only
+        intervals, middle-step ranges, plus `extra` (BAC or L2C schedules)."""
         a, s = self.arch, self.num_steps
         attn = [c for c in a.components if "attn" in c]
         made = [Schedule.fora(a, s, n) for n in (2, 3, 4, 5)]
+        if self.forecast:
+            made += [Schedule.fora(a, s, n, warmup=min(w, s)).with_forecasts() for n in (2, 3, 4) for w in (0, 2)]
+        made += [Schedule.fora(a, s, n, warmup=min(2, s)) for n in (3, 4)]
         made += [Schedule.intervals(a, s, {c: n for c in attn}) for n in (2, 3)]
         made += [Schedule.intervals(a, s, {c: 2 for c in a.components if c not in attn})]
         nb = a.num_blocks
         if s > 4:  # the middle steps of inner blocks (needs steps left at both ends)
             rule = {"blocks": (1, max(nb - 1, 2)), "steps": (2, s - 2)}
             made += [Schedule.ranges(a, s, [dict(rule, every=n)]) for n in (2, 3)]
+        made += [x for x in extra if x.num_steps == s]
+        return [m for m in made if m.num_blocks == nb]
+
+    def seeds(self, rng: np.random.Generator, size: int, extra: list[Schedule] = ()) -> np.ndarray:
+        """Hand-made schedules first, then random ones of varied density, `size` in all, no duplicates."""
         out, keys = [], set()
-        for bits in [self.from_schedule(m) for m in made if m.num_blocks == nb]:
+        for bits in [self.from_schedule(m) for m in self.seed_schedules(extra)]:
             if self.key(bits) not in keys and len(out) < size:
                 out.append(bits)
                 keys.add(self.key(bits))
@@ -54,3 +81,43 @@ class GenomeSpace:
                 out.append(bits)
                 keys.add(self.key(bits))
         return np.stack(out)
+
+
+class StructuredMutation(Mutation):
+    """Bit flips, plus (with probability `structured`) one structural move that sets a whole group of cells to
+    compute or to skip: every cell of one step, every component of one block at one step, or one component in every
+    block at one step. Single-bit flips alone rarely find such coordinated moves in a genome of thousands of bits."""
+
+    def __init__(self, space: GenomeSpace, prob_var: float = 0.02, structured: float = 0.5):
+        super().__init__(prob=1.0, prob_var=prob_var)
+        self.space, self.bit_prob, self.structured = space, prob_var, structured
+        steps, nb, nc = space.num_steps - 1, *space.present.shape
+        # index of each searchable cell in the compute half, as [step-1, block, component] (-1 where absent)
+        index = -np.ones((steps, nb, nc), dtype=np.int64)
+        index[:, space.present.numpy()] = np.arange(space.n_cells).reshape(steps, -1)
+        self.index = index
+
+    def _group(self, rng: np.random.Generator) -> np.ndarray:
+        steps, nb, nc = self.index.shape
+        s = rng.integers(steps)
+        kind = rng.integers(3)
+        if kind == 0:
+            cells = self.index[s]
+        elif kind == 1:
+            cells = self.index[s, rng.integers(nb)]
+        else:
+            cells = self.index[s, :, rng.integers(nc)]
+        cells = np.asarray(cells).reshape(-1)
+        return cells[cells >= 0]
+
+    def _do(self, problem, X, *args, random_state=None, **kwargs):
+        rng = random_state if random_state is not None else np.random.default_rng()
+        X = X.astype(bool).copy()
+        X ^= rng.random(X.shape) < self.bit_prob
+        for row in X:
+            if rng.random() < self.structured:
+                cells = self._group(rng)
+                row[cells] = rng.random() < 0.5  # the whole group computes, or the whole group skips
+                if self.space.forecast and not row[cells[0]]:
+                    row[self.space.n_cells + cells] = rng.random() < 0.5  # ... by reuse or by forecast
+        return X

@@ -1,5 +1,9 @@
 """NSGA-II (pymoo) over schedule genomes, generation by generation, with a checkpoint after each generation.
 
+After each generation the hypervolume of the archive's front is recorded (pymoo's HV, in normalised objectives
+against a fixed reference point); the search stops early when it has not grown by `plateau_tol` (relative) for
+`patience` generations.
+
 Every evaluated genome is kept in `evals/<key>.json` (written atomically by the process that evaluated it), so a
 run killed mid-generation loses nothing finished and a resumed run re-evaluates nothing. Each generation rebuilds
 NSGA-II from the saved population with a seed derived from (seed, generation): a resumed run reaches the same
@@ -18,14 +22,14 @@ from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.evaluator import Evaluator
 from pymoo.core.population import Population
 from pymoo.core.problem import Problem
+from pymoo.indicators.hv import HV
 from pymoo.operators.crossover.pntx import TwoPointCrossover
-from pymoo.operators.mutation.bitflip import BitflipMutation
 from pymoo.problems.static import StaticProblem
 from tqdm.auto import tqdm
 
 from diffroute.io import atomic_write_json, read_json
 
-from .genome import GenomeSpace
+from .genome import GenomeSpace, StructuredMutation
 
 
 @dataclass
@@ -33,14 +37,36 @@ class SearchConfig:
     pop_size: int = 24
     generations: int = 10
     seed: int = 0
-    quality: str = "fd"  # objective 2: "fd" (vs full, lower), "psnr" (vs full, higher), "clip" (higher), "user"
-    cost: str = "cost"  # objective 1: "cost" (analytic FLOPs) or "latency" (measured transformer time)
+    # objective 2: "fd" (vs full, lower), "psnr" (pooled, vs full, higher), "psnr_mean" (mean per-image PSNR capped
+    # at 60 dB, higher), "clip" (higher), "user"
+    quality: str = "fd"
+    # objective 1: "cost" (analytic FLOPs), "latency_model" (predicted by a measured latency table) or "latency"
+    # (measured transformer time, noisy)
+    cost: str = "cost"
     mutation_prob: float = 0.02  # per-bit flip probability
+    structured: float = 0.5  # probability of one structural move per offspring (see StructuredMutation)
+    patience: int = 3  # generations without hypervolume growth before stopping early (0: never)
+    plateau_tol: float = 0.002  # relative hypervolume growth that counts as growth
+
+
+HIGHER_IS_BETTER = ("psnr", "psnr_mean", "clip")
 
 
 def quality_value(record: dict, quality: str) -> float:
     """The quality objective to minimise."""
-    return -record[quality] if quality in ("psnr", "clip") else record[quality]
+    return -record[quality] if quality in HIGHER_IS_BETTER else record[quality]
+
+
+def hypervolume(F: np.ndarray, quality: str, ref_quality: float) -> float:
+    """Hypervolume of the points F = [cost, quality objective] against (cost 1.1, ref_quality), both axes scaled to
+    the reference box so that the value is comparable across generations (0 = nothing dominates the reference)."""
+    lo = np.array([0.0, F[:, 1].min() if quality not in HIGHER_IS_BETTER else -60.0])
+    ref = np.array([1.1, ref_quality])
+    scale = np.where(ref - lo > 0, ref - lo, 1.0)
+    inside = (F < ref).all(axis=1)
+    if not inside.any():
+        return 0.0
+    return float(HV(ref_point=np.ones(2))((F[inside] - lo) / scale))
 
 
 def _bits_to_str(bits) -> str:
@@ -54,8 +80,9 @@ def _str_to_bits(s: str) -> np.ndarray:
 class Search:
     """Runs NSGA-II; `evaluate(schedule) -> dict` scores a candidate; `state` is an accelerate PartialState."""
 
-    def __init__(self, space: GenomeSpace, evaluate, cfg: SearchConfig, out: Path, state):
+    def __init__(self, space: GenomeSpace, evaluate, cfg: SearchConfig, out: Path, state, seeds=()):
         self.space, self.evaluate, self.cfg, self.out, self.state = space, evaluate, cfg, Path(out), state
+        self.extra_seeds = list(seeds)  # schedules to seed the population with (BAC, L2C)
         self.evals_dir = self.out / "evals"
         self.problem = Problem(n_var=space.n_var, n_obj=2, xl=0, xu=1, vtype=bool)
 
@@ -86,7 +113,7 @@ class Search:
             pop_size=self.cfg.pop_size,
             sampling=Population.new("X", X),
             crossover=TwoPointCrossover(),
-            mutation=BitflipMutation(prob=1.0, prob_var=self.cfg.mutation_prob),
+            mutation=StructuredMutation(self.space, self.cfg.mutation_prob, self.cfg.structured),
             eliminate_duplicates=True,
         )
         alg.setup(self.problem, seed=self.cfg.seed * 1000 + gen, verbose=False)
@@ -99,11 +126,15 @@ class Search:
 
     def run(self) -> dict:
         ckpt_path = self.out / "checkpoint.json"
+        history: list[float] = []
+        ref = None
         if ckpt_path.is_file():
             ckpt = read_json(ckpt_path, "search checkpoint")
             gen, X = ckpt["generation"], np.stack([_str_to_bits(s) for s in ckpt["population"]])
+            history, ref = ckpt.get("hypervolume", []), ckpt.get("reference_quality")
         else:
-            gen, X = 0, self.space.seeds(np.random.default_rng(self.cfg.seed), self.cfg.pop_size)
+            gen = 0
+            X = self.space.seeds(np.random.default_rng(self.cfg.seed), self.cfg.pop_size, self.extra_seeds)
         bar = tqdm(
             total=self.cfg.generations,
             initial=gen,
@@ -111,17 +142,41 @@ class Search:
             file=sys.stderr,
             disable=not self.state.is_main_process,
         )
-        while gen < self.cfg.generations:
+        while gen < self.cfg.generations and not self.plateaued(history):
             alg = self._algorithm(X, gen)
             self._tell(alg, alg.ask())  # the current population (scores come from the archive)
+            if ref is None:  # fixed once, from the first population: the worst quality it has, with a margin
+                q = self.objectives(self.scores(X))[:, 1]
+                ref = float(q.max() + 0.1 * (abs(q.max()) + 1e-9))
             self._tell(alg, alg.ask())  # offspring: crossover + mutation, then survival
             X, gen = alg.pop.get("X").astype(bool), gen + 1
+            history.append(hypervolume(self.objectives(self.archive_records()), self.cfg.quality, ref))
             if self.state.is_main_process:
-                atomic_write_json(ckpt_path, {"generation": gen, "population": [_bits_to_str(x) for x in X]})
+                atomic_write_json(
+                    ckpt_path,
+                    {
+                        "generation": gen,
+                        "population": [_bits_to_str(x) for x in X],
+                        "hypervolume": history,
+                        "reference_quality": ref,
+                    },
+                )
             self.state.wait_for_everyone()
             bar.update(1)
+            bar.set_postfix(hv=f"{history[-1]:.4f}")
         bar.close()
-        return {"generation": gen, "population": X, "records": self.scores(X)}
+        return {"generation": gen, "population": X, "records": self.scores(X), "hypervolume": history}
+
+    def plateaued(self, history: list[float]) -> bool:
+        """No relative hypervolume growth above plateau_tol over the last `patience` generations."""
+        p = self.cfg.patience
+        if p <= 0 or len(history) <= p:
+            return False
+        base = history[-p - 1]
+        return history[-1] <= base * (1 + self.cfg.plateau_tol)
+
+    def archive_records(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.evals_dir.glob("*.json"))]
 
     def archive(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.evals_dir.glob("*.json"))]
+        return self.archive_records()
