@@ -3,9 +3,10 @@
 Compile-friendly by construction: everything the executor does in Python (step tracking, decisions, the cache,
 stats) sits in methods marked `torch.compiler.disable`, so a compiled transformer (`transformer.compile()` or
 diffusers' `compile_repeated_blocks()`) breaks its graph around them instead of tracing them and recompiling at
-every step; the components' own forwards are still traced and compiled. One opaque call per component call
-(`stand_in`), two when the output must be kept (`keep`). Components a plan computes at every step and
-never stores (all of them under `full`) get no hook at all, so `full` compiles to the same graph as vanilla.
+every step. The component hook's own frame is skipped by dynamo (`recursive=False`): it stays Python, and the
+component's forward it calls compiles as a graph of its own. One opaque call per component call (`stand_in`), two
+when the output must be kept (`keep`). Components a plan computes at every step and never stores (all of them under
+`full`) get no hook at all, so `full` compiles to vanilla's graph with two breaks (the step hook's start and end).
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ class _ComponentHook(ModelHook):
 
     @torch.compiler.disable(recursive=False)  # this frame stays Python; the component's forward may still compile
     def new_forward(self, module, *args, **kwargs):
-        # Two opaque calls around the component's own forward, which stays traceable for torch.compile.
         out = self.executor.stand_in(self.fn_ref.original_forward, self.block, self.comp, args, kwargs)
         if out is None or out is KEEP:
             keep = out is KEEP
