@@ -40,7 +40,7 @@ clean:
 	rm -rf $(VENV) outputs .pytest_cache
 
 # ---- Rebuilding the embedded emoji model and the figures the README shows (long; see README for times) ----
-COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,taylor-3,emoji:fast,emoji:faster,emoji:fastest,diffusers:fbc-0.1,diffusers:pab-2,diffusers:faster,diffusers:taylorseer-3,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-taylor-F1B0-0.1
+COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,emoji:fast,emoji:faster,emoji:fastest,diffusers:fbc-0.05,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,cachedit:dbcache-F1B0-0.05,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-taylor-F1B0-0.1
 
 .PHONY: data train quality calibrate search compare demo-grid artifacts
 
@@ -67,7 +67,7 @@ search: install
 compare: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	rm -rf docs/compare
-	$(BIN)/diffroute eval compare --model emoji --prompts heldout --n 64 --batch 32 --repeats 2 --plans $(COMPARE_PLANS) --out docs/compare
+	$(BIN)/diffroute eval compare --model emoji --prompts heldout --n 64 --batch 32 --repeats 5 --plans $(COMPARE_PLANS) --out docs/compare
 
 demo-grid: demo
 	cp $(OUT)/grid.png docs/demo_grid.png
