@@ -88,6 +88,10 @@ class FeatureCache:
         w = (step - s1) / (s1 - s0)
         return rebuild(entry.kind, [None if a is None else a + (a - b) * w for a, b in zip(y1, y0)])
 
+    def bound_bytes(self) -> int:
+        """The analytic bound on this cache: one output per key it holds, times its history (2 for forecasts)."""
+        return self.history * sum(_nbytes(e.slots[0]) for e in self._store.values())
+
     def clear(self) -> None:
         self._store.clear()
         self.bytes = 0

@@ -175,7 +175,7 @@ class Executor:
                 self.arch.components,
                 self.cache.peak_bytes,
                 info,
-                history=self.plan.cache_history,
+                cache_bound_bytes=self.cache.bound_bytes(),
             )
         self.stats, self.decider = None, None
         self.cache.clear()
@@ -226,9 +226,7 @@ class Executor:
     @torch.compiler.disable
     def keep(self, b: int, c: int, out) -> None:
         """Store a computed output that a later step may reuse."""
-        key = (self.ctx.branch, b, c)
-        self.stats.note_output(key, tensors_of(out))
-        self.cache.put(key, out, self.ctx.step)
+        self.cache.put((self.ctx.branch, b, c), out, self.ctx.step)
 
     def _compute_rows(self, forward, key, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
         """Compute the component for the masked samples only and merge them into the cached output."""
@@ -246,7 +244,6 @@ class Executor:
         fresh = tensors_of(forward(*args, **kwargs))
         merged = [None if c is None else c.clone().index_copy_(0, rows, f) for c, f in zip(tensors_of(cached), fresh)]
         out = rebuild(type(cached), merged)
-        self.stats.note_output(key, merged)
         self.cache.put(key, out, self.ctx.step)
         return out
 

@@ -23,7 +23,7 @@ class CallStats:
     computed_calls: int
     peak_cache_bytes: int
     # The analytic bound on the cache: one output per cached component per CFG branch (times the plan's history,
-    # 2 for Taylor forecasts), from the sizes of the outputs this call stored.
+    # 2 for Taylor forecasts), from the sizes of the outputs this call stored (FeatureCache.bound_bytes).
     cache_bound_bytes: int
     transformer_time_s: float
     transformer_calls: int
@@ -54,7 +54,6 @@ class StatsRecorder:
         self.total = [0] * size
         # Unhooked components (computed at every step): counted once per transformer call by `record_always`.
         self._always = [] if always is None else [b * self.nc + c for b, c in always.nonzero().tolist()]
-        self.output_bytes: dict = {}  # (branch, block, component) -> bytes of one output, for the cache bound
         self.transformer_calls = 0
         self.steps_seen = 0
         self._timer = _Timer()
@@ -73,10 +72,6 @@ class StatsRecorder:
             self.computed[base + i] += n
             self.total[base + i] += n
 
-    def note_output(self, key, tensors: list) -> None:
-        if key not in self.output_bytes:
-            self.output_bytes[key] = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
     def transformer_start(self, step: int, device: torch.device) -> None:
         self.transformer_calls += 1
         self.steps_seen = max(self.steps_seen, step + 1)
@@ -86,7 +81,7 @@ class StatsRecorder:
         self._timer.stop()
 
     def finish(
-        self, plan: str, block_names, components, peak_bytes: int, plan_info: dict, history: int = 1
+        self, plan: str, block_names, components, peak_bytes: int, plan_info: dict, cache_bound_bytes: int = 0
     ) -> CallStats:
         cmap = []
         for s in range(self.num_steps):
@@ -112,7 +107,7 @@ class StatsRecorder:
             component_calls=total,
             computed_calls=computed,
             peak_cache_bytes=peak_bytes,
-            cache_bound_bytes=history * sum(self.output_bytes.values()),
+            cache_bound_bytes=cache_bound_bytes,
             transformer_time_s=self._timer.total(),
             transformer_calls=self.transformer_calls,
             completed=self.steps_seen >= self.num_steps,
