@@ -174,18 +174,19 @@ def _latency_model(pipe, arch, prompts, kwargs, args, state):
     """Measure the latency table on this device and check it: predicted vs measured transformer speedups of FORA-2,
     FORA-3 and TaylorSeer-3 (printed; the issue's bar is agreement within 10%)."""
     from diffroute.schedule import Schedule
-    from diffroute.search.cost import _timed_call, measure_latency
+    from diffroute.search.cost import measure_latency, transformer_times
 
     call = _calls(pipe, prompts, kwargs, args.seed)
     model = measure_latency(pipe, arch, call, args.steps)
-    full = _timed_call(pipe, "full", call)
+    checked = {
+        "fora-2": Schedule.fora(arch, args.steps, 2),
+        "fora-3": Schedule.fora(arch, args.steps, 3),
+        "taylor-3": Schedule.fora(arch, args.steps, 3).with_forecasts(),
+    }
+    times = transformer_times(pipe, {"full": "full", **checked}, call)
     check = {}
-    for name, sched in (
-        ("fora-2", Schedule.fora(arch, args.steps, 2)),
-        ("fora-3", Schedule.fora(arch, args.steps, 3)),
-        ("taylor-3", Schedule.fora(arch, args.steps, 3).with_forecasts()),
-    ):
-        predicted, measured = 1 / model.relative(sched), full / _timed_call(pipe, sched, call)
+    for name, sched in checked.items():
+        predicted, measured = 1 / model.relative(sched), times["full"] / times[name]
         check[name] = {"predicted_speedup": predicted, "measured_speedup": measured, "error": predicted / measured - 1}
         if state.is_main_process:
             print(

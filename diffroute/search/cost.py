@@ -97,28 +97,12 @@ class LatencyModel:
         }
 
 
-def _timed_call(pipe, plan, call, component_timers=None) -> float:
-    """Transformer seconds of one call under `plan` (median of 3 after a warm-up)."""
-    import statistics
+def transformer_times(pipe, plans: dict, call, after=None) -> dict[str, float]:
+    """Median transformer seconds of `call()` under each plan (interleaved, 3 repeats after a warm-up)."""
+    from diffroute.eval.timing import time_plans
 
-    import diffroute
-    from diffroute.eval.timing import ForwardTimer
-
-    diffroute.apply(pipe, plan)
-    timer = ForwardTimer(pipe.transformer)
-    times = []
-    try:
-        for r in range(4):
-            timer.total = 0.0
-            if r <= 1:  # component timers sum the three timed repeats
-                for t in component_timers or []:
-                    t.total = 0.0
-            call()
-            times.append(timer.total)
-    finally:
-        timer.remove()
-        diffroute.remove(pipe)
-    return statistics.median(times[1:])
+    res = time_plans(pipe, plans, call, repeats=3, after=after)
+    return {name: r["transformer_median_s"] for name, r in res.items()}
 
 
 @torch.no_grad()
@@ -129,8 +113,14 @@ def measure_latency(pipe, arch: ArchitectureMap, call, num_steps: int) -> Latenc
 
     timers = [[None if m is None else ForwardTimer(m) for m in row] for row in arch.modules]
     flat = [t for row in timers for t in row if t is not None]
+
+    def restart(name, timed):  # the component timers sum the timed repeats only
+        if not timed:
+            for t in flat:
+                t.total = 0.0
+
     try:
-        full_s = _timed_call(pipe, "full", call, flat)
+        full_s = transformer_times(pipe, {"full": "full"}, call, after=restart)["full"]
         per_call = torch.tensor(
             [[0.0 if t is None else t.total / (3 * num_steps) for t in row] for row in timers], dtype=torch.float64
         )
@@ -139,16 +129,10 @@ def measure_latency(pipe, arch: ArchitectureMap, call, num_steps: int) -> Latenc
             t.remove()
     step_s = max(full_s / num_steps - float(per_call.sum()), 0.0)
     present = arch.present()
-    cells = int(present.sum())
-    only0 = Schedule.full(arch, num_steps)
-    only0.compute[1:] = False
-    only0.compute[:, ~present] = True
-    reuse_s = (_timed_call(pipe, only0, call) - float(per_call.sum()) - num_steps * step_s) / ((num_steps - 1) * cells)
-    only01 = Schedule.full(arch, num_steps)
-    only01.compute[2:] = False
-    only01.compute[:, ~present] = True
-    fc = only01.with_forecasts()
-    forecast_s = (_timed_call(pipe, fc, call) - 2 * float(per_call.sum()) - num_steps * step_s) / (
-        max(num_steps - 2, 1) * cells
-    )
+    cells, component_s = int(present.sum()), float(per_call.sum())
+    only0 = Schedule.fora(arch, num_steps, num_steps)  # step 0 computes, every later cell reuses
+    only01 = Schedule.fora(arch, num_steps, num_steps, warmup=min(2, num_steps)).with_forecasts()
+    times = transformer_times(pipe, {"reuse": only0, "forecast": only01}, call)
+    reuse_s = (times["reuse"] - component_s - num_steps * step_s) / ((num_steps - 1) * cells)
+    forecast_s = (times["forecast"] - 2 * component_s - num_steps * step_s) / (max(num_steps - 2, 1) * cells)
     return LatencyModel(per_call.float(), present, step_s, max(reuse_s, 0.0), max(forecast_s, 0.0))
