@@ -41,10 +41,20 @@ class PerImageMSE(Metric):
         self.add_state("mse", default=[], dist_reduce_fx="cat")
 
     def update(self, images: torch.Tensor, reference: torch.Tensor) -> None:
-        self.mse.append(((images - reference) ** 2).flatten(1).mean(1).double())
+        self.mse.append(per_image_mse(images, reference))
 
     def compute(self) -> torch.Tensor:
         return dim_zero_cat(self.mse)
+
+
+def per_image_mse(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """One MSE per image of two [N, C, H, W] batches in [0, 1] (float64)."""
+    return ((images - reference) ** 2).flatten(1).mean(1).double()
+
+
+def per_image_psnr(images, reference) -> torch.Tensor:
+    """PSNR of each image against its reference (uint8-quantized as everywhere here), capped at PSNR_CAP_DB."""
+    return psnr_of_mse(per_image_mse(_unit(images), _unit(reference)))
 
 
 def psnr_of_mse(mse: torch.Tensor) -> torch.Tensor:
