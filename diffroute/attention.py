@@ -21,8 +21,21 @@ def attention_names() -> str:
     return ", ".join(ATTENTION_HELP)
 
 
+def check_attention_name(name: str) -> None:
+    """Refuse a name that is no attention back-end (before any model loads): InputError saying the known ones."""
+    if name.startswith("dispatch:"):
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        known = sorted(b.value for b in AttentionBackendName)
+        if name.split(":", 1)[1] not in known:
+            raise InputError(f"Unknown diffusers attention back-end in {name!r}; known: {known}")
+    elif name not in ATTENTION_HELP:
+        raise InputError(f"Unknown attention back-end {name!r}; known: {attention_names()}.")
+
+
 def set_attention(pipe, name: str) -> None:
     """Switch the pipeline's transformer to attention back-end `name` (see ATTENTION_HELP); InputError if it cannot."""
+    check_attention_name(name)
     transformer = pipe.transformer
     if name == "default":
         return
@@ -56,8 +69,6 @@ def set_attention(pipe, name: str) -> None:
             transformer.set_attention_backend(backend)
         except (ValueError, RuntimeError, ImportError) as e:
             raise InputError(f"--attention {name}: {e}") from None
-        return
-    raise InputError(f"Unknown attention back-end {name!r}; known: {attention_names()}.")
 
 
 def _dispatches(transformer) -> bool:

@@ -30,14 +30,13 @@ class Runtime:
 
     def check(self) -> None:
         """Refuse unknown names before any model loads."""
-        from .attention import ATTENTION_HELP
+        from .attention import check_attention_name
         from .compiling import COMPILE_MODES
 
         self.torch_dtype()
         if self.compile not in COMPILE_MODES:
             raise InputError(f"Unknown compile mode {self.compile!r}; known: {', '.join(COMPILE_MODES)}.")
-        if self.attention not in ATTENTION_HELP and not self.attention.startswith("dispatch:"):
-            raise InputError(f"Unknown attention back-end {self.attention!r}; known: {', '.join(ATTENTION_HELP)}.")
+        check_attention_name(self.attention)
 
 
 def cast_pipeline(pipe, dtype) -> None:

@@ -41,16 +41,13 @@ def add_runtime_arguments(p) -> None:
 
 def attention_arg(text: str) -> str:
     """An argparse type: a known attention back-end name, refused at parse time."""
-    from diffroute.attention import ATTENTION_HELP, attention_names
+    from diffroute.attention import check_attention_name
+    from diffroute.errors import InputError
 
-    if text.startswith("dispatch:"):
-        from diffusers.models.attention_dispatch import AttentionBackendName
-
-        known = sorted(b.value for b in AttentionBackendName)
-        if text.split(":", 1)[1] not in known:
-            raise argparse.ArgumentTypeError(f"unknown diffusers attention back-end in {text!r}; known: {known}")
-    elif text not in ATTENTION_HELP:
-        raise argparse.ArgumentTypeError(f"unknown attention back-end {text!r}; known: {attention_names()}")
+    try:
+        check_attention_name(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)[0].lower() + str(e)[1:]) from None
     return text
 
 

@@ -53,13 +53,15 @@ class FirstBlockDecider(Decider):
         n = int(compute.sum())  # one read per step; the components then get a plain bool when all rows agree
         self._compute[ctx.branch] = True if n == compute.numel() else False if n == 0 else compute
 
+    def _middle(self, block: int) -> bool:
+        """Blocks between the always-computed first Fn and last Bn: the ones that may reuse."""
+        return self.fn <= block < self.nb - self.bn
+
     def decide(self, ctx, block, comp):
-        if block < self.fn or block >= self.nb - self.bn:
-            return True
-        return self._compute.get(ctx.branch, True)
+        return self._compute.get(ctx.branch, True) if self._middle(block) else True
 
     def must_store(self, ctx, block, comp) -> bool:
-        return self.threshold > 0 and self.fn <= block < self.nb - self.bn
+        return self.threshold > 0 and self._middle(block)
 
     def info(self) -> dict:
         return {"policy": "first-block residual", "Fn": self.fn, "Bn": self.bn, "threshold": self.threshold}
