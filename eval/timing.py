@@ -87,7 +87,8 @@ def time_plans(
     ForwardTimer)."""
     device = pipe.transformer.device
     results = {name: {"e2e_s": [], "transformer_s": [], "computed_fraction": 1.0} for name in plans}
-    timer = timer or ForwardTimer(pipe.transformer)
+    own_timer = timer is None  # a timer passed in belongs to the caller, who removes it
+    timer = ForwardTimer(pipe.transformer) if own_timer else timer
     names = list(plans)
     try:
         for r in range(warmup + repeats):
@@ -114,7 +115,8 @@ def time_plans(
                     if plan is not None:
                         results[name]["computed_fraction"] = computed_fraction(pipe)
     finally:
-        timer.remove()
+        if own_timer:
+            timer.remove()
         deactivate(pipe)
     for res in results.values():
         res["e2e_median_s"] = statistics.median(res["e2e_s"])
