@@ -84,8 +84,8 @@ class LatencyModel:
 
     def relative(self, schedule: Schedule) -> float:
         """Predicted time / predicted time of computing everything."""
-        full = Schedule(torch.ones_like(schedule.compute), schedule.model_class, schedule.components)
-        return self.seconds(schedule) / self.seconds(full)
+        full = schedule.num_steps * (float(self.component_s[self.present].double().sum()) + self.step_s)
+        return self.seconds(schedule) / full
 
     def to_dict(self) -> dict:
         return {

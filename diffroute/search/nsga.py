@@ -150,7 +150,7 @@ class Search:
                 ref = float(q.max() + 0.1 * (abs(q.max()) + 1e-9))
             self._tell(alg, alg.ask())  # offspring: crossover + mutation, then survival
             X, gen = alg.pop.get("X").astype(bool), gen + 1
-            history.append(hypervolume(self.objectives(self.archive_records()), self.cfg.quality, ref))
+            history.append(hypervolume(self.objectives(self.archive()), self.cfg.quality, ref))
             if self.state.is_main_process:
                 atomic_write_json(
                     ckpt_path,
@@ -175,8 +175,5 @@ class Search:
         base = history[-p - 1]
         return history[-1] <= base * (1 + self.cfg.plateau_tol)
 
-    def archive_records(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.evals_dir.glob("*.json"))]
-
     def archive(self) -> list[dict]:
-        return self.archive_records()
+        return [json.loads(p.read_text()) for p in sorted(self.evals_dir.glob("*.json"))]
