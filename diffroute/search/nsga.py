@@ -59,8 +59,9 @@ def quality_value(record: dict, quality: str) -> float:
 
 def hypervolume(F: np.ndarray, quality: str, ref_quality: float) -> float:
     """Hypervolume of the points F = [cost, quality objective] against (cost 1.1, ref_quality), both axes scaled to
-    the reference box so that the value is comparable across generations (0 = nothing dominates the reference)."""
-    lo = np.array([0.0, F[:, 1].min() if quality not in HIGHER_IS_BETTER else -60.0])
+    a fixed box (cost from 0; quality from -60 dB for PSNR-like objectives, from 0 for FD and other non-negative
+    ones) so that the value is comparable across generations (0 = nothing dominates the reference)."""
+    lo = np.array([0.0, -60.0 if quality in HIGHER_IS_BETTER else 0.0])
     ref = np.array([1.1, ref_quality])
     scale = np.where(ref - lo > 0, ref - lo, 1.0)
     inside = (F < ref).all(axis=1)
