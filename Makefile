@@ -40,7 +40,9 @@ clean:
 	rm -rf $(VENV) outputs .pytest_cache
 
 # ---- Rebuilding the embedded emoji model and the figures the README shows (long; see README for times) ----
-COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,emoji:fast,emoji:faster,emoji:fastest,diffusers:fbc-0.05,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,cachedit:dbcache-F1B0-0.05,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-taylor-F1B0-0.1
+# The shipped schedules (installed by `make search`) and every plan and peer setting the README table compares.
+SHIPPED ?= emoji:fast,emoji:faster,emoji:fastest
+COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,$(SHIPPED),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
 .PHONY: data train quality calibrate search compare demo-grid artifacts
 
@@ -56,6 +58,7 @@ quality: install
 
 calibrate: install
 	$(BIN)/diffroute calibrate --model emoji --out diffroute/zoo/weights/emoji/teacache.json
+	$(BIN)/diffroute calibrate --model emoji --method magcache --out diffroute/zoo/weights/emoji/magcache.json
 
 # The search restarts from scratch (its archive belongs to the model it ran on) and installs emoji:fast/faster/fastest.
 search: install
@@ -67,7 +70,7 @@ search: install
 compare: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	rm -rf docs/compare
-	$(BIN)/diffroute eval compare --model emoji --prompts heldout --n 64 --batch 32 --repeats 5 --plans $(COMPARE_PLANS) --out docs/compare
+	$(BIN)/diffroute eval compare --model emoji --prompts heldout --n 356 --batch 32 --repeats 5 --plans $(COMPARE_PLANS) --out docs/compare
 
 demo-grid: demo
 	cp $(OUT)/grid.png docs/demo_grid.png

@@ -29,6 +29,15 @@ class Decider:
         """Whether a computed output may be reused later (so the executor keeps a copy)."""
         return True
 
+    def decide_block(self, ctx: StepContext, block: int):
+        """For the blocks a plan decides as a whole (`Plan.block_level`): True to compute the block, False to reuse
+        its residual (input plus what it added at its last computation), or a bool tensor with one entry per sample."""
+        return True
+
+    def must_store_block(self, ctx: StepContext, block: int) -> bool:
+        """Whether a computed block's residual may be reused later (so the executor keeps it)."""
+        return True
+
     def info(self) -> dict:
         return {}
 

@@ -16,6 +16,7 @@ import contextlib
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from . import blocks
 from .arch import ArchitectureMap, architecture_map
 from .cache import FeatureCache, rebuild, tensors_of
 from .context import StepContext, StepTracker, scheduler_step_source
@@ -26,6 +27,7 @@ from .stats import CallStats, StatsRecorder
 STEP_HOOK = "diffroute_step"
 BLOCK_HOOK = "diffroute_block"
 COMPONENT_HOOK = "diffroute_component"
+BLOCK_REUSE_HOOK = "diffroute_block_reuse"
 # What `stand_in` answers when the component must compute and its output be kept for later steps.
 KEEP = "keep"
 # Keyword arguments of component forwards that carry one row per sample (sliced when only some samples compute).
@@ -83,6 +85,25 @@ class _ComponentHook(ModelHook):
         return out
 
 
+class _BlockReuseHook(ModelHook):
+    """On a block a plan decides as a whole (`Plan.block_level`): compute it, or stand in with its input plus the
+    residual it added at its last computation. Its components carry no hooks."""
+
+    def __init__(self, executor: Executor, block: int):
+        super().__init__()
+        self.executor, self.block = executor, block
+
+    @torch.compiler.disable(recursive=False)  # as _ComponentHook: this frame stays Python, the block may compile
+    def new_forward(self, module, *args, **kwargs):
+        out = self.executor.block_stand_in(self.fn_ref.original_forward, self.block, module, args, kwargs)
+        if out is None or out is KEEP:
+            keep = out is KEEP
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if keep:
+                self.executor.keep_block(self.block, module, args, kwargs, out)
+        return out
+
+
 class Executor:
     """Attaches to one transformer, owns the step tracker, the feature cache and per-call stats."""
 
@@ -104,6 +125,8 @@ class Executor:
         self.present = self.arch.present()
         # Computed at every step and never stored: no hook needed (stats count them once per transformer call).
         self.always = self.plan.always_computed(self.arch) & self.present
+        # Blocks decided as a whole (their components get no hooks; stats count them per block call).
+        self.block_level = self.plan.block_level(self.arch) & ~self.always.all(1)
         self.decider = None
         self.stats: StatsRecorder | None = None
         self.last_stats: CallStats | None = None
@@ -117,9 +140,13 @@ class Executor:
             HookRegistry.check_if_exists_or_initialize(self.arch.blocks[b]).register_hook(
                 _BlockHook(self, b), BLOCK_HOOK
             )
+        for b in self.block_level.nonzero().flatten().tolist():
+            HookRegistry.check_if_exists_or_initialize(self.arch.blocks[b]).register_hook(
+                _BlockReuseHook(self, b), BLOCK_REUSE_HOOK
+            )
         for b, row in enumerate(self.arch.modules):
             for c, module in enumerate(row):
-                if module is not None and not self.always[b, c]:
+                if module is not None and not self.always[b, c] and not self.block_level[b]:
                     registry = HookRegistry.check_if_exists_or_initialize(module)
                     registry.register_hook(_ComponentHook(self, b, c), COMPONENT_HOOK)
         self._invalidate()
@@ -131,6 +158,8 @@ class Executor:
         HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(STEP_HOOK, recurse=False)
         for b in self._observed:
             self.arch.blocks[b]._diffusers_hook.remove_hook(BLOCK_HOOK, recurse=False)
+        for b in self.block_level.nonzero().flatten().tolist():
+            self.arch.blocks[b]._diffusers_hook.remove_hook(BLOCK_REUSE_HOOK, recurse=False)
         for row in self.arch.modules:
             for module in row:
                 if module is not None and hasattr(module, "_diffusers_hook"):
@@ -246,6 +275,66 @@ class Executor:
         out = rebuild(type(cached), merged)
         self.cache.put(key, out, self.ctx.step)
         return out
+
+    # ---- one block decided as a whole -----------------------------------------------------------------------------
+    @torch.compiler.disable
+    def block_stand_in(self, forward, b: int, module, args: tuple, kwargs: dict):
+        """`stand_in` for a whole block: input plus cached residual (reuse), the block computed for some samples
+        and reused for the others, None (compute) or KEEP (compute, then `keep_block`)."""
+        if self.decider is None:
+            return None
+        ctx, n = self.ctx, self.ctx.batch_size
+        key = (ctx.branch, b, "block")
+        decision = self.decider.decide_block(ctx, b)
+        if isinstance(decision, torch.Tensor):
+            if bool(decision.all()):
+                decision = True
+            elif not bool(decision.any()):
+                decision = False
+            else:
+                mixed = self._block_rows(forward, key, module, decision, args, kwargs)
+                if mixed is not None:
+                    self._record_block(b, int(decision.sum()), n)
+                    return mixed
+                decision = True
+        if decision is False:
+            res = self.cache.get(key, n)
+            if res is not None:
+                self._record_block(b, 0, n)
+                return blocks.add_residual(blocks.bind(module, args, kwargs).arguments, res)
+        self._record_block(b, n, n)
+        return KEEP if self.decider.must_store_block(ctx, b) else None
+
+    @torch.compiler.disable
+    def keep_block(self, b: int, module, args: tuple, kwargs: dict, out) -> None:
+        """Store what a computed block added to its input, for later steps to reuse."""
+        res = blocks.residual(blocks.bind(module, args, kwargs).arguments, out)
+        self.cache.put((self.ctx.branch, b, "block"), res, self.ctx.step)
+
+    def _record_block(self, b: int, n_computed: int, n: int) -> None:
+        for c, present in enumerate(self.present[b].tolist()):
+            if present:
+                self.stats.record(self.ctx.step, b, c, n_computed, n)
+
+    def _block_rows(self, forward, key, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
+        """Compute the block for the masked samples only; the others get input plus cached residual. The computed
+        samples' outputs are the block's own (not input + residual, which rounds differently)."""
+        cached = self.cache.get(key, self.ctx.batch_size)
+        if cached is None:
+            return None
+        rows, n = rows_mask.nonzero().squeeze(1), self.ctx.batch_size
+        bound = blocks.bind(module, args, kwargs)
+        part = blocks.rows_of(bound, rows, n)
+        fresh = blocks.call(forward, part)
+        fresh_res = tensors_of(blocks.residual(part.arguments, fresh))
+        merged = [
+            None if c is None else c.clone().index_copy_(0, rows, f) for c, f in zip(tensors_of(cached), fresh_res)
+        ]
+        res = rebuild(type(cached), merged)
+        self.cache.put(key, res, self.ctx.step)
+        out = tensors_of(blocks.add_residual(bound.arguments, res))
+        out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
+        return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)
 
     @contextlib.contextmanager
     def pipeline_call(self):

@@ -33,6 +33,11 @@ class Plan:
         (the executor leaves them unhooked, so they cost nothing and compile as in vanilla). None by default."""
         return torch.zeros(arch.num_blocks, len(arch.components), dtype=torch.bool)
 
+    def block_level(self, arch: ArchitectureMap) -> torch.Tensor:
+        """Bool [blocks]: blocks decided as a whole (`Decider.decide_block`: compute, or input plus the block's cached
+        residual) instead of per component. None by default."""
+        return torch.zeros(arch.num_blocks, dtype=torch.bool)
+
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
         raise NotImplementedError
 

@@ -156,24 +156,28 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
         scorer = make_scorer(cfg.clip)
     chunks = _chunks(cfg.n, cfg.batch)
     full_dir = cfg.out / "images" / "full"
-    ref_stats = full_stats = None
+    ref_stats = full_stats = ref_feats = full_feats = None
     if feature is not None:
         if cfg.reference is not None:
-            m = frechet.new_metric(feature).to(device)
+            m, bank = frechet.new_metric(feature).to(device), frechet.FeatureBank(feature).to(device)
             ref_idx = list(range(len(cfg.reference)))
             with state.split_between_processes(ref_idx) as mine:
                 if mine:
                     frechet.update(m, cfg.reference[mine], real=True)
-            ref_stats = frechet.stats_of(m, True, feature)
-        m = frechet.new_metric(feature).to(device)
+                    bank.update(cfg.reference[mine], mine)
+            ref_stats, ref_feats = frechet.stats_of(m, True, feature), bank.compute().cpu()
+        m, bank = frechet.new_metric(feature).to(device), frechet.FeatureBank(feature).to(device)
         with state.split_between_processes(chunks) as mine:
             for chunk in mine:
-                frechet.update(m, _load(full_dir, chunk), real=True)
-        full_stats = frechet.stats_of(m, True, feature)
+                imgs = _load(full_dir, chunk)
+                frechet.update(m, imgs, real=True)
+                bank.update(imgs, chunk)
+        full_stats, full_feats = frechet.stats_of(m, True, feature), bank.compute().cpu()
     results = {}
     for plan in cfg.plans:
         folder = cfg.out / "images" / slug(plan)
         fd_m = frechet.new_metric(feature).to(device) if feature is not None else None
+        bank = frechet.FeatureBank(feature).to(device) if feature is not None else None
         # KID against the full images on all n samples at once (one subset): no random subsets, so the value does
         # not depend on the order in which processes gathered the features.
         kid_m = KernelInceptionDistance(feature, subsets=1, subset_size=cfg.n).to(device) if feature else None
@@ -186,6 +190,7 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
                 imgs = _load(folder, chunk)
                 if fd_m is not None:
                     frechet.update(fd_m, imgs, real=False)
+                    bank.update(imgs, chunk)
                     kid_fake.append(imgs)
                     kid_real.append(_load(full_dir, chunk))
                 if clip_m is not None:
@@ -202,12 +207,15 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
         if fd_m is not None:
             stats = frechet.stats_of(fd_m, False, feature)
             r["fd_vs_full"] = frechet.fd_from_stats(full_stats, stats)["value"]
+            feats = bank.compute().cpu()  # bootstrap 95% intervals over images (paired with full's by seed)
+            r["fd_vs_full_ci95"] = frechet.fd_interval(feats, full_feats, paired=True)
             if kid_fake:  # one update per process: torchmetrics gathers list states of equal length only
                 kid_m.update(torch.cat(kid_fake), real=False)
                 kid_m.update(torch.cat(kid_real), real=True)
             r["kid_vs_full"] = float(kid_m.compute()[0])
             if ref_stats is not None:
                 r["fd_vs_real"] = frechet.fd_from_stats(ref_stats, stats)["value"]
+                r["fd_vs_real_ci95"] = frechet.fd_interval(feats, ref_feats, paired=False)
         results[plan] = r
     if "full" in results and results["full"].get("kid_vs_full") is not None:
         # The unbiased KID of identical paired sets is not 0 (it dips below 0): report each plan's KID relative to

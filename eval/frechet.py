@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+from torchmetrics.utilities import dim_zero_cat
 
 from diffroute.io import atomic_write_bytes
 
@@ -98,3 +100,43 @@ def stats_of_images(images: torch.Tensor, feature: torch.nn.Module) -> FeatureSt
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor, feature: torch.nn.Module) -> dict:
     """FD between two uint8 [N, 3, H, W] image sets in `feature`'s space."""
     return fd_from_stats(stats_of_images(real, feature), stats_of_images(fake, feature))
+
+
+class FeatureBank(Metric):
+    """Per-image features with their sample indices (gathered across processes, then put in index order), for
+    bootstrap intervals of FD, which torchmetrics' FID states (sums and a covariance sum) cannot give."""
+
+    full_state_update = False
+
+    def __init__(self, feature: torch.nn.Module, **kwargs):
+        super().__init__(**kwargs)
+        self.feature = feature
+        self.add_state("features", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def update(self, images: torch.Tensor, indices) -> None:
+        with torch.no_grad():
+            self.features.append(self.feature(images).double())
+        self.index.append(torch.as_tensor(list(indices), device=self.device))
+
+    def compute(self) -> torch.Tensor:
+        order = dim_zero_cat(self.index).argsort()
+        return dim_zero_cat(self.features)[order]
+
+
+def _fd_of(a: torch.Tensor, b: torch.Tensor) -> float:
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    return float(_compute_fid(mu_a, torch.cov(a.T), mu_b, torch.cov(b.T)))
+
+
+def fd_interval(a: torch.Tensor, b: torch.Tensor, paired: bool, n_boot: int = 200, seed: int = 0) -> list[float]:
+    """Bootstrap 95% interval (percentiles, fixed seed) of FD between per-image features `a` and `b`. Paired sets
+    (a plan's images and full's, same prompts and seeds) are resampled with the same indices; others independently."""
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(n_boot):
+        ia = torch.randint(len(a), (len(a),), generator=g)
+        ib = ia if paired else torch.randint(len(b), (len(b),), generator=g)
+        values.append(_fd_of(a[ia], b[ib]))
+    v = torch.tensor(values, dtype=torch.float64)
+    return [float(torch.quantile(v, 0.025)), float(torch.quantile(v, 0.975))]

@@ -3,7 +3,8 @@
 PixArt's transformer has no CacheMixin and its pipeline sets no cache context, so a hook of ours on the transformer
 supplies diffusers' `CacheContext` at every call and resets the caches' state at the start of every pipeline call.
 Executed component calls are counted by inner hooks, so the computed fraction is measured the same way as ours.
-Names: `diffusers:fbc-T`, `diffusers:pab-N`, `diffusers:faster[-N]`, `diffusers:taylorseer-N`; with the optional
+Names: `diffusers:fbc-T`, `diffusers:pab-N`, `diffusers:faster[-N]`, `diffusers:taylorseer-N`, `diffusers:mag-T`
+(MagCache, ratios calibrated on the model: see `eval/magcache.py`); with the optional
 `bench` extra (cache-dit from PyPI), `cachedit:dbcache-F<n>B<n>-T` and `cachedit:dbcache-taylor-F<n>B<n>-T`.
 """
 
@@ -34,7 +35,11 @@ class _Context(ModelHook):
             kwargs.get("timestep"), (args[0] if args else kwargs["hidden_states"]).shape[0]
         )
         if new_call:
-            HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks(recurse=True)
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            if self.run.per_call is not None:  # caches that must know the step count are (re)applied here
+                self.run.per_call(ctx.num_steps)
+                registry.invalidate_child_registries_cache()
+            registry.reset_stateful_hooks(recurse=True)
             self.run.new_call()
         self.run.calls += 1
         self.run.batch = ctx.batch_size
@@ -67,6 +72,7 @@ class PeerRun:
         self.arch = diffroute.architecture_map(pipe.transformer)
         self.tracker = StepTracker(scheduler_step_source(pipe.scheduler))
         self.timestep, self.calls, self.executed, self.last, self.batch = None, 0, 0, None, 0
+        self.per_call = None  # f(num_steps), for a cache configured per pipeline call (MagCache)
 
     def new_call(self) -> None:
         if self.calls:
@@ -79,16 +85,20 @@ class PeerRun:
 
     def apply(self) -> PeerRun:
         t = self.pipe.transformer
-        for row in self.arch.modules:  # counters first: innermost, they see only executions
-            for m in row:
-                if m is not None:
-                    HookRegistry.check_if_exists_or_initialize(m).register_hook(_Count(self), COUNT_HOOK)
-        if self.name.startswith("cachedit:"):
-            self.adapter = _apply_cachedit(self.pipe, self.name)
-        else:
-            _apply_diffusers_cache(t, self.name, self)
-        HookRegistry.check_if_exists_or_initialize(t).register_hook(_Context(self), CONTEXT_HOOK)
-        t._diffroute_peer = self
+        t._diffroute_peer = self  # first, so that a failed apply (e.g. a missing calibration) is undone in full
+        try:
+            for row in self.arch.modules:  # counters first: innermost, they see only executions
+                for m in row:
+                    if m is not None:
+                        HookRegistry.check_if_exists_or_initialize(m).register_hook(_Count(self), COUNT_HOOK)
+            if self.name.startswith("cachedit:"):
+                self.adapter = _apply_cachedit(self.pipe, self.name)
+            else:
+                _apply_diffusers_cache(t, self.name, self)
+            HookRegistry.check_if_exists_or_initialize(t).register_hook(_Context(self), CONTEXT_HOOK)
+        except BaseException:
+            self.remove()
+            raise
         return self
 
     def remove(self) -> None:
@@ -150,6 +160,17 @@ def _apply_diffusers_cache(transformer, name: str, run: PeerRun) -> None:
             current_timestep_callback=now,
         )
         apply_faster_cache(transformer, cfg)
+    elif m := re.fullmatch(r"mag-([0-9.]+)", spec):
+        # MagCache at its authors' defaults (max 3 consecutive skips, first 20% of the steps always computed); its
+        # ratios depend on the step count, known only when a call starts, so it is applied per call.
+        from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+        from .magcache import load_ratios
+
+        ratios, threshold = load_ratios(transformer), float(m.group(1))
+        run.per_call = lambda steps: apply_mag_cache(
+            transformer, MagCacheConfig(threshold=threshold, num_inference_steps=steps, mag_ratios=list(ratios))
+        )
     elif m := re.fullmatch(r"taylorseer-(\d+)", spec):
         ids = [rf"transformer_blocks\.\d+\.{c}" for c in run.arch.components]  # identifiers that match PixArt
         cfg = TaylorSeerCacheConfig(
@@ -231,6 +252,7 @@ PEER_PATTERNS = (
     r"diffusers:pab-\d+",
     r"diffusers:faster(-\d+)?",
     r"diffusers:taylorseer-\d+",
+    r"diffusers:mag-[0-9.]+",
     r"cachedit:dbcache-(taylor-)?F\d+B\d+-[0-9.]+",
 )
 
@@ -240,8 +262,8 @@ def check_spec(spec) -> None:
     if is_peer(spec):
         if not any(re.fullmatch(p, spec) for p in PEER_PATTERNS):
             raise ValueError(
-                f"unknown peer {spec!r}; known: diffusers:fbc-T, diffusers:pab-N, diffusers:faster, "
-                "diffusers:taylorseer-N"
+                f"unknown peer {spec!r}; known: diffusers:fbc-T, diffusers:pab-N, diffusers:faster[-N], "
+                "diffusers:taylorseer-N, diffusers:mag-T, cachedit:dbcache[-taylor]-F<n>B<n>-T"
             )
     else:
         diffroute.resolve_plan(spec)

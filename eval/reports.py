@@ -9,13 +9,17 @@ from pathlib import Path
 from diffroute.imageio import grid, save_png
 from diffroute.io import atomic_write_bytes, atomic_write_json
 
+from .peers import PEER_PREFIXES
+
 COLUMNS = [
     ("plan", "plan", "{}"),
     ("speedup_transformer", "speedup (transformer)", "{:.2f}x"),
     ("speedup_end_to_end", "speedup (end-to-end)", "{:.2f}x"),
     ("computed_fraction", "computed", "{:.1%}"),
     ("fd_vs_full", "FD vs full", "{:.3f}"),
+    ("fd_vs_full_ci95", "95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"),
     ("fd_vs_real", "FD vs real", "{:.3f}"),
+    ("fd_vs_real_ci95", "95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"),
     ("kid_vs_full_anchored", "KID vs full − KID(full, full)", "{:.4f}"),
     ("psnr_vs_full_db", "PSNR vs full, pooled (dB)", "{:.2f}"),
     ("psnr_vs_full_ci95", "95% CI", "[{0[0]:.2f}, {0[1]:.2f}]"),
@@ -36,6 +40,70 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# How each kind of plan is drawn: the shipped (searched) schedules as a line, every peer setting as a point.
+KINDS = {
+    "shipped": dict(color="tab:red", marker="o", linestyle="-"),
+    "ours": dict(color="tab:blue", marker="s", linestyle="none"),
+    "peer": dict(color="tab:gray", marker="^", linestyle="none"),
+}
+
+
+def plan_kind(plan: str) -> str:
+    """`peer` (diffusers:/cachedit:), `shipped` (a model's shipped schedule, e.g. emoji:fast) or `ours`."""
+    if plan.startswith(PEER_PREFIXES):
+        return "peer"
+    return "shipped" if ":" in plan else "ours"
+
+
+def style_label(kind: str) -> str:
+    return {"shipped": "shipped ECAD schedules (front)", "ours": "diffroute plans", "peer": "peer caches"}[kind]
+
+
+def dominance(result: dict) -> list[dict]:
+    """For every peer setting, the shipped schedules that dominate it: at least as fast (transformer) and at least as
+    good, in (speedup, FD vs full) and in (speedup, pooled PSNR vs full) separately and in both at once."""
+    rows = list(result["plans"].values())
+    shipped = [r for r in rows if plan_kind(r["plan"]) == "shipped"]
+
+    def better(a, b, key, higher):
+        if a.get(key) is None or b.get(key) is None:  # no finite pooled PSNR: identical to full
+            return a.get(key) is None if higher else False
+        return a[key] >= b[key] if higher else a[key] <= b[key]
+
+    out = []
+    for peer in rows:
+        if plan_kind(peer["plan"]) != "peer":
+            continue
+        faster = [s for s in shipped if s["speedup_transformer"] >= peer["speedup_transformer"]]
+        fd = [s["plan"] for s in faster if better(s, peer, "fd_vs_full", higher=False)]
+        ps = [s["plan"] for s in faster if better(s, peer, "psnr_vs_full_db", higher=True)]
+        out.append({"peer": peer["plan"], "by_fd": fd, "by_psnr": ps, "by_both": [p for p in fd if p in ps]})
+    return out
+
+
+def dominance_table(result: dict) -> str:
+    rows = dominance(result)
+    if not rows:
+        return ""
+    lines = [
+        "| peer setting | dominated in (speedup, FD vs full) by | in (speedup, PSNR vs full) by | in both by |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['peer']} | "
+            + " | ".join(", ".join(r[k]) or "**none**" for k in ("by_fd", "by_psnr", "by_both"))
+            + " |"
+        )
+    n = len(rows)
+    counts = {k: sum(bool(r[k]) for r in rows) for k in ("by_fd", "by_psnr", "by_both")}
+    lines.append(
+        f"\n{counts['by_both']} of {n} peer settings dominated in both ({counts['by_fd']} by FD, "
+        f"{counts['by_psnr']} by PSNR)."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -51,11 +119,17 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], metrics):
         shown = [r for r in rows if r.get(key) is not None]  # full vs itself has no finite PSNR
-        xs = [r["speedup_transformer"] for r in shown]
-        ys = [r[key] for r in shown]
-        ax.scatter(xs, ys, color="tab:blue")
-        for r, x, y in zip(shown, xs, ys):
-            ax.annotate(r["plan"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for kind, style in KINDS.items():
+            group = [r for r in shown if plan_kind(r["plan"]) == kind]
+            if not group:
+                continue
+            if kind == "shipped":  # the searched front, drawn as a line from its slow end to its fast end
+                group.sort(key=lambda r: r["speedup_transformer"])
+            xs, ys = [r["speedup_transformer"] for r in group], [r[key] for r in group]
+            ax.plot(xs, ys, **style, label=style_label(kind))
+            for r, x, y in zip(group, xs, ys):
+                ax.annotate(r["plan"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.legend(fontsize=8)
         ax.set_xlabel("speedup, transformer wall-clock (x)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -78,7 +152,7 @@ def write_reports(result: dict, out: Path, grid_columns: int = 8) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
-    atomic_write_bytes(out / "results.md", markdown_table(result).encode())
+    atomic_write_bytes(out / "results.md", (markdown_table(result) + "\n" + dominance_table(result)).encode())
     plot(result, out / "speed_quality.png")
     pics = []
     for name in result["plans"]:

@@ -177,12 +177,14 @@ def test_compare_one_and_two_processes_agree(tmp_path):
         a, b = r1["plans"][plan], r2["plans"][plan]
         keys = ("computed_fraction", "psnr_vs_full_db", "psnr_mean_vs_full_db", "ssim_vs_full", "fd_vs_full")
         keys += ("kid_vs_full", "kid_vs_full_anchored", "psnr_vs_full_ci95", "psnr_mean_vs_full_ci95")
+        keys += ("fd_vs_full_ci95",)  # per-image features gathered and put back in sample order
         for key in keys:
             assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-9), key
     full, fora = r1["plans"]["full"], r1["plans"]["fora-3"]
     assert full["kid_vs_full_anchored"] == 0 and full["psnr_mean_vs_full_db"] == 60  # identical: capped
     lo, hi = fora["psnr_mean_vs_full_ci95"]
     assert lo <= fora["psnr_mean_vs_full_db"] <= hi and lo < hi
+    assert full["fd_vs_full_ci95"] == pytest.approx([0, 0], abs=1e-6) and 0 < fora["fd_vs_full_ci95"][1]
     for name in ("results.json", "results.csv", "results.md", "speed_quality.png", "grid.png"):
         assert (tmp_path / "two" / name).is_file()
     # resumable: a second run regenerates nothing (the PNGs keep their modification times)
@@ -204,3 +206,45 @@ def test_psnr_summary_pooled_and_capped_mean():
     assert s["psnr_vs_full_ci95"][0] <= s["psnr_vs_full_db"] <= s["psnr_vs_full_ci95"][1]
     assert psnr_summary(torch.zeros(4))["psnr_vs_full_db"] is None
     assert psnr_summary(mse.flip(0)) == s  # order-free
+
+
+def test_fd_bootstrap_interval_and_feature_bank_order():
+    from diffroute.eval.frechet import FeatureBank, _fd_of, fd_interval
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    near, far = a + 0.2 + 0.1 * torch.randn(300, 4, generator=g), a + 0.6
+    lo, hi = fd_interval(near, a, paired=True)
+    assert lo <= _fd_of(near, a) <= hi and lo < hi
+    assert fd_interval(far, a, paired=True)[0] > hi  # a larger shift: a separated interval
+    assert fd_interval(near, a, paired=True) == [lo, hi]  # fixed seed: reproducible
+
+    bank = FeatureBank(torch.nn.Flatten())
+    images = torch.arange(24.0).reshape(6, 4)
+    for idx in ([4, 5], [0, 1], [2, 3]):  # chunks arrive in any order (processes, resumes)
+        bank.update(images[idx], idx)
+    assert torch.equal(bank.compute(), images.double())
+
+
+def test_dominance_of_peer_settings_by_shipped_schedules():
+    from diffroute.eval.reports import dominance, dominance_table, plan_kind
+
+    def row(plan, speed, fd, psnr):
+        return {"plan": plan, "speedup_transformer": speed, "fd_vs_full": fd, "psnr_vs_full_db": psnr}
+
+    plans = [
+        row("full", 1.0, 0.0, None),
+        row("fora-2", 1.9, 0.1, 27.0),  # ours, not shipped: never counts as a dominator
+        row("emoji:fast", 1.5, 0.05, 30.0),
+        row("emoji:fastest", 2.5, 0.3, 21.0),
+        row("diffusers:fbc-0.2", 1.4, 0.06, 29.0),  # dominated by emoji:fast in both
+        row("diffusers:pab-3", 2.0, 0.2, 20.0),  # by emoji:fastest in PSNR only (FD 0.3 > 0.2)
+        row("cachedit:dbcache-F1B0-0.05", 1.02, 0.0, None),  # identical to full: nothing shipped is as good
+    ]
+    result = {"plans": {r["plan"].replace(":", "_"): r for r in plans}}
+    assert [plan_kind(r["plan"]) for r in plans[:3]] == ["ours", "ours", "shipped"]
+    got = {d["peer"]: d for d in dominance(result)}
+    assert got["diffusers:fbc-0.2"]["by_both"] == ["emoji:fast"]
+    assert got["diffusers:pab-3"]["by_fd"] == [] and got["diffusers:pab-3"]["by_psnr"] == ["emoji:fastest"]
+    assert not any(got["cachedit:dbcache-F1B0-0.05"][k] for k in ("by_fd", "by_psnr"))
+    assert "1 of 3 peer settings dominated in both (1 by FD, 2 by PSNR)" in dominance_table(result)

@@ -70,3 +70,42 @@ def test_computed_fraction_counts_rows_not_calls(pipe, monkeypatch):
         deactivate(pipe)
     assert 1 in rows and 2 in rows  # some executions ran on the conditional row only
     assert executed == sum(rows) / 2 < len(rows)  # rows counted, not calls
+
+
+def test_magcache_is_calibrated_on_the_model_then_skips(pipe, tmp_path, capsys):
+    """`diffroute calibrate --method magcache` writes diffusers' own ratios beside the model; `diffusers:mag-T` reads
+    them, skips whole steps after the retained 20%, and leaves no trace; without a calibration it says what to run."""
+    import json
+
+    from conftest import CALL_KWARGS
+
+    from diffroute.cli.main import main
+    from diffroute.errors import InputError
+    from diffroute.zoo.registry import load_pipeline
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "diffroute.json").write_text(json.dumps({"call_defaults": CALL_KWARGS["pixart-alpha"]}))
+    pipe.save_pretrained(tmp_path / "p")
+    model = load_pipeline(str(tmp_path / "p"))
+    model.set_progress_bar_config(disable=True)
+    with pytest.raises(InputError, match="calibrate --method magcache"):
+        activate(model, "diffusers:mag-0.5")
+    assert not hasattr(model.transformer, "_diffroute_peer")  # the failed apply left no hook behind
+    main(["calibrate", "--method", "magcache", "--model", str(tmp_path / "p"), "--steps", "20", "--n", "2",
+          "--prompt", "a cat", "--prompt", "a dog", "--json"])  # fmt: skip
+    result = json.loads(capsys.readouterr().out)  # stdout holds our JSON only, not diffusers' printed copy
+    saved = json.loads((tmp_path / "p" / "magcache.json").read_text())
+    ratios = saved["mag_ratios"]
+    assert ratios == result["mag_ratios"] and saved["model_class"] == "PixArtTransformer2DModel"
+    assert len(ratios) == 20 and ratios[0] == 1.0 and all(np.isfinite(ratios)) and len(set(ratios)) > 2
+
+    full = run(model, "pixart-alpha", ["a cat"], [0], steps=20)
+    activate(model, "diffusers:mag-0.5")
+    try:
+        a = run(model, "pixart-alpha", ["a cat"], [0], steps=20)
+        b = run(model, "pixart-alpha", ["a cat"], [0], steps=20)
+        fraction = computed_fraction(model)
+    finally:
+        deactivate(model)
+    assert 0 < fraction < 1 and np.array_equal(a, b) and not np.array_equal(a, full)
+    assert np.array_equal(run(model, "pixart-alpha", ["a cat"], [0], steps=20), full)

@@ -172,6 +172,21 @@ def test_latency_model_arithmetic(setup):
     assert model.seconds(fora.with_forecasts()) == pytest.approx(expect + 4 * cells * 0.0001)
 
 
+def test_time_budget_stops_at_a_generation_boundary_and_counts_across_resumes(setup, tmp_path):
+    arch, _, evaluator = setup
+
+    def search(budget):
+        cfg = SearchConfig(pop_size=4, generations=3, seed=0, quality="psnr", budget_minutes=budget)
+        return Search(GenomeSpace(arch, STEPS), evaluator, cfg, tmp_path / "t", PartialState(cpu=True))
+
+    first = search(1e-6).run()
+    assert (first["generation"], first["stopped_by"]) == (1, "budget") and first["seconds"] > 0
+    again = search(1e-6).run()  # the time spent is kept in the checkpoint: a resume does not restart the clock
+    assert again["generation"] == 1 and again["seconds"] == first["seconds"]
+    more = search(0).run()  # no budget: on to --generations
+    assert (more["generation"], more["stopped_by"]) == (3, "generations") and more["seconds"] > first["seconds"]
+
+
 def test_hypervolume_grows_with_a_dominating_point_and_plateaus(setup, tmp_path):
     from diffroute.search.nsga import hypervolume
 

@@ -82,6 +82,7 @@ def test_wheel_contains_every_package_and_the_shipped_files(wheel):
         "diffroute/zoo/weights/emoji/model_index.json",
         "diffroute/zoo/weights/emoji/diffroute.json",
         "diffroute/zoo/weights/emoji/teacache.json",
+        "diffroute/zoo/weights/emoji/magcache.json",
         "diffroute/zoo/weights/emoji/transformer/diffusion_pytorch_model.safetensors",
         "diffroute/zoo/weights/emoji-clip/diffusion_pytorch_model.safetensors",
     ):

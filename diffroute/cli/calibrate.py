@@ -1,5 +1,6 @@
-"""Fit TeaCache's rescaling polynomial for a model: relative change of block 0's modulated input -> relative change
-of the transformer output, over the steps of full-compute runs on a few prompts."""
+"""Calibrate dynamic caches for a model from full-compute runs on a few prompts: TeaCache's rescaling polynomial
+(relative change of block 0's modulated input -> relative change of the transformer output) or MagCache's per-step
+magnitude ratios (diffusers' own calibration mode, for the `diffusers:mag-T` peer)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from .common import add_model_arguments, call_kwargs, check_out_file, generators, load, read_prompts
 
-HELP = "calibrate dynamic policies (TeaCache's rescaling polynomial) for a model"
+HELP = "calibrate dynamic policies (TeaCache's rescaling polynomial, MagCache's ratios) for a model"
 
 
 def add_arguments(p) -> None:
@@ -16,12 +17,18 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt", action="append", help="a calibration prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one calibration prompt per line")
     p.add_argument("--n", type=int, default=16, help="calibration prompts to use (default 16)")
-    p.add_argument("--degree", type=int, default=4, help="polynomial degree (default 4)")
+    p.add_argument(
+        "--method",
+        choices=("teacache", "magcache"),
+        default="teacache",
+        help="teacache (our teacache-T policy's polynomial, default) or magcache (the diffusers:mag-T peer's ratios)",
+    )
+    p.add_argument("--degree", type=int, default=4, help="TeaCache polynomial degree (default 4)")
     p.add_argument(
         "--out",
         default=None,
-        help="output JSON (default: teacache.json in the model's folder; required for models shipped inside the "
-        "diffroute package, which is never written to unless named here)",
+        help="output JSON (default: teacache.json or magcache.json in the model's folder; required for models shipped "
+        "inside the diffroute package, which is never written to unless named here)",
     )
 
 
@@ -52,6 +59,18 @@ def run(args) -> dict:
     diffroute.remove(pipe)
     out = _output_path(args, pipe)
     arch = diffroute.architecture_map(pipe.transformer)
+    pipe.set_progress_bar_config(disable=True)
+
+    def full_run():
+        pipe(
+            prompts,
+            generator=generators(args.seed, len(prompts), pipe.device),
+            output_type="np",
+            **call_kwargs(pipe, args),
+        )
+
+    if args.method == "magcache":
+        return _magcache(args, pipe, arch, prompts, out, full_run)
     mods, outs = [], []
 
     def on_block0(module, a, kw):
@@ -63,13 +82,7 @@ def run(args) -> dict:
     h1 = arch.blocks[0].register_forward_pre_hook(on_block0, with_kwargs=True)
     h2 = pipe.transformer.register_forward_hook(on_out, with_kwargs=True)
     try:
-        pipe.set_progress_bar_config(disable=True)
-        pipe(
-            prompts,
-            generator=generators(args.seed, len(prompts), pipe.device),
-            output_type="np",
-            **call_kwargs(pipe, args),
-        )
+        full_run()
     finally:
         h1.remove()
         h2.remove()
@@ -86,10 +99,22 @@ def run(args) -> dict:
     return result
 
 
+def _magcache(args, pipe, arch, prompts, out, full_run) -> dict:
+    from diffroute.eval.magcache import calibrate, save_ratios
+
+    ratios = calibrate(pipe, args.steps, full_run)
+    extra = {"prompts": len(prompts), "steps": args.steps}
+    save_ratios(out, arch.model_class, ratios, extra)
+    if not args.json:
+        print(f"wrote {out}: {len(ratios)} MagCache ratios", file=sys.stderr)
+    return {"out": str(out), "mag_ratios": ratios, **extra}
+
+
 def _output_path(args, pipe) -> Path:
     """--out, or teacache.json beside the model's folders; never inside the installed diffroute package unless --out
     names it (a silent write there would change `teacache-T` for every later run)."""
     import diffroute
+    from diffroute.eval.magcache import CALIBRATION_FILE as MAGCACHE_FILE
     from diffroute.policies.teacache import CALIBRATION_FILE
 
     if args.out:
@@ -97,10 +122,10 @@ def _output_path(args, pipe) -> Path:
     origin = getattr(pipe.transformer.config, "_name_or_path", None)
     if not origin or not Path(origin).is_dir():
         raise ValueError("this model was not loaded from a folder: give --out FILE for the calibration.")
-    out = Path(origin).parent / CALIBRATION_FILE
+    out = Path(origin).parent / (MAGCACHE_FILE if args.method == "magcache" else CALIBRATION_FILE)
     if Path(diffroute.__file__).resolve().parent in out.resolve().parents:
         raise ValueError(
             f"{args.model!r} is shipped inside the diffroute package; its calibration {out} is not overwritten. "
-            "Give --out FILE and use the plan teacache-T@FILE."
+            "Give --out FILE (for TeaCache, then use the plan teacache-T@FILE)."
         )
     return check_out_file(out)

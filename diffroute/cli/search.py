@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -35,6 +37,13 @@ def add_arguments(p) -> None:
     p.add_argument("--no-bac", action="store_true", help="do not seed the population with BAC schedules")
     p.add_argument(
         "--patience", type=int, default=3, help="stop after this many generations without hypervolume growth (0: never)"
+    )
+    p.add_argument(
+        "--budget-minutes",
+        type=_minutes,
+        default=0.0,
+        help="stop at the first generation boundary after this many minutes of search, counted across resumes "
+        "(default 0: no budget)",
     )
     p.add_argument("--features", default="emoji-clip", help="FD features (default emoji-clip)")
     p.add_argument("--max-cost", type=float, default=None, help="also pick the best schedule within this cost")
@@ -104,6 +113,7 @@ def run(args) -> dict | None:
         quality=args.quality,
         cost=args.cost,
         patience=args.patience,
+        budget_minutes=args.budget_minutes,
     )
     seeds = [] if args.no_bac else _bac_seeds(pipe, arch, prompts, kwargs, args)
     search = Search(space, evaluator, cfg, out, state, seeds=seeds)
@@ -136,6 +146,8 @@ def run(args) -> dict | None:
         "evaluated": len(records),
         "generations_run": run["generation"],
         "hypervolume": run["hypervolume"],
+        "search_seconds": round(run["seconds"], 1),
+        "stopped_by": run["stopped_by"],
         "latency_model_check": check,
         "front": [{k: v for k, v in r.items() if k != "genome"} | {"file": str(p)} for r, p in zip(front, paths)],
     }
@@ -206,6 +218,17 @@ def _bac_seeds(pipe, arch, prompts, kwargs, args):
     diffroute.remove(pipe)
     table = similarity_tables(pipe, arch, _calls(pipe, prompts[:8], kwargs, args.seed), args.steps)
     return bac_schedules(arch, table)
+
+
+def _minutes(text: str) -> float:
+    """An argparse type: a finite number of minutes >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a time budget: give a finite number of minutes >= 0")
+    return value
 
 
 def _parse_ship(spec: str, model: str) -> dict[str, float]:

@@ -2,13 +2,14 @@
 
 The first `Fn` blocks always compute. After block Fn-1, each sample's residual (output of block Fn-1 minus the
 input of block 0) is compared with that sample's residual at its last full computation; if the relative L1 change
-is below the threshold, the middle blocks reuse their cached component outputs for that sample. The last `Bn`
-blocks always compute. Deviation from FBCache/DBCache: the middle blocks reuse *component* outputs with their gates
-recomputed (the one executor of diffroute), not the whole residual of the middle blocks.
+is below the threshold, the middle blocks are skipped for that sample: each returns its input plus the residual it
+added at its last computation (the sum of these per-block residuals is the span residual FBCache/DBCache reuse, so
+this is their mechanism, with one add per block instead of one for the span). The last `Bn` blocks always compute.
 
-Fast paths (so that bookkeeping never costs more than it skips): the Fn/Bn blocks get no component hooks at all (they
-always compute), and with threshold 0 nothing does; the per-sample mask is read once per step and, when all samples
-agree, handed to the executor as one Python bool; only the middle blocks' outputs are kept for reuse.
+Fast paths (so that bookkeeping never costs more than it skips): the Fn/Bn blocks and every component carry no hooks
+(the middle blocks are decided as whole blocks), and with threshold 0 nothing does; the per-sample mask is read once
+per step and, when all samples agree, handed to the executor as one Python bool. A batch whose samples disagree runs
+the middle blocks on the computing samples only.
 """
 
 from __future__ import annotations
@@ -53,15 +54,17 @@ class FirstBlockDecider(Decider):
         n = int(compute.sum())  # one read per step; the components then get a plain bool when all rows agree
         self._compute[ctx.branch] = True if n == compute.numel() else False if n == 0 else compute
 
-    def _middle(self, block: int) -> bool:
-        """Blocks between the always-computed first Fn and last Bn: the ones that may reuse."""
-        return self.fn <= block < self.nb - self.bn
-
     def decide(self, ctx, block, comp):
-        return self._compute.get(ctx.branch, True) if self._middle(block) else True
+        return True  # components are never decided one by one: the middle blocks are decided as whole blocks
+
+    def decide_block(self, ctx, block):
+        return self._compute.get(ctx.branch, True)
 
     def must_store(self, ctx, block, comp) -> bool:
-        return self.threshold > 0 and self._middle(block)
+        return False
+
+    def must_store_block(self, ctx, block) -> bool:
+        return True
 
     def info(self) -> dict:
         return {"policy": "first-block residual", "Fn": self.fn, "Bn": self.bn, "threshold": self.threshold}
@@ -91,6 +94,12 @@ class FirstBlockPlan(Plan):
         outer[: self.fn] = True
         outer[arch.num_blocks - self.bn :] = True
         return present & outer[:, None]
+
+    def block_level(self, arch: ArchitectureMap) -> torch.Tensor:
+        middle = torch.zeros(arch.num_blocks, dtype=torch.bool)
+        if self.threshold > 0:
+            middle[self.fn : arch.num_blocks - self.bn] = True
+        return middle
 
     def decider(self, arch, num_steps):
         return FirstBlockDecider(arch, self.fn, self.bn, self.threshold)

@@ -51,14 +51,19 @@ class GenomeSpace:
         return hashlib.sha1(np.packbits(np.asarray(bits, dtype=bool)).tobytes()).hexdigest()[:16]
 
     def seed_schedules(self, extra: list[Schedule] = ()) -> list[Schedule]:
-        """Hand-made schedules: FORA-N, TaylorSeer-N (with and without a warm-up), attention-only and MLP-only
-        intervals, middle-step ranges, plus `extra` (BAC or L2C schedules)."""
+        """Hand-made schedules: FORA-N, TaylorSeer-N (with and without a warm-up), FORA/TaylorSeer caching only the
+        late steps (long warm-ups), attention-only and MLP-only intervals, middle-step ranges, plus `extra` (BAC or
+        L2C schedules)."""
         a, s = self.arch, self.num_steps
         attn = [c for c in a.components if "attn" in c]
         made = [Schedule.fora(a, s, n) for n in (2, 3, 4, 5)]
         if self.forecast:
             made += [Schedule.fora(a, s, n, warmup=min(w, s)).with_forecasts() for n in (2, 3, 4) for w in (0, 2)]
         made += [Schedule.fora(a, s, n, warmup=min(2, s)) for n in (3, 4)]
+        # the gentle end of the front: every early step computes, caching only the late (low-noise) steps
+        made += [Schedule.fora(a, s, n, warmup=w) for n in (2, 3) for w in (s // 4, s // 2, 3 * s // 4) if 0 < w < s]
+        if self.forecast:
+            made += [Schedule.fora(a, s, 2, warmup=w).with_forecasts() for w in (s // 4, s // 2) if 0 < w < s]
         made += [Schedule.intervals(a, s, {c: n for c in attn}) for n in (2, 3)]
         made += [Schedule.intervals(a, s, {c: 2 for c in a.components if c not in attn})]
         nb = a.num_blocks

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class SearchConfig:
     structured: float = 0.5  # probability of one structural move per offspring (see StructuredMutation)
     patience: int = 3  # generations without hypervolume growth before stopping early (0: never)
     plateau_tol: float = 0.002  # relative hypervolume growth that counts as growth
+    budget_minutes: float = 0.0  # stop at the first generation boundary past this much search time (0: no budget)
 
 
 HIGHER_IS_BETTER = ("psnr", "psnr_mean", "clip")
@@ -129,10 +131,12 @@ class Search:
         ckpt_path = self.out / "checkpoint.json"
         history: list[float] = []
         ref = None
+        spent = 0.0  # seconds of search time before this process (kept in the checkpoint across resumes)
         if ckpt_path.is_file():
             ckpt = read_json(ckpt_path, "search checkpoint")
             gen, X = ckpt["generation"], np.stack([_str_to_bits(s) for s in ckpt["population"]])
             history, ref = ckpt.get("hypervolume", []), ckpt.get("reference_quality")
+            spent = float(ckpt.get("seconds", 0.0))
         else:
             gen = 0
             X = self.space.seeds(np.random.default_rng(self.cfg.seed), self.cfg.pop_size, self.extra_seeds)
@@ -143,7 +147,8 @@ class Search:
             file=sys.stderr,
             disable=not self.state.is_main_process,
         )
-        while gen < self.cfg.generations and not self.plateaued(history):
+        started = time.perf_counter()
+        while gen < self.cfg.generations and not self.plateaued(history) and not self.over_budget(spent):
             alg = self._algorithm(X, gen)
             self._tell(alg, alg.ask())  # the current population (scores come from the archive)
             if ref is None:  # fixed once, from the first population: the worst quality it has, with a margin
@@ -151,6 +156,7 @@ class Search:
                 ref = float(q.max() + 0.1 * (abs(q.max()) + 1e-9))
             self._tell(alg, alg.ask())  # offspring: crossover + mutation, then survival
             X, gen = alg.pop.get("X").astype(bool), gen + 1
+            spent, started = spent + time.perf_counter() - started, time.perf_counter()
             history.append(hypervolume(self.objectives(self.archive()), self.cfg.quality, ref))
             if self.state.is_main_process:
                 atomic_write_json(
@@ -160,13 +166,31 @@ class Search:
                         "population": [_bits_to_str(x) for x in X],
                         "hypervolume": history,
                         "reference_quality": ref,
+                        "seconds": spent,
                     },
                 )
             self.state.wait_for_everyone()
             bar.update(1)
             bar.set_postfix(hv=f"{history[-1]:.4f}")
         bar.close()
-        return {"generation": gen, "population": X, "records": self.scores(X), "hypervolume": history}
+        return {
+            "generation": gen,
+            "population": X,
+            "records": self.scores(X),
+            "hypervolume": history,
+            "seconds": spent,
+            "stopped_by": self.stop_reason(gen, history, spent),
+        }
+
+    def over_budget(self, spent: float) -> bool:
+        return self.cfg.budget_minutes > 0 and spent >= 60 * self.cfg.budget_minutes
+
+    def stop_reason(self, gen: int, history: list[float], spent: float) -> str:
+        if self.plateaued(history):
+            return "plateau"
+        if self.over_budget(spent):
+            return "budget"
+        return "generations"
 
     def plateaued(self, history: list[float]) -> bool:
         """No relative hypervolume growth above plateau_tol over the last `patience` generations."""

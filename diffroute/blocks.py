@@ -1,0 +1,65 @@
+"""A transformer block's streams, so that a block can stand in for itself with its input plus a cached residual.
+
+A block maps its image-token `hidden_states` (and, in joint-attention blocks, its text `encoder_hidden_states`) to new
+ones: PixArt, DiT and Sana blocks return a tensor, SD3 and FLUX blocks the pair `(encoder_hidden_states,
+hidden_states)` (the text entry is None in SD3's last block). The residual is output minus input per stream; a block
+reused as a whole returns input plus residual, as FBCache/DBCache reuse the residual of the blocks they skip.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# Block arguments with one row per sample (sliced when only some samples compute the block).
+BATCHED_BLOCK_ARGS = (
+    "hidden_states",
+    "encoder_hidden_states",
+    "attention_mask",
+    "encoder_attention_mask",
+    "timestep",
+    "temb",
+    "class_labels",
+)
+
+
+def bind(block: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """The block's forward arguments by name (positional ones too: Sana's blocks are called positionally)."""
+    return inspect.signature(type(block).forward).bind(block, *args, **kwargs)
+
+
+def call(forward, bound: inspect.BoundArguments):
+    """Call the block's (bound-method) forward with `bound`'s arguments, less `self`."""
+    return forward(*bound.args[1:], **bound.kwargs)
+
+
+def residual(inputs, out):
+    """What the block added to each stream: a tensor, or an (encoder, hidden) pair with None where absent."""
+    if isinstance(out, torch.Tensor):
+        return out - inputs["hidden_states"]
+    enc_out, hid_out = out
+    enc_in = inputs.get("encoder_hidden_states")
+    text = None if enc_out is None or enc_in is None or enc_out.shape != enc_in.shape else enc_out - enc_in
+    return (text, hid_out - inputs["hidden_states"])
+
+
+def add_residual(inputs, res):
+    """Input plus residual, in the form of the block's output."""
+    if isinstance(res, torch.Tensor):
+        return inputs["hidden_states"] + res
+    enc_in = inputs.get("encoder_hidden_states")
+    return (None if res[0] is None else enc_in + res[0], inputs["hidden_states"] + res[1])
+
+
+def rows_of(bound: inspect.BoundArguments, rows: torch.Tensor, n: int) -> inspect.BoundArguments:
+    """The block's arguments for the given samples only."""
+
+    def take(x):
+        return x.index_select(0, rows) if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == n else x
+
+    sliced = inspect.BoundArguments(bound.signature, bound.arguments.copy())
+    for k in BATCHED_BLOCK_ARGS:
+        if k in sliced.arguments:
+            sliced.arguments[k] = take(sliced.arguments[k])
+    return sliced
