@@ -54,14 +54,28 @@ class StepTracker:
         self.default_num_steps = default_num_steps
         self.ctx = StepContext()
         self._last_t: float | None = None
+        self._pinned: tuple[int, int] | None = None
 
     def reset(self) -> None:
         self.ctx = StepContext()
         self._last_t = None
 
+    def pin(self, step: int, branch: int = 0) -> None:
+        """Fix the context of the next transformer calls (training and calibration replay recorded steps out of
+        order, which the call sequence cannot tell); `unpin` returns to tracking."""
+        self._pinned = (step, branch)
+
+    def unpin(self) -> None:
+        self._pinned = None
+
     def advance(self, timestep, batch_size: int) -> tuple[StepContext, bool]:
         """Update for one transformer call; returns (context, whether this call starts a new pipeline call)."""
         prev = self.ctx
+        pinned = self._pinned
+        if pinned is not None:
+            new_call = prev.step < 0
+            self.ctx = StepContext(pinned[0], self.default_num_steps, pinned[1], timestep, batch_size)
+            return self.ctx, new_call
         step, num_steps = self.step_source() if self.step_source is not None else (None, None)
         num_steps = num_steps or self.default_num_steps
         if step is not None:

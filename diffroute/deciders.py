@@ -16,7 +16,8 @@ class Decider:
 
     def decide(self, ctx: StepContext, block: int, comp: int):
         """True to compute, False to reuse the cached output, FORECAST to extrapolate it, or a bool tensor with
-        one entry per sample (True: that sample computes)."""
+        one entry per sample (True: that sample computes). Training deciders return a float tensor instead (a
+        scalar or one weight per sample): the output is `w * fresh + (1 - w) * cached`, differentiable in `w`."""
         raise NotImplementedError
 
     def on_block_start(self, ctx: StepContext, block: int, module, args: tuple, kwargs: dict) -> None:

@@ -119,6 +119,7 @@ class Executor:
                 f"Plan {self.plan.name!r} needs to know the step count: apply it to a pipeline, or pass "
                 "num_inference_steps=... when applying it to a bare transformer."
             )
+        self.scheduler = scheduler
         self.tracker = StepTracker(source, default_steps)
         self.default_num_steps = default_steps
         self.cache = FeatureCache(history=self.plan.cache_history)
@@ -232,6 +233,8 @@ class Executor:
         ctx, cache = self.ctx, self.cache
         key, n = (ctx.branch, b, c), ctx.batch_size
         decision = self.decider.decide(ctx, b, c)
+        if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft weight
+            return self._blend(forward, key, decision, args, kwargs)
         if isinstance(decision, torch.Tensor):  # per-sample: True rows compute, the others reuse
             if bool(decision.all()):
                 decision = True
@@ -256,6 +259,24 @@ class Executor:
     def keep(self, b: int, c: int, out) -> None:
         """Store a computed output that a later step may reuse."""
         self.cache.put((self.ctx.branch, b, c), out, self.ctx.step)
+
+    def _blend(self, forward, key, weight: torch.Tensor, args: tuple, kwargs: dict):
+        """Training mode: `w * fresh + (1 - w) * cached` with gradients through `w` (a scalar, or one weight per
+        sample). The inference cache detaches and copies in place, which is right for inference only; here the cached
+        side is what earlier computed steps stored, and the blend itself is not stored."""
+        fresh = forward(*args, **kwargs)
+        cached = self.cache.get(key, self.ctx.batch_size)
+        self.stats.record(self.ctx.step, key[1], key[2], self.ctx.batch_size, self.ctx.batch_size)
+        if cached is None:  # nothing computed before: the component is its fresh output
+            return fresh
+
+        def mix(f, c):
+            if f is None:
+                return None
+            w = weight.to(f.dtype).reshape(-1, *([1] * (f.ndim - 1))) if weight.ndim else weight.to(f.dtype)
+            return w * f + (1 - w) * c
+
+        return rebuild(type(cached), [mix(f, c) for f, c in zip(tensors_of(fresh), tensors_of(cached))])
 
     def _compute_rows(self, forward, key, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
         """Compute the component for the masked samples only and merge them into the cached output."""
@@ -335,6 +356,20 @@ class Executor:
         out = tensors_of(blocks.add_residual(bound.arguments, res))
         out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
         return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)
+
+    def check_call(self, num_steps: int | None) -> None:
+        """Raise before a pipeline call starts if the plan cannot run it (a router trained for another step count)."""
+        self.plan.check_call(num_steps, self.scheduler)
+
+    @contextlib.contextmanager
+    def at_step(self, step: int, branch: int = 0):
+        """Run the transformer calls inside as step `step` (and CFG branch `branch`) of one call: for training and
+        calibration, which replay recorded steps out of order. `end_call()` starts a fresh call (empty cache)."""
+        self.tracker.pin(step, branch)
+        try:
+            yield self
+        finally:
+            self.tracker.unpin()
 
     @contextlib.contextmanager
     def pipeline_call(self):

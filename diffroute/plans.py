@@ -28,6 +28,9 @@ class Plan:
     def check(self, arch: ArchitectureMap) -> None:
         """Raise before any work if this plan cannot drive `arch`."""
 
+    def check_call(self, num_steps: int | None, scheduler=None) -> None:
+        """Raise before a pipeline call if this plan cannot run `num_steps` steps of `scheduler` (trained routers)."""
+
     def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
         """Bool [blocks, components]: components computed at every step of every call, never stored, never watched
         (the executor leaves them unhooked, so they cost nothing and compile as in vanilla). None by default."""
@@ -170,13 +173,17 @@ def resolve_plan(spec, allow_files: bool = True) -> Plan:
                     raise PlanError(f"plan {text!r}: {e}") from e
     if allow_files and (isinstance(spec, Path) or (isinstance(spec, str) and spec.strip())):
         path = Path(spec)
+        if path.is_dir() and (path / "config.json").is_file():  # a trained router's folder
+            from .routing import RouterPlan, load_router
+
+            return RouterPlan(load_router(path), name=path.name)
         if path.suffix == ".json" or path.is_file():
             if not path.is_file():
                 raise PlanError(f"schedule file {str(path)!r} does not exist.")
             return SchedulePlan(Schedule.load(path), name=path.stem)
     if isinstance(spec, (str, Path)):
         names = ", ".join(f"{k} ({v})" if v else k for k, v in PLAN_HELP.items())
-        files = "; or give a path to a schedule JSON file" if allow_files else ""
+        files = "; or give a path to a schedule JSON file or a router folder" if allow_files else ""
         raise PlanError(f"Unknown plan {str(spec)[:100]!r}. Known plans: {names}{files}.")
     raise PlanError(f"A plan must be a name, a schedule JSON path, a Schedule or a Plan; got {type(spec).__name__}.")
 

@@ -1,4 +1,5 @@
-"""Shipped schedules by name: `MODEL:NAME` (e.g. `emoji:fast`) is `zoo/weights/MODEL/schedules/NAME.json`."""
+"""Shipped plans by name: `MODEL:NAME` is the schedule `zoo/weights/MODEL/schedules/NAME.json` (e.g. `emoji:fast`)
+or the trained router `zoo/weights/MODEL/routers/NAME/` (e.g. `emoji:l2c`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ def shipped_schedules() -> dict[str, Path]:
     return {f"{p.parent.parent.name}:{p.stem}": p for p in sorted(WEIGHTS.glob("*/schedules/*.json"))}
 
 
+def shipped_routers() -> dict[str, Path]:
+    return {
+        f"{p.parent.parent.parent.name}:{p.parent.name}": p.parent
+        for p in sorted(WEIGHTS.glob("*/routers/*/config.json"))
+    }
+
+
 def install_schedule(source: Path, model: str, name: str) -> Path:
     """Copy a schedule JSON into the zoo as `MODEL:NAME` (atomically), recording the name in its provenance."""
     schedule = Schedule.load(source)  # validated before anything is written into the zoo
@@ -26,11 +34,19 @@ def install_schedule(source: Path, model: str, name: str) -> Path:
 
 def _shipped(m: re.Match) -> Plan:
     name = m.group(0)
+    routers = shipped_routers()
+    if name in routers:
+        from .routing import RouterPlan, load_router  # the routing package imports plans: import it late
+
+        return RouterPlan(load_router(routers[name]), name=name)
     found = shipped_schedules()
     if name not in found:
-        raise ValueError(f"No shipped schedule {name!r}; shipped: {', '.join(found) or 'none'}.")
+        shipped = ", ".join([*found, *routers]) or "none"
+        raise ValueError(f"No shipped schedule or router {name!r}; shipped: {shipped}.")
     return SchedulePlan(Schedule.load(found[name]), name=name)
 
 
-register_plan(r"[a-z0-9-]+:[a-z0-9_-]+", _shipped, "MODEL:NAME", "a shipped schedule, e.g. emoji:fast")
-PLAN_EXAMPLES.extend(n for n in shipped_schedules() if n not in PLAN_EXAMPLES)
+register_plan(
+    r"[a-z0-9-]+:[a-z0-9_-]+", _shipped, "MODEL:NAME", "a shipped schedule or router, e.g. emoji:fast, emoji:l2c"
+)
+PLAN_EXAMPLES.extend(n for n in [*shipped_schedules(), *shipped_routers()] if n not in PLAN_EXAMPLES)

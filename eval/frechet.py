@@ -130,8 +130,12 @@ def _fd_of(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def fd_interval(a: torch.Tensor, b: torch.Tensor, paired: bool, n_boot: int = 200, seed: int = 0) -> list[float]:
-    """Bootstrap 95% interval (percentiles, fixed seed) of FD between per-image features `a` and `b`. Paired sets
-    (a plan's images and full's, same prompts and seeds) are resampled with the same indices; others independently."""
+    """Bootstrap 95% interval (fixed seed) of FD between per-image features `a` and `b`. Paired sets (a plan's images
+    and full's, same prompts and seeds) are resampled with the same indices; others independently.
+
+    Resampling with replacement repeats images, which shrinks the covariances' effective sample and inflates FD, so
+    raw percentiles lie above the point estimate (measured: 0.61-0.72 around 0.41). The percentiles are therefore
+    shifted by the bootstrap's bias estimate `mean(FD*) - FD` (the bias-corrected percentile interval)."""
     g = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(n_boot):
@@ -139,4 +143,5 @@ def fd_interval(a: torch.Tensor, b: torch.Tensor, paired: bool, n_boot: int = 20
         ib = ia if paired else torch.randint(len(b), (len(b),), generator=g)
         values.append(_fd_of(a[ia], b[ib]))
     v = torch.tensor(values, dtype=torch.float64)
-    return [float(torch.quantile(v, 0.025)), float(torch.quantile(v, 0.975))]
+    bias = float(v.mean()) - _fd_of(a, b)
+    return [float(torch.quantile(v, 0.025)) - bias, float(torch.quantile(v, 0.975)) - bias]

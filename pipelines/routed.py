@@ -129,6 +129,8 @@ def _routed_call(vanilla_call):
                 steps = signature.parameters["num_inference_steps"].default
             check_num_steps(self.scheduler, steps)
         executor = get_executor(self)
+        if executor is not None:
+            executor.check_call(steps)
         with contextlib.ExitStack() as stack:
             if steps == 1:
                 stack.enter_context(self._one_step_call())

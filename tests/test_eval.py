@@ -218,6 +218,10 @@ def test_fd_bootstrap_interval_and_feature_bank_order():
     assert lo <= _fd_of(near, a) <= hi and lo < hi
     assert fd_interval(far, a, paired=True)[0] > hi  # a larger shift: a separated interval
     assert fd_interval(near, a, paired=True) == [lo, hi]  # fixed seed: reproducible
+    # Few images in many dimensions: resampling with repeats inflates FD, the interval must still hold the estimate.
+    x, y = torch.randn(64, 32, generator=g, dtype=torch.float64), torch.randn(64, 32, generator=g, dtype=torch.float64)
+    lo, hi = fd_interval(x, y, paired=False)
+    assert lo <= _fd_of(x, y) <= hi
 
     bank = FeatureBank(torch.nn.Flatten())
     images = torch.arange(24.0).reshape(6, 4)

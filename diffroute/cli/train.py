@@ -1,0 +1,110 @@
+"""Train a router for a pipeline: `diffroute train l2c` (Learning-to-Cache), on accelerate (resumable from --out)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HELP = "train a router (l2c: Learning-to-Cache) on the model's own sampling trajectories"
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+    l2c = sub.add_parser("l2c", help="Learning-to-Cache: per-step logits deciding which components may reuse")
+    _add_common(l2c)
+    l2c.add_argument("--lam", type=float, default=1e-3, help="weight of the compute penalty sum(beta) (default 1e-3)")
+    l2c.add_argument("--threshold", type=float, default=0.1, help="compute where beta > this (default 0.1)")
+    l2c.add_argument(
+        "--no-alternate",
+        action="store_true",
+        help="route every step after the first (default: as the paper, even steps compute everything)",
+    )
+    l2c.add_argument("--iters", type=int, default=300, help="training iterations (default 300)")
+    l2c.add_argument("--batch", type=int, default=2, help="recorded batches per iteration (default 2)")
+    l2c.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2, as the paper)")
+
+
+def _add_common(p) -> None:
+    from .common import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("--prompts-file", help="training prompts (default for emoji: training captions, never held-out)")
+    p.add_argument("--prompt", action="append", help="a training prompt (repeatable)")
+    p.add_argument("--n", type=int, default=64, help="training prompts (default 64)")
+    p.add_argument("--prompts-per-batch", type=int, default=16, help="prompts per recorded batch (default 16)")
+    p.add_argument("--bf16", action="store_true", help="autocast training to bfloat16")
+    p.add_argument("--out", required=True, help="run folder (checkpointed; rerun the same command to resume)")
+    p.add_argument("--ship", default=None, metavar="NAME", help="zoo models only: install the result as MODEL:NAME")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def run(args) -> dict | None:
+    import torch
+    from accelerate import Accelerator
+
+    from diffroute.routing.train_l2c import L2CConfig, train_l2c
+
+    from .calibrate import calibration_prompts
+    from .common import call_kwargs, check_out_dir, load, read_prompts
+
+    if args.iters < 1 or args.n < 1 or args.batch < 1 or args.prompts_per_batch < 1:
+        raise ValueError("need --iters, --n, --batch and --prompts-per-batch of at least 1.")
+    if not args.lam >= 0 or not 0 < args.threshold < 1:
+        raise ValueError("need --lam >= 0 and --threshold strictly between 0 and 1.")
+    ship = _check_ship(args.ship, args.model) if args.ship else None
+    default = calibration_prompts(args.model, args.n) if args.model == "emoji" else []
+    prompts = read_prompts(args, default)[: args.n]
+    out = check_out_dir(args.out)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    pipe = load(args)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = L2CConfig(
+        lam=args.lam,
+        threshold=args.threshold,
+        alternate=not args.no_alternate,
+        iters=args.iters,
+        batch=args.batch,
+        lr=args.lr,
+        prompts_per_batch=args.prompts_per_batch,
+        seed=args.seed,
+        bf16=args.bf16,
+    )
+    summary = train_l2c(pipe, prompts, call_kwargs(pipe, args), cfg, out, accelerator)
+    summary["out"] = str(out)
+    if ship and accelerator.is_main_process:
+        summary["shipped_as"] = install_router(out / "router", args.model, ship)
+    if accelerator.is_main_process:
+        print(
+            f"l2c: lambda {cfg.lam:g}: computes {summary['computed_fraction']:.1%} of components "
+            f"({summary['routed_steps_computed_fraction']:.1%} on routed steps); router in {out / 'router'}",
+            file=sys.stderr,
+        )
+        return summary
+    return None
+
+
+def _check_ship(name: str, model: str) -> str:
+    from diffroute.shipped import WEIGHTS
+
+    if not (WEIGHTS / model).is_dir():
+        raise ValueError(f"--ship installs into a zoo model's folder; {model!r} has none (zoo: {WEIGHTS}).")
+    if not name or not name.replace("-", "").isalnum() or name != name.lower():
+        raise ValueError(f"--ship {name!r}: give a lowercase name of letters, digits and '-' (e.g. l2c).")
+    return name
+
+
+def install_router(folder: Path, model: str, name: str) -> str:
+    """Copy a trained router folder into the zoo as MODEL:NAME (written beside, then renamed into place)."""
+    import shutil
+
+    from diffroute.routing import load_router
+    from diffroute.shipped import WEIGHTS
+
+    load_router(folder)  # validated before anything is written into the zoo
+    dest = WEIGHTS / model / "routers" / name
+    tmp = dest.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return f"{model}:{name}"

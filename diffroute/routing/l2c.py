@@ -1,0 +1,107 @@
+"""Learning-to-Cache (Ma et al., arXiv 2406.01733): a router of one logit per (step, block, component).
+
+`beta = sigmoid(theta)` is the weight of computing a component at a step; training blends `beta * fresh +
+(1 - beta) * cached` (the executor's soft decisions) and at inference a component computes where `beta > threshold`.
+The router takes no input, so its decisions form a static schedule: `L2CRouter.schedule()` is an ordinary
+`Schedule` (ECAD can seed its population with it, the executor runs it like any other).
+
+As in the paper, inference alternates: even steps compute everything (they refresh every cache) and only the odd
+steps are routed, so at most half of the component calls are saved. `alternate=False` routes every step after the
+first, which the training pairs (cache from the step just before) do not cover: a deviation, off by default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from diffroute.arch import ArchitectureMap
+from diffroute.errors import PlanError
+from diffroute.plans import SchedulePlan
+from diffroute.schedule import Schedule
+
+
+class L2CRouter(ModelMixin, ConfigMixin):
+    """Per-step, per-(block, component) logits; forward returns beta = sigmoid(theta)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        num_steps: int,
+        num_blocks: int,
+        components: tuple[str, ...],
+        model_class: str,
+        scheduler: str = "",
+        threshold: float = 0.1,
+        alternate: bool = True,
+        lam: float = 0.0,
+    ):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.randn(num_steps, num_blocks, len(components)))  # N(0, 1) as the paper
+
+    @classmethod
+    def for_model(cls, arch: ArchitectureMap, num_steps: int, scheduler=None, **kwargs) -> L2CRouter:
+        """A fresh router for `arch` at `num_steps` steps of `scheduler` (its class name is recorded and checked)."""
+        name = "" if scheduler is None else type(scheduler).__name__
+        return cls(num_steps, arch.num_blocks, tuple(arch.components), arch.model_class, name, **kwargs)
+
+    def forward(self) -> torch.Tensor:
+        return torch.sigmoid(self.theta)
+
+    def routed_steps(self) -> list[int]:
+        """The steps whose components the router decides (the others compute everything)."""
+        steps = range(1, self.config.num_steps)
+        return [s for s in steps if s % 2 == 1] if self.config.alternate else list(steps)
+
+    def schedule(self, threshold: float | None = None) -> Schedule:
+        """The router's decisions as a static schedule: compute where beta > threshold on routed steps."""
+        thr = self.config.threshold if threshold is None else threshold
+        beta = self().detach().float().cpu()
+        compute = torch.ones_like(beta, dtype=torch.bool)
+        routed = self.routed_steps()
+        compute[routed] = beta[routed] > thr
+        prov = {"rule": "l2c", "lambda": self.config.lam, "threshold": thr, "alternate": self.config.alternate}
+        return Schedule(compute, self.config.model_class, tuple(self.config.components), prov)
+
+
+class RouterPlan(SchedulePlan):
+    """A trained router as a plan: its schedule, refused at any other step count or scheduler than it was trained
+    for (a router learns one trajectory's steps; resample its schedule explicitly to use it elsewhere)."""
+
+    def __init__(self, router: L2CRouter, name: str):
+        super().__init__(router.schedule(), name=name)
+        self.router = router
+
+    def check_call(self, num_steps: int | None, scheduler=None) -> None:
+        cfg = self.router.config
+        if num_steps is not None and num_steps != cfg.num_steps:
+            raise PlanError(
+                f"router {self.name!r} was trained for {cfg.num_steps} steps, not {num_steps}: train one for "
+                f"{num_steps} steps (`diffroute train l2c --steps {num_steps}`), or run its schedule resampled "
+                f"(`diffroute.routing.load_router(...).schedule().resample({num_steps})`)."
+            )
+        used = None if scheduler is None else type(scheduler).__name__
+        if used and cfg.scheduler and used != cfg.scheduler:
+            raise PlanError(
+                f"router {self.name!r} was trained with {cfg.scheduler}, the pipeline uses {used}: its steps visit "
+                "other noise levels. Train one with this scheduler, or switch the pipeline's scheduler back."
+            )
+
+    def decider(self, arch: ArchitectureMap, num_steps: int):
+        self.check_call(num_steps)
+        return super().decider(arch, num_steps)
+
+
+def load_router(folder) -> L2CRouter:
+    """A saved router folder (config.json + safetensors), refused with a clear message when it is not one."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise PlanError(f"{str(folder)!r} is not a router folder (no config.json); train one with `diffroute train`.")
+    try:
+        return L2CRouter.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise PlanError(f"router folder {str(folder)!r} cannot be loaded ({e}); train it again.") from e
