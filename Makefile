@@ -42,9 +42,13 @@ clean:
 # ---- Rebuilding the embedded emoji model and the figures the README shows (long; see README for times) ----
 # The shipped schedules (installed by `make search`) and every plan and peer setting the README table compares.
 SHIPPED ?= emoji:gentle,emoji:fast,emoji:faster,emoji:fastest,emoji:turbo
-COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,$(SHIPPED),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
+# Learning-to-Cache routers shipped as emoji:NAME, one per compute penalty (NAME=LAMBDA).
+L2C_SHIP ?= l2c-lam3e-4=3e-4 l2c=1e-3 l2c-lam3e-3=3e-3
+L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.1
+ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
+COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate search compare demo-grid artifacts
+.PHONY: data train quality calibrate l2c search compare demo-grid artifacts
 
 data: install
 	$(BIN)/python -m diffroute.zoo.emoji_data
@@ -59,6 +63,11 @@ quality: install
 calibrate: install
 	$(BIN)/diffroute calibrate --model emoji --out diffroute/zoo/weights/emoji/teacache.json
 	$(BIN)/diffroute calibrate --model emoji --method magcache --out diffroute/zoo/weights/emoji/magcache.json
+
+# L2C routers train from scratch on the shipped model (their run folders resume an interrupted training).
+l2c: install
+	for spec in $(L2C_SHIP); do name=$${spec%%=*}; lam=$${spec#*=}; rm -rf runs/l2c/$$name; \
+		$(BIN)/diffroute train l2c $(L2C_FLAGS) --lam $$lam --out runs/l2c/$$name --ship $$name || exit 1; done
 
 # The search restarts from scratch (its archive belongs to the model it ran on) and installs the shipped schedules.
 # bf16 (this CPU runs it ~4x faster than fp32; quality is measured against bf16 `full`), 64 calibration captions,
@@ -81,7 +90,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate search compare demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c search compare demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done

@@ -56,7 +56,9 @@ def plan_kind(plan: str) -> str:
 
 
 def style_label(kind: str) -> str:
-    return {"shipped": "shipped ECAD schedules (front)", "ours": "diffroute plans", "peer": "peer caches"}[kind]
+    return {"shipped": "shipped schedules and routers (MODEL:NAME)", "ours": "diffroute plans", "peer": "peer caches"}[
+        kind
+    ]
 
 
 def dominance(result: dict) -> list[dict]:

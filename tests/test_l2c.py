@@ -126,3 +126,60 @@ def test_train_cli_resumes_and_ships_nothing_without_ship(tmp_path):
         [sys.executable, "-m", "diffroute", *args[:-4], "--threshold", "1.5"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "--threshold strictly between 0 and 1" in bad.stderr
+
+
+def test_search_is_seeded_with_shipped_routers_of_the_same_step_count(tiny_pipes, tmp_path, monkeypatch):
+    import diffroute.shipped
+    from diffroute.cli.search import _router_seeds
+
+    arch = diffroute.architecture_map(tiny_pipes("pixart-alpha").transformer)
+    torch.manual_seed(0)
+    router = L2CRouter.for_model(arch, STEPS, threshold=0.5)
+    router.save_pretrained(tmp_path / "tiny-pixart" / "routers" / "l2c")
+    monkeypatch.setattr(diffroute.shipped, "WEIGHTS", tmp_path)
+    assert diffroute.shipped.shipped_routers() == {"tiny-pixart:l2c": tmp_path / "tiny-pixart" / "routers" / "l2c"}
+    seeds = _router_seeds("tiny-pixart", arch, STEPS)
+    assert len(seeds) == 1 and torch.equal(seeds[0].compute, router.schedule().compute)
+    assert _router_seeds("tiny-pixart", arch, STEPS + 1) == [] and _router_seeds("emoji", arch, STEPS) == []
+
+
+def test_train_l2c_on_two_gloo_processes_matches_one(tmp_path):
+    args = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "4", "--prompts-per-batch", "2"]
+    args += ["--iters", "3", "--batch", "2", "--json"]
+    args += ["--prompt", "a red apple", "--prompt", "a cat", "--prompt", "a tree", "--prompt", "a blue car"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffroute"]
+    one = subprocess.run([sys.executable, "-m", "diffroute", *args, "--out", str(tmp_path / "one")], **_RUN)
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], **_RUN)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert (json.loads(one.stdout)["processes"], json.loads(two.stdout)["processes"]) == (1, 2)
+    # each process trains on its half of the global batch; DDP averages their gradients: the same update
+    a, b = load_router(tmp_path / "one" / "router"), load_router(tmp_path / "two" / "router")
+    torch.testing.assert_close(a.theta, b.theta, rtol=1e-4, atol=1e-5)
+
+
+_RUN = dict(capture_output=True, text=True, timeout=600)
+
+
+def test_shipped_router_resolves_by_name_for_untrusted_clients_but_folders_do_not(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from diffroute.plans import PLAN_EXAMPLES
+
+    assert "emoji:l2c" in PLAN_EXAMPLES  # offered by the app's plan picker
+    plan = diffroute.resolve_plan("emoji:l2c", allow_files=False)
+    assert isinstance(plan, RouterPlan) and plan.router.config.num_steps == 20
+    plan.check_call(20, DPMSolverMultistepScheduler())
+    with pytest.raises(PlanError, match="trained for 20 steps, not 10"):
+        plan.check_call(10, DPMSolverMultistepScheduler())
+    router = L2CRouter.for_model(diffroute.architecture_map(_tiny_transformer()), STEPS)
+    router.save_pretrained(tmp_path / "router")
+    with pytest.raises(PlanError, match="Unknown plan"):
+        diffroute.resolve_plan(str(tmp_path / "router"), allow_files=False)  # a client never names a path
+
+
+def _tiny_transformer():
+    from diffroute.zoo.tiny import TINY_PIPELINES
+
+    return TINY_PIPELINES["pixart-alpha"]().transformer

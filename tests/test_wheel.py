@@ -85,6 +85,9 @@ def test_wheel_contains_every_package_and_the_shipped_files(wheel):
         "diffroute/zoo/weights/emoji/magcache.json",
         "diffroute/zoo/weights/emoji/transformer/diffusion_pytorch_model.safetensors",
         "diffroute/zoo/weights/emoji-clip/diffusion_pytorch_model.safetensors",
+        "diffroute/zoo/weights/emoji/routers/l2c/config.json",
+        "diffroute/zoo/weights/emoji/routers/l2c/diffusion_pytorch_model.safetensors",
+        "diffroute/routing/l2c.py",
     ):
         assert shipped in names, shipped
     assert any(n.startswith("diffroute/zoo/weights/emoji/schedules/") and n.endswith(".json") for n in names)

@@ -30,9 +30,9 @@ class L2CConfig:
     lam: float = 1e-3  # weight of sum(beta) (the paper's 1e-6..5e-6 is for DiT-XL's loss scale: retune per model)
     threshold: float = 0.1  # compute where beta > threshold (the paper's DiT value)
     alternate: bool = True  # route odd steps only, as the paper (see l2c.py)
-    iters: int = 300
-    batch: int = 2  # recorded batches per iteration (split across processes)
-    lr: float = 1e-2  # the reference code's lr for DiT at 20 steps
+    iters: int = 400
+    batch: int = 1  # recorded batches per iteration (split across processes)
+    lr: float = 0.1  # 10x the reference code's 1e-2: an iteration trains one step's logits only
     prompts_per_batch: int = 16
     seed: int = 0
     bf16: bool = False
