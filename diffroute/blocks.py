@@ -63,3 +63,33 @@ def rows_of(bound: inspect.BoundArguments, rows: torch.Tensor, n: int) -> inspec
         if k in sliced.arguments:
             sliced.arguments[k] = take(sliced.arguments[k])
     return sliced
+
+
+def form_of(out) -> tuple[bool, bool]:
+    """(returns a pair, the pair's text entry is present): what `identity` needs to answer in the block's form."""
+    if isinstance(out, torch.Tensor):
+        return (False, False)
+    return (True, out[0] is not None)
+
+
+def identity(inputs, form: tuple[bool, bool]):
+    """The block skipped: its input, in the form of its output."""
+    pair, text = form
+    if not pair:
+        return inputs["hidden_states"]
+    return (inputs.get("encoder_hidden_states") if text else None, inputs["hidden_states"])
+
+
+def gate(inputs, out, weight: torch.Tensor):
+    """`w * out + (1 - w) * input` per stream (Elastic-DiT's training gate `x + g (block(x) - x)`, written so that
+    w = 1 is the block's output exactly); `weight` is a scalar or one weight per sample."""
+
+    def mix(o, x):
+        if o is None or x is None or o.shape != x.shape:
+            return o
+        w = weight.to(o.dtype).reshape(-1, *([1] * (o.ndim - 1))) if weight.ndim else weight.to(o.dtype)
+        return w * o + (1 - w) * x
+
+    if isinstance(out, torch.Tensor):
+        return mix(out, inputs["hidden_states"])
+    return (mix(out[0], inputs.get("encoder_hidden_states")), mix(out[1], inputs["hidden_states"]))

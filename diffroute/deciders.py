@@ -9,6 +9,8 @@ from .schedule import Schedule
 
 # A decision to approximate the component by a first-order forecast from its last two computed outputs.
 FORECAST = "forecast"
+# A block-level decision: the block is skipped, its output is its input (Elastic-DiT's skip).
+SKIP = "skip"
 
 
 class Decider:
@@ -32,7 +34,9 @@ class Decider:
 
     def decide_block(self, ctx: StepContext, block: int):
         """For the blocks a plan decides as a whole (`Plan.block_level`): True to compute the block, False to reuse
-        its residual (input plus what it added at its last computation), or a bool tensor with one entry per sample."""
+        its residual (input plus what it added at its last computation), SKIP to return its input, or a bool tensor
+        with one entry per sample (True computes, False reuses). Training deciders return a float tensor (a scalar or
+        one weight per sample): the output is `w * block(x) + (1 - w) * x`, differentiable in `w`."""
         return True
 
     def must_store_block(self, ctx: StepContext, block: int) -> bool:

@@ -20,7 +20,7 @@ from . import blocks
 from .arch import ArchitectureMap, architecture_map
 from .cache import FeatureCache, rebuild, tensors_of
 from .context import StepContext, StepTracker, scheduler_step_source
-from .deciders import FORECAST
+from .deciders import FORECAST, SKIP
 from .plans import Plan, resolve_plan
 from .stats import CallStats, StatsRecorder
 
@@ -129,6 +129,7 @@ class Executor:
         # Blocks decided as a whole (their components get no hooks; stats count them per block call).
         self.block_level = self.plan.block_level(self.arch) & ~self.always.all(1)
         self.decider = None
+        self._block_forms: dict[int, tuple[bool, bool]] = {}  # per block: its output's form (see blocks.form_of)
         self.stats: StatsRecorder | None = None
         self.last_stats: CallStats | None = None
         self._attached = False
@@ -307,6 +308,15 @@ class Executor:
         ctx, n = self.ctx, self.ctx.batch_size
         key = (ctx.branch, b, "block")
         decision = self.decider.decide_block(ctx, b)
+        if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft gate
+            bound = blocks.bind(module, args, kwargs)
+            out = blocks.call(forward, bound)
+            self._block_forms[b] = blocks.form_of(out)
+            self._record_block(b, n, n)
+            return blocks.gate(bound.arguments, out, decision)
+        if decision is SKIP and b in self._block_forms:  # (before the block's first call its form is unknown)
+            self._record_block(b, 0, n)
+            return blocks.identity(blocks.bind(module, args, kwargs).arguments, self._block_forms[b])
         if isinstance(decision, torch.Tensor):
             if bool(decision.all()):
                 decision = True
@@ -324,11 +334,14 @@ class Executor:
                 self._record_block(b, 0, n)
                 return blocks.add_residual(blocks.bind(module, args, kwargs).arguments, res)
         self._record_block(b, n, n)
-        return KEEP if self.decider.must_store_block(ctx, b) else None
+        return KEEP if self.decider.must_store_block(ctx, b) or b not in self._block_forms else None
 
     @torch.compiler.disable
     def keep_block(self, b: int, module, args: tuple, kwargs: dict, out) -> None:
-        """Store what a computed block added to its input, for later steps to reuse."""
+        """Store what a computed block added to its input, for later steps to reuse (and its output's form)."""
+        self._block_forms[b] = blocks.form_of(out)
+        if not self.decider.must_store_block(self.ctx, b):
+            return
         res = blocks.residual(blocks.bind(module, args, kwargs).arguments, out)
         self.cache.put((self.ctx.branch, b, "block"), res, self.ctx.step)
 
