@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .context import StepContext
@@ -13,12 +15,28 @@ FORECAST = "forecast"
 SKIP = "skip"
 
 
+@dataclass(frozen=True)
+class Width:
+    """A component decision: compute the FFN with only this fraction of its hidden units (`diffroute.width`); a
+    float, or a tensor with one fraction per sample (samples are grouped by fraction)."""
+
+    fraction: float | torch.Tensor
+
+
+@dataclass(frozen=True)
+class SkipRows:
+    """A block decision per sample: rows where `compute` is True run the block, the others skip it (output = input)."""
+
+    compute: torch.Tensor
+
+
 class Decider:
     """Base class. A decider lives for one pipeline call; the executor asks it once per component call."""
 
     def decide(self, ctx: StepContext, block: int, comp: int):
         """True to compute, False to reuse the cached output, FORECAST to extrapolate it, or a bool tensor with
-        one entry per sample (True: that sample computes). Training deciders return a float tensor instead (a
+        one entry per sample (True: that sample computes), or Width(f) to compute an FFN at a fraction f of its
+        hidden units (not stored for reuse). Training deciders return a float tensor instead (a
         scalar or one weight per sample): the output is `w * fresh + (1 - w) * cached`, differentiable in `w`."""
         raise NotImplementedError
 

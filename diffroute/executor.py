@@ -16,11 +16,11 @@ import contextlib
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from . import blocks
+from . import blocks, width
 from .arch import ArchitectureMap, architecture_map
 from .cache import FeatureCache, rebuild, tensors_of
 from .context import StepContext, StepTracker, scheduler_step_source
-from .deciders import FORECAST, SKIP
+from .deciders import FORECAST, SKIP, SkipRows, Width
 from .plans import Plan, resolve_plan
 from .stats import CallStats, StatsRecorder
 
@@ -236,6 +236,10 @@ class Executor:
         decision = self.decider.decide(ctx, b, c)
         if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft weight
             return self._blend(forward, key, decision, args, kwargs)
+        if isinstance(decision, Width):  # the FFN at a fraction of its hidden units, really sliced
+            self.stats.record(ctx.step, b, c, n, n)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return self._sliced(self.arch.modules[b][c], hidden, decision.fraction)
         if isinstance(decision, torch.Tensor):  # per-sample: True rows compute, the others reuse
             if bool(decision.all()):
                 decision = True
@@ -279,6 +283,20 @@ class Executor:
 
         return rebuild(type(cached), [mix(f, c) for f, c in zip(tensors_of(fresh), tensors_of(cached))])
 
+    @staticmethod
+    def _sliced(module, hidden: torch.Tensor, fraction):
+        """The sliced FFN; per-sample fractions run one sliced product per distinct fraction (one host read)."""
+        if not isinstance(fraction, torch.Tensor):
+            return width.sliced_ffn(module, hidden, fraction)
+        out = None
+        for value in fraction.unique().tolist():
+            rows = (fraction == value).nonzero().squeeze(1)
+            part = width.sliced_ffn(module, hidden.index_select(0, rows), value)
+            if out is None:
+                out = part.new_empty(hidden.shape[:-1] + part.shape[-1:])
+            out.index_copy_(0, rows, part)
+        return out
+
     def _compute_rows(self, forward, key, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
         """Compute the component for the masked samples only and merge them into the cached output."""
         cached = self.cache.get(key, self.ctx.batch_size)
@@ -314,6 +332,14 @@ class Executor:
             self._block_forms[b] = blocks.form_of(out)
             self._record_block(b, n, n)
             return blocks.gate(bound.arguments, out, decision)
+        if isinstance(decision, SkipRows):  # per sample: compute or skip
+            if bool(decision.compute.all()) or b not in self._block_forms:
+                decision = True
+            elif not bool(decision.compute.any()):
+                decision = SKIP
+            else:
+                self._record_block(b, int(decision.compute.sum()), n)
+                return self._skip_rows(forward, b, module, decision.compute, args, kwargs)
         if decision is SKIP and b in self._block_forms:  # (before the block's first call its form is unknown)
             self._record_block(b, 0, n)
             return blocks.identity(blocks.bind(module, args, kwargs).arguments, self._block_forms[b])
@@ -367,6 +393,17 @@ class Executor:
         res = rebuild(type(cached), merged)
         self.cache.put(key, res, self.ctx.step)
         out = tensors_of(blocks.add_residual(bound.arguments, res))
+        out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
+        return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)
+
+    def _skip_rows(self, forward, b: int, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
+        """Run the block for the masked samples only; the others return their input."""
+        rows, n = rows_mask.nonzero().squeeze(1), self.ctx.batch_size
+        bound = blocks.bind(module, args, kwargs)
+        fresh = blocks.call(forward, blocks.rows_of(bound, rows, n))
+        out = [
+            None if x is None else x.clone() for x in tensors_of(blocks.identity(bound.arguments, self._block_forms[b]))
+        ]
         out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
         return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)
 

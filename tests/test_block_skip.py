@@ -125,3 +125,40 @@ def test_soft_block_gate_weight_one_is_the_block_and_gradients_reach_the_gate(ti
         assert g.grad is not None and float(g.grad) != 0.0
     finally:
         diffroute.remove(pipe.transformer)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_sample_skip_computes_some_samples_and_skips_the_others(tiny_pipes, name):
+    from diffroute.deciders import SkipRows
+
+    pipe = tiny_pipes(name)
+    ps = prompts(name)
+    arch = diffroute.architecture_map(pipe.transformer)
+    b = arch.num_blocks - 1
+    n = len(ps)
+
+    def first_sample_computes(step):
+        if step < 1:
+            return True
+        rows = pipe.transformer._diffroute_rows  # rows of this call: each sample's CFG rows are r % n
+        return SkipRows(torch.arange(rows) % n == 0)
+
+    def count_rows(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        module._diffroute_rows = hidden.shape[0]
+
+    handle = pipe.transformer.register_forward_pre_hook(count_rows, with_kwargs=True)
+    try:
+        vanilla = run(pipe, name, ps, [0, 1], steps=STEPS)
+        diffroute.apply(pipe, _BlockPlan(b, lambda step: True if step < 1 else SKIP))
+        skipped = run(pipe, name, ps, [0, 1], steps=STEPS)
+        diffroute.apply(pipe, _BlockPlan(b, first_sample_computes))
+        mixed = run(pipe, name, ps, [0, 1], steps=STEPS)
+    finally:
+        handle.remove()
+        diffroute.remove(pipe)
+    # samples are independent: sample 0 is the vanilla image, sample 1 the skipped one (rows run as a sub-batch, so
+    # equal to rounding)
+    np.testing.assert_allclose(mixed[0], vanilla[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], skipped[1], atol=1e-5)
+    assert not np.allclose(vanilla[1], skipped[1], atol=1e-3)
