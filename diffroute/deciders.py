@@ -18,9 +18,17 @@ SKIP = "skip"
 @dataclass(frozen=True)
 class Width:
     """A component decision: compute the FFN with only this fraction of its hidden units (`diffroute.width`); a
-    float, or a tensor with one fraction per sample (samples are grouped by fraction)."""
+    float, or a tensor with one fraction per sample of the call (samples are grouped by fraction; inside a block
+    that runs for some samples only, the executor picks theirs)."""
 
     fraction: float | torch.Tensor
+
+
+@dataclass(frozen=True)
+class SoftWidth:
+    """A training decision for an FFN: its hidden units times `mask` ([samples, hidden units]), with gradients."""
+
+    mask: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,12 @@ class SkipRows:
 
 class Decider:
     """Base class. A decider lives for one pipeline call; the executor asks it once per component call."""
+
+    # Deciders that read a block-level block's inputs before deciding it (`block_inputs`) set this.
+    reads_block_inputs: bool = False
+
+    def block_inputs(self, ctx: StepContext, block: int, arguments: dict) -> None:
+        """Called before `decide_block` with the block's forward arguments by name, when `reads_block_inputs`."""
 
     def decide(self, ctx: StepContext, block: int, comp: int):
         """True to compute, False to reuse the cached output, FORECAST to extrapolate it, or a bool tensor with

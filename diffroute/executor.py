@@ -20,7 +20,7 @@ from . import blocks, width
 from .arch import ArchitectureMap, architecture_map
 from .cache import FeatureCache, rebuild, tensors_of
 from .context import StepContext, StepTracker, scheduler_step_source
-from .deciders import FORECAST, SKIP, SkipRows, Width
+from .deciders import FORECAST, SKIP, SkipRows, SoftWidth, Width
 from .plans import Plan, resolve_plan
 from .stats import CallStats, StatsRecorder
 
@@ -130,6 +130,7 @@ class Executor:
         self.block_level = self.plan.block_level(self.arch) & ~self.always.all(1)
         self.decider = None
         self._block_forms: dict[int, tuple[bool, bool]] = {}  # per block: its output's form (see blocks.form_of)
+        self._sub_batch: tuple[int, torch.Tensor] | None = None  # (block, rows) while a block runs for some rows
         self.stats: StatsRecorder | None = None
         self.last_stats: CallStats | None = None
         self._attached = False
@@ -148,7 +149,8 @@ class Executor:
             )
         for b, row in enumerate(self.arch.modules):
             for c, module in enumerate(row):
-                if module is not None and not self.always[b, c] and not self.block_level[b]:
+                in_block = self.block_level[b] and not self.plan.decides_components_in_blocks
+                if module is not None and not self.always[b, c] and not in_block:
                     registry = HookRegistry.check_if_exists_or_initialize(module)
                     registry.register_hook(_ComponentHook(self, b, c), COMPONENT_HOOK)
         self._invalidate()
@@ -236,10 +238,16 @@ class Executor:
         decision = self.decider.decide(ctx, b, c)
         if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft weight
             return self._blend(forward, key, decision, args, kwargs)
-        if isinstance(decision, Width):  # the FFN at a fraction of its hidden units, really sliced
+        if isinstance(decision, SoftWidth):  # training: the FFN's hidden units masked, gradients through the mask
             self.stats.record(ctx.step, b, c, n, n)
             hidden = args[0] if args else kwargs["hidden_states"]
-            return self._sliced(self.arch.modules[b][c], hidden, decision.fraction)
+            return width.masked_ffn(self.arch.modules[b][c], hidden, decision.mask)
+        if isinstance(decision, Width):  # the FFN at a fraction of its hidden units, really sliced
+            self.stats.record(ctx.step, b, c, n, n)
+            hidden, fraction = args[0] if args else kwargs["hidden_states"], decision.fraction
+            if isinstance(fraction, torch.Tensor) and self._sub_batch is not None and self._sub_batch[0] == b:
+                fraction = fraction.index_select(0, self._sub_batch[1])  # the block runs for these samples only
+            return self._sliced(self.arch.modules[b][c], hidden, fraction)
         if isinstance(decision, torch.Tensor):  # per-sample: True rows compute, the others reuse
             if bool(decision.all()):
                 decision = True
@@ -325,6 +333,8 @@ class Executor:
             return None
         ctx, n = self.ctx, self.ctx.batch_size
         key = (ctx.branch, b, "block")
+        if self.decider.reads_block_inputs:  # a router that decides from the block's tokens
+            self.decider.block_inputs(ctx, b, blocks.bind(module, args, kwargs).arguments)
         decision = self.decider.decide_block(ctx, b)
         if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft gate
             bound = blocks.bind(module, args, kwargs)
@@ -333,14 +343,19 @@ class Executor:
             self._record_block(b, n, n)
             return blocks.gate(bound.arguments, out, decision)
         if isinstance(decision, SkipRows):  # per sample: compute or skip
-            if bool(decision.compute.all()) or b not in self._block_forms:
+            if bool(decision.compute.all()):
                 decision = True
             elif not bool(decision.compute.any()):
                 decision = SKIP
             else:
                 self._record_block(b, int(decision.compute.sum()), n)
                 return self._skip_rows(forward, b, module, decision.compute, args, kwargs)
-        if decision is SKIP and b in self._block_forms:  # (before the block's first call its form is unknown)
+        if decision is SKIP:
+            if b not in self._block_forms:  # its output's form, once per executor, from one sample (discarded;
+                # a zero-row batch would break PixArt's modulation reshape)
+                bound = blocks.bind(module, args, kwargs)
+                first = torch.zeros(1, dtype=torch.long, device=bound.arguments["hidden_states"].device)
+                self._block_forms[b] = blocks.form_of(self._call_rows(forward, b, bound, first))
             self._record_block(b, 0, n)
             return blocks.identity(blocks.bind(module, args, kwargs).arguments, self._block_forms[b])
         if isinstance(decision, torch.Tensor):
@@ -396,14 +411,22 @@ class Executor:
         out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
         return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)
 
+    def _call_rows(self, forward, b: int, bound, rows: torch.Tensor):
+        """The block run for `rows` only; per-sample component decisions inside it select these rows."""
+        self._sub_batch = (b, rows)
+        try:
+            return blocks.call(forward, blocks.rows_of(bound, rows, self.ctx.batch_size))
+        finally:
+            self._sub_batch = None
+
     def _skip_rows(self, forward, b: int, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
         """Run the block for the masked samples only; the others return their input."""
-        rows, n = rows_mask.nonzero().squeeze(1), self.ctx.batch_size
+        rows = rows_mask.nonzero().squeeze(1)
         bound = blocks.bind(module, args, kwargs)
-        fresh = blocks.call(forward, blocks.rows_of(bound, rows, n))
-        out = [
-            None if x is None else x.clone() for x in tensors_of(blocks.identity(bound.arguments, self._block_forms[b]))
-        ]
+        fresh = self._call_rows(forward, b, bound, rows)
+        self._block_forms[b] = blocks.form_of(fresh)
+        skipped = blocks.identity(bound.arguments, self._block_forms[b])
+        out = [None if x is None else x.clone() for x in tensors_of(skipped)]
         out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
         return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)
 

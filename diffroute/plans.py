@@ -41,6 +41,10 @@ class Plan:
         residual) instead of per component. None by default."""
         return torch.zeros(arch.num_blocks, dtype=torch.bool)
 
+    # Whether the components of block-level blocks are decided too (a router that picks an FFN width inside the
+    # blocks it may skip); by default a block decided as a whole has no component hooks.
+    decides_components_in_blocks: bool = False
+
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
         raise NotImplementedError
 

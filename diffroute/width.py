@@ -48,3 +48,18 @@ def sliced_ffn(ff: FeedForward, hidden_states: torch.Tensor, fraction: float) ->
     for module in ff.net[3:]:  # a final dropout, when the FFN has one
         h = module(h)
     return h
+
+
+def masked_ffn(ff: FeedForward, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`ff(hidden_states)` with its hidden units multiplied by `mask` ([samples, width]): the training form of width
+    decisions (Elastic-DiT's prefix masks under a straight-through one-hot), differentiable in `mask`."""
+    check_sliceable(ff)
+    act, out = ff.net[0], ff.net[2]
+    h = act(hidden_states)
+    h = h * mask.to(h.dtype).reshape(mask.shape[0], *([1] * (h.ndim - 2)), mask.shape[-1])
+    for module in ff.net[1:2]:
+        h = module(h)
+    h = out(h)
+    for module in ff.net[3:]:
+        h = module(h)
+    return h
