@@ -127,7 +127,9 @@ class Executor:
         # Computed at every step and never stored: no hook needed (stats count them once per transformer call).
         self.always = self.plan.always_computed(self.arch) & self.present
         # Blocks decided as a whole (their components get no hooks; stats count them per block call).
-        self.block_level = self.plan.block_level(self.arch) & ~self.always.all(1)
+        self.block_level = self.plan.block_level(self.arch)
+        if not self.plan.decides_components_in_blocks:  # (else `always` means: computed whenever the block runs)
+            self.block_level &= ~self.always.all(1)
         self.decider = None
         self._block_forms: dict[int, tuple[bool, bool]] = {}  # per block: its output's form (see blocks.form_of)
         self._sub_batch: tuple[int, torch.Tensor] | None = None  # (block, rows) while a block runs for some rows

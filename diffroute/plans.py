@@ -178,9 +178,9 @@ def resolve_plan(spec, allow_files: bool = True) -> Plan:
     if allow_files and (isinstance(spec, Path) or (isinstance(spec, str) and spec.strip())):
         path = Path(spec)
         if path.is_dir() and (path / "config.json").is_file():  # a trained router's folder
-            from .routing import RouterPlan, load_router
+            from .routing import router_plan
 
-            return RouterPlan(load_router(path), name=path.name)
+            return router_plan(path, path.name)
         if path.suffix == ".json" or path.is_file():
             if not path.is_file():
                 raise PlanError(f"schedule file {str(path)!r} does not exist.")

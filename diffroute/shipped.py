@@ -36,9 +36,9 @@ def _shipped(m: re.Match) -> Plan:
     name = m.group(0)
     routers = shipped_routers()
     if name in routers:
-        from .routing import RouterPlan, load_router  # the routing package imports plans: import it late
+        from .routing import router_plan  # the routing package imports plans: import it late
 
-        return RouterPlan(load_router(routers[name]), name=name)
+        return router_plan(routers[name], name)
     found = shipped_schedules()
     if name not in found:
         shipped = ", ".join([*found, *routers]) or "none"

@@ -89,3 +89,74 @@ def test_router_refuses_another_model_or_step_count(tiny_pipes):
         plan.check_call(7)
     with pytest.raises(PlanError, match="was made for PixArtTransformer2DModel"):
         diffroute.apply(tiny_pipes("dit"), plan)
+
+
+def _kwargs(name, n):
+    from conftest import CALL_KWARGS
+
+    kw = dict(CALL_KWARGS[name], num_inference_steps=STEPS)
+    if "negative_prompt" in kw:
+        kw["negative_prompt"] = [kw["negative_prompt"]] * n
+    return kw
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_elastic_trains_on_every_family_and_loads_by_folder(tiny_pipes, name, tmp_path):
+    from accelerate import Accelerator
+
+    from diffroute.routing import load_router
+    from diffroute.routing.train_elastic import ElasticConfig, train_elastic
+
+    pipe = tiny_pipes(name)
+    ps = prompts(name)
+    fresh = _router(pipe)
+    cfg = ElasticConfig(iters=3, lr=0.05, prompts_per_batch=len(ps))
+    summary = train_elastic(pipe, ps, _kwargs(name, len(ps)), cfg, tmp_path / "e", Accelerator(cpu=True))
+    assert summary["iters"] == 3 and (tmp_path / "e" / "summary.json").is_file()
+    trained = load_router(tmp_path / "e" / "router")
+    changed = [not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values())]
+    assert any(changed)  # the gates learned something
+    assert all(p.requires_grad for p in pipe.transformer.parameters())  # the frozen backbone's flags restored
+    diffroute.apply(pipe, str(tmp_path / "e" / "router"))
+    try:
+        first = run(pipe, name, ps, [0, 1], steps=STEPS)
+        np.testing.assert_array_equal(run(pipe, name, ps, [0, 1], steps=STEPS), first)
+    finally:
+        diffroute.remove(pipe)
+
+
+def test_elastic_finetune_saves_a_loadable_model_variant(tmp_path):
+    from accelerate import Accelerator
+
+    from diffroute.routing.train_elastic import ElasticConfig, train_elastic
+    from diffroute.zoo.tiny import TINY_PIPELINES
+
+    pipe = TINY_PIPELINES["pixart-alpha"]()  # its own copy: fine-tuning changes the weights
+    pipe.set_progress_bar_config(disable=True)
+    ps = prompts("pixart-alpha")
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    cfg = ElasticConfig(iters=2, finetune=True, backbone_lr=1e-3, prompts_per_batch=len(ps))
+    train_elastic(pipe, ps, _kwargs("pixart-alpha", len(ps)), cfg, tmp_path / "e", Accelerator(cpu=True))
+    after = pipe.transformer.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    from diffroute.zoo import load_pipeline
+
+    variant = load_pipeline(str(tmp_path / "e" / "model"))
+    for k, v in variant.transformer.state_dict().items():
+        assert torch.equal(v, after[k]), k
+
+
+def test_train_elastic_cli_runs_and_refuses_bad_budgets(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    args = ["train", "elastic", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
+    args += ["--iters", "2", "--out", str(tmp_path / "e"), "--json", "--prompt", "a red apple", "--prompt", "a cat"]
+    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["method"] == "elastic" and (tmp_path / "e" / "router" / "config.json").is_file()
+    assert [json.loads(line)["step"] for line in (tmp_path / "e" / "log.jsonl").read_text().splitlines()] == [1, 2]
+    bad = subprocess.run([sys.executable, "-m", "diffroute", *args, "--r-clean", "1.5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--r-clean must be in (0, 1]" in bad.stderr

@@ -233,6 +233,8 @@ def _router_seeds(model: str, arch, steps: int) -> list:
         if name.split(":")[0] != model:
             continue
         router = load_router(folder)
+        if not hasattr(router, "schedule"):  # a per-sample router (Elastic) is no static schedule
+            continue
         if router.config.num_steps == steps and router.config.model_class == arch.model_class:
             seeds.append(router.schedule())
     return seeds

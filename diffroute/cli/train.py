@@ -1,11 +1,11 @@
-"""Train a router for a pipeline: `diffroute train l2c` (Learning-to-Cache), on accelerate (resumable from --out)."""
+"""Train a router for a pipeline: `diffroute train l2c|elastic`, on accelerate (resumable from --out)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-HELP = "train a router (l2c: Learning-to-Cache) on the model's own sampling trajectories"
+HELP = "train a router (l2c: Learning-to-Cache; elastic: per-sample block skip + MLP width) on the model's trajectories"
 
 
 def add_arguments(p) -> None:
@@ -29,6 +29,17 @@ def add_arguments(p) -> None:
         "the updates; the paper's 1e-2 left them near their N(0, 1) start in 300 iterations)",
     )
 
+    elastic = sub.add_parser("elastic", help="Elastic-DiT-style per-sample block skip and MLP-width router")
+    _add_common(elastic)
+    elastic.add_argument("--iters", type=int, default=1500, help="training iterations (default 1500)")
+    elastic.add_argument("--batch", type=int, default=1, help="recorded batches per iteration (default 1)")
+    elastic.add_argument("--lr", type=float, default=1e-3, help="the router's learning rate (default 1e-3)")
+    elastic.add_argument("--finetune", action="store_true", help="fine-tune the transformer too (a model variant)")
+    elastic.add_argument("--backbone-lr", type=float, default=3e-5, help="the transformer's rate (default 3e-5)")
+    elastic.add_argument("--r-clean", type=float, default=0.9, help="blocks kept at t = 0 (default 0.9)")
+    elastic.add_argument("--r-noisy", type=float, default=0.5, help="blocks kept at the noisiest t (default 0.5)")
+    elastic.add_argument("--width-target", type=float, default=0.75, help="mean MLP width of kept blocks (0.75)")
+
 
 def _add_common(p) -> None:
     from .common import add_model_arguments
@@ -48,15 +59,13 @@ def run(args) -> dict | None:
     import torch
     from accelerate import Accelerator
 
-    from diffroute.routing.train_l2c import L2CConfig, train_l2c
-
     from .calibrate import calibration_prompts
     from .common import call_kwargs, check_out_dir, load, read_prompts
 
     if args.iters < 1 or args.n < 1 or args.batch < 1 or args.prompts_per_batch < 1:
         raise ValueError("need --iters, --n, --batch and --prompts-per-batch of at least 1.")
-    if not args.lam >= 0 or not 0 < args.threshold < 1:
-        raise ValueError("need --lam >= 0 and --threshold strictly between 0 and 1.")
+    check = _check_l2c if args.method == "l2c" else _check_elastic
+    check(args)
     ship = _check_ship(args.ship, args.model) if args.ship else None
     default = calibration_prompts(args.model, args.n) if args.model == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
@@ -64,6 +73,52 @@ def run(args) -> dict | None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     pipe = load(args)
     pipe.set_progress_bar_config(disable=True)
+    train = _train_l2c if args.method == "l2c" else _train_elastic
+    summary = train(pipe, prompts, call_kwargs(pipe, args), args, out, accelerator)
+    summary["out"] = str(out)
+    if ship and accelerator.is_main_process:
+        summary["shipped_as"] = install_router(out / "router", args.model, ship)
+    return summary if accelerator.is_main_process else None
+
+
+def _check_l2c(args) -> None:
+    if not args.lam >= 0 or not 0 < args.threshold < 1:
+        raise ValueError("need --lam >= 0 and --threshold strictly between 0 and 1.")
+
+
+def _check_elastic(args) -> None:
+    for flag in ("r_clean", "r_noisy", "width_target"):
+        if not 0 < getattr(args, flag) <= 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be in (0, 1].")
+    if not (args.lr > 0 and args.backbone_lr > 0):
+        raise ValueError("--lr and --backbone-lr must be positive.")
+
+
+def _train_elastic(pipe, prompts, kwargs, args, out, accelerator) -> dict:
+    from diffroute.routing.train_elastic import ElasticConfig, train_elastic
+
+    cfg = ElasticConfig(
+        iters=args.iters,
+        batch=args.batch,
+        lr=args.lr,
+        backbone_lr=args.backbone_lr,
+        finetune=args.finetune,
+        r_clean=args.r_clean,
+        r_noisy=args.r_noisy,
+        width_target=args.width_target,
+        prompts_per_batch=args.prompts_per_batch,
+        seed=args.seed,
+        bf16=args.bf16,
+    )
+    summary = train_elastic(pipe, prompts, kwargs, cfg, out, accelerator)
+    if accelerator.is_main_process:
+        print(f"elastic: router in {out / 'router'}", file=sys.stderr)
+    return summary
+
+
+def _train_l2c(pipe, prompts, kwargs, args, out, accelerator) -> dict:
+    from diffroute.routing.train_l2c import L2CConfig, train_l2c
+
     cfg = L2CConfig(
         lam=args.lam,
         threshold=args.threshold,
@@ -75,18 +130,14 @@ def run(args) -> dict | None:
         seed=args.seed,
         bf16=args.bf16,
     )
-    summary = train_l2c(pipe, prompts, call_kwargs(pipe, args), cfg, out, accelerator)
-    summary["out"] = str(out)
-    if ship and accelerator.is_main_process:
-        summary["shipped_as"] = install_router(out / "router", args.model, ship)
+    summary = train_l2c(pipe, prompts, kwargs, cfg, out, accelerator)
     if accelerator.is_main_process:
         print(
             f"l2c: lambda {cfg.lam:g}: computes {summary['computed_fraction']:.1%} of components "
             f"({summary['routed_steps_computed_fraction']:.1%} on routed steps); router in {out / 'router'}",
             file=sys.stderr,
         )
-        return summary
-    return None
+    return summary
 
 
 def _check_ship(name: str, model: str) -> str:

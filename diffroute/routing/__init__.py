@@ -1,5 +1,7 @@
-"""Trained routing: deciders with parameters (Learning-to-Cache) and the recorded trajectories they train on."""
+"""Trained routing: deciders with parameters (Learning-to-Cache, Elastic-DiT-style) and their training."""
 
-from .l2c import L2CRouter, RouterPlan, load_router
+from .elastic import ElasticPlan, ElasticRouter
+from .l2c import L2CRouter, RouterPlan
+from .registry import load_router, router_plan
 
-__all__ = ["L2CRouter", "RouterPlan", "load_router"]
+__all__ = ["ElasticPlan", "ElasticRouter", "L2CRouter", "RouterPlan", "load_router", "router_plan"]

@@ -12,8 +12,6 @@ first, which the training pairs (cache from the step just before) do not cover: 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -93,15 +91,3 @@ class RouterPlan(SchedulePlan):
     def decider(self, arch: ArchitectureMap, num_steps: int):
         self.check_call(num_steps)
         return super().decider(arch, num_steps)
-
-
-def load_router(folder) -> L2CRouter:
-    """A saved router folder (config.json + safetensors), refused with a clear message when it is not one."""
-    folder = Path(folder)
-    config = folder / "config.json"
-    if not config.is_file():
-        raise PlanError(f"{str(folder)!r} is not a router folder (no config.json); train one with `diffroute train`.")
-    try:
-        return L2CRouter.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise PlanError(f"router folder {str(folder)!r} cannot be loaded ({e}); train it again.") from e

@@ -14,13 +14,17 @@ import torch
 from diffroute.context import StepTracker, scheduler_step_source
 from diffroute.seeding import sample_generators
 
-# One recorded pipeline call: [step][branch] -> (args, kwargs) of the transformer call (branch: CFG as two calls).
-Recording = list[list[tuple[tuple, dict]]]
+# One recorded pipeline call: [step][branch] -> (args, kwargs) of the transformer call (branch: CFG as two calls),
+# with the call's prediction appended as a third entry when outputs are recorded.
+Recording = list[list[tuple]]
 
 
-def record_calls(pipe, prompts: list[str], seed: int, call_kwargs: dict, batch: int) -> list[Recording]:
+def record_calls(
+    pipe, prompts: list[str], seed: int, call_kwargs: dict, batch: int, outputs: bool = False
+) -> list[Recording]:
     """Run the pipeline as it is (no plan) on `prompts` in batches; sample i is seeded with seed + i. Returns
-    each batch's transformer inputs at every step, detached copies on the pipeline's device."""
+    each batch's transformer inputs at every step (and with `outputs`, its prediction: a distillation target),
+    detached copies on the pipeline's device."""
     num_steps = call_kwargs.get("num_inference_steps")
     recordings = []
     for start in range(0, len(prompts), batch):
@@ -36,13 +40,20 @@ def record_calls(pipe, prompts: list[str], seed: int, call_kwargs: dict, batch: 
                 steps.append([])
             steps[ctx.step].append((_copy(args, copies), _copy(kwargs, copies)))
 
+        def keep_output(module, args, kwargs, out, steps=steps):
+            last = next(s for s in reversed(steps) if s)  # the call just recorded
+            last[-1] = (*last[-1], output_of(out).detach().clone())
+
         handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        out_handle = pipe.transformer.register_forward_hook(keep_output, with_kwargs=True) if outputs else None
         try:
             gens = sample_generators(seed, range(start, start + len(chunk)), pipe.device)
             with torch.no_grad():
                 pipe(chunk, generator=gens, output_type="latent", **call_kwargs)
         finally:
             handle.remove()
+            if out_handle is not None:
+                out_handle.remove()
         recordings.append(steps)
     return recordings
 

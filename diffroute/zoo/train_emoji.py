@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from diffusers import DDPMScheduler
 
 from . import emoji_data
 from .builders import kl_vae, pixart_transformer
@@ -57,40 +58,53 @@ def stage_vae(data, train_idx, out: Path, acc: Accelerator, steps: int):
     return vae
 
 
-def stage_transformer(data, train_idx, vae, out: Path, acc: Accelerator, cfg: TrainConfig, model, name="transformer"):
-    """Train `model` (epsilon prediction, 10% caption dropout) on the VAE latents of the training split."""
-    from diffusers import DDPMScheduler
+class EpsBatches:
+    """Noised training batches of the emoji data (epsilon prediction, 10% caption dropout): the VAE posterior
+    moments of the training images and their caption embeddings, computed once."""
 
-    captions = [str(c) for c in data["captions"][train_idx.numpy()]]
-    emb, mask = token_embeddings(captions)
-    null_emb, null_mask = token_embeddings([""])  # what the pipeline uses for the unconditional branch
-    with torch.no_grad():
-        moments = []
-        for i in range(0, len(train_idx), 256):
-            post = vae.encode(_images(data, train_idx[i : i + 256]).to(acc.device)).latent_dist
-            moments.append(torch.cat([post.mean, post.std], 1).cpu())
-        moments = torch.cat(moments)
-    scale = vae.config.scaling_factor
-    noise_sched = DDPMScheduler(**BETAS)
+    def __init__(self, data, train_idx, vae, device):
+        captions = [str(c) for c in data["captions"][train_idx.numpy()]]
+        self.emb, self.mask = token_embeddings(captions)
+        self.null_emb, self.null_mask = token_embeddings([""])  # what the pipeline uses for the unconditional branch
+        with torch.no_grad():
+            moments = []
+            for i in range(0, len(train_idx), 256):
+                post = vae.encode(_images(data, train_idx[i : i + 256]).to(device)).latent_dist
+                moments.append(torch.cat([post.mean, post.std], 1).cpu())
+        self.moments, self.scale, self.device = torch.cat(moments), vae.config.scaling_factor, device
+        self.noise_sched = DDPMScheduler(**BETAS)
 
-    def loss_fn(m, idx, gen):
-        mean, std = moments[idx].chunk(2, 1)
-        x0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scale
+    def __len__(self) -> int:
+        return len(self.moments)
+
+    def __call__(self, idx, gen) -> tuple[dict, torch.Tensor]:
+        """(the transformer's keyword arguments, the noise to predict) for the items `idx`."""
+        mean, std = self.moments[idx].chunk(2, 1)
+        x0 = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scale
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        xt = noise_sched.add_noise(x0, eps, t)
+        xt = self.noise_sched.add_noise(x0, eps, t)
         drop = torch.rand(len(idx), generator=gen) < 0.1  # caption dropout for classifier-free guidance
-        e = torch.where(drop[:, None, None], null_emb, emb[idx])
-        am = torch.where(drop[:, None], null_mask, mask[idx])
-        dev = acc.device
-        pred = m(
-            xt.to(dev),
+        e = torch.where(drop[:, None, None], self.null_emb, self.emb[idx])
+        am = torch.where(drop[:, None], self.null_mask, self.mask[idx])
+        dev = self.device
+        kwargs = dict(
+            hidden_states=xt.to(dev),
             encoder_hidden_states=e.to(dev),
             encoder_attention_mask=am.to(dev),
             timestep=t.to(dev),
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        ).sample
-        return F.mse_loss(pred, eps.to(dev))
+        )
+        return kwargs, eps.to(dev)
+
+
+def stage_transformer(data, train_idx, vae, out: Path, acc: Accelerator, cfg: TrainConfig, model, name="transformer"):
+    """Train `model` (epsilon prediction, 10% caption dropout) on the VAE latents of the training split."""
+    batches = EpsBatches(data, train_idx, vae, acc.device)
+
+    def loss_fn(m, idx, gen):
+        kwargs, eps = batches(idx, gen)
+        return F.mse_loss(m(**kwargs).sample, eps)
 
     ema = train(name, model, loss_fn, len(train_idx), cfg, out / name, acc)
     model = acc.unwrap_model(model)

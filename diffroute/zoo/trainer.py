@@ -54,7 +54,9 @@ def train(
     (seed, step, rank) for its noise, so that the run is reproducible and resumable.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # A model may give parameter groups with their own learning rates (a router and its fine-tuned backbone).
+    params = model.param_groups(cfg.lr) if hasattr(model, "param_groups") else model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.ema_decay else None
     start = load_checkpoint(out_dir, model, ema, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -1,0 +1,39 @@
+"""Trained routers by class: load a saved router folder and make the plan that runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffroute.errors import PlanError
+
+
+def _classes() -> dict:
+    from .elastic import ElasticPlan, ElasticRouter
+    from .l2c import L2CRouter, RouterPlan
+
+    # config `_class_name` -> (router class, plan class)
+    return {"L2CRouter": (L2CRouter, RouterPlan), "ElasticRouter": (ElasticRouter, ElasticPlan)}
+
+
+def load_router(folder):
+    """A saved router folder (config.json + safetensors), refused with a clear message when it is not one."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise PlanError(f"{str(folder)!r} is not a router folder (no config.json); train one with `diffroute train`.")
+    try:
+        kind = json.loads(config.read_text()).get("_class_name")
+        router_class = _classes()[kind][0]
+        return router_class.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        known = ", ".join(_classes())
+        raise PlanError(
+            f"router folder {str(folder)!r} cannot be loaded ({e!r}; known: {known}); train it again."
+        ) from e
+
+
+def router_plan(folder, name: str):
+    """The plan running the router saved in `folder`."""
+    router = load_router(folder)
+    return _classes()[type(router).__name__][1](router, name=name)
