@@ -240,12 +240,15 @@ class Executor:
         decision = self.decider.decide(ctx, b, c)
         if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft weight
             return self._blend(forward, key, decision, args, kwargs)
+        # (inside a block decided as a whole the block's own record counts its components)
         if isinstance(decision, SoftWidth):  # training: the FFN's hidden units masked, gradients through the mask
-            self.stats.record(ctx.step, b, c, n, n)
+            if not self.block_level[b]:
+                self.stats.record(ctx.step, b, c, n, n)
             hidden = args[0] if args else kwargs["hidden_states"]
             return width.masked_ffn(self.arch.modules[b][c], hidden, decision.mask)
         if isinstance(decision, Width):  # the FFN at a fraction of its hidden units, really sliced
-            self.stats.record(ctx.step, b, c, n, n)
+            if not self.block_level[b]:
+                self.stats.record(ctx.step, b, c, n, n)
             hidden, fraction = args[0] if args else kwargs["hidden_states"], decision.fraction
             if isinstance(fraction, torch.Tensor) and self._sub_batch is not None and self._sub_batch[0] == b:
                 fraction = fraction.index_select(0, self._sub_batch[1])  # the block runs for these samples only

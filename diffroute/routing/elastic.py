@@ -172,6 +172,7 @@ class _ElasticDecider(Decider):
         self.widths = torch.tensor(plan.router.config.widths)
         self._keep: dict[int, torch.Tensor] = {}
         self._width: dict[int, torch.Tensor] = {}
+        self._kept: torch.Tensor | None = None
 
     def block_inputs(self, ctx, block, arguments):
         skip_logit, width_logits = self.router(block, arguments["hidden_states"], ctx.timestep)
@@ -185,6 +186,23 @@ class _ElasticDecider(Decider):
         else:
             self._keep[block] = prob > 0.5
             self._width[block] = self.widths.to(prob.device)[width_logits.argmax(dim=-1)]
+            self._tally(self._keep[block], self._width[block])
+
+    def _tally(self, keep: torch.Tensor, width: torch.Tensor) -> None:
+        """Per row of the batch (each CFG row too): blocks kept and their widths, for `info()`'s histogram data."""
+        if self._kept is None or self._kept.shape != keep.shape:
+            self._kept, self._widths, self._seen = torch.zeros_like(width), torch.zeros_like(width), 0
+        self._kept += keep.to(width.dtype)
+        self._widths += keep.to(width.dtype) * width
+        self._seen += 1
+
+    def info(self) -> dict:
+        if self._kept is None:
+            return {}
+        return {
+            "per_sample_block_fraction": (self._kept / self._seen).tolist(),
+            "per_sample_mean_width": (self._widths / self._kept.clamp_min(1)).tolist(),
+        }
 
     def decide_block(self, ctx, block):
         return self._keep[block] if self.plan.training else SkipRows(self._keep[block])
