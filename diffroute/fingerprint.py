@@ -30,12 +30,17 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-@torch.no_grad()
 def weights_digest(pipe) -> str:
     """Digest of a pipeline's weights: every tensor's name, shape and dtype plus evenly strided samples of its values
     (all of them for small tensors). Two different trainings or checkpoints give different digests."""
+    return modules_digest(getattr(pipe, "components", {}))
+
+
+@torch.no_grad()
+def modules_digest(modules: dict) -> str:
+    """`weights_digest` of named modules (entries that are not modules are ignored)."""
     h = hashlib.sha256()
-    for name, component in sorted(getattr(pipe, "components", {}).items()):
+    for name, component in sorted(modules.items()):
         if not isinstance(component, torch.nn.Module):
             continue
         for key, t in component.state_dict().items():

@@ -169,3 +169,9 @@ def test_train_elastic_cli_runs_and_refuses_bad_budgets(tmp_path):
     assert [json.loads(line)["step"] for line in (tmp_path / "e" / "log.jsonl").read_text().splitlines()] == [1, 2]
     bad = subprocess.run([sys.executable, "-m", "diffroute", *args, "--r-clean", "1.5"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--r-clean must be in (0, 1]" in bad.stderr
+
+
+def test_plan_content_follows_the_router_weights(tiny_pipes):
+    pipe = tiny_pipes("pixart-alpha")
+    a, b = ElasticPlan(_router(pipe, seed=0)), ElasticPlan(_router(pipe, seed=1))
+    assert a.content() != b.content() and a.content() == ElasticPlan(_router(pipe, seed=0)).content()

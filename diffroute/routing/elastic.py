@@ -138,6 +138,12 @@ class ElasticPlan(Plan):
     def block_level(self, arch: ArchitectureMap) -> torch.Tensor:
         return torch.ones(arch.num_blocks, dtype=torch.bool)
 
+    def content(self, arch: ArchitectureMap | None = None) -> dict:
+        """Name plus the router's weights (so that resumable results made with another router are not reused)."""
+        from diffroute.fingerprint import modules_digest
+
+        return {"plan": self.name, "router": modules_digest({"router": self.router})}
+
     def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
         """Everything but the FFNs that can be sliced (those take width decisions)."""
         mask = arch.present().clone()
