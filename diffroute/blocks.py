@@ -84,12 +84,16 @@ def gate(inputs, out, weight: torch.Tensor):
     """`w * out + (1 - w) * input` per stream (Elastic-DiT's training gate `x + g (block(x) - x)`, written so that
     w = 1 is the block's output exactly); `weight` is a scalar or one weight per sample."""
 
-    def mix(o, x):
-        if o is None or x is None or o.shape != x.shape:
-            return o
-        w = weight.to(o.dtype).reshape(-1, *([1] * (o.ndim - 1))) if weight.ndim else weight.to(o.dtype)
-        return w * o + (1 - w) * x
+    def stream(o, x):
+        return o if o is None or x is None or o.shape != x.shape else mix(weight, o, x)
 
     if isinstance(out, torch.Tensor):
-        return mix(out, inputs["hidden_states"])
-    return (mix(out[0], inputs.get("encoder_hidden_states")), mix(out[1], inputs["hidden_states"]))
+        return stream(out, inputs["hidden_states"])
+    return (stream(out[0], inputs.get("encoder_hidden_states")), stream(out[1], inputs["hidden_states"]))
+
+
+def mix(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`w * a + (1 - w) * b` with `w` a scalar or one weight per sample (row), in `a`'s dtype."""
+    w = weight.to(a.dtype)
+    w = w.reshape(-1, *([1] * (a.ndim - 1))) if w.ndim else w
+    return w * a + (1 - w) * b

@@ -288,13 +288,8 @@ class Executor:
         if cached is None:  # nothing computed before: the component is its fresh output
             return fresh
 
-        def mix(f, c):
-            if f is None:
-                return None
-            w = weight.to(f.dtype).reshape(-1, *([1] * (f.ndim - 1))) if weight.ndim else weight.to(f.dtype)
-            return w * f + (1 - w) * c
-
-        return rebuild(type(cached), [mix(f, c) for f, c in zip(tensors_of(fresh), tensors_of(cached))])
+        mixed = [None if f is None else blocks.mix(weight, f, c) for f, c in zip(tensors_of(fresh), tensors_of(cached))]
+        return rebuild(type(cached), mixed)
 
     @staticmethod
     def _sliced(module, hidden: torch.Tensor, fraction):
@@ -380,14 +375,11 @@ class Executor:
                 self._record_block(b, 0, n)
                 return blocks.add_residual(blocks.bind(module, args, kwargs).arguments, res)
         self._record_block(b, n, n)
-        return KEEP if self.decider.must_store_block(ctx, b) or b not in self._block_forms else None
+        return KEEP if self.decider.must_store_block(ctx, b) else None
 
     @torch.compiler.disable
     def keep_block(self, b: int, module, args: tuple, kwargs: dict, out) -> None:
-        """Store what a computed block added to its input, for later steps to reuse (and its output's form)."""
-        self._block_forms[b] = blocks.form_of(out)
-        if not self.decider.must_store_block(self.ctx, b):
-            return
+        """Store what a computed block added to its input, for later steps to reuse."""
         res = blocks.residual(blocks.bind(module, args, kwargs).arguments, out)
         self.cache.put((self.ctx.branch, b, "block"), res, self.ctx.step)
 

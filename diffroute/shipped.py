@@ -32,6 +32,22 @@ def install_schedule(source: Path, model: str, name: str) -> Path:
     return dest
 
 
+def install_router(folder: Path, model: str, name: str) -> str:
+    """Copy a trained router folder into the zoo as `MODEL:NAME` (written beside, then renamed into place)."""
+    import shutil
+
+    from .routing import load_router
+
+    load_router(folder)  # validated before anything is written into the zoo
+    dest = WEIGHTS / model / "routers" / name
+    tmp = dest.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return f"{model}:{name}"
+
+
 def _shipped(m: re.Match) -> Plan:
     name = m.group(0)
     routers = shipped_routers()

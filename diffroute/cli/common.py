@@ -213,3 +213,11 @@ def check_out_file(path) -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"output {str(path)!r} cannot be written (no permission in {str(probe)!r}).")
     return path
+
+
+def check_zoo_model(model: str, flag: str) -> None:
+    """Refuse `flag` (which installs into the zoo) for a model that has no folder in the package's zoo."""
+    from diffroute.shipped import WEIGHTS
+
+    if not (WEIGHTS / model).is_dir():
+        raise ValueError(f"{flag} installs into a zoo model's folder; {model!r} has none (zoo: {WEIGHTS}).")

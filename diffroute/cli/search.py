@@ -253,10 +253,9 @@ def _minutes(text: str) -> float:
 
 def _parse_ship(spec: str, model: str) -> dict[str, float]:
     """'fast=0.7,faster=0.5' -> {'fast': 0.7, 'faster': 0.5}, checked before the search starts."""
-    from diffroute.shipped import WEIGHTS
+    from .common import check_zoo_model
 
-    if not (WEIGHTS / model).is_dir():
-        raise ValueError(f"--ship installs into a zoo model's folder; {model!r} has none (zoo: {WEIGHTS}).")
+    check_zoo_model(model, "--ship")
     out = {}
     for item in spec.split(","):
         name, _, cost = (part.strip() for part in item.partition("="))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 HELP = "train a router (l2c: Learning-to-Cache; elastic: per-sample block skip + MLP width) on the model's trajectories"
 
@@ -16,7 +15,8 @@ def add_arguments(p) -> None:
     l2c.add_argument("--threshold", type=float, default=0.1, help="compute where beta > this (default 0.1)")
     l2c.add_argument(
         "--no-alternate",
-        action="store_true",
+        dest="alternate",
+        action="store_false",
         help="route every step after the first (default: as the paper, even steps compute everything)",
     )
     l2c.add_argument("--iters", type=int, default=400, help="training iterations (default 400)")
@@ -77,6 +77,8 @@ def run(args) -> dict | None:
     summary = train(pipe, prompts, call_kwargs(pipe, args), args, out, accelerator)
     summary["out"] = str(out)
     if ship and accelerator.is_main_process:
+        from diffroute.shipped import install_router
+
         summary["shipped_as"] = install_router(out / "router", args.model, ship)
     return summary if accelerator.is_main_process else None
 
@@ -94,23 +96,17 @@ def _check_elastic(args) -> None:
         raise ValueError("--lr and --backbone-lr must be positive.")
 
 
+def _config_of(config_class, args):
+    """The training config from the arguments of the same names (the dataclass fields)."""
+    from dataclasses import fields
+
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
+
+
 def _train_elastic(pipe, prompts, kwargs, args, out, accelerator) -> dict:
     from diffroute.routing.train_elastic import ElasticConfig, train_elastic
 
-    cfg = ElasticConfig(
-        iters=args.iters,
-        batch=args.batch,
-        lr=args.lr,
-        backbone_lr=args.backbone_lr,
-        finetune=args.finetune,
-        r_clean=args.r_clean,
-        r_noisy=args.r_noisy,
-        width_target=args.width_target,
-        prompts_per_batch=args.prompts_per_batch,
-        seed=args.seed,
-        bf16=args.bf16,
-    )
-    summary = train_elastic(pipe, prompts, kwargs, cfg, out, accelerator)
+    summary = train_elastic(pipe, prompts, kwargs, _config_of(ElasticConfig, args), out, accelerator)
     if accelerator.is_main_process:
         print(f"elastic: router in {out / 'router'}", file=sys.stderr)
     return summary
@@ -119,17 +115,7 @@ def _train_elastic(pipe, prompts, kwargs, args, out, accelerator) -> dict:
 def _train_l2c(pipe, prompts, kwargs, args, out, accelerator) -> dict:
     from diffroute.routing.train_l2c import L2CConfig, train_l2c
 
-    cfg = L2CConfig(
-        lam=args.lam,
-        threshold=args.threshold,
-        alternate=not args.no_alternate,
-        iters=args.iters,
-        batch=args.batch,
-        lr=args.lr,
-        prompts_per_batch=args.prompts_per_batch,
-        seed=args.seed,
-        bf16=args.bf16,
-    )
+    cfg = _config_of(L2CConfig, args)
     summary = train_l2c(pipe, prompts, kwargs, cfg, out, accelerator)
     if accelerator.is_main_process:
         print(
@@ -141,27 +127,9 @@ def _train_l2c(pipe, prompts, kwargs, args, out, accelerator) -> dict:
 
 
 def _check_ship(name: str, model: str) -> str:
-    from diffroute.shipped import WEIGHTS
+    from .common import check_zoo_model
 
-    if not (WEIGHTS / model).is_dir():
-        raise ValueError(f"--ship installs into a zoo model's folder; {model!r} has none (zoo: {WEIGHTS}).")
+    check_zoo_model(model, "--ship")
     if not name or not name.replace("-", "").isalnum() or name != name.lower():
         raise ValueError(f"--ship {name!r}: give a lowercase name of letters, digits and '-' (e.g. l2c).")
     return name
-
-
-def install_router(folder: Path, model: str, name: str) -> str:
-    """Copy a trained router folder into the zoo as MODEL:NAME (written beside, then renamed into place)."""
-    import shutil
-
-    from diffroute.routing import load_router
-    from diffroute.shipped import WEIGHTS
-
-    load_router(folder)  # validated before anything is written into the zoo
-    dest = WEIGHTS / model / "routers" / name
-    tmp = dest.with_name(f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return f"{model}:{name}"

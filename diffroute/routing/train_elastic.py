@@ -17,9 +17,9 @@ import torch
 
 from diffroute.executor import Executor
 from diffroute.io import atomic_write_json
-from diffroute.zoo.trainer import TrainConfig, train
 
 from .elastic import ElasticPlan, ElasticRouter
+from .training import check_batch_split, train_router
 from .trajectories import output_of, record_calls
 
 
@@ -107,31 +107,13 @@ def train_elastic(pipe, prompts: list[str], call_kwargs: dict, cfg: ElasticConfi
     t0 = time.time()
     transformer = pipe.transformer
     num_steps = call_kwargs["num_inference_steps"]
+    check_batch_split(cfg.batch, accelerator)
     recordings = record_calls(pipe, prompts, cfg.seed, call_kwargs, cfg.prompts_per_batch, outputs=True)
     torch.manual_seed(cfg.seed)
     router = ElasticRouter.for_model(transformer, num_steps, pipe.scheduler).to(transformer.device)
-    if cfg.batch % accelerator.num_processes:
-        raise ValueError(f"--batch {cfg.batch} must be a multiple of the {accelerator.num_processes} processes.")
-    flags = [(p, p.requires_grad) for p in transformer.parameters()]
-    transformer.requires_grad_(cfg.finetune)
     model = _Trainable(router, transformer, cfg)
     loss = ElasticLoss(transformer, recordings, router, cfg)
-    tcfg = TrainConfig(
-        steps=cfg.iters,
-        batch_size=cfg.batch,
-        lr=cfg.lr,
-        warmup=max(cfg.iters // 20, 1),
-        checkpoint_every=max(cfg.iters // 4, 1),
-        log_every=max(cfg.iters // 30, 1),
-        seed=cfg.seed,
-        bf16=cfg.bf16,
-    )
-    try:
-        train("elastic", model, loss, len(loss.items), tcfg, out, accelerator)
-    finally:
-        loss.close()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    train_router("elastic", model, loss, cfg, transformer, out, accelerator, backbone_trains=cfg.finetune)
     summary = {"method": "elastic", **asdict(cfg), "num_steps": num_steps, "seconds": time.time() - t0}
     summary["processes"] = accelerator.num_processes
     if accelerator.is_main_process:

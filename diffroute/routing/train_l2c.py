@@ -19,9 +19,9 @@ from diffroute.deciders import Decider
 from diffroute.executor import Executor
 from diffroute.io import atomic_write_json
 from diffroute.plans import Plan
-from diffroute.zoo.trainer import TrainConfig, train
 
 from .l2c import L2CRouter
+from .training import check_batch_split, train_router
 from .trajectories import output_of, record_calls
 
 
@@ -115,31 +115,11 @@ def train_l2c(pipe, prompts: list[str], call_kwargs: dict, cfg: L2CConfig, out: 
     )
     if len(router.routed_steps()) == 0:
         raise ValueError(f"{num_steps} steps leave no step to route: L2C needs at least 2 (3 with alternation).")
+    check_batch_split(cfg.batch, accelerator)
     # Every process records every batch (the same seeds): cheap next to training, and no gathering of recordings.
     recordings = record_calls(pipe, prompts, cfg.seed, call_kwargs, cfg.prompts_per_batch)
-    if cfg.batch % accelerator.num_processes:
-        raise ValueError(f"--batch {cfg.batch} must be a multiple of the {accelerator.num_processes} processes.")
-    # Frozen while the router trains (no gradients into the user's model), restored after: a parameter's
-    # requires_grad flag can select another kernel (Sana's outputs move by ~1e-6), and `full` must stay bitwise.
-    flags = [(p, p.requires_grad) for p in transformer.parameters()]
-    transformer.requires_grad_(False)
     loss = L2CLoss(transformer, recordings, router, cfg)
-    tcfg = TrainConfig(
-        steps=cfg.iters,
-        batch_size=cfg.batch,
-        lr=cfg.lr,
-        warmup=max(cfg.iters // 20, 1),
-        checkpoint_every=max(cfg.iters // 4, 1),
-        log_every=max(cfg.iters // 30, 1),
-        seed=cfg.seed,
-        bf16=cfg.bf16,
-    )
-    try:
-        train("l2c", router, loss, len(loss.items), tcfg, out, accelerator)
-    finally:
-        loss.close()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    train_router("l2c", router, loss, cfg, transformer, out, accelerator)
     router = accelerator.unwrap_model(router)
     schedule = router.schedule()
     present = arch.present()  # FLUX's single blocks lack some components: count the cells that exist
