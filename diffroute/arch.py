@@ -29,6 +29,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ("transformer_blocks", "single_transformer_blocks"), ("attn", "ff", "ff_context", "proj_mlp", "proj_out")
     ),
     "SanaTransformer2DModel": ArchSpec(("transformer_blocks",), ("attn1", "attn2", "ff")),
+    # Nucleus-Image: single-stream blocks; `img_mlp` is the expert-choice MoE layer (dense in the first blocks).
+    "NucleusMoEImageTransformer2DModel": ArchSpec(("transformer_blocks",), ("attn", "img_mlp")),
 }
 
 

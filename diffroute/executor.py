@@ -252,6 +252,9 @@ class Executor:
             hidden, fraction = args[0] if args else kwargs["hidden_states"], decision.fraction
             if isinstance(fraction, torch.Tensor) and self._sub_batch is not None and self._sub_batch[0] == b:
                 fraction = fraction.index_select(0, self._sub_batch[1])  # the block runs for these samples only
+            rows = hidden.shape[0]
+            done = float(fraction.float().sum()) if isinstance(fraction, torch.Tensor) else fraction * rows
+            self.stats.discount(ctx.step, b, c, rows - done)  # a sliced FFN counts as the share of units it ran
             return self._sliced(self.arch.modules[b][c], hidden, fraction)
         if isinstance(decision, torch.Tensor):  # per-sample: True rows compute, the others reuse
             if bool(decision.all()):

@@ -48,6 +48,33 @@ def install_router(folder: Path, model: str, name: str) -> str:
     return f"{model}:{name}"
 
 
+def install_model_variant(pipeline_folder: Path, name: str, base: str = "emoji") -> str:
+    """Install the fine-tuned transformer of a `base` zoo pipeline (an upcycled MoE or a plain fine-tune) as the zoo
+    model `name`, fp16 on disk like the base; the other components are the base's. Written beside, then renamed."""
+    import json
+    import shutil
+
+    import torch
+
+    from .zoo.registry import load_transformer
+
+    source = Path(pipeline_folder) / "transformer"
+    transformer = load_transformer(source, dtype=torch.float16)  # validated before anything is written
+    dest = WEIGHTS / name
+    tmp = dest.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    transformer.save_pretrained(tmp / "transformer")
+    config = tmp / "transformer" / "config.json"
+    kept = {k: v for k, v in json.loads(config.read_text()).items() if k != "_name_or_path"}
+    config.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
+    (tmp / "variant.json").write_text(json.dumps({"base": base}, indent=2) + "\n")
+    if (dest / "routers").is_dir():  # routers trained on this variant stay with it
+        shutil.copytree(dest / "routers", tmp / "routers")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return name
+
+
 def _shipped(m: re.Match) -> Plan:
     name = m.group(0)
     routers = shipped_routers()

@@ -20,7 +20,7 @@ class CallStats:
     computed_fraction: float
     compute_map: list[list[list[float | None]]]
     component_calls: int
-    computed_calls: int
+    computed_calls: float  # fractions where FFNs ran at part of their width
     peak_cache_bytes: int
     # The analytic bound on the cache: one output per cached component per CFG branch (times the plan's history,
     # 2 for Taylor forecasts), from the sizes of the outputs this call stored (FeatureCache.bound_bytes).
@@ -65,6 +65,11 @@ class StatsRecorder:
         i = (step * self.nb + block) * self.nc + comp
         self.computed[i] += n_computed
         self.total[i] += n_total
+
+    def discount(self, step: int, block: int, comp: int, amount: float) -> None:
+        """Part of a computed component's work was not done: an FFN run at a fraction of its hidden units counts as
+        that fraction of a computed call (`amount` = rows x (1 - fraction), summed over the rows)."""
+        self.computed[(step * self.nb + block) * self.nc + comp] -= amount
 
     def record_always(self, step: int, n: int) -> None:
         base = step * self.nb * self.nc

@@ -126,12 +126,14 @@ def _clip(args) -> dict:
 
 def _compare(args) -> dict:
     from diffroute.cli.common import call_kwargs, check_out_dir, check_plans, load
+    from diffroute.zoo.registry import model_family
 
     from .compare import CompareConfig, run_compare, stack_reference, validate
 
     reference = None
+    emoji = model_family(args.model) == "emoji"  # emoji and its variants share its data and metrics
     if args.prompts == "heldout":
-        if args.model != "emoji":
+        if not emoji:
             raise ValueError("--prompts heldout needs --model emoji; give a prompts file for other models.")
         from diffroute.zoo.emoji_data import load as load_data
 
@@ -143,7 +145,6 @@ def _compare(args) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {args.prompts!r} does not exist.")
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    emoji = args.model == "emoji"
     cfg = CompareConfig(
         model=args.model,
         plans=[p.strip() for p in args.plans.split(",") if p.strip()],

@@ -7,14 +7,18 @@ import sys
 
 from .common import add_model_arguments, call_kwargs, check_plans, generators, int_in, load
 
-HELP = "benchmarks: hook overhead and plan speedups (overhead); torch.compile and dtypes (compile)"
+HELP = (
+    "benchmarks: hook overhead and plan speedups (overhead); torch.compile and dtypes (compile); one block's FFN "
+    "dense against its expert-choice MoE per capacity (moe)"
+)
 
 
 def add_arguments(p) -> None:
     p.add_argument(
         "which",
-        choices=["overhead", "compile"],
-        help="overhead: vanilla vs full vs --plans; compile: eager vs compiled, vanilla and --plans, per --dtypes",
+        choices=["overhead", "compile", "moe"],
+        help="overhead: vanilla vs full vs --plans; compile: eager vs compiled, vanilla and --plans, per --dtypes; "
+        "moe: FFN FLOPs and wall-clock, dense vs MoE at --ks",
     )
     add_model_arguments(p)
     p.add_argument("--plans", default="full,fora-2,fora-3", help="comma-separated plans (default full,fora-2,fora-3)")
@@ -25,9 +29,14 @@ def add_arguments(p) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="compile: dtypes to time, in turn (default both)")
     p.add_argument("--compile-mode", choices=["whole", "regional"], default="whole", help="compile: what to compile")
     p.add_argument("--backend", default="inductor", help="compile: torch.compile back-end (default inductor)")
+    p.add_argument("--ks", default="1,2,3,4,6", help="moe: routed experts per token to time (default 1,2,3,4,6)")
+    p.add_argument("--tokens", type=int_in(1, 65536), default=64, help="moe: tokens per sample (default 64)")
+    p.add_argument("--block", type=int, default=1, help="moe: the block whose FFN is timed (default 1)")
 
 
 def run(args) -> dict:
+    if args.which == "moe":
+        return _moe(args)
     from diffroute.eval.timing import time_plans
 
     names = [p.strip() for p in args.plans.split(",") if p.strip()]
@@ -85,3 +94,36 @@ def run(args) -> dict:
                 f"{r['time_ratio_to_vanilla']:10.3f} {r['speedup_end_to_end']:11.2f}x {r['speedup_transformer']:10.2f}x"
             )
     return result
+
+
+def _moe(args) -> dict:
+    from diffroute.routing.moe.bench import bench_ffn
+
+    try:
+        ks = tuple(float(k) for k in args.ks.split(","))
+    except ValueError as e:
+        raise ValueError(f"--ks {args.ks!r}: give comma-separated numbers of experts per token, e.g. 1,2,4") from e
+    pipe = load(args)
+    torch_threads = __import__("torch").get_num_threads()
+    rows = bench_ffn(
+        pipe.transformer,
+        block=args.block,
+        ks=ks,
+        batch=args.batch,
+        tokens=args.tokens,
+        repeats=args.repeats,
+        seed=args.seed,
+    )
+    if not args.json:
+        print(
+            f"FFN of block {args.block}, batch {args.batch} x {args.tokens} tokens, {torch_threads} threads, "
+            f"median of {args.repeats} after a warm-up"
+        )
+        print("| FFN | FLOPs | FLOPs vs dense | wall-clock (ms) | time vs dense |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['ffn']} | {r['flops'] / 1e6:.1f}M | {r['flops_ratio']:.2f} | {r['seconds'] * 1e3:.2f} | "
+                f"{r['time_ratio']:.2f} |"
+            )
+    return {"rows": rows, "batch": args.batch, "tokens": args.tokens, "block": args.block}

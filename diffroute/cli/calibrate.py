@@ -50,8 +50,9 @@ def run(args) -> dict:
     import diffroute
     from diffroute.policies.common import rel_l1
     from diffroute.policies.teacache import modulated_input, save_calibration
+    from diffroute.zoo.registry import model_family
 
-    default = calibration_prompts(args.model, args.n) if args.model == "emoji" else []
+    default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
     if args.out:
         check_out_file(args.out)

@@ -77,7 +77,9 @@ def run(args) -> dict | None:
     if args.steps < 2:
         raise ValueError("--steps must be at least 2: at one step everything computes, there is nothing to search.")
     ship = _parse_ship(args.ship, args.model) if args.ship else {}
-    default = calibration_prompts(args.model, args.n) if args.model == "emoji" else []
+    from diffroute.zoo.registry import model_family
+
+    default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
     out = check_out_dir(args.out)
     state = PartialState(cpu=not torch.cuda.is_available())

@@ -1,4 +1,5 @@
-"""Trained routing: deciders with parameters (Learning-to-Cache, Elastic-DiT-style) and their training."""
+"""Trained routing: deciders with parameters (Learning-to-Cache, Elastic-DiT-style), module surgery (expert-choice
+MoE in `moe/`) and their training."""
 
 from .elastic import ElasticPlan, ElasticRouter
 from .l2c import L2CRouter, RouterPlan

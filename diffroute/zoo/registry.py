@@ -20,6 +20,11 @@ class ModelEntry:
     example_prompts: list[str] | Callable[[], list[str]] = field(default_factory=list)
     # Domain CLIP score: (uint8 [N, 3, H, W] images, captions) -> per-image scores; None if the model has none.
     clip_scorer: Callable | None = None
+    base: str | None = None  # a variant: the zoo model whose data, prompts and metrics it shares
+
+    def family(self, name: str) -> str:
+        """The zoo model whose data set this one draws (itself, or the base of a variant)."""
+        return self.base or name
 
     def prompts(self) -> list[str]:
         return self.example_prompts() if callable(self.example_prompts) else list(self.example_prompts)
@@ -50,10 +55,79 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+def load_transformer(folder: Path, dtype=None):
+    """A transformer saved with `save_pretrained`: an upcycled MoE (rebuilt by its loader) or a plain diffusers one."""
+    import json
+
+    import diffusers
+
+    from diffroute.routing.moe.saving import from_pretrained, is_moe_folder
+
+    if is_moe_folder(folder):
+        return from_pretrained(folder, dtype=dtype)
+    try:
+        cls = getattr(diffusers, json.loads((Path(folder) / "config.json").read_text())["_class_name"])
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{folder} is not a diffusers transformer folder: {e}") from e
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(folder, **kwargs).eval()
+
+
+def _variant(base: str, folder: Path):
+    """Build the zoo pipeline `base` with the transformer saved in `folder/transformer`."""
+
+    def build():
+        import torch
+
+        pipe = MODELS[base].build()
+        pipe.register_modules(transformer=load_transformer(folder / "transformer", dtype=torch.float32))
+        return pipe
+
+    return build
+
+
+def _register_variants() -> None:
+    """Zoo variants shipped beside the base models: `weights/NAME/variant.json` names the base (e.g. emoji-moe)."""
+    import json
+
+    from .emoji import WEIGHTS
+
+    for spec in sorted(WEIGHTS.glob("*/variant.json")):
+        base = json.loads(spec.read_text())["base"]
+        entry = MODELS[base]
+        MODELS[spec.parent.name] = ModelEntry(
+            _variant(base, spec.parent),
+            dict(entry.call_defaults),
+            f"{base} with a fine-tuned transformer ({spec.parent.name})",
+            example_prompts=entry.example_prompts,
+            clip_scorer=entry.clip_scorer,
+            base=base,
+        )
+
+
 def _emoji_clip_scores(images, captions):
     from diffroute.eval.clipscore import emoji_clip_scores
 
     return emoji_clip_scores(images, captions)
+
+
+_register_variants()
+
+
+def model_family(name: str) -> str | None:
+    """`emoji` for emoji and its variants (emoji-moe, emoji-elastic); None for folders and hub ids."""
+    entry = MODELS.get(name)
+    if entry:
+        return entry.family(name)
+    spec = Path(name) / "variant.json"  # a fine-tuned pipeline folder names its base
+    if spec.is_file():
+        import json
+
+        try:
+            return json.loads(spec.read_text()).get("base")
+        except ValueError as e:
+            raise ValueError(f"{spec} is not valid JSON ({e}); fix or delete it.") from e
+    return None
 
 
 def register_model(name: str, entry: ModelEntry) -> None:
@@ -87,6 +161,10 @@ def load_pipeline(name: str = DEFAULT_MODEL, device=None, dtype=None):
         from diffroute.quiet import loading_bars_off
 
         kwargs = {"dtype": dtype} if dtype is not None else {}
+        from diffroute.routing.moe.saving import from_pretrained, is_moe_folder
+
+        if Path(name).is_dir() and is_moe_folder(Path(name) / "transformer"):  # diffusers would drop the experts
+            kwargs["transformer"] = from_pretrained(Path(name) / "transformer", dtype=dtype)
         with loading_bars_off():
             pipe = to_routed(DiffusionPipeline.from_pretrained(name, **kwargs))
         if Path(name).is_dir():

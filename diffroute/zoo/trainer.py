@@ -69,7 +69,11 @@ def train(
     log_path = out_dir / "log.jsonl"
     t0, running = time.time(), 0.0
     model.train()
+    # A model may follow the training's progress (a capacity schedule that sparsifies as training goes on).
+    before_step = getattr(accelerator.unwrap_model(model), "before_step", None)
     for step in range(start, cfg.steps):
+        if before_step is not None:
+            before_step(step, cfg.steps)
         idx = batch_indices(n_items, step, cfg.batch_size, cfg.seed)[rank::world]
         gen = torch.Generator().manual_seed(hash((cfg.seed, step, rank)) & 0x7FFFFFFF)
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
