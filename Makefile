@@ -48,7 +48,7 @@ L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate l2c search compare demo-grid artifacts
+.PHONY: data train quality calibrate l2c elastic moe search compare demo-grid artifacts
 
 data: install
 	$(BIN)/python -m diffroute.zoo.emoji_data
@@ -68,6 +68,36 @@ calibrate: install
 l2c: install
 	for spec in $(L2C_SHIP); do name=$${spec%%=*}; lam=$${spec#*=}; rm -rf runs/l2c/$$name; \
 		$(BIN)/diffroute train l2c $(L2C_FLAGS) --lam $$lam --out runs/l2c/$$name --ship $$name || exit 1; done
+
+# The Elastic-DiT-style router, trained with its backbone (a fine-tuned model variant): installs the zoo model
+# emoji-elastic with its router emoji-elastic:elastic, then measures them side by side and draws the per-sample
+# compute histogram (docs/elastic).
+ELASTIC_FLAGS ?= --model emoji --bf16 --n 64 --iters 1200 --batch 1 --finetune --backbone-lr 1e-4
+elastic: install
+	rm -rf runs/elastic/emoji docs/elastic
+	$(BIN)/diffroute train elastic $(ELASTIC_FLAGS) --out runs/elastic/emoji --ship elastic
+	$(BIN)/diffroute eval compare --model emoji-elastic --dtype bfloat16 --prompts heldout --n 356 --batch 32 \
+		--repeats 5 --plans full,emoji-elastic:elastic --out docs/elastic/compare
+	$(BIN)/diffroute eval histogram --model emoji-elastic --dtype bfloat16 --plan emoji-elastic:elastic --n 356 \
+		--out docs/elastic
+
+# The expert-choice MoE experiment (issue 11): five fine-tunes of the shipped model on the same batches and seeds
+# (MoE at k = 2 of 6 routed experts = 50% of the FFN's FLOPs, the dense and magnitude-pruned baselines, the
+# clean-heavy and noise-heavy capacity schedules at the same mean k), each scored on the 356 held-out captions;
+# installs the static MoE as the zoo model emoji-moe; the table, load plot and FFN benchmark go to docs/moe.
+MOE_FLAGS ?= --model emoji --iters 1000
+MOE_RUNS ?= static2 dense pruned clean13 noise13
+moe: install
+	rm -rf $(addprefix runs/moe/,$(MOE_RUNS)) docs/moe
+	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant moe --capacity static:2 --out runs/moe/static2 --ship emoji-moe
+	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant dense --out runs/moe/dense
+	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant pruned --out runs/moe/pruned
+	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant moe --capacity clean:1-3 --out runs/moe/clean13
+	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant moe --capacity noise:1-3 --out runs/moe/noise13
+	for r in $(MOE_RUNS); do $(BIN)/diffroute eval compare --model runs/moe/$$r/model --dtype bfloat16 \
+		--prompts heldout --n 356 --batch 32 --repeats 1 --plans full --out runs/moe/$$r/compare || exit 1; done
+	$(BIN)/diffroute eval moe $(addprefix runs/moe/,$(MOE_RUNS)) --base docs/compare/results.json --out docs/moe
+	$(BIN)/diffroute bench moe --model emoji-moe --batch 32 --repeats 30 > docs/moe/bench.md
 
 # The search restarts from scratch (its archive belongs to the model it ran on) and installs the shipped schedules.
 # bf16 (this CPU runs it ~4x faster than fp32; quality is measured against bf16 `full`), 64 calibration captions,
@@ -90,7 +120,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c search compare demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c elastic search compare moe demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done

@@ -255,7 +255,7 @@ class Executor:
             rows = hidden.shape[0]
             done = float(fraction.float().sum()) if isinstance(fraction, torch.Tensor) else fraction * rows
             self.stats.discount(ctx.step, b, c, rows - done)  # a sliced FFN counts as the share of units it ran
-            return self._sliced(self.arch.modules[b][c], hidden, fraction)
+            return width.sliced_ffn_rows(self.arch.modules[b][c], hidden, fraction)
         if isinstance(decision, torch.Tensor):  # per-sample: True rows compute, the others reuse
             if bool(decision.all()):
                 decision = True
@@ -293,20 +293,6 @@ class Executor:
 
         mixed = [None if f is None else blocks.mix(weight, f, c) for f, c in zip(tensors_of(fresh), tensors_of(cached))]
         return rebuild(type(cached), mixed)
-
-    @staticmethod
-    def _sliced(module, hidden: torch.Tensor, fraction):
-        """The sliced FFN; per-sample fractions run one sliced product per distinct fraction (one host read)."""
-        if not isinstance(fraction, torch.Tensor):
-            return width.sliced_ffn(module, hidden, fraction)
-        out = None
-        for value in fraction.unique().tolist():
-            rows = (fraction == value).nonzero().squeeze(1)
-            part = width.sliced_ffn(module, hidden.index_select(0, rows), value)
-            if out is None:
-                out = part.new_empty(hidden.shape[:-1] + part.shape[-1:])
-            out.index_copy_(0, rows, part)
-        return out
 
     def _compute_rows(self, forward, key, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
         """Compute the component for the masked samples only and merge them into the cached output."""

@@ -50,6 +50,21 @@ def sliced_ffn(ff: FeedForward, hidden_states: torch.Tensor, fraction: float) ->
     return h
 
 
+def sliced_ffn_rows(ff: FeedForward, hidden_states: torch.Tensor, fraction) -> torch.Tensor:
+    """`sliced_ffn` with one fraction, or one per sample (a tensor over the batch): samples that share a fraction run
+    as one sliced product (one host read to group them)."""
+    if not isinstance(fraction, torch.Tensor):
+        return sliced_ffn(ff, hidden_states, fraction)
+    out = None
+    for value in fraction.unique().tolist():
+        rows = (fraction == value).nonzero().squeeze(1)
+        part = sliced_ffn(ff, hidden_states.index_select(0, rows), value)
+        if out is None:
+            out = part.new_empty(hidden_states.shape[:-1] + part.shape[-1:])
+        out.index_copy_(0, rows, part)
+    return out
+
+
 def masked_ffn(ff: FeedForward, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`ff(hidden_states)` with its hidden units multiplied by `mask` ([samples, width]): the training form of width
     decisions (Elastic-DiT's prefix masks under a straight-through one-hot), differentiable in `mask`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -38,7 +39,19 @@ def add_arguments(p) -> None:
     m.add_argument("--features", default=None, help="FD features (default: emoji-clip for the emoji model)")
     m.add_argument("--clip", default=None, help="CLIP scorer (default: emoji-clip for the emoji model)")
     m.add_argument("--weights", default=None, help="Inception weights file (with --features inception)")
-    for q in (f, s, c, m):
+    h = _subcommand(sub, "histogram", "per-sample compute of a per-sample router (Elastic): histogram and JSON")
+    add_model_arguments(h)
+    h.add_argument("--plan", required=True, help="the router plan, e.g. emoji-elastic:elastic")
+    h.add_argument("--n", type=int, default=128, help="held-out captions (default 128)")
+    h.add_argument("--batch", type=int, default=32, help="images per call (default 32)")
+    h.add_argument("--out", required=True, help="output folder (histogram.png, histogram.json)")
+    r = _subcommand(sub, "moe", "the MoE experiment: table of the training runs, expert load and dropped tokens")
+    r.add_argument("runs", nargs="+", help="`diffroute train moe` run folders, each with its compare/ results")
+    r.add_argument("--base", default=None, help="the base model's compare results.json (its `full` row)")
+    r.add_argument("--load-runs", default=None, help="comma-separated runs whose load is plotted (default: MoE runs)")
+    r.add_argument("--n", type=int, default=32, help="held-out captions for the load plot (default 32)")
+    r.add_argument("--out", required=True, help="output folder (table.md/json, load.png/json)")
+    for q in (f, s, c, m, h, r):
         q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
@@ -73,7 +86,78 @@ def _check_path(path: str) -> None:
 
 
 def run(args) -> dict:
-    return {"fid": _fid, "stats": _stats_cmd, "clip": _clip, "compare": _compare}[args.eval_command](args)
+    commands = {
+        "fid": _fid,
+        "stats": _stats_cmd,
+        "clip": _clip,
+        "compare": _compare,
+        "histogram": _histogram,
+        "moe": _moe,
+    }
+    return commands[args.eval_command](args)
+
+
+def _heldout(n: int) -> list[str]:
+    from diffroute.zoo.emoji_data import load as load_data
+
+    data = load_data()
+    return [str(c) for c in data["captions"][data["held_out"]]][:n]
+
+
+def _histogram(args) -> dict:
+    from diffroute.cli.common import call_kwargs, check_plans, load
+    from diffroute.zoo.registry import model_family
+
+    from .routing_report import elastic_histogram
+
+    if model_family(args.model) != "emoji":
+        raise ValueError("eval histogram draws the emoji model's held-out captions: use emoji or a variant of it.")
+    check_plans(None, [args.plan])
+    pipe = load(args)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {k: v for k, v in call_kwargs(pipe, args).items() if k != "num_inference_steps"}
+    result = elastic_histogram(
+        pipe, args.plan, _heldout(args.n), Path(args.out), args.seed, args.batch, args.steps, kwargs
+    )
+    if not args.json:
+        s = result["summary"]["computed_share"]
+        print(
+            f"{args.plan}: computed share per image {s['mean']:.3f} ± {s['std']:.3f} (p10 {s['p10']:.3f}, p90 "
+            f"{s['p90']:.3f}); wrote {args.out}/histogram.png"
+        )
+    return result
+
+
+def _moe(args) -> dict:
+    from diffroute.zoo.registry import load_pipeline
+
+    from .routing_report import moe_load_plot, moe_table
+
+    runs = [Path(r) for r in args.runs]
+    for run in runs:
+        for need in ("summary.json", "compare/results.json", "model/model_index.json"):
+            if not (run / need).is_file():
+                raise FileNotFoundError(
+                    f"{run / need} is missing: train with `diffroute train moe --out {run}` and "
+                    f"evaluate with `diffroute eval compare --model {run}/model --plans full "
+                    f"--out {run}/compare`."
+                )
+    rows = moe_table(runs, Path(args.base) if args.base else None, Path(args.out))
+    load_runs = (
+        [Path(r) for r in args.load_runs.split(",")]
+        if args.load_runs
+        else [r for r in runs if json.loads((r / "summary.json").read_text())["variant"] == "moe"]
+    )
+    models = {}
+    for run in load_runs:
+        summary = json.loads((run / "summary.json").read_text())
+        pipe = load_pipeline(str(run / "model"))
+        pipe.set_progress_bar_config(disable=True)
+        models[summary["capacity"]] = pipe
+    moe_load_plot(models, _heldout(args.n), Path(args.out))
+    if not args.json:
+        print((Path(args.out) / "table.md").read_text() + f"wrote {args.out}/table.md, load.png")
+    return {"rows": rows}
 
 
 def _fid(args) -> dict:

@@ -7,16 +7,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import add_model_arguments, call_kwargs, check_out_file, generators, load, read_prompts
+from .common import (
+    add_model_arguments,
+    add_prompt_arguments,
+    call_kwargs,
+    check_out_file,
+    generators,
+    load,
+    read_prompts,
+)
 
 HELP = "calibrate dynamic policies (TeaCache's rescaling polynomial, MagCache's ratios) for a model"
 
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
-    p.add_argument("--prompt", action="append", help="a calibration prompt (repeatable)")
-    p.add_argument("--prompts-file", help="a text file with one calibration prompt per line")
-    p.add_argument("--n", type=int, default=16, help="calibration prompts to use (default 16)")
+    add_prompt_arguments(p, "calibration", 16, " (default for emoji: training captions, never held-out)")
     p.add_argument(
         "--method",
         choices=("teacache", "magcache"),

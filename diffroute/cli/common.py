@@ -221,3 +221,11 @@ def check_zoo_model(model: str, flag: str) -> None:
 
     if not (WEIGHTS / model).is_dir():
         raise ValueError(f"{flag} installs into a zoo model's folder; {model!r} has none (zoo: {WEIGHTS}).")
+
+
+def add_prompt_arguments(p, role: str, n: int | None, default_note: str = "") -> None:
+    """--prompt (repeatable), --prompts-file and (with `n`) --n, for commands that read `role` prompts."""
+    p.add_argument("--prompt", action="append", help=f"a {role} prompt (repeatable)")
+    p.add_argument("--prompts-file", help=f"a text file with one {role} prompt per line{default_note}")
+    if n is not None:
+        p.add_argument("--n", type=int, default=n, help=f"{role} prompts to use (default {n})")

@@ -8,15 +8,23 @@ from pathlib import Path
 
 from diffroute.io import atomic_write_json
 
-from .common import add_model_arguments, call_kwargs, check_out_dir, check_plans, generators, load, read_prompts
+from .common import (
+    add_model_arguments,
+    add_prompt_arguments,
+    call_kwargs,
+    check_out_dir,
+    check_plans,
+    generators,
+    load,
+    read_prompts,
+)
 
 HELP = "generate images with a plan and compare with full compute"
 
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    add_prompt_arguments(p, "generation", None)
     p.add_argument("--plan", default="fora-3", help="plan name (full, fora-N, ...) or schedule JSON (default fora-3)")
     p.add_argument("--no-compare", action="store_true", help="do not also run the full-compute plan")
     p.add_argument("--out", default="outputs/generate", help="output folder (default outputs/generate)")

@@ -11,12 +11,10 @@ HELP = "search compute schedules with a genetic algorithm (ECAD, NSGA-II)"
 
 
 def add_arguments(p) -> None:
-    from .common import add_model_arguments
+    from .common import add_model_arguments, add_prompt_arguments
 
     add_model_arguments(p)
-    p.add_argument("--prompts-file", help="calibration prompts (default for emoji: training captions, never held-out)")
-    p.add_argument("--prompt", action="append", help="a calibration prompt (repeatable)")
-    p.add_argument("--n", type=int, default=32, help="calibration prompts (default 32)")
+    add_prompt_arguments(p, "calibration", 32, " (default for emoji: training captions, never held-out)")
     p.add_argument("--pop", type=int, default=24, help="population size (default 24)")
     p.add_argument("--generations", type=int, default=10, help="generations (default 10)")
     p.add_argument(

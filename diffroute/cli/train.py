@@ -76,12 +76,10 @@ def add_arguments(p) -> None:
 
 
 def _add_common(p) -> None:
-    from .common import add_model_arguments
+    from .common import add_model_arguments, add_prompt_arguments
 
     add_model_arguments(p)
-    p.add_argument("--prompts-file", help="training prompts (default for emoji: training captions, never held-out)")
-    p.add_argument("--prompt", action="append", help="a training prompt (repeatable)")
-    p.add_argument("--n", type=int, default=64, help="training prompts (default 64)")
+    add_prompt_arguments(p, "training", 64, " (default for emoji: training captions, never held-out)")
     p.add_argument("--prompts-per-batch", type=int, default=16, help="prompts per recorded batch (default 16)")
     p.add_argument("--bf16", action="store_true", help="autocast training to bfloat16")
     p.add_argument("--out", required=True, help="run folder (checkpointed; rerun the same command to resume)")

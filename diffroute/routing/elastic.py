@@ -128,12 +128,16 @@ class ElasticPlan(Plan):
             )
 
     def check_call(self, num_steps: int | None, scheduler=None) -> None:
-        cfg = self.router.config
-        if num_steps is not None and num_steps != cfg.num_steps:
-            raise PlanError(f"router {self.name!r} was trained for {cfg.num_steps} steps, not {num_steps}.")
-        used = None if scheduler is None else type(scheduler).__name__
-        if used and cfg.scheduler and used != cfg.scheduler:
-            raise PlanError(f"router {self.name!r} was trained with {cfg.scheduler}, the pipeline uses {used}.")
+        from .registry import check_trained_call
+
+        # Its budget r(t) and gates were trained on this sampler's timesteps; other step counts are untested.
+        check_trained_call(
+            self.name,
+            self.router.config,
+            num_steps,
+            scheduler,
+            f"train one for {num_steps} steps (`diffroute train elastic --steps {num_steps}`).",
+        )
 
     def block_level(self, arch: ArchitectureMap) -> torch.Tensor:
         return torch.ones(arch.num_blocks, dtype=torch.bool)

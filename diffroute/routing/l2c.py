@@ -17,7 +17,6 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from diffroute.arch import ArchitectureMap
-from diffroute.errors import PlanError
 from diffroute.plans import SchedulePlan
 from diffroute.schedule import Schedule
 
@@ -74,19 +73,16 @@ class RouterPlan(SchedulePlan):
         self.router = router
 
     def check_call(self, num_steps: int | None, scheduler=None) -> None:
-        cfg = self.router.config
-        if num_steps is not None and num_steps != cfg.num_steps:
-            raise PlanError(
-                f"router {self.name!r} was trained for {cfg.num_steps} steps, not {num_steps}: train one for "
-                f"{num_steps} steps (`diffroute train l2c --steps {num_steps}`), or run its schedule resampled "
-                f"(`diffroute.routing.load_router(...).schedule().resample({num_steps})`)."
-            )
-        used = None if scheduler is None else type(scheduler).__name__
-        if used and cfg.scheduler and used != cfg.scheduler:
-            raise PlanError(
-                f"router {self.name!r} was trained with {cfg.scheduler}, the pipeline uses {used}: its steps visit "
-                "other noise levels. Train one with this scheduler, or switch the pipeline's scheduler back."
-            )
+        from .registry import check_trained_call
+
+        check_trained_call(
+            self.name,
+            self.router.config,
+            num_steps,
+            scheduler,
+            f"train one for {num_steps} steps (`diffroute train l2c --steps {num_steps}`), or run its schedule "
+            f"resampled (`diffroute.routing.load_router(...).schedule().resample({num_steps})`).",
+        )
 
     def decider(self, arch: ArchitectureMap, num_steps: int):
         self.check_call(num_steps)

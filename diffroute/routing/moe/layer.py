@@ -57,6 +57,7 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
         time_dim: int = 64,
         router_init_std: float = 0.02,
         timestep_scale: float = 1.0,
+        dense_hidden: int = 0,  # the dense FFN's hidden units before any pruning (0: shared + routed ones)
     ):
         super().__init__()
         if kind not in ("mlp", "glumb") or activation not in ACTIVATIONS:
@@ -247,9 +248,10 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
             }
         )
 
-    def routed_fraction(self, seq_len: int, t_frac: float) -> float:
-        """Hidden units a token runs through on average at t, as a fraction of the dense FFN's (the FLOP share)."""
+    def flop_share(self, seq_len: int, t_frac: float) -> float:
+        """Hidden units a token runs through on average at t, as a fraction of the dense FFN's (its FLOP share)."""
         cfg = self.config
         C = tokens_per_expert(self.k(t_frac), seq_len, cfg.num_experts)
-        routed = cfg.num_experts * C * cfg.expert_hidden / seq_len
-        return (cfg.shared_hidden + routed) / (cfg.shared_hidden + cfg.num_experts * cfg.expert_hidden)
+        routed = cfg.num_experts * C * cfg.expert_hidden / seq_len if cfg.num_experts else 0.0
+        dense = cfg.dense_hidden or cfg.shared_hidden + cfg.num_experts * cfg.expert_hidden
+        return (cfg.shared_hidden + routed) / dense

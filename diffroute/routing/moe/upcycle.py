@@ -184,6 +184,7 @@ def upcycle_moe(
             time_dim=time_dim,
             router_init_std=router_init_std,
             timestep_scale=TIMESTEP_SCALE.get(arch.model_class, 1.0),
+            dense_hidden=H,
         )
         torch.nn.Module.to(layer, device=up.device, dtype=up.dtype)  # ModelMixin.to warns about fp32 modules it has not
         with torch.no_grad():
