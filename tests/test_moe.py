@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffroute.arch import architecture_map
 from diffroute.errors import InputError, PlanError
 from diffroute.routing.moe import moe_layers, parse_capacity, remove_moe, upcycle_moe
-from diffroute.routing.moe.saving import from_pretrained, is_moe_folder
+from diffroute.routing.surgery import from_pretrained, is_modified_folder
 from diffroute.zoo.tiny import TINY_PIPELINES
 
 # Routed + shared slices must divide each tiny FFN's hidden units (Sana's GLUMBConv has 20).
@@ -115,7 +115,7 @@ def test_save_pretrained_and_load_back(fresh, tmp_path):
     _upcycle(pipe, "pixart-alpha", capacity="noise:1-3", router_init_std=0.3)
     ref = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
     pipe.transformer.save_pretrained(tmp_path / "t")
-    assert is_moe_folder(tmp_path / "t")
+    assert is_modified_folder(tmp_path / "t")
     loaded = from_pretrained(tmp_path / "t")
     assert str(moe_layers(loaded)[0].capacity) == "noise:1-3"
     pipe.transformer = loaded
@@ -123,7 +123,7 @@ def test_save_pretrained_and_load_back(fresh, tmp_path):
     assert np.array_equal(run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1]), ref)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{broken")
-    with pytest.raises(InputError, match="not an upcycled transformer"):
+    with pytest.raises(InputError, match="not a transformer folder"):
         from_pretrained(tmp_path / "bad")
 
 

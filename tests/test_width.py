@@ -13,7 +13,7 @@ import diffroute
 from diffroute.deciders import Decider, Width
 from diffroute.errors import PlanError
 from diffroute.plans import Plan
-from diffroute.width import hidden_units, sliced_ffn
+from diffroute.width import hidden_units, sliced_ffn, sliced_ffn_rows
 
 FEEDFORWARD_FAMILIES = ["pixart-alpha", "pixart-sigma", "dit", "sd3", "flux"]
 
@@ -95,6 +95,6 @@ def test_per_sample_widths_group_rows_by_fraction(tiny_pipes):
     x = torch.randn(4, 5, ff.net[0].proj.in_features, generator=torch.Generator().manual_seed(1))
     fractions = torch.tensor([1.0, 0.25, 0.5, 0.25])
     with torch.no_grad():
-        out = diffroute.executor.Executor._sliced(ff, x, fractions)
+        out = sliced_ffn_rows(ff, x, fractions)
         for i, f in enumerate(fractions.tolist()):
             torch.testing.assert_close(out[i], sliced_ffn(ff, x[i : i + 1], f)[0], rtol=0, atol=1e-6)

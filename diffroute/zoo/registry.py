@@ -61,9 +61,9 @@ def load_transformer(folder: Path, dtype=None):
 
     import diffusers
 
-    from diffroute.routing.moe.saving import from_pretrained, is_moe_folder
+    from diffroute.routing.surgery import from_pretrained, is_modified_folder
 
-    if is_moe_folder(folder):
+    if is_modified_folder(folder):
         return from_pretrained(folder, dtype=dtype)
     try:
         cls = getattr(diffusers, json.loads((Path(folder) / "config.json").read_text())["_class_name"])
@@ -161,9 +161,9 @@ def load_pipeline(name: str = DEFAULT_MODEL, device=None, dtype=None):
         from diffroute.quiet import loading_bars_off
 
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        from diffroute.routing.moe.saving import from_pretrained, is_moe_folder
+        from diffroute.routing.surgery import from_pretrained, is_modified_folder
 
-        if Path(name).is_dir() and is_moe_folder(Path(name) / "transformer"):  # diffusers would drop the experts
+        if Path(name).is_dir() and is_modified_folder(Path(name) / "transformer"):  # diffusers would drop the experts
             kwargs["transformer"] = from_pretrained(Path(name) / "transformer", dtype=dtype)
         with loading_bars_off():
             pipe = to_routed(DiffusionPipeline.from_pretrained(name, **kwargs))
