@@ -1,0 +1,107 @@
+"""Training a transformer changed by our module surgery (MoE, DAR, DTR) or a baseline on the emoji model's data.
+
+One loop for every such variant, on the shared accelerate trainer: epsilon-MSE with 10% caption dropout on the
+emoji training images (never the held-out ones), EMA, bf16 autocast, resumable from `out/train`. Noise is drawn for
+the whole global batch from (seed, step) and each process keeps its rows, so N processes train exactly as one (the
+trainer's per-rank generator would give each rank other noise). The result is a pipeline folder `out/model` that
+records its base model (`variant.json`), so `load_pipeline` and `eval compare --prompts heldout` take it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffroute.io import atomic_write_json
+from diffroute.zoo import emoji_data
+from diffroute.zoo.train_emoji import EpsBatches
+from diffroute.zoo.trainer import TrainConfig, batch_indices, train
+
+
+@dataclass
+class DataTrainConfig:
+    """What every variant's training shares."""
+
+    iters: int = 1000  # training steps
+    batch_size: int = 64
+    lr: float = 1e-4
+    ema_decay: float = 0.999
+    train_images: int = 0  # the first N training images only (0: all; small N for smoke tests)
+    seed: int = 0
+    bf16: bool = True
+
+
+class Student(torch.nn.Module):
+    """The transformer, and a hook the trainer calls before each step (a schedule that follows training)."""
+
+    def __init__(self, transformer, on_step: Callable[[int, int], None] | None = None):
+        super().__init__()
+        self.transformer, self.on_step, self.step = transformer, on_step, 0
+
+    def before_step(self, step: int, steps: int) -> None:
+        self.step = step
+        if self.on_step is not None:
+            self.on_step(step, steps)
+
+    def forward(self, **kwargs):
+        return self.transformer(**kwargs)
+
+
+def train_on_data(
+    pipe,
+    student: Student,
+    cfg: DataTrainConfig,
+    out: Path,
+    accelerator,
+    name: str,
+    aux_loss: Callable[[], torch.Tensor | None] | None = None,
+) -> dict:
+    """Train `student` (wrapping `pipe.transformer`, already changed); saves `out/model`; returns a summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = emoji_data.load()
+    train_idx = torch.from_numpy(np.flatnonzero(~data["held_out"]))
+    if cfg.train_images:
+        train_idx = train_idx[: cfg.train_images]
+    batches = EpsBatches(data, train_idx, pipe.vae, accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def loss_fn(model, idx, gen):
+        global_idx = batch_indices(len(train_idx), student.step, cfg.batch_size, cfg.seed)
+        assert torch.equal(global_idx[rank::world], idx)
+        noise = torch.Generator().manual_seed(hash((cfg.seed, student.step)) & 0x7FFFFFFF)
+        kwargs, eps = batches(global_idx, noise)
+        kwargs = {k: v[rank::world] if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        loss = F.mse_loss(model(**kwargs).sample.float(), eps[rank::world])
+        extra = aux_loss() if aux_loss is not None else None
+        return loss if extra is None else loss + extra
+
+    tcfg = TrainConfig(
+        steps=cfg.iters,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup=min(100, cfg.iters // 10 + 1),
+        ema_decay=cfg.ema_decay,
+        seed=cfg.seed,
+        bf16=cfg.bf16,
+        weight_decay=0.0,
+    )
+    ema = train(name, student, loss_fn, len(train_idx), tcfg, out / "train", accelerator)
+    student = accelerator.unwrap_model(student)
+    if ema is not None:
+        student.load_state_dict(ema)
+    student.before_step(cfg.iters, cfg.iters)  # the schedules' end state (e.g. no dense mix)
+    pipe.transformer.eval()
+    summary = {**asdict(cfg), "seconds": time.time() - t0, "processes": accelerator.num_processes}
+    if accelerator.is_main_process:
+        pipe.save_pretrained(out / "model")
+        atomic_write_json(out / "model" / "variant.json", {"base": "emoji"})  # shares emoji's data and metrics
+        atomic_write_json(out / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    return summary
