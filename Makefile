@@ -28,7 +28,7 @@ demo: install
 
 test: install browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -90,3 +90,26 @@ def test_dar_and_dtr_save_and_load_with_the_transformer(tmp_path, which):
         assert loaded.dar.config.mode == "scratch" and loaded.dar.config.query == "dynamic"
     pipe.register_modules(transformer=loaded)
     assert np.array_equal(run(pipe, name, prompts(name), [0, 1]), ref)
+
+
+@pytest.mark.parametrize("method", ["dar", "dtr"])
+def test_train_dar_and_dtr_from_the_cli_and_load_back(tmp_path, method):
+    import json
+    import subprocess
+    import sys
+
+    from diffroute.zoo.registry import load_pipeline
+
+    args = ["train", method, "--model", "emoji", "--iters", "2", "--batch-size", "4", "--train-images", "8"]
+    args += ["--ema-decay", "0", "--out", str(tmp_path / "r"), "--json"]
+    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["method"] == method and result["init"] == ("shipped" if method == "dar" else "scratch")
+    pipe = load_pipeline(str(tmp_path / "r" / "model"))
+    if method == "dar":  # the retrofit's queries left zero: they trained
+        assert pipe.transformer.dar.config.mode == "retrofit" and pipe.transformer.dar.queries.abs().sum() > 0
+    else:  # from scratch: not the shipped weights
+        shipped = load_pipeline("emoji").transformer.pos_embed.proj.weight
+        assert pipe.transformer.config["diffroute_dtr"]["beta"] == 0.8
+        assert not torch.allclose(pipe.transformer.pos_embed.proj.weight, shipped)

@@ -6,7 +6,7 @@ import sys
 
 HELP = (
     "train a router (l2c: Learning-to-Cache; elastic: per-sample block skip + MLP width) on the model's trajectories, "
-    "or fine-tune an expert-choice MoE (moe) on the model's data"
+    "or a changed model on its data (moe: expert-choice MoE; dar, dtr: residual-stream routing; plain: baseline)"
 )
 
 
@@ -43,36 +43,9 @@ def add_arguments(p) -> None:
     elastic.add_argument("--r-noisy", type=float, default=0.5, help="blocks kept at the noisiest t (default 0.5)")
     elastic.add_argument("--width-target", type=float, default=0.75, help="mean MLP width of kept blocks (0.75)")
 
-    moe = sub.add_parser("moe", help="upcycle the FFNs into expert-choice MoE and fine-tune (or a baseline)")
-    from .common import add_model_arguments
+    from . import train_data
 
-    add_model_arguments(moe)
-    moe.add_argument(
-        "--variant",
-        choices=("moe", "dense", "pruned"),
-        default="moe",
-        help="moe (default); dense: the dense model fine-tuned the same; pruned: magnitude-pruned FFNs",
-    )
-    moe.add_argument("--iters", type=int, default=1000, help="training steps (default 1000)")
-    moe.add_argument("--batch-size", type=int, default=64, help="global batch (default 64)")
-    moe.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    moe.add_argument("--num-experts", type=int, default=6, help="routed experts (default 6)")
-    moe.add_argument("--shared", type=int, default=2, help="hidden-unit slices of the shared expert (default 2)")
-    moe.add_argument(
-        "--capacity",
-        default="static:2",
-        help="k(t), routed experts per token: static:K, clean:KMIN-KMAX, noise:KMIN-KMAX, table:K0,K1..",
-    )
-    moe.add_argument("--dense-until", type=float, default=0.2, help="share of steps trained dense (default 0.2)")
-    moe.add_argument("--sparse-from", type=float, default=0.6, help="share of steps by which k reaches the target")
-    moe.add_argument("--z-loss", type=float, default=1e-3, help="router z-loss weight (default 1e-3)")
-    moe.add_argument("--pruned-slices", type=int, default=4, help="pruned variant: slices dropped (default 4 of 8)")
-    moe.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights (default 0.999)")
-    moe.add_argument("--train-images", type=int, default=0, help="the first N training images only (0: all)")
-    moe.add_argument("--fp32", dest="bf16", action="store_false", help="train in float32 (default: bf16 autocast)")
-    moe.add_argument("--out", required=True, help="run folder (checkpointed; rerun the same command to resume)")
-    moe.add_argument("--ship", default=None, metavar="NAME", help="emoji only: install the model as zoo variant NAME")
-    moe.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    train_data.add_parsers(sub)
 
 
 def _add_common(p) -> None:
@@ -94,8 +67,10 @@ def run(args) -> dict | None:
     from .calibrate import calibration_prompts
     from .common import call_kwargs, check_out_dir, load, read_prompts
 
-    if args.method == "moe":
-        return _run_moe(args)
+    if args.method in ("moe", "dar", "dtr", "plain"):
+        from . import train_data
+
+        return train_data.run(args)
     if args.iters < 1 or args.n < 1 or args.batch < 1 or args.prompts_per_batch < 1:
         raise ValueError("need --iters, --n, --batch and --prompts-per-batch of at least 1.")
     check = _check_l2c if args.method == "l2c" else _check_elastic
@@ -172,38 +147,3 @@ def _check_ship(name: str, model: str) -> str:
     if not name or not name.replace("-", "").isalnum() or name != name.lower():
         raise ValueError(f"--ship {name!r}: give a lowercase name of letters, digits and '-' (e.g. l2c).")
     return name
-
-
-def _run_moe(args) -> dict | None:
-    import torch
-    from accelerate import Accelerator
-
-    from diffroute.routing.moe import parse_capacity
-    from diffroute.routing.moe.train_moe import MoEConfig, train_moe
-
-    from .common import check_out_dir, check_zoo_model, load
-
-    if args.iters < 1 or args.batch_size < 1 or not args.lr > 0:
-        raise ValueError("need --iters and --batch-size of at least 1 and a positive --lr.")
-    if not 0 <= args.dense_until <= args.sparse_from <= 1:
-        raise ValueError("need 0 <= --dense-until <= --sparse-from <= 1.")
-    parse_capacity(args.capacity).check(args.num_experts)
-    if args.model != "emoji":
-        raise ValueError("diffroute train moe trains on the emoji data set: use --model emoji.")
-    if args.ship:
-        check_zoo_model(args.model, "--ship")
-        if args.variant != "moe" or not args.ship.startswith("emoji-") or not args.ship.replace("-", "").isalnum():
-            raise ValueError("--ship takes the MoE variant only, as a zoo name starting with 'emoji-' (emoji-moe).")
-    out = check_out_dir(args.out)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    pipe = load(args)
-    pipe.set_progress_bar_config(disable=True)
-    summary = train_moe(pipe, _config_of(MoEConfig, args), out, accelerator)
-    summary["out"] = str(out)
-    if accelerator.is_main_process:
-        print(f"moe: {args.variant} model in {out / 'model'}", file=sys.stderr)
-        if args.ship:
-            from diffroute.shipped import install_model_variant
-
-            summary["shipped_as"] = install_model_variant(out / "model", args.ship)
-    return summary if accelerator.is_main_process else None
