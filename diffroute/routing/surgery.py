@@ -1,10 +1,11 @@
-"""Loading a transformer changed by our module surgery (MoE upcycling, DAR, DTR) from its `save_pretrained` folder.
+"""Loading a transformer changed by our module surgery (MoE, DAR, DTR, FeRA, LoRA) from its `save_pretrained` folder.
 
-Each surgery records its settings in the transformer's config (`diffroute_moe`, `diffroute_dar`, `diffroute_dtr`)
-and its parameters live in the transformer's state dict, so the base class's `save_pretrained` saves it all. Loading
-builds the base class from its config, re-applies the surgeries, then reads the safetensors weights strictly:
-diffusers' own `from_pretrained` would build the plain model and drop the extra weights as unexpected keys, so such
-folders come through here (`load_pipeline` does it for pipeline folders and zoo variants).
+Each surgery records its settings in the transformer's config (`diffroute_moe`, `diffroute_dar`, `diffroute_dtr`,
+`diffroute_fera`, `diffroute_lora`) and its parameters live in the transformer's state dict, so the base class's
+`save_pretrained` saves it all. Loading builds the base class from its config, re-applies the surgeries, then reads
+the safetensors weights strictly: diffusers' own `from_pretrained` would build the plain model and drop the extra
+weights as unexpected keys, so such folders come through here (`load_pipeline` does it for pipeline folders and zoo
+variants).
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ from diffroute.errors import InputError
 def _surgeries() -> dict:
     from .dar import apply_dar
     from .dtr import apply_dtr
+    from .fera import apply_fera, apply_lora
     from .moe.upcycle import upcycle_moe
 
     # config key -> how to re-apply it from its recorded settings, in the order they are applied
-    return {"diffroute_moe": upcycle_moe, "diffroute_dtr": apply_dtr, "diffroute_dar": apply_dar}
+    return {
+        "diffroute_moe": upcycle_moe,
+        "diffroute_dtr": apply_dtr,
+        "diffroute_dar": apply_dar,
+        "diffroute_lora": apply_lora,
+        "diffroute_fera": apply_fera,
+    }
 
 
 def is_modified_folder(folder: str | Path) -> bool:

@@ -1,0 +1,117 @@
+"""FeRA and its LoRA baseline: identity at initialisation and bitwise enable/disable on all six families, a band
+indicator that is not constant on small latents, per-call routing weights, save and load."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import NAMES, prompts, run
+
+from diffroute.errors import PlanError
+from diffroute.routing.fera import (
+    adapter_parameters,
+    apply_fera,
+    apply_lora,
+    band_energies,
+    disable_fera,
+    enable_fera,
+    frequency_bands,
+    set_lora_enabled,
+)
+from diffroute.routing.surgery import from_pretrained
+from diffroute.zoo.tiny import TINY_PIPELINES
+
+
+def _pipe(name):
+    pipe = TINY_PIPELINES[name]()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _randomise_lora(transformer, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in transformer.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.5, generator=gen)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fera_is_the_model_at_initialisation_and_switches_off_bitwise(name):
+    pipe = _pipe(name)
+    ref = run(pipe, name, prompts(name), [0, 1])
+    apply_fera(pipe.transformer)
+    assert np.array_equal(run(pipe, name, prompts(name), [0, 1]), ref)  # B = 0: the experts add nothing
+    _randomise_lora(pipe.transformer)
+    adapted = run(pipe, name, prompts(name), [0, 1])
+    assert np.abs(adapted - ref).max() > 1e-4
+    disable_fera(pipe.transformer)
+    assert np.array_equal(run(pipe, name, prompts(name), [0, 1]), ref)
+    enable_fera(pipe.transformer)
+    assert np.array_equal(run(pipe, name, prompts(name), [0, 1]), adapted)
+
+
+def test_band_indicator_separates_smooth_from_noisy_small_latents():
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, 8, 8, generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    smooth = torch.sin(xx / 3 + yy / 5).expand(1, 4, 8, 8)
+    torch.testing.assert_close(sum(frequency_bands(noise)), noise)  # the bands add up to the latent
+    e_noise, e_smooth = band_energies(noise)[0], band_energies(smooth)[0]
+    assert e_noise.sum() == pytest.approx(1.0) and e_smooth.sum() == pytest.approx(1.0)
+    assert e_noise[0] > 0.3 and e_smooth[0] < 0.05  # high band: most of noise's energy, little of a smooth field
+    assert e_smooth[-1] > 0.5  # low band: most of the smooth field's
+
+
+def test_routing_weights_are_per_call_per_sample_and_cleared():
+    pipe = _pipe("pixart-alpha")
+    router = apply_fera(pipe.transformer, num_experts=3)
+    with torch.no_grad():  # a router that reads the energies strongly, with no bias towards an expert
+        gen = torch.Generator().manual_seed(3)
+        router.mlp[0].weight.normal_(0, 3.0, generator=gen)
+        router.mlp[2].weight.normal_(0, 0.3, generator=gen)
+        router.mlp[0].bias.zero_()
+        router.mlp[2].bias.zero_()
+    state = pipe.transformer._diffroute_fera["state"]
+    state.record = True
+    run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1], steps=4)
+    assert state.weights is None and len(state.history) == 4  # one call per step (CFG batched), cleared after each
+    w = torch.stack(state.history)  # [steps, 2 prompts x 2 CFG rows, experts]
+    assert w.shape == (4, 4, 3)
+    torch.testing.assert_close(w.sum(-1), torch.ones(4, 4))
+    torch.testing.assert_close(w[:, :2], w[:, 2:])  # CFG rows see the same latent: aligned weights
+    # the tiny random model's latents stay noise at every step; a smooth latent (the clean end) routes elsewhere
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    smooth = torch.sin(xx / 3 + yy / 5).expand(1, 4, 8, 8)
+    noisy = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (router(smooth) - router(noisy)).abs().max() > 0.05
+    with pytest.raises(PlanError, match="adapters already"):
+        apply_lora(pipe.transformer)
+
+
+def test_lora_baseline_switches_off_bitwise_and_counts_parameters():
+    pipe = _pipe("pixart-alpha")
+    ref = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
+    apply_lora(pipe.transformer, rank=12)
+    _randomise_lora(pipe.transformer)
+    assert np.abs(run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1]) - ref).max() > 1e-4
+    set_lora_enabled(pipe.transformer, False)
+    assert np.array_equal(run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1]), ref)
+    lora = sum(p.numel() for p in adapter_parameters(pipe.transformer))
+    fera_pipe = _pipe("pixart-alpha")
+    apply_fera(fera_pipe.transformer, num_experts=3, rank=4)
+    fera = adapter_parameters(fera_pipe.transformer)
+    router = sum(p.numel() for p in fera_pipe.transformer.fera_router.parameters())
+    assert sum(p.numel() for p in fera) - router == lora  # 3 experts of rank 4 = one LoRA of rank 12
+
+
+@pytest.mark.parametrize("which", ["fera", "lora"])
+def test_fera_and_lora_save_and_load_with_the_transformer(tmp_path, which):
+    pipe = _pipe("pixart-alpha")
+    (apply_fera if which == "fera" else apply_lora)(pipe.transformer)
+    _randomise_lora(pipe.transformer)
+    ref = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
+    pipe.transformer.save_pretrained(tmp_path / "t")
+    loaded = from_pretrained(tmp_path / "t")
+    pipe.register_modules(transformer=loaded)
+    assert np.array_equal(run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1]), ref)
