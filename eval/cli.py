@@ -28,7 +28,12 @@ def add_arguments(p) -> None:
 
     add_model_arguments(m)
     m.add_argument("--plans", default="full,fora-2,fora-3", help="comma-separated plans (full is always added)")
-    m.add_argument("--prompts", default="heldout", help="'heldout' (emoji model's held-out captions) or a text file")
+    m.add_argument(
+        "--prompts",
+        default="heldout",
+        help="'heldout' (held-out captions of the emoji model's image domain; Symbola for a model adapted to it) "
+        "or a text file",
+    )
     m.add_argument("--n", type=int, default=256, help="samples per plan (default 256)")
     m.add_argument("--batch", type=int, default=16, help="images per pipeline call (default 16)")
     m.add_argument("--repeats", type=int, default=5, help="timed repeats after a warm-up (default 5)")
@@ -219,9 +224,12 @@ def _compare(args) -> dict:
     if args.prompts == "heldout":
         if not emoji:
             raise ValueError("--prompts heldout needs --model emoji; give a prompts file for other models.")
+        from diffroute.zoo.emoji_data import domain
         from diffroute.zoo.emoji_data import load as load_data
+        from diffroute.zoo.registry import model_domain
 
-        data = load_data()
+        # the held-out captions of the model's image domain, against that domain's held-out images
+        data = domain(load_data(), model_domain(args.model))
         prompts = [str(c) for c in data["captions"][data["held_out"]]]
         reference = stack_reference(data["images"][data["held_out"]])
     else:

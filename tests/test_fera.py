@@ -115,3 +115,38 @@ def test_fera_and_lora_save_and_load_with_the_transformer(tmp_path, which):
     loaded = from_pretrained(tmp_path / "t")
     pipe.register_modules(transformer=loaded)
     assert np.array_equal(run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1]), ref)
+
+
+def test_fecl_is_zero_when_the_update_matches_the_error_spectrum_and_positive_otherwise():
+    from diffroute.routing.fera import SIGMAS
+    from diffroute.routing.train_fera import fecl_loss
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 4, 8, 8, generator=gen)
+    base = torch.randn(2, 4, 8, 8, generator=gen)
+    pred = base + 0.5 * (target - base)  # the update is a scaled copy of the remaining error: same band shares
+    assert fecl_loss(pred, base, target, SIGMAS) < 1e-10
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    smooth = torch.sin(xx / 3 + yy / 5).expand(2, 4, 8, 8)
+    assert fecl_loss(base + smooth, base, target, SIGMAS) > 1e-3  # a low-band update against a white-noise error
+
+
+def test_train_fera_cli_adapts_only_the_adapters_on_symbola(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from diffroute.zoo.registry import load_pipeline, model_domain
+
+    args = ["train", "fera", "--model", "emoji", "--iters", "2", "--batch-size", "4", "--train-images", "8"]
+    args += ["--ema-decay", "0", "--out", str(tmp_path / "r"), "--json"]
+    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["domain"] == "symbola" and result["trained_parameters"] > 0
+    assert model_domain(str(tmp_path / "r" / "model")) == "symbola"
+    adapted, shipped = load_pipeline(str(tmp_path / "r" / "model")).transformer, load_pipeline("emoji").transformer
+    base = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if "lora_" not in k}
+    for k, v in shipped.state_dict().items():  # the base weights did not move
+        assert torch.equal(base[k], v), k
+    assert any(v.abs().sum() > 0 for k, v in adapted.state_dict().items() if ".lora_B." in k)  # B left zero

@@ -6,7 +6,8 @@ import sys
 
 HELP = (
     "train a router (l2c: Learning-to-Cache; elastic: per-sample block skip + MLP width) on the model's trajectories, "
-    "or a changed model on its data (moe: expert-choice MoE; dar, dtr: residual-stream routing; plain: baseline)"
+    "or a changed model on its data (moe: expert-choice MoE; dar, dtr: residual-stream routing; plain: baseline; "
+    "fera, lora: domain adapters)"
 )
 
 
@@ -67,7 +68,7 @@ def run(args) -> dict | None:
     from .calibrate import calibration_prompts
     from .common import call_kwargs, check_out_dir, load, read_prompts
 
-    if args.method in ("moe", "dar", "dtr", "plain"):
+    if args.method in ("moe", "dar", "dtr", "plain", "fera", "lora"):
         from . import train_data
 
         return train_data.run(args)

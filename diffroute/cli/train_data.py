@@ -1,5 +1,5 @@
-"""`diffroute train moe|dar|dtr|plain`: variants of the emoji transformer trained on its data (thin parsing; the
-training lives in `diffroute.routing`)."""
+"""`diffroute train moe|dar|dtr|plain|fera|lora`: variants of the emoji transformer trained on its data (thin
+parsing; the training lives in `diffroute.routing`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ HELPS = {
     "dar": "DAR: blocks read a timestep-adaptive mixture of all earlier outputs (retrofit fine-tune or from scratch)",
     "dtr": "DTR: timestep-dependent channel windows (from scratch by default)",
     "plain": "the baseline: the same training without any change (fine-tune or from scratch)",
+    "fera": "FeRA: LoRA experts routed by the latent's frequency-band energies, adapting to a domain (Symbola)",
+    "lora": "the adaptation baseline: one peft LoRA on the same attention projections",
 }
+ADAPTERS = ("fera", "lora")
 
 
 def add_parsers(sub) -> None:
@@ -25,10 +28,24 @@ def add_parsers(sub) -> None:
         p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights (default 0.999)")
         p.add_argument("--train-images", type=int, default=0, help="the first N training images only (0: all)")
         p.add_argument("--fp32", dest="bf16", action="store_false", help="train in float32 (default: bf16 autocast)")
+        p.add_argument(
+            "--domain",
+            choices=("emoji", "symbola"),
+            default="symbola" if method in ADAPTERS else "emoji",
+            help="training images: emoji (the model's own) or symbola (monochrome glyphs); default emoji, symbola "
+            "for fera and lora",
+        )
         p.add_argument("--out", required=True, help="run folder (checkpointed; rerun the same command to resume)")
         p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
         if method == "moe":
             _moe_arguments(p)
+        elif method in ADAPTERS:
+            rank = 4 if method == "fera" else 12
+            note = "per expert" if method == "fera" else "the parameters of 3 FeRA experts of rank 4"
+            p.add_argument("--rank", type=int, default=rank, help=f"LoRA rank (default {rank}: {note})")
+            if method == "fera":
+                p.add_argument("--num-experts", type=int, default=3, help="LoRA experts (default 3)")
+                p.add_argument("--fecl", type=float, default=0.1, help="consistency loss weight (default 0.1)")
         else:
             default = "scratch" if method == "dtr" else "shipped"
             p.add_argument(
@@ -122,6 +139,11 @@ def _config_and_trainer(args):
             raise ValueError("need 0 <= --dense-until <= --sparse-from <= 1.")
         parse_capacity(args.capacity).check(args.num_experts)
         return config_of(MoEConfig), train_moe
+    if args.method in ADAPTERS:
+        from diffroute.routing.train_fera import AdapterConfig, train_adapter
+
+        extra = {"num_experts": 1, "fecl": 0.0} if args.method == "lora" else {}
+        return config_of(AdapterConfig, method=args.method, **extra), train_adapter
     from diffroute.routing.train_streams import StreamConfig, check, train_streams
 
     defaults = {"mode": "retrofit", "query": "static+t", "beta": 0.8, "alpha": 4.0}

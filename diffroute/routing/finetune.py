@@ -35,6 +35,7 @@ class DataTrainConfig:
     train_images: int = 0  # the first N training images only (0: all; small N for smoke tests)
     seed: int = 0
     bf16: bool = True
+    domain: str = "emoji"  # emoji (Noto, the model's own) or symbola (the adaptation target)
 
 
 class Student(torch.nn.Module):
@@ -43,6 +44,12 @@ class Student(torch.nn.Module):
     def __init__(self, transformer, on_step: Callable[[int, int], None] | None = None):
         super().__init__()
         self.transformer, self.on_step, self.step = transformer, on_step, 0
+
+    groups: Callable[[float], list[dict]] | None = None  # what trains, when not every parameter
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The trainer's optimizer groups: `groups(lr)` when set, else every parameter at `lr`."""
+        return self.groups(lr) if self.groups is not None else [{"params": list(self.parameters()), "lr": lr}]
 
     def before_step(self, step: int, steps: int) -> None:
         self.step = step
@@ -61,11 +68,15 @@ def train_on_data(
     accelerator,
     name: str,
     aux_loss: Callable[[], torch.Tensor | None] | None = None,
+    objective: Callable | None = None,
+    param_groups: Callable[[float], list[dict]] | None = None,
 ) -> dict:
-    """Train `student` (wrapping `pipe.transformer`, already changed); saves `out/model`; returns a summary."""
+    """Train `student` (wrapping `pipe.transformer`, already changed); saves `out/model`; returns a summary.
+    `objective(model, kwargs, eps)` replaces the epsilon-MSE (+ `aux_loss()`); `param_groups(lr)` limits what trains
+    (default: every parameter of the student)."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    data = emoji_data.load()
+    data = emoji_data.domain(emoji_data.load(), cfg.domain)
     train_idx = torch.from_numpy(np.flatnonzero(~data["held_out"]))
     if cfg.train_images:
         train_idx = train_idx[: cfg.train_images]
@@ -78,6 +89,8 @@ def train_on_data(
         noise = torch.Generator().manual_seed(hash((cfg.seed, student.step)) & 0x7FFFFFFF)
         kwargs, eps = batches(global_idx, noise)
         kwargs = {k: v[rank::world] if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        if objective is not None:
+            return objective(model, kwargs, eps[rank::world])
         loss = F.mse_loss(model(**kwargs).sample.float(), eps[rank::world])
         extra = aux_loss() if aux_loss is not None else None
         return loss if extra is None else loss + extra
@@ -92,6 +105,7 @@ def train_on_data(
         bf16=cfg.bf16,
         weight_decay=0.0,
     )
+    student.groups = param_groups
     ema = train(name, student, loss_fn, len(train_idx), tcfg, out / "train", accelerator)
     student = accelerator.unwrap_model(student)
     if ema is not None:
@@ -101,7 +115,7 @@ def train_on_data(
     summary = {**asdict(cfg), "seconds": time.time() - t0, "processes": accelerator.num_processes}
     if accelerator.is_main_process:
         pipe.save_pretrained(out / "model")
-        atomic_write_json(out / "model" / "variant.json", {"base": "emoji"})  # shares emoji's data and metrics
+        atomic_write_json(out / "model" / "variant.json", {"base": "emoji", "domain": cfg.domain})
         atomic_write_json(out / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary

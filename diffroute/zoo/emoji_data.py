@@ -179,6 +179,21 @@ def load(path: Path | None = None) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+DOMAINS = ("emoji", "symbola")
+
+
+def domain(data: dict, name: str) -> dict:
+    """The arrays of one image domain: `emoji` (Noto colour, what the model was trained on) or `symbola` (the
+    monochrome Symbola glyphs of the same captions, for adaptation). The held-out split is the captions' own, so a
+    held-out caption is held out in both domains."""
+    if name == "emoji":
+        return {k: data[k] for k in ("images", "captions", "held_out")}
+    if name == "symbola":
+        idx = data["symbola_index"]
+        return {"images": data["symbola_images"], "captions": data["captions"][idx], "held_out": data["held_out"][idx]}
+    raise ValueError(f"unknown image domain {name!r}; known: {', '.join(DOMAINS)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=DATA_DIR)

@@ -130,6 +130,14 @@ def model_family(name: str) -> str | None:
     return None
 
 
+def model_domain(name: str) -> str:
+    """The image domain a model folder was trained for (`variant.json`'s `domain`; emoji otherwise)."""
+    import json
+
+    spec = Path(name) / "variant.json"
+    return json.loads(spec.read_text()).get("domain", "emoji") if spec.is_file() else "emoji"
+
+
 def register_model(name: str, entry: ModelEntry) -> None:
     MODELS[name] = entry
 

@@ -1,0 +1,90 @@
+"""Adapting the emoji model to a new image domain (Symbola) with FeRA or a plain LoRA, the rest frozen.
+
+Loss, FeRA: `MSE(eps_fera, eps) + fecl * FECL` (the paper's frequency-energy consistency loss, weight 0.1):
+with `eps_base` from a no-grad forward with the experts off, `Delta = eps_fera - eps_base` and `rho = eps_fera - eps`,
+`FECL = sum_b pi_b (|Delta_b| / |Delta| - |rho_b| / |rho|)^2` over the latent's frequency bands b (the same bands as
+the router's), `pi_b` band b's share of rho's energy: the update the adapters make should put its energy where the
+remaining error is. LoRA: the plain epsilon-MSE. Only the LoRA matrices (and FeRA's router) train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffroute.errors import PlanError
+
+from .fera import adapter_parameters, apply_fera, apply_lora, disable_fera, enable_fera, frequency_bands
+from .finetune import DataTrainConfig, Student, train_on_data
+
+
+@dataclass
+class AdapterConfig(DataTrainConfig):
+    method: str = "fera"  # fera | lora
+    num_experts: int = 3
+    rank: int = 4
+    fecl: float = 0.1  # FeRA's consistency loss weight
+
+
+def fecl_loss(pred: torch.Tensor, base: torch.Tensor, target: torch.Tensor, sigmas) -> torch.Tensor:
+    """The frequency-energy consistency loss, per sample then averaged (see the module docstring)."""
+    delta, rho = (pred - base).float(), (pred - target).float()
+    d_bands, r_bands = frequency_bands(delta, sigmas), frequency_bands(rho, sigmas)
+
+    def norms(bands):
+        return torch.stack([b.flatten(1).norm(dim=1) for b in bands], dim=1)  # [B, bands]
+
+    dn, rn = norms(d_bands), norms(r_bands)
+    pi = rn.square() / rn.square().sum(1, keepdim=True).clamp_min(1e-12)
+    d_share = dn / delta.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-12)
+    r_share = rn / rho.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (pi * (d_share - r_share).square()).sum(1).mean()
+
+
+def train_adapter(pipe, cfg: AdapterConfig, out: Path, accelerator) -> dict:
+    if cfg.method not in ("fera", "lora") or cfg.rank < 1 or cfg.num_experts < 1:
+        raise PlanError("need method fera or lora, --rank >= 1 and --num-experts >= 1.")
+    transformer = pipe.transformer
+    torch.manual_seed(cfg.seed)  # the adapters' initialisation, the same in every process
+    if cfg.method == "fera":
+        apply_fera(transformer, num_experts=cfg.num_experts, rank=cfg.rank)
+    else:
+        apply_lora(transformer, rank=cfg.rank)
+    trained = adapter_parameters(transformer)
+    for p in transformer.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    sigmas = tuple(transformer.config["diffroute_fera"]["sigmas"]) if cfg.method == "fera" else None
+
+    def objective(model, kwargs, eps):
+        pred = model(**kwargs).sample.float()
+        loss = F.mse_loss(pred, eps)
+        if cfg.method == "fera" and cfg.fecl:
+            with torch.no_grad():
+                disable_fera(transformer)
+                base = model(**kwargs).sample.float()
+                enable_fera(transformer)
+            loss = loss + cfg.fecl * fecl_loss(pred, base, eps, sigmas)
+        return loss
+
+    student = Student(transformer)
+    try:
+        summary = train_on_data(
+            pipe,
+            student,
+            cfg,
+            out,
+            accelerator,
+            f"{cfg.method}:{cfg.domain}",
+            objective=objective,
+            param_groups=lambda lr: [{"params": trained, "lr": lr}],
+        )
+    finally:
+        for p in transformer.parameters():
+            p.requires_grad_(True)
+    n = sum(p.numel() for p in trained)
+    return {"method": cfg.method, "trained_parameters": n, **summary}
