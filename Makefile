@@ -97,7 +97,7 @@ moe: install
 	for r in $(MOE_RUNS); do $(BIN)/diffroute eval compare --model runs/moe/$$r/model --dtype bfloat16 \
 		--prompts heldout --n 356 --batch 32 --repeats 1 --plans full --out runs/moe/$$r/compare || exit 1; done
 	$(BIN)/diffroute eval moe $(addprefix runs/moe/,$(MOE_RUNS)) --base docs/compare/results.json --out docs/moe
-	$(BIN)/diffroute bench moe --model emoji-moe --batch 32 --repeats 30 > docs/moe/bench.md
+	$(BIN)/diffroute bench moe --model emoji --batch 32 --repeats 30 > docs/moe/bench.md
 
 # The search restarts from scratch (its archive belongs to the model it ran on) and installs the shipped schedules.
 # bf16 (this CPU runs it ~4x faster than fp32; quality is measured against bf16 `full`), 64 calibration captions,

@@ -264,3 +264,20 @@ def test_train_moe_on_two_gloo_processes_matches_one(tmp_path):
     assert set(a) == set(b) and any("experts_up" in k for k in a)
     for key in a:  # each process trains on half of the global batch; DDP averages the gradients
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_shipped_variants_load_by_name_and_generate():
+    import diffroute
+    from diffroute.routing.moe.capacity import Capacity
+    from diffroute.zoo.registry import MODELS, load_pipeline, model_family
+
+    assert {"emoji-moe", "emoji-elastic"} <= set(MODELS)
+    assert model_family("emoji-moe") == "emoji" == model_family("emoji-elastic")
+    pipe = load_pipeline("emoji-moe")
+    layers = moe_layers(pipe.transformer)
+    assert len(layers) == 5 and layers[0].capacity == Capacity("static", (2.0,))
+    assert all(layer.dense_mix == 0.0 for layer in layers)  # the target capacity, not the training warm-up
+    images = pipe(["grinning face"], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    plan = diffroute.resolve_plan("emoji-elastic:elastic")  # the router shipped with its fine-tuned backbone
+    assert plan.router.config.num_steps == 20
