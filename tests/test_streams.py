@@ -92,24 +92,33 @@ def test_dar_and_dtr_save_and_load_with_the_transformer(tmp_path, which):
     assert np.array_equal(run(pipe, name, prompts(name), [0, 1]), ref)
 
 
-@pytest.mark.parametrize("method", ["dar", "dtr"])
-def test_train_dar_and_dtr_from_the_cli_and_load_back(tmp_path, method):
+def test_train_dar_from_the_cli_and_load_back(tmp_path):
     import json
     import subprocess
     import sys
 
     from diffroute.zoo.registry import load_pipeline
 
-    args = ["train", method, "--model", "emoji", "--iters", "2", "--batch-size", "4", "--train-images", "8"]
+    args = ["train", "dar", "--model", "emoji", "--iters", "2", "--batch-size", "4", "--train-images", "8"]
     args += ["--ema-decay", "0", "--out", str(tmp_path / "r"), "--json"]
     proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["method"] == method and result["init"] == ("shipped" if method == "dar" else "scratch")
+    assert result["method"] == "dar" and result["init"] == "shipped" and result["mode"] == "retrofit"
     pipe = load_pipeline(str(tmp_path / "r" / "model"))
-    if method == "dar":  # the retrofit's queries left zero: they trained
-        assert pipe.transformer.dar.config.mode == "retrofit" and pipe.transformer.dar.queries.abs().sum() > 0
-    else:  # from scratch: not the shipped weights
-        shipped = load_pipeline("emoji").transformer.pos_embed.proj.weight
-        assert pipe.transformer.config["diffroute_dtr"]["beta"] == 0.8
-        assert not torch.allclose(pipe.transformer.pos_embed.proj.weight, shipped)
+    assert pipe.transformer.dar.config.mode == "retrofit" and pipe.transformer.dar.queries.abs().sum() > 0
+
+
+def test_from_scratch_starts_from_fresh_seeded_weights_with_the_rewrite():
+    from diffroute.routing.train_streams import StreamConfig, prepare
+    from diffroute.zoo.registry import load_pipeline
+
+    shipped = load_pipeline("emoji").transformer.pos_embed.proj.weight
+    a, b = load_pipeline("emoji"), load_pipeline("emoji")
+    ta = prepare(a, StreamConfig(method="dtr", init="scratch", seed=1))
+    tb = prepare(b, StreamConfig(method="dtr", init="scratch", seed=1))
+    assert a.transformer is ta and ta.config["diffroute_dtr"] == {"beta": 0.8, "alpha": 4.0}
+    assert not torch.allclose(ta.pos_embed.proj.weight, shipped)
+    assert all(torch.equal(x, y) for x, y in zip(ta.parameters(), tb.parameters(), strict=True))  # seeded
+    with pytest.raises(PlanError, match="DTR"):
+        prepare(load_pipeline("emoji"), StreamConfig(method="dtr", beta=1.5))
