@@ -197,7 +197,10 @@ class Executor:
     def _start_call(self, num_steps: int, device: torch.device) -> None:
         self.end_call(reset_tracker=False)
         self.decider = self.plan.decider(self.arch, num_steps)
-        self.stats = StatsRecorder(num_steps, self.present, self.always, device)
+        # inside blocks decided as a whole, the block's record counts its components (`always` there means "whenever
+        # the block runs"), so only the other always-computed components are counted once per call
+        counted_always = self.always & ~self.block_level[:, None]
+        self.stats = StatsRecorder(num_steps, self.present, counted_always, device)
         self.cache.reset_peak()
 
     def end_call(self, reset_tracker: bool = True) -> None:
@@ -242,13 +245,11 @@ class Executor:
             return self._blend(forward, key, decision, args, kwargs)
         # (inside a block decided as a whole the block's own record counts its components)
         if isinstance(decision, SoftWidth):  # training: the FFN's hidden units masked, gradients through the mask
-            if not self.block_level[b]:
-                self.stats.record(ctx.step, b, c, n, n)
+            self._record_component(b, c, n, n)
             hidden = args[0] if args else kwargs["hidden_states"]
             return width.masked_ffn(self.arch.modules[b][c], hidden, decision.mask)
         if isinstance(decision, Width):  # the FFN at a fraction of its hidden units, really sliced
-            if not self.block_level[b]:
-                self.stats.record(ctx.step, b, c, n, n)
+            self._record_component(b, c, n, n)
             hidden, fraction = args[0] if args else kwargs["hidden_states"], decision.fraction
             if isinstance(fraction, torch.Tensor) and self._sub_batch is not None and self._sub_batch[0] == b:
                 fraction = fraction.index_select(0, self._sub_batch[1])  # the block runs for these samples only
@@ -264,17 +265,23 @@ class Executor:
             else:
                 mixed = self._compute_rows(forward, key, decision, args, kwargs)
                 if mixed is not None:
-                    self.stats.record(ctx.step, b, c, int(decision.sum()), n)
+                    self._record_component(b, c, int(decision.sum()), n)
                     return mixed
                 decision = True
         if decision is False or decision is FORECAST:
             out = cache.forecast(key, ctx.step, n) if decision is FORECAST else None
             out = out if out is not None else cache.get(key, n)  # one output so far: reuse it
             if out is not None:
-                self.stats.record(ctx.step, b, c, 0, n)
+                self._record_component(b, c, 0, n)
                 return out
-        self.stats.record(ctx.step, b, c, n, n)  # compute (also when nothing usable is cached)
+        self._record_component(b, c, n, n)  # compute (also when nothing usable is cached)
         return KEEP if self.decider.must_store(ctx, b, c) else None
+
+    def _record_component(self, b: int, c: int, n_computed: int, n: int) -> None:
+        """Count a component call, except inside a block decided as a whole: the block's own record counts its
+        components (a second count here inflated `computed_fraction` of per-sample block routers)."""
+        if not self.block_level[b]:
+            self.stats.record(self.ctx.step, b, c, n_computed, n)
 
     @torch.compiler.disable
     def keep(self, b: int, c: int, out) -> None:
