@@ -14,9 +14,9 @@ import diffroute
 from diffroute.eval.fidelity import psnr
 from diffroute.imageio import to_pil
 from diffroute.limits import is_guidance
-from diffroute.plans import PLAN_EXAMPLES
 from diffroute.runtime import Runtime, load_with
 from diffroute.seeding import MAX_SEED, sample_generators
+from diffroute.shipped import plans_for
 from diffroute.zoo import MODELS, call_defaults
 
 MAX_STEPS, MAX_BATCH, MAX_PROMPT_CHARS = 100, 8, 200
@@ -47,7 +47,7 @@ class DemoService:
         entry = MODELS.get(model)
         self.examples = entry.prompts() if entry else []
         self.random_weights = bool(entry and entry.random_weights)
-        self.offered_plans = tuple(PLAN_EXAMPLES)
+        self.offered_plans = tuple(plans_for(model))
         self.pipe.set_progress_bar_config(disable=True)
         self._run("full", "warm-up", 2, 1.0, 0, 1)  # one-off costs (allocations, lazy inits) before the first timing
         diffroute.remove(self.pipe)

@@ -93,3 +93,10 @@ register_plan(
     r"[a-z0-9-]+:[a-z0-9_-]+", _shipped, "MODEL:NAME", "a shipped schedule or router, e.g. emoji:fast, emoji:l2c"
 )
 PLAN_EXAMPLES.extend(n for n in [*shipped_schedules(), *shipped_routers()] if n not in PLAN_EXAMPLES)
+
+
+def plans_for(model: str) -> list[str]:
+    """The example plans that fit `model`: the generic ones, and the shipped `MODEL:NAME` ones of this model only (a
+    router or schedule of `emoji-elastic` belongs to that variant's fine-tuned weights, not to `emoji`)."""
+    shipped = {*shipped_schedules(), *shipped_routers()}
+    return [p for p in PLAN_EXAMPLES if p not in shipped or p.split(":", 1)[0] == model]

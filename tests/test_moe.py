@@ -281,3 +281,8 @@ def test_shipped_variants_load_by_name_and_generate():
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
     plan = diffroute.resolve_plan("emoji-elastic:elastic")  # the router shipped with its fine-tuned backbone
     assert plan.router.config.num_steps == 20
+    from diffroute.shipped import plans_for
+
+    # the app offers a model its own shipped plans only: that router belongs to emoji-elastic's weights
+    assert "emoji-elastic:elastic" in plans_for("emoji-elastic") and "emoji-elastic:elastic" not in plans_for("emoji")
+    assert "emoji:l2c" in plans_for("emoji") and "fora-2" in plans_for("emoji-moe")
