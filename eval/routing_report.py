@@ -162,6 +162,16 @@ def _quality(full: dict) -> dict:
     return {k: full[k] for k in ("fd_vs_real", "fd_vs_real_ci95", "clip_score")}
 
 
+def _by_timestep(stats: list[dict]) -> dict:
+    """One point per timestep (the calls of every batch at that t averaged), from the noisy end to the clean one."""
+    ts = sorted({round(s["t_frac"][0], 6) for s in stats}, reverse=True)
+
+    def mean_at(t, key):
+        return float(np.mean([np.mean(s[key]) for s in stats if round(s["t_frac"][0], 6) == t]))
+
+    return {"t_frac": ts, "load": [mean_at(t, "load") for t in ts], "dropped": [mean_at(t, "dropped") for t in ts]}
+
+
 def moe_load_plot(
     models: dict[str, object], prompts: list[str], out: Path, seed=0, batch=16, steps=20, call_kwargs=None
 ) -> dict:
@@ -176,14 +186,7 @@ def moe_load_plot(
             layer.record, layer.stats = True, []
         for _ in _generate(pipe, prompts, seed, batch, steps, call_kwargs):
             pass
-        data[name] = [
-            {
-                "t_frac": [s["t_frac"][0] for s in layer.stats],
-                "load": [float(np.mean(s["load"])) for s in layer.stats],
-                "dropped": [float(np.mean(s["dropped"])) for s in layer.stats],
-            }
-            for layer in layers
-        ]
+        data[name] = [_by_timestep(layer.stats) for layer in layers]
         for layer in layers:
             layer.record, layer.stats = False, []
     out.mkdir(parents=True, exist_ok=True)
