@@ -26,7 +26,8 @@ from diffusers.models.embeddings import Timesteps
 
 from diffroute.errors import PlanError
 
-from .streams import StreamRewrite
+from .streams import StreamRewrite, stream_dim
+from .surgery import drop_config_key
 
 CONFIG_KEY = "diffroute_dar"
 QUERIES = ("static", "static+t", "dynamic")
@@ -117,9 +118,8 @@ def apply_dar(
     from diffroute.arch import architecture_map
 
     arch = architecture_map(transformer)
-    dim = transformer.config.get("num_attention_heads") * transformer.config.get("attention_head_dim")
     if aggregator is None:
-        aggregator = DARAggregator(dim, arch.num_blocks, mode, query)
+        aggregator = DARAggregator(stream_dim(transformer), arch.num_blocks, mode, query)
         param = next(transformer.parameters())
         torch.nn.Module.to(aggregator, device=param.device, dtype=param.dtype)
     rewrite = DAR(aggregator).attach(transformer)  # refuses before anything changes if DTR holds the stream
@@ -130,12 +130,10 @@ def apply_dar(
 
 
 def remove_dar(transformer: torch.nn.Module) -> None:
-    from .dtr import _drop_config_key
-
     rewrite = getattr(transformer, "_diffroute_dar", None)
     if rewrite is None:
         raise PlanError("this transformer has no DAR to remove.")
     rewrite.detach()
     transformer._diffroute_dar = None
     del transformer.dar
-    _drop_config_key(transformer, CONFIG_KEY)
+    drop_config_key(transformer, CONFIG_KEY)

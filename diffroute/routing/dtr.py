@@ -14,7 +14,8 @@ import torch
 
 from diffroute.errors import PlanError
 
-from .streams import StreamRewrite
+from .streams import StreamRewrite, stream_dim
+from .surgery import drop_config_key
 
 CONFIG_KEY = "diffroute_dtr"
 
@@ -56,8 +57,7 @@ def apply_dtr(transformer: torch.nn.Module, beta: float = 0.8, alpha: float = 4.
     """Attach DTR to `transformer` (recorded in its config, so a model trained with it saves and loads with it)."""
     if getattr(transformer, "_diffroute_dtr", None) is not None:
         raise PlanError("DTR is applied to this transformer already; remove_dtr(transformer) first.")
-    dim = transformer.config.get("num_attention_heads") * transformer.config.get("attention_head_dim")
-    dtr = DTR(dim, beta, alpha).attach(transformer)
+    dtr = DTR(stream_dim(transformer), beta, alpha).attach(transformer)
     transformer._diffroute_dtr = dtr
     transformer.register_to_config(**{CONFIG_KEY: {"beta": beta, "alpha": alpha}})
     return dtr
@@ -69,10 +69,4 @@ def remove_dtr(transformer: torch.nn.Module) -> None:
         raise PlanError("this transformer has no DTR to remove.")
     dtr.detach()
     transformer._diffroute_dtr = None
-    _drop_config_key(transformer, CONFIG_KEY)
-
-
-def _drop_config_key(model, key: str) -> None:
-    config = dict(model.config)
-    config.pop(key, None)
-    model._internal_dict = type(model.config)(config)
+    drop_config_key(transformer, CONFIG_KEY)

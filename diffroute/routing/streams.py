@@ -17,8 +17,13 @@ from diffroute.errors import PlanError
 
 CALL_HOOK = "diffroute_stream_call"
 BLOCK_HOOK = "diffroute_stream_block"
-# FLUX passes t / 1000; the others pass the scheduler's timestep in [0, 1000).
+# FLUX passes t / 1000; the others pass the scheduler's timestep in [0, 1000) (MoE capacity reads this too).
 TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0}
+
+
+def stream_dim(transformer) -> int:
+    """Width of the image-token stream between blocks (heads x head width in every supported family)."""
+    return transformer.config["num_attention_heads"] * transformer.config["attention_head_dim"]
 
 
 class StreamRewrite:

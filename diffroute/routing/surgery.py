@@ -35,6 +35,13 @@ def _surgeries() -> dict:
     }
 
 
+def drop_config_key(model, key: str) -> None:
+    """Forget a surgery's settings in `model`'s config (its `remove_*`): the config is frozen, so it is replaced."""
+    config = dict(model.config)
+    config.pop(key, None)
+    model._internal_dict = type(model.config)(config)
+
+
 def is_modified_folder(folder: str | Path) -> bool:
     """True for a transformer folder whose config records one of our surgeries."""
     config = Path(folder) / "config.json"

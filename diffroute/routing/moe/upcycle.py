@@ -22,6 +22,8 @@ from diffusers.models.attention import FeedForward
 from diffroute.arch import ArchitectureMap, architecture_map
 from diffroute.errors import PlanError
 
+from ..streams import TIMESTEP_SCALE
+from ..surgery import drop_config_key
 from .hooks import install_moe_hooks, remove_moe_hooks
 from .layer import ExpertChoiceFFN
 
@@ -47,8 +49,6 @@ SITES: dict[str, dict[str, Site]] = {
     },
     "SanaTransformer2DModel": {"transformer_blocks": Site("ff", "norm2", "glumb")},
 }
-# FLUX passes the timestep divided by 1000; the capacity schedule reads t / 1000 in the others' units.
-TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0}
 
 
 class SplitProjection(torch.nn.Module):
@@ -246,9 +246,7 @@ def remove_moe(transformer: torch.nn.Module) -> None:
         for name, module in old.items():
             setattr(block, name, module)
     del transformer._diffroute_moe
-    config = dict(transformer.config)
-    config.pop("diffroute_moe", None)
-    transformer._internal_dict = type(transformer.config)(config)
+    drop_config_key(transformer, "diffroute_moe")
 
 
 @torch.no_grad()
