@@ -1,4 +1,4 @@
-"""`diffroute eval`: fid, stats, clip and compare."""
+"""`diffroute eval`: fid, stats, clip, compare and the routing experiments' reports."""
 
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ def add_arguments(p) -> None:
     r.add_argument("--load-runs", default=None, help="comma-separated runs whose load is plotted (default: MoE runs)")
     r.add_argument("--n", type=int, default=32, help="held-out captions for the load plot (default 32)")
     r.add_argument("--out", required=True, help="output folder (table.md/json, load.png/json)")
-    for q in (f, s, c, m, h, r):
+    from .inblock_cli import add_parsers
+
+    for q in (f, s, c, m, h, r, *add_parsers(sub, _subcommand)):
         q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
@@ -91,6 +93,8 @@ def _check_path(path: str) -> None:
 
 
 def run(args) -> dict:
+    from . import inblock_cli
+
     commands = {
         "fid": _fid,
         "stats": _stats_cmd,
@@ -98,6 +102,8 @@ def run(args) -> dict:
         "compare": _compare,
         "histogram": _histogram,
         "moe": _moe,
+        "adapt": inblock_cli.adapt,
+        "streams": inblock_cli.streams,
     }
     return commands[args.eval_command](args)
 

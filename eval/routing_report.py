@@ -12,7 +12,7 @@ import torch
 from diffroute.io import atomic_write_json
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +21,7 @@ def _plt():
     return plt
 
 
-def _generate(pipe, prompts, seed, batch, steps, call_kwargs=None):
+def generate(pipe, prompts, seed, batch, steps, call_kwargs=None):
     """Yield after each batch of `prompts` generated with per-sample seeds (seed + global index)."""
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
@@ -36,7 +36,7 @@ def elastic_histogram(pipe, plan, prompts: list[str], out: Path, seed=0, batch=3
     of component calls (a skipped block computes none; a kept block's FFN counts as its width). Histogram plot."""
     pipe.enable_cache(plan)
     blocks, widths = [], []
-    for n in _generate(pipe, prompts, seed, batch, steps, call_kwargs):
+    for n in generate(pipe, prompts, seed, batch, steps, call_kwargs):
         info = pipe.last_stats.plan_info
         b = np.array(info["per_sample_block_fraction"]).reshape(-1, n)  # CFG rows: [uncond..., cond...]
         w = np.array(info["per_sample_mean_width"]).reshape(-1, n)
@@ -58,7 +58,7 @@ def elastic_histogram(pipe, plan, prompts: list[str], out: Path, seed=0, batch=3
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "histogram.json", result)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, (title, v) in zip(
         axes,
@@ -106,7 +106,7 @@ def moe_flop_share(pipe, steps: int = 20, call_kwargs=None) -> float:
     layers = moe_layers(pipe.transformer)
     for layer in layers:
         layer.record, layer.stats = True, []
-    for _ in _generate(pipe, ["a red apple"], 0, 1, steps, call_kwargs):
+    for _ in generate(pipe, ["a red apple"], 0, 1, steps, call_kwargs):
         pass
     shares = []
     for layer in layers:
@@ -130,7 +130,7 @@ def moe_table(runs: list[Path], base_results: Path | None, out: Path) -> list[di
     rows = []
     if base_results is not None and base_results.is_file():
         full = json.loads(base_results.read_text())["plans"]["full"]
-        rows.append({"model": "emoji (shipped, not fine-tuned)", "flop_share": 1.0, **_quality(full)})
+        rows.append({"model": "emoji (shipped, not fine-tuned)", "flop_share": 1.0, **quality_of(full)})
     for run in runs:
         summary = json.loads((run / "summary.json").read_text())
         full = json.loads((run / "compare" / "results.json").read_text())["plans"]["full"]
@@ -142,7 +142,7 @@ def moe_table(runs: list[Path], base_results: Path | None, out: Path) -> list[di
                 "run": str(run),
                 "iters": summary["iters"],
                 "flop_share": moe_flop_share(pipe),
-                **_quality(full),
+                **quality_of(full),
             }
         )
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ def moe_table(runs: list[Path], base_results: Path | None, out: Path) -> list[di
     return rows
 
 
-def _quality(full: dict) -> dict:
+def quality_of(full: dict) -> dict:
     return {k: full[k] for k in ("fd_vs_real", "fd_vs_real_ci95", "clip_score")}
 
 
@@ -184,7 +184,7 @@ def moe_load_plot(
         layers = moe_layers(pipe.transformer)
         for layer in layers:
             layer.record, layer.stats = True, []
-        for _ in _generate(pipe, prompts, seed, batch, steps, call_kwargs):
+        for _ in generate(pipe, prompts, seed, batch, steps, call_kwargs):
             pass
         data[name] = [_by_timestep(layer.stats) for layer in layers]
         for layer in layers:
@@ -192,7 +192,7 @@ def moe_load_plot(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "load.json", data)
     n_layers = max(len(v) for v in data.values())
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, n_layers, figsize=(2.6 * n_layers, 5.2), sharex=True, sharey="row", squeeze=False)
     for name, layers in data.items():
         for i, rec in enumerate(layers):

@@ -77,6 +77,8 @@ def test_routing_weights_are_per_call_per_sample_and_cleared():
     assert state.weights is None and len(state.history) == 4  # one call per step (CFG batched), cleared after each
     w = torch.stack(state.history)  # [steps, 2 prompts x 2 CFG rows, experts]
     assert w.shape == (4, 4, 3)
+    t = torch.stack(state.timesteps)  # the timestep of each row, falling from the noisy end
+    assert t.shape == (4, 4) and (t[:-1, 0] > t[1:, 0]).all() and (t == t[:, :1]).all()
     torch.testing.assert_close(w.sum(-1), torch.ones(4, 4))
     torch.testing.assert_close(w[:, :2], w[:, 2:])  # CFG rows see the same latent: aligned weights
     # the tiny random model's latents stay noise at every step; a smooth latent (the clean end) routes elsewhere

@@ -92,7 +92,7 @@ def test_dar_and_dtr_save_and_load_with_the_transformer(tmp_path, which):
     assert np.array_equal(run(pipe, name, prompts(name), [0, 1]), ref)
 
 
-def test_train_dar_from_the_cli_and_load_back(tmp_path):
+def test_train_dar_from_the_cli_and_load_back_with_snapshots(tmp_path):
     import json
     import subprocess
     import sys
@@ -100,13 +100,20 @@ def test_train_dar_from_the_cli_and_load_back(tmp_path):
     from diffroute.zoo.registry import load_pipeline
 
     args = ["train", "dar", "--model", "emoji", "--iters", "2", "--batch-size", "4", "--train-images", "8"]
-    args += ["--ema-decay", "0", "--out", str(tmp_path / "r"), "--json"]
+    args += ["--ema-decay", "0", "--snapshots", "2", "--out", str(tmp_path / "r"), "--json"]
     proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["method"] == "dar" and result["init"] == "shipped" and result["mode"] == "retrofit"
     pipe = load_pipeline(str(tmp_path / "r" / "model"))
     assert pipe.transformer.dar.config.mode == "retrofit" and pipe.transformer.dar.queries.abs().sum() > 0
+    # the learning-curve snapshots: one per step here; the last is the final model, the first is not
+    snaps = sorted(p.name for p in (tmp_path / "r" / "snapshots").iterdir())
+    assert snaps == ["step-000001", "step-000002"]
+    final = pipe.transformer.state_dict()
+    for snap, same in zip(snaps, (False, True), strict=True):
+        loaded = load_pipeline(str(tmp_path / "r" / "snapshots" / snap)).transformer.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in final.items()) == same
 
 
 def test_from_scratch_starts_from_fresh_seeded_weights_with_the_rewrite():

@@ -35,6 +35,12 @@ def add_parsers(sub) -> None:
             help="training images: emoji (the model's own) or symbola (monochrome glyphs); default emoji, symbola "
             "for fera and lora",
         )
+        p.add_argument(
+            "--snapshots",
+            type=int,
+            default=0,
+            help="also save the model N times along the way, as OUT/snapshots/step-N (learning curves; default 0)",
+        )
         p.add_argument("--out", required=True, help="run folder (checkpointed; rerun the same command to resume)")
         p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
         if method == "moe":
@@ -101,6 +107,8 @@ def run(args) -> dict | None:
 
     if args.iters < 1 or args.batch_size < 1 or not args.lr > 0:
         raise ValueError("need --iters and --batch-size of at least 1 and a positive --lr.")
+    if not 0 <= args.snapshots <= args.iters:
+        raise ValueError(f"--snapshots must be between 0 and --iters ({args.iters}); got {args.snapshots}.")
     if args.model != "emoji":
         raise ValueError(f"diffroute train {args.method} trains on the emoji data set: use --model emoji.")
     cfg, train = _config_and_trainer(args)

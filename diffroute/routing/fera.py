@@ -95,6 +95,10 @@ class _CallHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         latent = args[0] if args else kwargs["hidden_states"]
         self.state.weights = module.fera_router(latent)
+        if self.state.record:  # the call's timestep per row, for weights-against-t plots
+            t = kwargs.get("timestep")
+            t = torch.as_tensor(t if t is not None else float("nan")).detach().float().cpu()
+            self.state.timesteps.append(t.reshape(-1).expand(latent.shape[0]).clone())
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -131,7 +135,8 @@ class _MixHook(ModelHook):
 
 class _State:
     def __init__(self):
-        self.weights, self.record, self.history = None, False, []
+        self.weights, self.record = None, False
+        self.history, self.timesteps = [], []  # per recorded call: weights [B, E] and timesteps [B]
 
 
 def _inject(transformer, names: list[str], rank: int, alpha: float, targets) -> list:

@@ -5,10 +5,13 @@ emoji training images (never the held-out ones), EMA, bf16 autocast, resumable f
 the whole global batch from (seed, step) and each process keeps its rows, so N processes train exactly as one (the
 trainer's per-rank generator would give each rank other noise). The result is a pipeline folder `out/model` that
 records its base model (`variant.json`), so `load_pipeline` and `eval compare --prompts heldout` take it.
+Snapshots (`snapshots=N`) save the model N times along the way, for learning curves (quality against steps).
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,6 +39,7 @@ class DataTrainConfig:
     seed: int = 0
     bf16: bool = True
     domain: str = "emoji"  # emoji (Noto, the model's own) or symbola (the adaptation target)
+    snapshots: int = 0  # also save the (EMA) model this many times, evenly spaced, as out/snapshots/step-N
 
 
 class Student(torch.nn.Module):
@@ -104,9 +108,14 @@ def train_on_data(
         seed=cfg.seed,
         bf16=cfg.bf16,
         weight_decay=0.0,
+        snapshot_every=max(cfg.iters // cfg.snapshots, 1) if cfg.snapshots else 0,
     )
     student.groups = param_groups
-    ema = train(name, student, loss_fn, len(train_idx), tcfg, out / "train", accelerator)
+
+    def snapshot(step: int, ema: dict | None) -> None:
+        save_model(pipe, accelerator.unwrap_model(student), ema, cfg, out / "snapshots" / f"step-{step:06d}")
+
+    ema = train(name, student, loss_fn, len(train_idx), tcfg, out / "train", accelerator, snapshot)
     student = accelerator.unwrap_model(student)
     if ema is not None:
         student.load_state_dict(ema)
@@ -114,8 +123,26 @@ def train_on_data(
     pipe.transformer.eval()
     summary = {**asdict(cfg), "seconds": time.time() - t0, "processes": accelerator.num_processes}
     if accelerator.is_main_process:
-        pipe.save_pretrained(out / "model")
-        atomic_write_json(out / "model" / "variant.json", {"base": "emoji", "domain": cfg.domain})
+        save_model(pipe, student, None, cfg, out / "model")
         atomic_write_json(out / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary
+
+
+def save_model(pipe, student: Student, weights: dict | None, cfg: DataTrainConfig, folder: Path) -> None:
+    """Save the pipeline with `weights` (e.g. the EMA) in its transformer as `folder`, whole or not at all; the
+    student's own weights are put back afterwards, so training goes on unchanged."""
+    keep = {k: v.detach().clone() for k, v in student.state_dict().items()} if weights is not None else None
+    if weights is not None:
+        student.load_state_dict(weights)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        pipe.save_pretrained(tmp)
+        atomic_write_json(tmp / "variant.json", {"base": "emoji", "domain": cfg.domain})
+        shutil.rmtree(folder, ignore_errors=True)  # a run resumed before this step's checkpoint saves it again
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if keep is not None:
+            student.load_state_dict(keep)

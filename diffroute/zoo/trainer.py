@@ -29,6 +29,7 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     bf16: bool = False  # autocast the forward pass to bfloat16 (CPUs with avx512_bf16 and GPUs multiply ~4x faster)
+    snapshot_every: int = 0  # call on_snapshot(step, ema) every N steps (0: never), e.g. to save a learning curve
 
 
 def batch_indices(n_items: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -47,8 +48,11 @@ def train(
     cfg: TrainConfig,
     out_dir: Path,
     accelerator: Accelerator,
+    on_snapshot: Callable[[int, dict | None], None] | None = None,
 ) -> dict | None:
     """Train `model` for cfg.steps; returns EMA weights (or None). Resumes from out_dir's checkpoint if present.
+    `on_snapshot(step, ema)` runs on the main process every `cfg.snapshot_every` steps, before that step's checkpoint
+    (so a resumed run never skips one).
 
     loss_fn(model, indices, generator) gets this process's share of the global batch and a generator seeded by
     (seed, step, rank) for its noise, so that the run is reproducible and resumable.
@@ -101,6 +105,9 @@ def train(
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             running = 0.0
+        if on_snapshot is not None and cfg.snapshot_every and done % cfg.snapshot_every == 0:
+            if accelerator.is_main_process:
+                on_snapshot(done, ema)
         if (done % cfg.checkpoint_every == 0 or done == cfg.steps) and accelerator.is_main_process:
             save_checkpoint(out_dir, done, accelerator.unwrap_model(model), ema, optimizer, {"config": asdict(cfg)})
         accelerator.wait_for_everyone()

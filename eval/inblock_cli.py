@@ -1,0 +1,84 @@
+"""`diffroute eval adapt` and `diffroute eval streams`: the reports of the in-block routing experiments (FeRA
+against LoRA on Symbola; DAR, DTR and plain training), from finished training runs and their compare results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parsers(sub, subcommand) -> list:
+    a = subcommand(sub, "adapt", "the adaptation experiment: table of FeRA/LoRA runs, grid, FeRA weights against t")
+    a.add_argument("runs", nargs="+", help="`diffroute train fera|lora` run folders, each with its compare/ results")
+    a.add_argument("--n", type=int, default=105, help="held-out Symbola captions for the weights plot (default 105)")
+    a.add_argument("--out", required=True, help="output folder (table.md/json, grid.png, weights.png/json)")
+    s = subcommand(sub, "streams", "the DAR/DTR experiment: FD per run and step, curves, targets, DAR weights vs t")
+    s.add_argument("runs", nargs="+", help="`diffroute train dar|dtr|plain` run folders with compare*/ results")
+    s.add_argument("--dar", default=None, help="a DAR run whose aggregation weights are plotted against t")
+    s.add_argument("--n", type=int, default=64, help="held-out captions for the weights plot (default 64)")
+    s.add_argument("--out", required=True, help="output folder (table.md/json, curves.png, alpha.png/json)")
+    return [a, s]
+
+
+def _check_runs(runs: list[Path], needs: tuple[str, ...], train: str) -> None:
+    """Every run must be finished and evaluated before any work starts."""
+    for run in runs:
+        for need in needs:
+            if not list(run.glob(need)):
+                raise FileNotFoundError(
+                    f"{run / need} is missing: train with `diffroute train {train} --out {run}` and evaluate with "
+                    f"`diffroute eval compare --model {run}/model --prompts heldout --plans full --out {run}/compare`."
+                )
+
+
+def adapt(args) -> dict:
+    from diffroute.zoo.emoji_data import domain
+    from diffroute.zoo.emoji_data import load as load_data
+    from diffroute.zoo.registry import load_pipeline
+
+    from .adapter_report import adapter_grid, adapter_table, fera_weights_by_t
+
+    runs = [Path(r) for r in args.runs]
+    _check_runs(runs, ("summary.json", "compare/results.json", "model/model_index.json"), "fera|lora")
+    out = Path(args.out)
+    rows = adapter_table(runs, out)
+    data = domain(load_data(), "symbola")
+    held = data["held_out"]
+    adapter_grid(runs, data["images"][held], out)
+    result = {"rows": rows}
+    fera = [r for r in runs if json.loads((r / "summary.json").read_text())["method"] == "fera"]
+    if fera:
+        pipe = load_pipeline(str(fera[0] / "model"))
+        pipe.set_progress_bar_config(disable=True)
+        prompts = [str(c) for c in data["captions"][held]][: args.n]
+        weights = fera_weights_by_t(pipe, prompts, out)
+        result["weights_change_over_t"] = weights["change_over_t"]
+    if not args.json:
+        print((out / "table.md").read_text() + f"wrote {out}/table.md, grid.png" + (", weights.png" if fera else ""))
+    return result
+
+
+def streams(args) -> dict:
+    from diffroute.zoo.emoji import heldout_captions
+    from diffroute.zoo.registry import load_pipeline
+
+    from .stream_report import dar_weights, stream_table
+
+    runs = [Path(r) for r in args.runs]
+    _check_runs(runs, ("summary.json", "compare*/results.json"), "dar|dtr|plain")
+    out = Path(args.out)
+    result = stream_table(runs, out)
+    if args.dar:
+        model = Path(args.dar) / "model"
+        if not (model / "model_index.json").is_file():
+            raise FileNotFoundError(f"{model} is missing: give --dar a finished `diffroute train dar` run folder.")
+        pipe = load_pipeline(str(model))
+        if getattr(pipe.transformer, "dar", None) is None:
+            raise ValueError(f"{model} has no DAR aggregator: --dar takes a `diffroute train dar` run.")
+        pipe.set_progress_bar_config(disable=True)
+        result["dar"] = dar_weights(pipe, heldout_captions(args.n, spread=True), out)
+    if not args.json:
+        print(
+            (out / "table.md").read_text() + f"wrote {out}/table.md, curves.png" + (", alpha.png" if args.dar else "")
+        )
+    return result
