@@ -48,7 +48,7 @@ L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate l2c elastic moe search compare demo-grid artifacts
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search compare demo-grid artifacts
 
 data: install
 	$(BIN)/python -m diffroute.zoo.emoji_data
@@ -99,6 +99,43 @@ moe: install
 	$(BIN)/diffroute eval moe $(addprefix runs/moe/,$(MOE_RUNS)) --base docs/compare/results.json --out docs/moe
 	$(BIN)/diffroute bench moe --model emoji --batch 32 --repeats 30 > docs/moe/bench.md
 
+# The adaptation experiment (issue 14): FeRA (3 experts of rank 4) against peft LoRA of rank 4 (same rank per expert)
+# and rank 12 (same parameters) on the Symbola glyphs, same steps, seeds and batches; scored against the 105 held-out
+# Symbola images; table, grid and FeRA's routing weights against t in docs/fera.
+ADAPT_FLAGS ?= --model emoji --iters 1000 --lr 5e-4 --ema-decay 0.995 --seed 0
+adapt: install
+	rm -rf runs/fera docs/fera
+	$(BIN)/diffroute train fera $(ADAPT_FLAGS) --out runs/fera/fera
+	$(BIN)/diffroute train lora $(ADAPT_FLAGS) --rank 4 --out runs/fera/lora4
+	$(BIN)/diffroute train lora $(ADAPT_FLAGS) --rank 12 --out runs/fera/lora12
+	for r in fera lora4 lora12; do $(BIN)/diffroute eval compare --model runs/fera/$$r/model --dtype bfloat16 \
+		--prompts heldout --n 105 --batch 35 --repeats 1 --plans full --out runs/fera/$$r/compare || exit 1; done
+	$(BIN)/diffroute eval adapt runs/fera/fera runs/fera/lora4 runs/fera/lora12 --out docs/fera
+
+# The residual-stream experiment (issue 14): the DAR retrofit against a plain fine-tune of the shipped model (equal
+# steps); DAR, DTR and the plain baseline from scratch, two seeds each, scored at half and all of their steps
+# (snapshots); table with the issue's targets, FD curves and DAR's weights against t in docs/streams.
+RETRO_FLAGS ?= --model emoji --iters 600 --lr 1e-4 --ema-decay 0.995 --seed 0
+SCRATCH_FLAGS ?= --model emoji --init scratch --iters 600 --batch-size 32 --lr 5e-4 --ema-decay 0.99 --snapshots 4
+SCRATCH_RUNS ?= plain-s0 dar-s0 dtr-s0 plain-s1 dar-s1 dtr-s1
+EVAL_HELD ?= --dtype bfloat16 --prompts heldout --n 356 --batch 32 --repeats 1 --plans full
+streams: install
+	rm -rf runs/streams docs/streams
+	$(BIN)/diffroute train dar $(RETRO_FLAGS) --out runs/streams/dar-retrofit
+	$(BIN)/diffroute train plain $(RETRO_FLAGS) --out runs/streams/plain-ft
+	for r in dar-retrofit plain-ft; do \
+		$(BIN)/diffroute eval compare --model runs/streams/$$r/model $(EVAL_HELD) --out runs/streams/$$r/compare \
+		|| exit 1; done
+	for s in 0 1; do \
+		$(BIN)/diffroute train plain $(SCRATCH_FLAGS) --seed $$s --out runs/streams/plain-s$$s && \
+		$(BIN)/diffroute train dar $(SCRATCH_FLAGS) --mode scratch --seed $$s --out runs/streams/dar-s$$s && \
+		$(BIN)/diffroute train dtr $(SCRATCH_FLAGS) --seed $$s --out runs/streams/dtr-s$$s || exit 1; done
+	for r in $(SCRATCH_RUNS); do for k in 000300 000600; do $(BIN)/diffroute eval compare \
+		--model runs/streams/$$r/snapshots/step-$$k $(EVAL_HELD) --out runs/streams/$$r/compare-$$k || exit 1; \
+		done; done
+	$(BIN)/diffroute eval streams runs/streams/dar-retrofit runs/streams/plain-ft \
+		$(addprefix runs/streams/,$(SCRATCH_RUNS)) --dar runs/streams/dar-retrofit --out docs/streams
+
 # The search restarts from scratch (its archive belongs to the model it ran on) and installs the shipped schedules.
 # bf16 (this CPU runs it ~4x faster than fp32; quality is measured against bf16 `full`), 64 calibration captions,
 # population 48, stopped on a hypervolume plateau or after 42 minutes of search.
@@ -120,7 +157,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c elastic search compare moe demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c elastic search compare moe adapt streams demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done

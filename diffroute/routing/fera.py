@@ -7,8 +7,8 @@ baseline, through the same install / save / load path.
   kappa = min(H, W) / 128 gives sigma <= 0.25 on 8x8 latents: every blur is a 1x1 kernel and the indicator is
   constant (ROUTING.md §4); its code also drops the high band. Energies: each band's sum of squares, normalised.
 - **Router**: `MLP(bands -> 64 -> ReLU -> E)`, `w = softmax(logits / 0.7)`, per sample, shared by every adapted
-  layer, recomputed at each transformer call from its input latent (CFG rows carry the same latent, so they line
-  up) and cleared after the call.
+  layer, recomputed at each transformer call from its input latent by a listener on the shared call-context hook
+  (`diffroute.call_context`; CFG rows carry the same latent, so they line up) and cleared after the call.
 - **Experts**: E rank-r LoRA adapters on `to_q, to_k, to_v, to_out.0`, made and stored by peft
   (`inject_adapter_in_model`; A Kaiming, B zero, so the model is unchanged at initialisation). peft applies one
   adapter or a fixed sum per batch, not a per-sample mixture, so its layers run base-only and a hook here adds
@@ -26,12 +26,13 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.hooks import HookRegistry, ModelHook
 
+from diffroute.call_context import CallInfo, add_call_listener, remove_call_listener
 from diffroute.errors import PlanError
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SIGMAS = (0.5, 1.0, 2.0)
 FERA_KEY, LORA_KEY = "diffroute_fera", "diffroute_lora"
-CALL_HOOK, MIX_HOOK = "diffroute_fera_call", "diffroute_fera_mix"
+CALL_LISTENER, MIX_HOOK = "diffroute_fera", "diffroute_fera_mix"
 
 
 def gaussian_blur(z: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -85,27 +86,22 @@ class FeRARouter(ModelMixin, ConfigMixin):
         return torch.softmax(logits.float() / self.config.temperature, dim=-1)
 
 
-class _CallHook(ModelHook):
-    """On the transformer: the routing weights of this call, from its input latent; cleared after."""
+class _CallListener:
+    """On the transformer's call context: the routing weights of this call, from its input latent; cleared after."""
 
-    def __init__(self, state):
-        super().__init__()
-        self.state = state
+    def __init__(self, router, state):
+        self.router, self.state = router, state
 
-    def pre_forward(self, module, *args, **kwargs):
-        latent = args[0] if args else kwargs["hidden_states"]
-        self.state.weights = module.fera_router(latent)
+    def begin(self, info: CallInfo) -> None:
+        self.state.weights = self.router(info.hidden_states)
         if self.state.record:  # the call's timestep per row, for weights-against-t plots
-            t = kwargs.get("timestep")
-            t = torch.as_tensor(t if t is not None else float("nan")).detach().float().cpu()
-            self.state.timesteps.append(t.reshape(-1).expand(latent.shape[0]).clone())
-        return args, kwargs
+            t = info.timestep if info.raw_timestep is not None else torch.full_like(info.timestep, float("nan"))
+            self.state.timesteps.append(t.detach().float().cpu())
 
-    def post_forward(self, module, output):
+    def end(self) -> None:
         if self.state.record:
             self.state.history.append(self.state.weights.detach().cpu())
         self.state.weights = None
-        return output
 
 
 class _MixHook(ModelHook):
@@ -197,7 +193,7 @@ def enable_fera(transformer) -> None:
     fera = _fera(transformer)
     if fera["enabled"]:
         return
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_CallHook(fera["state"]), CALL_HOOK)
+    add_call_listener(transformer, CALL_LISTENER, _CallListener(transformer.fera_router, fera["state"]))
     for layer in fera["layers"]:
         HookRegistry.check_if_exists_or_initialize(layer).register_hook(
             _MixHook(fera["state"], fera["names"]), MIX_HOOK
@@ -210,7 +206,7 @@ def disable_fera(transformer) -> None:
     fera = _fera(transformer)
     if not fera["enabled"]:
         return
-    HookRegistry.check_if_exists_or_initialize(transformer).remove_hook(CALL_HOOK, recurse=False)
+    remove_call_listener(transformer, CALL_LISTENER)
     for layer in fera["layers"]:
         HookRegistry.check_if_exists_or_initialize(layer).remove_hook(MIX_HOOK, recurse=False)
     fera["enabled"] = False

@@ -1,9 +1,10 @@
 """Rewriting a transformer's residual stream between blocks: the shared seam of DAR and DTR.
 
-A `StreamRewrite` sees, per transformer call, the timestep (`begin_call`), then each block's image-token input
-(`before`, which may replace it) and output (`after`, which may replace it). diffusers hooks carry it out: one on the
-transformer, one per block, all reversible (`detach`). The text stream of joint-attention blocks (SD3, FLUX) passes
-untouched. Blocks are the unit (not the sublayers inside them, whose residual adds live in diffusers' block code).
+A `StreamRewrite` sees, per transformer call, the timestep (`begin_call`, from the shared call-context hook), then
+each block's image-token input (`before`, which may replace it) and output (`after`, which may replace it). diffusers
+hooks carry it out: a listener on the transformer's call context and one hook per block, all reversible (`detach`).
+The text stream of joint-attention blocks (SD3, FLUX) passes untouched. Blocks are the unit (not the sublayers inside
+them, whose residual adds live in diffusers' block code).
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from diffroute.arch import architecture_map
 from diffroute.blocks import bind
+from diffroute.call_context import CallInfo, add_call_listener, has_call_listener, remove_call_listener
 from diffroute.errors import PlanError
 
-CALL_HOOK = "diffroute_stream_call"
+CALL_LISTENER = "diffroute_stream"
 BLOCK_HOOK = "diffroute_stream_block"
-# FLUX passes t / 1000; the others pass the scheduler's timestep in [0, 1000) (MoE capacity reads this too).
-TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0}
 
 
 def stream_dim(transformer) -> int:
@@ -43,14 +43,13 @@ class StreamRewrite:
 
     # ----- attaching ---------------------------------------------------------------------------------------------
     def attach(self, transformer: torch.nn.Module) -> StreamRewrite:
-        if HookRegistry.check_if_exists_or_initialize(transformer).get_hook(CALL_HOOK) is not None:
+        if has_call_listener(transformer, CALL_LISTENER):
             raise PlanError(
                 "this transformer's residual stream is rewritten already (DAR or DTR): one at a time; remove it first."
             )
         arch = architecture_map(transformer)
         self.num_blocks = arch.num_blocks
-        scale = TIMESTEP_SCALE.get(arch.model_class, 1.0)
-        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_CallHook(self, scale), CALL_HOOK)
+        add_call_listener(transformer, CALL_LISTENER, _CallListener(self))
         for b, block in enumerate(arch.blocks):
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(self, b), BLOCK_HOOK)
         self._attached = (transformer, arch.blocks)
@@ -58,27 +57,21 @@ class StreamRewrite:
 
     def detach(self) -> None:
         transformer, blocks = self._attached
-        HookRegistry.check_if_exists_or_initialize(transformer).remove_hook(CALL_HOOK, recurse=False)
+        remove_call_listener(transformer, CALL_LISTENER)
         for block in blocks:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(BLOCK_HOOK, recurse=False)
         self._attached = None
 
 
-class _CallHook(ModelHook):
-    def __init__(self, rewrite: StreamRewrite, scale: float):
-        super().__init__()
-        self.rewrite, self.scale = rewrite, scale
+class _CallListener:
+    def __init__(self, rewrite: StreamRewrite):
+        self.rewrite = rewrite
 
-    def pre_forward(self, module, *args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t = kwargs.get("timestep")
-        t = torch.zeros(hidden.shape[0]) if t is None else torch.as_tensor(t).reshape(-1).float() * self.scale
-        self.rewrite.begin_call(t.to(hidden.device).expand(hidden.shape[0]) if t.numel() == 1 else t.to(hidden.device))
-        return args, kwargs
+    def begin(self, info: CallInfo) -> None:
+        self.rewrite.begin_call(info.timestep)
 
-    def post_forward(self, module, output):
+    def end(self) -> None:
         self.rewrite.end_call()
-        return output
 
 
 class _BlockHook(ModelHook):

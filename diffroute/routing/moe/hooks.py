@@ -1,12 +1,12 @@
 """diffusers hooks that feed MoE layers what their block does not pass them: the call's timestep and LN(h).
 
-- on the transformer: each forward records its `timestep` (the value the pipeline passes, which our step context
-  records too) in every MoE layer, so capacity k(t) and the router's timestep embedding follow the step in any
+- on the transformer (a listener on the shared call-context hook): each forward records its `timestep` (the value
+  the pipeline passes) in every MoE layer, so capacity k(t) and the router's timestep embedding follow the step in any
   pipeline, routed or vanilla. One host read of the timestep per transformer call (capacity is a Python int, so the
   expert dispatch itself never syncs);
 - on each upcycled block's pre-FFN norm: its output, LN(h) before the adaLN modulation, becomes the router input
   (Nucleus-Image's decoupled routing);
-- `drive_nucleus_capacity`: the same timestep hook sets the capacity factor of diffusers' own
+- `drive_nucleus_capacity`: a listener of the same kind sets the capacity factor of diffusers' own
   `NucleusMoEImageTransformer2DModel` layers from a k(t) schedule.
 """
 
@@ -14,22 +14,24 @@ from __future__ import annotations
 
 from diffusers.hooks import HookRegistry, ModelHook
 
+from diffroute.call_context import CallInfo, add_call_listener, has_call_listener, remove_call_listener
+
 from .capacity import parse_capacity
 
-TIMESTEP_HOOK = "diffroute_moe_timestep"
+TIMESTEP_LISTENER = "diffroute_moe_timestep"
 NORM_HOOK = "diffroute_moe_norm"
 
 
-class _TimestepHook(ModelHook):
+class _TimestepListener:
     def __init__(self, on_timestep):
-        super().__init__()
         self.on_timestep = on_timestep
 
-    def pre_forward(self, module, *args, **kwargs):
-        timestep = kwargs.get("timestep")
-        if timestep is not None:
-            self.on_timestep(timestep)
-        return args, kwargs
+    def begin(self, info: CallInfo) -> None:
+        if info.raw_timestep is not None:
+            self.on_timestep(info.raw_timestep)
+
+    def end(self) -> None:
+        pass
 
 
 class _NormHook(ModelHook):
@@ -53,7 +55,7 @@ def install_moe_hooks(transformer, arch, blocks, norms, layers) -> None:
         for layer in layers:
             layer.set_timestep(timestep)
 
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_TimestepHook(on_timestep), TIMESTEP_HOOK)
+    add_call_listener(transformer, TIMESTEP_LISTENER, _TimestepListener(on_timestep))
     for b, norm, layer in zip(blocks, norms, layers, strict=True):
         HookRegistry.check_if_exists_or_initialize(_get(arch.blocks[b], norm)).register_hook(
             _NormHook(layer), NORM_HOOK
@@ -62,7 +64,7 @@ def install_moe_hooks(transformer, arch, blocks, norms, layers) -> None:
 
 
 def remove_moe_hooks(transformer) -> None:
-    HookRegistry.check_if_exists_or_initialize(transformer).remove_hook(TIMESTEP_HOOK, recurse=False)
+    remove_call_listener(transformer, TIMESTEP_LISTENER)
     for norm in getattr(transformer, "_diffroute_moe_norms", []):
         HookRegistry.check_if_exists_or_initialize(norm).remove_hook(NORM_HOOK, recurse=False)
     transformer._diffroute_moe_norms = []
@@ -87,13 +89,12 @@ def drive_nucleus_capacity(transformer, capacity: str) -> None:
             layer.capacity_factor = schedule.k(t)
 
     undrive_nucleus_capacity(transformer, restore=False)
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_TimestepHook(on_timestep), TIMESTEP_HOOK)
+    add_call_listener(transformer, TIMESTEP_LISTENER, _TimestepListener(on_timestep))
 
 
 def undrive_nucleus_capacity(transformer, restore: bool = True) -> None:
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    if registry.get_hook(TIMESTEP_HOOK) is not None:
-        registry.remove_hook(TIMESTEP_HOOK, recurse=False)
+    if has_call_listener(transformer, TIMESTEP_LISTENER):
+        remove_call_listener(transformer, TIMESTEP_LISTENER)
     factors = getattr(transformer, "_diffroute_nucleus_factors", None)
     if restore and factors is not None:
         layers = [b.img_mlp for b in transformer.transformer_blocks if getattr(b, "moe_enabled", False)]

@@ -20,9 +20,9 @@ from diffusers.models.activations import GELU, LinearActivation
 from diffusers.models.attention import FeedForward
 
 from diffroute.arch import ArchitectureMap, architecture_map
+from diffroute.call_context import TIMESTEP_SCALE
 from diffroute.errors import PlanError
 
-from ..streams import TIMESTEP_SCALE
 from ..surgery import drop_config_key
 from .hooks import install_moe_hooks, remove_moe_hooks
 from .layer import ExpertChoiceFFN

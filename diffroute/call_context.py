@@ -1,0 +1,92 @@
+"""The call context as its own hook: what routing modules read at each transformer call, with or without a plan.
+
+One diffusers hook on the transformer, shared by every module that needs it, reads the call's input latent and
+timestep and tells each listener before the call (`begin`) and after it (`end`). MoE capacity k(t), FeRA's band
+routing and the DAR/DTR stream rewrites are listeners, so they follow the step in any pipeline, routed or vanilla,
+and in training. (The executor's `StepTracker` adds the step index and CFG branch for caching plans; the modules
+here need only the timestep, which the call carries.) The hook is removed with its last listener.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+HOOK = "diffroute_call_context"
+# FLUX passes t / 1000; the others pass the scheduler's timestep in [0, 1000).
+TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0}
+
+
+@dataclass
+class CallInfo:
+    """One transformer call: its input latent, the timestep as passed, and per sample in the scheduler's units."""
+
+    hidden_states: torch.Tensor
+    raw_timestep: torch.Tensor | float | None
+    timestep: torch.Tensor  # [B] on the latent's device; zeros when the call passes none
+
+
+class CallListener(Protocol):
+    def begin(self, info: CallInfo) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class _CallContextHook(ModelHook):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.listeners: dict[str, CallListener] = {}
+
+    def pre_forward(self, module, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        raw = kwargs.get("timestep")
+        n = hidden.shape[0]
+        if raw is None:
+            t = torch.zeros(n, device=hidden.device)
+        else:
+            t = torch.as_tensor(raw).reshape(-1).float().to(hidden.device) * self.scale
+            t = t.expand(n) if t.numel() == 1 else t
+        info = CallInfo(hidden, raw, t)
+        for listener in list(self.listeners.values()):
+            listener.begin(info)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        for listener in reversed(list(self.listeners.values())):
+            listener.end()
+        return output
+
+
+def _hook(transformer) -> _CallContextHook | None:
+    return HookRegistry.check_if_exists_or_initialize(transformer).get_hook(HOOK)
+
+
+def add_call_listener(transformer, name: str, listener: CallListener) -> None:
+    """Tell `listener` about every call of `transformer` from now on (installs the shared hook on first use)."""
+    hook = _hook(transformer)
+    if hook is None:
+        scale = TIMESTEP_SCALE.get(type(transformer).__name__, 1.0)
+        hook = _CallContextHook(scale)
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK)
+    if name in hook.listeners:
+        raise ValueError(f"a call listener named {name!r} is attached to this transformer already.")
+    hook.listeners[name] = listener
+
+
+def remove_call_listener(transformer, name: str) -> None:
+    """Stop telling `name`; the hook goes with its last listener. Absent names are ignored."""
+    hook = _hook(transformer)
+    if hook is None:
+        return
+    hook.listeners.pop(name, None)
+    if not hook.listeners:
+        HookRegistry.check_if_exists_or_initialize(transformer).remove_hook(HOOK, recurse=False)
+
+
+def has_call_listener(transformer, name: str) -> bool:
+    hook = _hook(transformer)
+    return hook is not None and name in hook.listeners
