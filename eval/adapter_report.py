@@ -21,6 +21,14 @@ def run_label(summary: dict) -> str:
     return f"LoRA r{summary['rank']}"
 
 
+def trained_parameters(model: Path) -> int:
+    """What the adaptation trained (LoRA matrices and FeRA's router), counted in the saved model."""
+    from diffroute.routing.fera import adapter_parameters
+    from diffroute.zoo.registry import load_transformer
+
+    return sum(p.numel() for p in adapter_parameters(load_transformer(model / "transformer")))
+
+
 def adapter_table(runs: list[Path], out: Path) -> list[dict]:
     """One row per `diffroute train fera|lora` run: its settings, trained parameters and held-out quality."""
     rows = []
@@ -33,7 +41,7 @@ def adapter_table(runs: list[Path], out: Path) -> list[dict]:
                 "run": str(run),
                 "iters": summary["iters"],
                 "lr": summary["lr"],
-                "trained_parameters": summary["trained_parameters"],
+                "trained_parameters": trained_parameters(run / "model"),
                 **quality_of(full),
             }
         )
