@@ -146,6 +146,10 @@ def test_train_fera_cli_adapts_only_the_adapters_on_symbola(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["domain"] == "symbola" and result["trained_parameters"] > 0
+    from diffroute.eval.adapter_report import trained_parameters
+
+    saved = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert saved["trained_parameters"] == result["trained_parameters"] == trained_parameters(tmp_path / "r" / "model")
     assert model_domain(str(tmp_path / "r" / "model")) == "symbola"
     adapted, shipped = load_pipeline(str(tmp_path / "r" / "model")).transformer, load_pipeline("emoji").transformer
     base = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if "lora_" not in k}

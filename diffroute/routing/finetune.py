@@ -74,10 +74,11 @@ def train_on_data(
     aux_loss: Callable[[], torch.Tensor | None] | None = None,
     objective: Callable | None = None,
     param_groups: Callable[[float], list[dict]] | None = None,
+    extra_summary: dict | None = None,
 ) -> dict:
     """Train `student` (wrapping `pipe.transformer`, already changed); saves `out/model`; returns a summary.
     `objective(model, kwargs, eps)` replaces the epsilon-MSE (+ `aux_loss()`); `param_groups(lr)` limits what trains
-    (default: every parameter of the student)."""
+    (default: every parameter of the student); `extra_summary` joins the settings in `out/summary.json`."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = emoji_data.domain(emoji_data.load(), cfg.domain)
@@ -121,7 +122,12 @@ def train_on_data(
         student.load_state_dict(ema)
     student.before_step(cfg.iters, cfg.iters)  # the schedules' end state (e.g. no dense mix)
     pipe.transformer.eval()
-    summary = {**asdict(cfg), "seconds": time.time() - t0, "processes": accelerator.num_processes}
+    summary = {
+        **asdict(cfg),
+        **(extra_summary or {}),
+        "seconds": time.time() - t0,
+        "processes": accelerator.num_processes,
+    }
     if accelerator.is_main_process:
         save_model(pipe, student, None, cfg, out / "model")
         atomic_write_json(out / "summary.json", summary)

@@ -72,6 +72,7 @@ def train_adapter(pipe, cfg: AdapterConfig, out: Path, accelerator) -> dict:
         return loss
 
     student = Student(transformer)
+    n = sum(p.numel() for p in trained)
     try:
         summary = train_on_data(
             pipe,
@@ -82,9 +83,9 @@ def train_adapter(pipe, cfg: AdapterConfig, out: Path, accelerator) -> dict:
             f"{cfg.method}:{cfg.domain}",
             objective=objective,
             param_groups=lambda lr: [{"params": trained, "lr": lr}],
+            extra_summary={"trained_parameters": n},
         )
     finally:
         for p in transformer.parameters():
             p.requires_grad_(True)
-    n = sum(p.numel() for p in trained)
-    return {"method": cfg.method, "trained_parameters": n, **summary}
+    return {"method": cfg.method, **summary}
