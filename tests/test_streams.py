@@ -129,3 +129,15 @@ def test_from_scratch_starts_from_fresh_seeded_weights_with_the_rewrite():
     assert all(torch.equal(x, y) for x, y in zip(ta.parameters(), tb.parameters(), strict=True))  # seeded
     with pytest.raises(PlanError, match="DTR"):
         prepare(load_pipeline("emoji"), StreamConfig(method="dtr", beta=1.5))
+
+
+@pytest.mark.parametrize("which", ["dar", "dtr"])
+def test_stream_rewrites_run_per_step_plans_and_refuse_per_sample_block_plans(which):
+    pipe = _pipe("pixart-alpha")
+    (apply_dar if which == "dar" else apply_dtr)(pipe.transformer)
+    pipe.enable_cache("fora-2")  # per step: every row runs or reuses together
+    run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
+    assert pipe.last_stats.computed_fraction < 1
+    pipe.enable_cache("dbcache-F1B0-0.1")  # per sample: a block runs on some rows only
+    with pytest.raises(PlanError, match="per-step plan"):
+        run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])

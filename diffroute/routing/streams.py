@@ -68,6 +68,7 @@ class _CallListener:
         self.rewrite = rewrite
 
     def begin(self, info: CallInfo) -> None:
+        self.rewrite._batch = info.timestep.shape[0]
         self.rewrite.begin_call(info.timestep)
 
     def end(self) -> None:
@@ -81,7 +82,16 @@ class _BlockHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         bound = bind(module, args, kwargs)
-        bound.arguments["hidden_states"] = self.rewrite.before(self.block, bound.arguments["hidden_states"])
+        hidden = bound.arguments["hidden_states"]
+        if hidden.shape[0] != getattr(self.rewrite, "_batch", hidden.shape[0]):
+            # a plan that decides blocks per sample runs a block on some rows only; the rewrite holds the whole
+            # batch's stream (DAR's sources, DTR's windows), so the two cannot be combined
+            raise PlanError(
+                "this model's residual stream is rewritten (DAR or DTR) and the plan runs blocks on some samples "
+                "only (per-sample block decisions, e.g. dbcache or fbcache): use a per-step plan (full, fora-N, "
+                "a schedule) on this model."
+            )
+        bound.arguments["hidden_states"] = self.rewrite.before(self.block, hidden)
         return bound.args[1:], bound.kwargs
 
     def post_forward(self, module, output):
