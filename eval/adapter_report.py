@@ -12,7 +12,7 @@ from PIL import Image
 from diffroute.imageio import grid, save_png
 from diffroute.io import atomic_write_json
 
-from .routing_report import generate, pyplot, quality_of
+from .routing_report import generate, pyplot, quality_cells, quality_of
 
 
 def run_label(summary: dict) -> str:
@@ -51,12 +51,7 @@ def adapter_table(runs: list[Path], out: Path) -> list[dict]:
         "| adapter | trained parameters | steps | FD vs held-out Symbola | 95% CI | CLIP score |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        ci = r["fd_vs_real_ci95"]
-        lines.append(
-            f"| {r['model']} | {r['trained_parameters']:,} | {r['iters']} | {r['fd_vs_real']:.3f} | "
-            f"[{ci[0]:.3f}, {ci[1]:.3f}] | {r['clip_score']:.2f} |"
-        )
+    lines += [f"| {r['model']} | {r['trained_parameters']:,} | {r['iters']} | {quality_cells(r)} |" for r in rows]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     return rows
 

@@ -142,17 +142,11 @@ def _histogram(args) -> dict:
 def _moe(args) -> dict:
     from diffroute.zoo.registry import load_pipeline
 
+    from .inblock_cli import check_runs
     from .routing_report import moe_load_plot, moe_table
 
     runs = [Path(r) for r in args.runs]
-    for run in runs:
-        for need in ("summary.json", "compare/results.json", "model/model_index.json"):
-            if not (run / need).is_file():
-                raise FileNotFoundError(
-                    f"{run / need} is missing: train with `diffroute train moe --out {run}` and "
-                    f"evaluate with `diffroute eval compare --model {run}/model --plans full "
-                    f"--out {run}/compare`."
-                )
+    check_runs(runs, ("summary.json", "compare/results.json", "model/model_index.json"), "moe")
     rows = moe_table(runs, Path(args.base) if args.base else None, Path(args.out))
     load_runs = (
         [Path(r) for r in args.load_runs.split(",")]

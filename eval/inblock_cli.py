@@ -20,8 +20,8 @@ def add_parsers(sub, subcommand) -> list:
     return [a, s]
 
 
-def _check_runs(runs: list[Path], needs: tuple[str, ...], train: str) -> None:
-    """Every run must be finished and evaluated before any work starts."""
+def check_runs(runs: list[Path], needs: tuple[str, ...], train: str) -> None:
+    """Every run of a report (these and `eval moe`) must be finished and evaluated before any work starts."""
     for run in runs:
         for need in needs:
             if not list(run.glob(need)):
@@ -39,7 +39,7 @@ def adapt(args) -> dict:
     from .adapter_report import adapter_grid, adapter_table, fera_weights_by_t
 
     runs = [Path(r) for r in args.runs]
-    _check_runs(runs, ("summary.json", "compare/results.json", "model/model_index.json"), "fera|lora")
+    check_runs(runs, ("summary.json", "compare/results.json", "model/model_index.json"), "fera|lora")
     out = Path(args.out)
     rows = adapter_table(runs, out)
     data = domain(load_data(), "symbola")
@@ -65,7 +65,7 @@ def streams(args) -> dict:
     from .stream_report import dar_weights, stream_table
 
     runs = [Path(r) for r in args.runs]
-    _check_runs(runs, ("summary.json", "compare*/results.json"), "dar|dtr|plain")
+    check_runs(runs, ("summary.json", "compare*/results.json"), "dar|dtr|plain")
     out = Path(args.out)
     result = stream_table(runs, out)
     if args.dar:

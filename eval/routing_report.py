@@ -148,18 +148,19 @@ def moe_table(runs: list[Path], base_results: Path | None, out: Path) -> list[di
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "table.json", {"rows": rows})
     lines = ["| model | FFN FLOPs vs dense | FD vs real | 95% CI | CLIP score |", "|---|---|---|---|---|"]
-    for r in rows:
-        ci = r["fd_vs_real_ci95"]
-        lines.append(
-            f"| {r['model']} | {r['flop_share']:.0%} | {r['fd_vs_real']:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] | "
-            f"{r['clip_score']:.2f} |"
-        )
+    lines += [f"| {r['model']} | {r['flop_share']:.0%} | {quality_cells(r)} |" for r in rows]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     return rows
 
 
 def quality_of(full: dict) -> dict:
     return {k: full[k] for k in ("fd_vs_real", "fd_vs_real_ci95", "clip_score")}
+
+
+def quality_cells(row: dict) -> str:
+    """A report table's quality columns for one row (`quality_of` keys): FD, its 95% interval, CLIP score."""
+    lo, hi = row["fd_vs_real_ci95"]
+    return f"{row['fd_vs_real']:.3f} | [{lo:.3f}, {hi:.3f}] | {row['clip_score']:.2f}"
 
 
 def _by_timestep(stats: list[dict]) -> dict:

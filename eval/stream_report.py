@@ -10,7 +10,7 @@ import numpy as np
 
 from diffroute.io import atomic_write_json
 
-from .routing_report import generate, pyplot, quality_of
+from .routing_report import generate, pyplot, quality_cells, quality_of
 
 
 def run_label(summary: dict) -> str:
@@ -86,12 +86,7 @@ def stream_table(runs: list[Path], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "table.json", {"rows": rows, "targets": checks})
     lines = ["| model | seed | step | FD vs real | 95% CI | CLIP score |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        ci = r["fd_vs_real_ci95"]
-        lines.append(
-            f"| {r['model']} | {r['seed']} | {r['step']} / {r['iters']} | {r['fd_vs_real']:.3f} | "
-            f"[{ci[0]:.3f}, {ci[1]:.3f}] | {r['clip_score']:.2f} |"
-        )
+    lines += [f"| {r['model']} | {r['seed']} | {r['step']} / {r['iters']} | {quality_cells(r)} |" for r in rows]
     lines += ["", "| target | FD | plain FD | met |", "|---|---|---|---|"]
     for k, v in checks.items():
         lines.append(f"| {k} | {v['fd']:.3f} | {v['plain_fd']:.3f} | {'yes' if v['met'] else 'no'} |")

@@ -29,6 +29,8 @@ def stream_dim(transformer) -> int:
 class StreamRewrite:
     """Subclasses implement `begin_call(t)` (t: [B] in the scheduler's units), `before(l, x)` and `after(l, out)`."""
 
+    batch: int | None = None  # rows of the current transformer call (None between calls)
+
     def begin_call(self, timestep: torch.Tensor) -> None:
         pass
 
@@ -68,11 +70,12 @@ class _CallListener:
         self.rewrite = rewrite
 
     def begin(self, info: CallInfo) -> None:
-        self.rewrite._batch = info.timestep.shape[0]
+        self.rewrite.batch = info.timestep.shape[0]
         self.rewrite.begin_call(info.timestep)
 
     def end(self) -> None:
         self.rewrite.end_call()
+        self.rewrite.batch = None
 
 
 class _BlockHook(ModelHook):
@@ -83,7 +86,7 @@ class _BlockHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         bound = bind(module, args, kwargs)
         hidden = bound.arguments["hidden_states"]
-        if hidden.shape[0] != getattr(self.rewrite, "_batch", hidden.shape[0]):
+        if self.rewrite.batch is not None and hidden.shape[0] != self.rewrite.batch:
             # a plan that decides blocks per sample runs a block on some rows only; the rewrite holds the whole
             # batch's stream (DAR's sources, DTR's windows), so the two cannot be combined
             raise PlanError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from diffusers.hooks import HookRegistry, ModelHook
 
-from diffroute.call_context import CallInfo, add_call_listener, has_call_listener, remove_call_listener
+from diffroute.call_context import CallInfo, add_call_listener, remove_call_listener
 
 from .capacity import parse_capacity
 
@@ -93,8 +93,7 @@ def drive_nucleus_capacity(transformer, capacity: str) -> None:
 
 
 def undrive_nucleus_capacity(transformer, restore: bool = True) -> None:
-    if has_call_listener(transformer, TIMESTEP_LISTENER):
-        remove_call_listener(transformer, TIMESTEP_LISTENER)
+    remove_call_listener(transformer, TIMESTEP_LISTENER)  # absent: nothing to do
     factors = getattr(transformer, "_diffroute_nucleus_factors", None)
     if restore and factors is not None:
         layers = [b.img_mlp for b in transformer.transformer_blocks if getattr(b, "moe_enabled", False)]
