@@ -16,6 +16,14 @@ def add_parsers(sub, subcommand) -> list:
     s.add_argument("runs", nargs="+", help="`diffroute train dar|dtr|plain` run folders with compare*/ results")
     s.add_argument("--dar", default=None, help="a DAR run whose aggregation weights are plotted against t")
     s.add_argument("--n", type=int, default=64, help="held-out captions for the weights plot (default 64)")
+    s.add_argument(
+        "--skip-schedules",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --dar: also write schedules that reuse, every other step after a 2-step warm-up, the K blocks "
+        "DAR weights least (dar-lowest-K.json) and, as the equal-compute control, most (dar-highest-K.json)",
+    )
     s.add_argument("--out", required=True, help="output folder (table.md/json, curves.png, alpha.png/json)")
     return [a, s]
 
@@ -59,6 +67,7 @@ def adapt(args) -> dict:
 
 
 def streams(args) -> dict:
+    from diffroute.arch import architecture_map
     from diffroute.zoo.emoji import heldout_captions
     from diffroute.zoo.registry import load_pipeline
 
@@ -66,19 +75,42 @@ def streams(args) -> dict:
 
     runs = [Path(r) for r in args.runs]
     check_runs(runs, ("summary.json", "compare*/results.json"), "dar|dtr|plain")
-    out = Path(args.out)
-    result = stream_table(runs, out)
-    if args.dar:
+    if args.skip_schedules < 0 or (args.skip_schedules and not args.dar):
+        raise ValueError("--skip-schedules K (K >= 1 blocks) reads DAR's weights: give --dar a `train dar` run.")
+    pipe = None
+    if args.dar:  # checked before any work
         model = Path(args.dar) / "model"
         if not (model / "model_index.json").is_file():
             raise FileNotFoundError(f"{model} is missing: give --dar a finished `diffroute train dar` run folder.")
         pipe = load_pipeline(str(model))
         if getattr(pipe.transformer, "dar", None) is None:
             raise ValueError(f"{model} has no DAR aggregator: --dar takes a `diffroute train dar` run.")
+        blocks = architecture_map(pipe.transformer).num_blocks
+        if args.skip_schedules >= blocks:
+            raise ValueError(f"--skip-schedules must be below the model's {blocks} blocks, got {args.skip_schedules}.")
         pipe.set_progress_bar_config(disable=True)
+    out = Path(args.out)
+    result = stream_table(runs, out)
+    if pipe is not None:
         result["dar"] = dar_weights(pipe, heldout_captions(args.n, spread=True), out)
+        if args.skip_schedules:
+            result["schedules"] = write_skip_schedules(pipe, result["dar"], args.skip_schedules, out)
     if not args.json:
-        print(
-            (out / "table.md").read_text() + f"wrote {out}/table.md, curves.png" + (", alpha.png" if args.dar else "")
-        )
+        wrote = ["table.md", "curves.png"] + (["alpha.png"] if pipe is not None else [])
+        wrote += [Path(p).name for p in result.get("schedules", [])]
+        print((out / "table.md").read_text() + f"wrote {out}/" + ", ".join(wrote))
     return result
+
+
+def write_skip_schedules(pipe, weights: dict, skip: int, out: Path) -> list[str]:
+    """DAR-guided skip schedules and their equal-compute control (see routing.dar_schedule), beside alpha.json."""
+    from diffroute.arch import architecture_map
+    from diffroute.routing.dar_schedule import PICKS, dar_skip_schedule
+
+    arch = architecture_map(pipe.transformer)
+    paths = []
+    for pick in PICKS:
+        path = out / f"dar-{pick}-{skip}.json"
+        dar_skip_schedule(arch, weights["received_by_step"], skip, pick=pick).save(path)
+        paths.append(str(path))
+    return paths

@@ -139,13 +139,17 @@ def dar_weights(pipe, prompts: list[str], out: Path, seed=0, batch=32, steps=20,
             alphas = [rec["alpha"] for rec in records if rec["point"] == p and rec["t"][0] == t]
             mats.append(np.mean(alphas, axis=0) * (p + 1))
         rel[p] = np.stack(mats, axis=1)
-    # what each source gets from the later points, averaged over them and over t
-    received = {i: float(np.mean([rel[p][i].mean() for p in points if p >= max(i, 1)])) for i in range(max(points) + 1)}
+    # what each source gets from the later points, averaged over them: per timestep, and over t
+    by_step = np.stack(
+        [np.mean([rel[p][i] for p in points if p >= max(i, 1)], axis=0) for i in range(max(points) + 1)], axis=1
+    )  # [timesteps, sources]
+    received = {i: float(by_step[:, i].mean()) for i in range(max(points) + 1)}
     names = ["patch embedding"] + [f"block {i}" for i in range(1, max(points) + 1)]
     data = {
         "t": ts,
         "relative_weight": {str(p): rel[p].tolist() for p in points},
         "received": {names[i]: v for i, v in received.items()},
+        "received_by_step": by_step.tolist(),
         "lowest": [names[i] for i in sorted(received, key=received.get)[:2]],
         "n": len(prompts),
     }

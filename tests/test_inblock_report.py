@@ -62,6 +62,10 @@ def test_dar_weights_are_uniform_at_initialisation_and_follow_the_queries(tmp_pa
     assert np.abs(final - 1).max() > 0.01
     assert set(data["received"]) == {"patch embedding", "block 1", "block 2"}
     assert data["lowest"][0] == min(data["received"], key=data["received"].get)
+    by_step = np.array(data["received_by_step"])  # [timesteps, sources]: what the skip schedules read
+    assert by_step.shape == (STEPS, 3)
+    np.testing.assert_allclose(by_step.mean(0), list(data["received"].values()))
+    np.testing.assert_allclose(by_step[:, 2], final[2])  # the last block's output is read by the final point only
     assert (tmp_path / "alpha.png").stat().st_size > 0 and not agg.record
 
 
@@ -101,4 +105,14 @@ def test_reports_refuse_unfinished_runs_before_any_work(tmp_path, capsys, comman
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", command, str(run), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "diffroute eval compare" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_schedules_need_a_dar_run_and_are_checked_before_any_work(tmp_path, capsys):
+    from diffroute.cli.main import main
+
+    plain = _fake_run(tmp_path, "plain", "plain", "scratch", 0, 600, {600: 0.6})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "streams", str(plain), "--skip-schedules", "2", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "give --dar" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
