@@ -45,14 +45,20 @@ def run(pipe, name, prompt_list, seeds, steps=STEPS):
     return out.images
 
 
+def fresh_pipe(name="pixart-alpha"):
+    """A new tiny pipeline of its own (for tests that change it), progress bars off."""
+    pipe = TINY_PIPELINES[name]()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_pipes():
     cache = {}
 
     def get(name):
         if name not in cache:
-            cache[name] = TINY_PIPELINES[name]()
-            cache[name].set_progress_bar_config(disable=True)
+            cache[name] = fresh_pipe(name)
         return cache[name]
 
     return get

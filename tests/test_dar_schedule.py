@@ -4,14 +4,13 @@ running them on a DAR model through the executor."""
 import numpy as np
 import pytest
 import torch
-from conftest import prompts, run
+from conftest import fresh_pipe, prompts, run
 
 from diffroute.arch import architecture_map
 from diffroute.routing.dar import apply_dar
 from diffroute.routing.dar_schedule import dar_skip_schedule
 from diffroute.schedule import Schedule, ScheduleMismatchError
 from diffroute.zoo.registry import load_pipeline
-from diffroute.zoo.tiny import TINY_PIPELINES
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +53,7 @@ def test_bad_weights_and_settings_are_refused(emoji_arch):
 
 def test_a_dar_model_runs_the_schedule_and_computes_what_it_says():
     name = "pixart-alpha"
-    pipe = TINY_PIPELINES[name]()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = fresh_pipe(name)
     agg = apply_dar(pipe.transformer, "scratch")
     with torch.no_grad():
         agg.queries.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))

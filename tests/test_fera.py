@@ -4,7 +4,7 @@ indicator that is not constant on small latents, per-call routing weights, save 
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, prompts, run
+from conftest import NAMES, fresh_pipe, prompts, run
 
 from diffroute.errors import PlanError
 from diffroute.routing.fera import (
@@ -18,13 +18,6 @@ from diffroute.routing.fera import (
     set_lora_enabled,
 )
 from diffroute.routing.surgery import from_pretrained
-from diffroute.zoo.tiny import TINY_PIPELINES
-
-
-def _pipe(name):
-    pipe = TINY_PIPELINES[name]()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _randomise_lora(transformer, seed=0):
@@ -37,7 +30,7 @@ def _randomise_lora(transformer, seed=0):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fera_is_the_model_at_initialisation_and_switches_off_bitwise(name):
-    pipe = _pipe(name)
+    pipe = fresh_pipe(name)
     ref = run(pipe, name, prompts(name), [0, 1])
     apply_fera(pipe.transformer)
     assert np.array_equal(run(pipe, name, prompts(name), [0, 1]), ref)  # B = 0: the experts add nothing
@@ -63,7 +56,7 @@ def test_band_indicator_separates_smooth_from_noisy_small_latents():
 
 
 def test_routing_weights_are_per_call_per_sample_and_cleared():
-    pipe = _pipe("pixart-alpha")
+    pipe = fresh_pipe("pixart-alpha")
     router = apply_fera(pipe.transformer, num_experts=3)
     with torch.no_grad():  # a router that reads the energies strongly, with no bias towards an expert
         gen = torch.Generator().manual_seed(3)
@@ -92,7 +85,7 @@ def test_routing_weights_are_per_call_per_sample_and_cleared():
 
 
 def test_lora_baseline_switches_off_bitwise_and_counts_parameters():
-    pipe = _pipe("pixart-alpha")
+    pipe = fresh_pipe("pixart-alpha")
     ref = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
     apply_lora(pipe.transformer, rank=12)
     _randomise_lora(pipe.transformer)
@@ -100,7 +93,7 @@ def test_lora_baseline_switches_off_bitwise_and_counts_parameters():
     set_lora_enabled(pipe.transformer, False)
     assert np.array_equal(run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1]), ref)
     lora = sum(p.numel() for p in adapter_parameters(pipe.transformer))
-    fera_pipe = _pipe("pixart-alpha")
+    fera_pipe = fresh_pipe("pixart-alpha")
     apply_fera(fera_pipe.transformer, num_experts=3, rank=4)
     fera = adapter_parameters(fera_pipe.transformer)
     router = sum(p.numel() for p in fera_pipe.transformer.fera_router.parameters())
@@ -109,7 +102,7 @@ def test_lora_baseline_switches_off_bitwise_and_counts_parameters():
 
 @pytest.mark.parametrize("which", ["fera", "lora"])
 def test_fera_and_lora_save_and_load_with_the_transformer(tmp_path, which):
-    pipe = _pipe("pixart-alpha")
+    pipe = fresh_pipe("pixart-alpha")
     (apply_fera if which == "fera" else apply_lora)(pipe.transformer)
     _randomise_lora(pipe.transformer)
     ref = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])

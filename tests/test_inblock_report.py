@@ -6,27 +6,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CALL_KWARGS
+from conftest import CALL_KWARGS, fresh_pipe
 
 from diffroute.eval.adapter_report import fera_weights_by_t
 from diffroute.eval.stream_report import dar_weights, evaluated_steps, stream_table
 from diffroute.routing.dar import apply_dar
 from diffroute.routing.fera import apply_fera
-from diffroute.zoo.tiny import TINY_PIPELINES
 
 STEPS = 4
 PROMPTS = ["a red apple", "a smiling cat", "a blue car"]
 KWARGS = CALL_KWARGS["pixart-alpha"]
 
 
-def _pipe():
-    pipe = TINY_PIPELINES["pixart-alpha"]()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_fera_weights_by_timestep(tmp_path):
-    pipe = _pipe()
+    pipe = fresh_pipe()
     router = apply_fera(pipe.transformer, num_experts=3)
     with torch.no_grad():  # a router that reads the energies strongly
         router.mlp[0].weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(3))
@@ -44,7 +37,7 @@ def test_fera_weights_by_timestep(tmp_path):
 
 
 def test_dar_weights_are_uniform_at_initialisation_and_follow_the_queries(tmp_path):
-    pipe = _pipe()
+    pipe = fresh_pipe()
     agg = apply_dar(pipe.transformer)
     data = dar_weights(pipe, PROMPTS[:2], tmp_path / "init", batch=2, steps=STEPS, call_kwargs=KWARGS)
     points = data["relative_weight"]

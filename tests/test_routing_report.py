@@ -4,26 +4,19 @@ import json
 
 import numpy as np
 import torch
-from conftest import CALL_KWARGS
+from conftest import CALL_KWARGS, fresh_pipe
 
 from diffroute.eval.routing_report import elastic_histogram, moe_flop_share, moe_load_plot
 from diffroute.routing.elastic import ElasticPlan, ElasticRouter
 from diffroute.routing.moe import moe_layers, parse_capacity, upcycle_moe
 from diffroute.routing.moe.capacity import tokens_per_expert
-from diffroute.zoo.tiny import TINY_PIPELINES
 
 STEPS = 4
 PROMPTS = ["a red apple", "a smiling cat", "a blue car", "a tree"]
 
 
-def _pipe():
-    pipe = TINY_PIPELINES["pixart-alpha"]()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_elastic_histogram_reports_each_images_compute(tmp_path):
-    pipe = _pipe()
+    pipe = fresh_pipe()
     torch.manual_seed(0)
     router = ElasticRouter.for_model(pipe.transformer, STEPS, pipe.scheduler)
     with torch.no_grad():  # strong input-dependent gates
@@ -50,7 +43,7 @@ def test_elastic_histogram_reports_each_images_compute(tmp_path):
 
 
 def test_moe_flop_share_and_load_plot(tmp_path):
-    static, clean = _pipe(), _pipe()
+    static, clean = fresh_pipe(), fresh_pipe()
     upcycle_moe(static.transformer, 6, 2, capacity="static:2")  # block 1 of 2; block 0 stays dense
     upcycle_moe(clean.transformer, 6, 2, capacity="clean:1-5")
     kwargs = CALL_KWARGS["pixart-alpha"]

@@ -4,24 +4,17 @@ families, both detach bitwise, DTR's windows follow the paper, and both save and
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, prompts, run
+from conftest import NAMES, fresh_pipe, prompts, run
 
 from diffroute.errors import PlanError
 from diffroute.routing.dar import DARAggregator, apply_dar, remove_dar
 from diffroute.routing.dtr import apply_dtr, dtr_masks, remove_dtr
 from diffroute.routing.surgery import from_pretrained, is_modified_folder
-from diffroute.zoo.tiny import TINY_PIPELINES
-
-
-def _pipe(name):
-    pipe = TINY_PIPELINES[name]()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_dar_retrofit_is_the_model_at_initialisation_and_detaches_bitwise(name):
-    pipe = _pipe(name)
+    pipe = fresh_pipe(name)
     ref = run(pipe, name, prompts(name), [0, 1])
     aggregator = apply_dar(pipe.transformer, "retrofit", "static+t")
     np.testing.assert_allclose(run(pipe, name, prompts(name), [0, 1]), ref, atol=5e-6)
@@ -54,7 +47,7 @@ def test_dtr_windows_follow_the_paper():
 
 
 def test_dtr_changes_the_model_full_window_is_identity_and_detaches():
-    pipe = _pipe("pixart-alpha")
+    pipe = fresh_pipe("pixart-alpha")
     name = "pixart-alpha"
     ref = run(pipe, name, prompts(name), [0, 1])
     apply_dtr(pipe.transformer, beta=1.0)
@@ -70,7 +63,7 @@ def test_dtr_changes_the_model_full_window_is_identity_and_detaches():
 
 @pytest.mark.parametrize("which", ["dar", "dtr"])
 def test_dar_and_dtr_save_and_load_with_the_transformer(tmp_path, which):
-    pipe = _pipe("pixart-alpha")
+    pipe = fresh_pipe("pixart-alpha")
     name = "pixart-alpha"
     if which == "dtr":
         apply_dtr(pipe.transformer, beta=0.75)
@@ -133,7 +126,7 @@ def test_from_scratch_starts_from_fresh_seeded_weights_with_the_rewrite():
 
 @pytest.mark.parametrize("which", ["dar", "dtr"])
 def test_stream_rewrites_run_per_step_plans_and_refuse_per_sample_block_plans(which):
-    pipe = _pipe("pixart-alpha")
+    pipe = fresh_pipe("pixart-alpha")
     (apply_dar if which == "dar" else apply_dtr)(pipe.transformer)
     pipe.enable_cache("fora-2")  # per step: every row runs or reuses together
     run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
