@@ -99,18 +99,21 @@ moe: install
 	$(BIN)/diffroute eval moe $(addprefix runs/moe/,$(MOE_RUNS)) --base docs/compare/results.json --out docs/moe
 	$(BIN)/diffroute bench moe --model emoji --batch 32 --repeats 30 > docs/moe/bench.md
 
-# The adaptation experiment (issue 14): FeRA (3 experts of rank 4) against peft LoRA of rank 4 (same rank per expert)
-# and rank 12 (same parameters) on the Symbola glyphs, same steps, seeds and batches; scored against the 105 held-out
-# Symbola images; table, grid and FeRA's routing weights against t in docs/fera.
+# The adaptation experiment (issue 14): FeRA (3 experts of rank 4) as in the paper (alpha 1, no balancing) and matched
+# (alpha 3: at equal routing weights exactly one LoRA of rank 12; balance 0.01 against router collapse) against peft
+# LoRA of rank 4 (same rank per expert) and rank 12 (same parameters) on the Symbola glyphs, same steps, seeds and
+# batches; scored against the 105 held-out Symbola images; table, grid and FeRA's routing weights against t in docs/fera.
 ADAPT_FLAGS ?= --model emoji --iters 1000 --lr 5e-4 --ema-decay 0.995 --seed 0
+ADAPT_RUNS ?= fera fera-matched lora4 lora12
 adapt: install
 	rm -rf runs/fera docs/fera
 	$(BIN)/diffroute train fera $(ADAPT_FLAGS) --out runs/fera/fera
+	$(BIN)/diffroute train fera $(ADAPT_FLAGS) --alpha 3 --balance 0.01 --out runs/fera/fera-matched
 	$(BIN)/diffroute train lora $(ADAPT_FLAGS) --rank 4 --out runs/fera/lora4
 	$(BIN)/diffroute train lora $(ADAPT_FLAGS) --rank 12 --out runs/fera/lora12
-	for r in fera lora4 lora12; do $(BIN)/diffroute eval compare --model runs/fera/$$r/model --dtype bfloat16 \
+	for r in $(ADAPT_RUNS); do $(BIN)/diffroute eval compare --model runs/fera/$$r/model --dtype bfloat16 \
 		--prompts heldout --n 105 --batch 35 --repeats 1 --plans full --out runs/fera/$$r/compare || exit 1; done
-	$(BIN)/diffroute eval adapt runs/fera/fera runs/fera/lora4 runs/fera/lora12 --out docs/fera
+	$(BIN)/diffroute eval adapt $(addprefix runs/fera/,$(ADAPT_RUNS)) --out docs/fera
 
 # The residual-stream experiment (issue 14): the DAR retrofit against a plain fine-tune of the shipped model (equal
 # steps); DAR, DTR and the plain baseline from scratch, two seeds each, scored at half and all of their steps

@@ -16,9 +16,15 @@ from .routing_report import generate, pyplot, quality_cells, quality_of
 
 
 def run_label(summary: dict) -> str:
-    if summary["method"] == "fera":
-        return f"FeRA {summary['num_experts']}x r{summary['rank']}"
-    return f"LoRA r{summary['rank']}"
+    """`FeRA 3x r4`, `LoRA r12`, with the settings that differ from the method's defaults (alpha, balance)."""
+    fera = summary["method"] == "fera"
+    label = f"FeRA {summary['num_experts']}x r{summary['rank']}" if fera else f"LoRA r{summary['rank']}"
+    alpha = summary.get("alpha")
+    if alpha is not None and alpha != (1.0 if fera else summary["rank"] / 4):
+        label += f", α {alpha:g}"
+    if fera and summary.get("balance"):
+        label += f", balance {summary['balance']:g}"
+    return label
 
 
 def trained_parameters(model: Path) -> int:
@@ -67,9 +73,9 @@ def adapter_grid(runs: list[Path], reference: np.ndarray, out: Path, n: int = 12
     return save_png(grid(rows, labels, scale=2), out / "grid.png")
 
 
-def fera_weights_by_t(pipe, prompts: list[str], out: Path, seed=0, batch=35, steps=20, call_kwargs=None) -> dict:
+def fera_weights_by_t(pipe, prompts: list[str], seed=0, batch=35, steps=20, call_kwargs=None) -> dict:
     """Every sample's routing weights at every step (CFG rows: the conditional half), summarised per timestep:
-    mean, 10th and 90th percentile per expert. Plot and JSON."""
+    mean, 10th and 90th percentile per expert, and the largest swing of an expert's mean weight over t."""
     state = pipe.transformer._diffroute_fera["state"]
     state.record, state.history, state.timesteps = True, [], []
     per_t: dict[float, list[np.ndarray]] = {}
@@ -88,21 +94,28 @@ def fera_weights_by_t(pipe, prompts: list[str], out: Path, seed=0, batch=35, ste
         "n": len(prompts),
     }
     mean = np.array(data["mean"])
-    data["change_over_t"] = float((mean.max(0) - mean.min(0)).max())  # the largest swing of an expert's mean weight
+    data["change_over_t"] = float((mean.max(0) - mean.min(0)).max())
+    return data
+
+
+def plot_weights(by_run: dict[str, dict], out: Path) -> Path:
+    """`weights.json` ({run label: weights by t}) and `weights.png`, one panel per FeRA run."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "weights.json", data)
+    atomic_write_json(out / "weights.json", by_run)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    lo, hi = np.array(data["p10"]), np.array(data["p90"])
-    for e in range(mean.shape[1]):
-        ax.plot(ts, mean[:, e], marker=".", label=f"expert {e}")
-        ax.fill_between(ts, lo[:, e], hi[:, e], alpha=0.2)
-    ax.invert_xaxis()
-    ax.set_xlabel("timestep t (noise → clean)")
-    ax.set_ylabel("routing weight")
-    ax.set_title(f"FeRA routing weights, {len(prompts)} held-out captions (band: 10th–90th pct.)", fontsize=9)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(by_run), figsize=(5 * len(by_run), 3.4), sharey=True, squeeze=False)
+    for ax, (label, data) in zip(axes[0], by_run.items(), strict=True):
+        ts, mean = data["t"], np.array(data["mean"])
+        lo, hi = np.array(data["p10"]), np.array(data["p90"])
+        for e in range(mean.shape[1]):
+            ax.plot(ts, mean[:, e], marker=".", label=f"expert {e}")
+            ax.fill_between(ts, lo[:, e], hi[:, e], alpha=0.2)
+        ax.invert_xaxis()
+        ax.set_xlabel("timestep t (noise → clean)")
+        ax.set_title(f"{label} ({data['n']} held-out captions)", fontsize=9)
+    axes[0][0].set_ylabel("routing weight (band: 10th–90th pct.)")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "weights.png", dpi=110)
     plt.close(fig)
-    return data
+    return out / "weights.png"

@@ -44,7 +44,7 @@ def adapt(args) -> dict:
     from diffroute.zoo.emoji_data import load as load_data
     from diffroute.zoo.registry import load_pipeline
 
-    from .adapter_report import adapter_grid, adapter_table, fera_weights_by_t
+    from .adapter_report import adapter_grid, adapter_table, fera_weights_by_t, plot_weights, run_label
 
     runs = [Path(r) for r in args.runs]
     check_runs(runs, ("summary.json", "compare/results.json", "model/model_index.json"), "fera|lora")
@@ -54,13 +54,17 @@ def adapt(args) -> dict:
     held = data["held_out"]
     adapter_grid(runs, data["images"][held], out)
     result = {"rows": rows}
-    fera = [r for r in runs if json.loads((r / "summary.json").read_text())["method"] == "fera"]
+    summaries = {r: json.loads((r / "summary.json").read_text()) for r in runs}
+    fera = [r for r in runs if summaries[r]["method"] == "fera"]
     if fera:
-        pipe = load_pipeline(str(fera[0] / "model"))
-        pipe.set_progress_bar_config(disable=True)
         prompts = [str(c) for c in data["captions"][held]][: args.n]
-        weights = fera_weights_by_t(pipe, prompts, out)
-        result["weights_change_over_t"] = weights["change_over_t"]
+        weights = {}
+        for run in fera:
+            pipe = load_pipeline(str(run / "model"))
+            pipe.set_progress_bar_config(disable=True)
+            weights[run_label(summaries[run])] = fera_weights_by_t(pipe, prompts)
+        plot_weights(weights, out)
+        result["weights_change_over_t"] = {label: w["change_over_t"] for label, w in weights.items()}
     if not args.json:
         print((out / "table.md").read_text() + f"wrote {out}/table.md, grid.png" + (", weights.png" if fera else ""))
     return result

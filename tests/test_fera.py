@@ -15,6 +15,7 @@ from diffroute.routing.fera import (
     disable_fera,
     enable_fera,
     frequency_bands,
+    last_routing_weights,
     set_lora_enabled,
 )
 from diffroute.routing.surgery import from_pretrained
@@ -100,6 +101,65 @@ def test_lora_baseline_switches_off_bitwise_and_counts_parameters():
     assert sum(p.numel() for p in fera) - router == lora  # 3 experts of rank 4 = one LoRA of rank 12
 
 
+def test_fera_with_uniform_routing_and_alpha_matched_is_one_lora_of_all_the_experts():
+    from peft.tuners.lora import LoraLayer
+
+    ps = prompts("pixart-alpha")
+    lora_pipe = fresh_pipe()
+    apply_lora(lora_pipe.transformer, rank=6, alpha=3.0)
+    outputs = {}
+    for alpha in (3.0, 1.0):
+        pipe = fresh_pipe()
+        router = apply_fera(pipe.transformer, num_experts=3, rank=2, alpha=alpha)
+        with torch.no_grad():
+            router.mlp[2].weight.zero_()  # a constant router: weight 1/3 for each expert
+            router.mlp[2].bias.zero_()
+        _randomise_lora(pipe.transformer)
+        outputs[alpha] = run(pipe, "pixart-alpha", ps, [0, 1])
+    with torch.no_grad():  # the rank-6 LoRA: the experts' A stacked, their B side by side
+        for name, module in lora_pipe.transformer.named_modules():
+            if isinstance(module, LoraLayer):
+                fera = pipe.transformer.get_submodule(name)
+                module.lora_A["lora"].weight.copy_(torch.cat([fera.lora_A[f"fera_{e}"].weight for e in range(3)], 0))
+                module.lora_B["lora"].weight.copy_(torch.cat([fera.lora_B[f"fera_{e}"].weight for e in range(3)], 1))
+    lora = run(lora_pipe, "pixart-alpha", ps, [0, 1])
+    assert np.abs(outputs[3.0] - lora).max() < 1e-5  # alpha = E: the mixture at 1/E each is LoRA-E.r exactly
+    assert np.abs(outputs[1.0] - lora).max() > 1e-4  # the paper's alpha = 1: a third of that update
+
+
+def test_balance_loss_is_zero_for_equal_use_and_pushes_away_from_collapse():
+    from diffroute.routing.train_fera import balance_loss
+
+    assert float(balance_loss(torch.full((4, 3), 1 / 3))) == pytest.approx(0, abs=1e-6)
+    assert float(balance_loss(torch.eye(3))) == pytest.approx(0, abs=1e-6)  # sharp per sample, equal on average
+    assert float(balance_loss(torch.tensor([[1.0, 0, 0]] * 4))) == pytest.approx(2)  # E - 1: one expert takes all
+    logits = torch.tensor([[2.0, 0, 0]] * 4, requires_grad=True)
+    balance_loss(torch.softmax(logits, -1)).backward()
+    assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 1:] < 0).all()  # descent lowers the favoured expert
+
+
+def test_last_routing_weights_keep_their_graph_for_a_training_loss():
+    from diffroute.routing.train_fera import balance_loss
+
+    pipe = fresh_pipe()
+    router = apply_fera(pipe.transformer)
+    with pytest.raises(PlanError, match="routed no call"):
+        last_routing_weights(pipe.transformer)
+    recorded = {}
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: recorded.setdefault("call", (a, k)), with_kwargs=True
+    )
+    run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1], steps=1)
+    handle.remove()
+    args, kwargs = recorded["call"]
+    pipe.transformer(*args, **kwargs)  # with grad, as in training
+    w = last_routing_weights(pipe.transformer)
+    assert pipe.transformer._diffroute_fera["state"].weights is None  # cleared for the layers, kept for the loss
+    torch.testing.assert_close(w, router(kwargs.get("hidden_states", args[0] if args else None)))
+    balance_loss(w).backward()
+    assert router.mlp[2].weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("which", ["fera", "lora"])
 def test_fera_and_lora_save_and_load_with_the_transformer(tmp_path, which):
     pipe = fresh_pipe("pixart-alpha")
@@ -134,17 +194,24 @@ def test_train_fera_cli_adapts_only_the_adapters_on_symbola(tmp_path):
     from diffroute.zoo.registry import load_pipeline, model_domain
 
     args = ["train", "fera", "--model", "emoji", "--iters", "2", "--batch-size", "4", "--train-images", "8"]
-    args += ["--ema-decay", "0", "--out", str(tmp_path / "r"), "--json"]
+    args += ["--ema-decay", "0", "--alpha", "3", "--balance", "0.01", "--out", str(tmp_path / "r"), "--json"]
     proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["domain"] == "symbola" and result["trained_parameters"] > 0
+    assert result["alpha"] == 3.0 and result["balance"] == 0.01
+    log = [json.loads(line) for line in (tmp_path / "r" / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]  # short runs log every step, with the router's mean weights
+    for r in log:
+        assert sum(r[f"weight_{e}"] for e in range(3)) == pytest.approx(1, abs=1e-4)
+        assert r["balance"] >= 0 and r["fecl"] >= 0
     from diffroute.eval.adapter_report import trained_parameters
 
     saved = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert saved["trained_parameters"] == result["trained_parameters"] == trained_parameters(tmp_path / "r" / "model")
     assert model_domain(str(tmp_path / "r" / "model")) == "symbola"
     adapted, shipped = load_pipeline(str(tmp_path / "r" / "model")).transformer, load_pipeline("emoji").transformer
+    assert adapted.config["diffroute_fera"]["alpha"] == 3.0
     base = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if "lora_" not in k}
     for k, v in shipped.state_dict().items():  # the base weights did not move
         assert torch.equal(base[k], v), k

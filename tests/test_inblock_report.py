@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import CALL_KWARGS, fresh_pipe
 
-from diffroute.eval.adapter_report import fera_weights_by_t
+from diffroute.eval.adapter_report import fera_weights_by_t, plot_weights, run_label
 from diffroute.eval.stream_report import dar_weights, evaluated_steps, stream_table
 from diffroute.routing.dar import apply_dar
 from diffroute.routing.fera import apply_fera
@@ -24,16 +24,25 @@ def test_fera_weights_by_timestep(tmp_path):
     with torch.no_grad():  # a router that reads the energies strongly
         router.mlp[0].weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(3))
         router.mlp[2].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
-    data = fera_weights_by_t(pipe, PROMPTS, tmp_path, batch=2, steps=STEPS, call_kwargs=KWARGS)
+    data = fera_weights_by_t(pipe, PROMPTS, batch=2, steps=STEPS, call_kwargs=KWARGS)
     assert len(data["t"]) == STEPS and data["t"] == sorted(data["t"], reverse=True)
     mean, lo, hi = (np.array(data[k]) for k in ("mean", "p10", "p90"))
     assert mean.shape == (STEPS, 3)
     np.testing.assert_allclose(mean.sum(1), 1, rtol=1e-5)
     assert (lo <= mean + 1e-6).all() and (mean <= hi + 1e-6).all()
     assert data["change_over_t"] == pytest.approx(float((mean.max(0) - mean.min(0)).max()))
-    assert (tmp_path / "weights.png").stat().st_size > 0
     state = pipe.transformer._diffroute_fera["state"]
     assert not state.record and state.history == [] and state.timesteps == []
+    assert plot_weights({"a": data, "b": data}, tmp_path).stat().st_size > 0
+    assert json.loads((tmp_path / "weights.json").read_text())["b"]["mean"] == data["mean"]
+
+
+def test_run_labels_name_the_settings_that_differ_from_the_defaults():
+    fera = {"method": "fera", "num_experts": 3, "rank": 4}
+    assert run_label({**fera, "alpha": 1.0, "balance": 0.0}) == "FeRA 3x r4"
+    assert run_label({**fera, "alpha": 3.0, "balance": 0.01}) == "FeRA 3x r4, α 3, balance 0.01"
+    assert run_label({"method": "lora", "num_experts": 1, "rank": 12, "alpha": 3.0}) == "LoRA r12"
+    assert run_label({"method": "lora", "num_experts": 1, "rank": 12, "alpha": 12.0}) == "LoRA r12, α 12"
 
 
 def test_dar_weights_are_uniform_at_initialisation_and_follow_the_queries(tmp_path):

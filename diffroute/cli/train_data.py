@@ -49,9 +49,17 @@ def add_parsers(sub) -> None:
             rank = 4 if method == "fera" else 12
             note = "per expert" if method == "fera" else "the parameters of 3 FeRA experts of rank 4"
             p.add_argument("--rank", type=int, default=rank, help=f"LoRA rank (default {rank}: {note})")
+            scale = "1, the paper's" if method == "fera" else "rank / 4, FeRA's alpha / rank"
+            p.add_argument("--alpha", type=float, default=None, help=f"LoRA alpha (default {scale})")
             if method == "fera":
                 p.add_argument("--num-experts", type=int, default=3, help="LoRA experts (default 3)")
                 p.add_argument("--fecl", type=float, default=0.1, help="consistency loss weight (default 0.1)")
+                p.add_argument(
+                    "--balance",
+                    type=float,
+                    default=0.0,
+                    help="load-balancing weight on the batch's mean routing weights (not in the paper; default 0)",
+                )
         else:
             default = "scratch" if method == "dtr" else "shipped"
             p.add_argument(
@@ -150,7 +158,7 @@ def _config_and_trainer(args):
     if args.method in ADAPTERS:
         from diffroute.routing.train_fera import AdapterConfig, train_adapter
 
-        extra = {"num_experts": 1, "fecl": 0.0} if args.method == "lora" else {}
+        extra = {"num_experts": 1, "fecl": 0.0, "balance": 0.0} if args.method == "lora" else {}
         return config_of(AdapterConfig, method=args.method, **extra), train_adapter
     from diffroute.routing.train_streams import StreamConfig, check, train_streams
 

@@ -93,7 +93,7 @@ class _CallListener:
         self.router, self.state = router, state
 
     def begin(self, info: CallInfo) -> None:
-        self.state.weights = self.router(info.hidden_states)
+        self.state.weights = self.state.last = self.router(info.hidden_states)
         if self.state.record:  # the call's timestep per row, for weights-against-t plots
             t = info.timestep if info.raw_timestep is not None else torch.full_like(info.timestep, float("nan"))
             self.state.timesteps.append(t.detach().float().cpu())
@@ -132,6 +132,7 @@ class _MixHook(ModelHook):
 class _State:
     def __init__(self):
         self.weights, self.record = None, False
+        self.last = None  # the latest call's weights, kept after it (with their graph) for a training loss on them
         self.history, self.timesteps = [], []  # per recorded call: weights [B, E] and timesteps [B]
 
 
@@ -237,6 +238,14 @@ def set_lora_enabled(transformer, enabled: bool) -> None:
     for m in transformer.modules():
         if isinstance(m, LoraLayer):
             m.enable_adapters(enabled)
+
+
+def last_routing_weights(transformer) -> torch.Tensor:
+    """The routing weights [B, E] of the transformer's latest call (differentiable when it ran with grad)."""
+    last = _fera(transformer)["state"].last
+    if last is None:
+        raise PlanError("FeRA has routed no call yet.")
+    return last
 
 
 def adapter_parameters(transformer) -> list[torch.nn.Parameter]:

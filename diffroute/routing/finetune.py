@@ -77,7 +77,8 @@ def train_on_data(
     extra_summary: dict | None = None,
 ) -> dict:
     """Train `student` (wrapping `pipe.transformer`, already changed); saves `out/model`; returns a summary.
-    `objective(model, kwargs, eps)` replaces the epsilon-MSE (+ `aux_loss()`); `param_groups(lr)` limits what trains
+    `objective(model, kwargs, eps)` replaces the epsilon-MSE (+ `aux_loss()`) and may return `(loss, metrics)` for
+    the log; `param_groups(lr)` limits what trains
     (default: every parameter of the student); `extra_summary` joins the settings in `out/summary.json`."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -106,6 +107,7 @@ def train_on_data(
         lr=cfg.lr,
         warmup=min(100, cfg.iters // 10 + 1),
         ema_decay=cfg.ema_decay,
+        log_every=max(min(50, cfg.iters // 10), 1),
         seed=cfg.seed,
         bf16=cfg.bf16,
         weight_decay=0.0,

@@ -55,7 +55,9 @@ def train(
     (so a resumed run never skips one).
 
     loss_fn(model, indices, generator) gets this process's share of the global batch and a generator seeded by
-    (seed, step, rank) for its noise, so that the run is reproducible and resumable.
+    (seed, step, rank) for its noise, so that the run is reproducible and resumable. It returns the loss, or
+    `(loss, metrics)` with a dict of scalars (a router's mean weights, a loss term) that the log averages like the
+    loss (rank 0's share).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     # A model may give parameter groups with their own learning rates (a router and its fine-tuned backbone).
@@ -71,7 +73,7 @@ def train(
     rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(total=cfg.steps, initial=start, desc=name, disable=not accelerator.is_main_process, dynamic_ncols=True)
     log_path = out_dir / "log.jsonl"
-    t0, running = time.time(), 0.0
+    t0, running, metrics = time.time(), 0.0, {}
     model.train()
     # A model may follow the training's progress (a capacity schedule that sparsifies as training goes on).
     before_step = getattr(accelerator.unwrap_model(model), "before_step", None)
@@ -81,7 +83,12 @@ def train(
         idx = batch_indices(n_items, step, cfg.batch_size, cfg.seed)[rank::world]
         gen = torch.Generator().manual_seed(hash((cfg.seed, step, rank)) & 0x7FFFFFFF)
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = loss_fn(model, idx, gen).float()
+            loss = loss_fn(model, idx, gen)
+        if isinstance(loss, tuple):
+            loss, extra = loss
+            for k, v in extra.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v)
+        loss = loss.float()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -100,11 +107,12 @@ def train(
                 "loss": running / cfg.log_every,
                 "lr": sched.get_last_lr()[0],
                 "elapsed_s": time.time() - t0,
+                **{k: v / cfg.log_every for k, v in metrics.items()},
             }
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            running = 0.0
+            running, metrics = 0.0, {}
         if on_snapshot is not None and cfg.snapshot_every and done % cfg.snapshot_every == 0:
             if accelerator.is_main_process:
                 on_snapshot(done, ema)
