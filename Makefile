@@ -102,13 +102,15 @@ moe: install
 # The adaptation experiment (issue 14): FeRA (3 experts of rank 4) as in the paper (alpha 1, no balancing) and matched
 # (alpha 3: at equal routing weights exactly one LoRA of rank 12; balance 0.01 against router collapse) against peft
 # LoRA of rank 4 (same rank per expert) and rank 12 (same parameters) on the Symbola glyphs, same steps, seeds and
-# batches; scored against the 105 held-out Symbola images; table, grid and FeRA's routing weights against t in docs/fera.
+# batches (and the matched FeRA without its consistency loss, an ablation); scored against the 105 held-out Symbola
+# images; table, grid and FeRA's routing weights against t in docs/fera.
 ADAPT_FLAGS ?= --model emoji --iters 1000 --lr 5e-4 --ema-decay 0.995 --seed 0
-ADAPT_RUNS ?= fera fera-matched lora4 lora12
+ADAPT_RUNS ?= fera fera-matched fera-matched-nofecl lora4 lora12
 adapt: install
 	rm -rf runs/fera docs/fera
 	$(BIN)/diffroute train fera $(ADAPT_FLAGS) --out runs/fera/fera
 	$(BIN)/diffroute train fera $(ADAPT_FLAGS) --alpha 3 --balance 0.01 --out runs/fera/fera-matched
+	$(BIN)/diffroute train fera $(ADAPT_FLAGS) --alpha 3 --balance 0.01 --fecl 0 --out runs/fera/fera-matched-nofecl
 	$(BIN)/diffroute train lora $(ADAPT_FLAGS) --rank 4 --out runs/fera/lora4
 	$(BIN)/diffroute train lora $(ADAPT_FLAGS) --rank 12 --out runs/fera/lora12
 	for r in $(ADAPT_RUNS); do $(BIN)/diffroute eval compare --model runs/fera/$$r/model --dtype bfloat16 \

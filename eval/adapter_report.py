@@ -16,7 +16,7 @@ from .routing_report import generate, pyplot, quality_cells, quality_of
 
 
 def run_label(summary: dict) -> str:
-    """`FeRA 3x r4`, `LoRA r12`, with the settings that differ from the method's defaults (alpha, balance)."""
+    """`FeRA 3x r4`, `LoRA r12`, with the settings that differ from the method's defaults (alpha, balance, FECL)."""
     fera = summary["method"] == "fera"
     label = f"FeRA {summary['num_experts']}x r{summary['rank']}" if fera else f"LoRA r{summary['rank']}"
     alpha = summary.get("alpha")
@@ -24,6 +24,8 @@ def run_label(summary: dict) -> str:
         label += f", α {alpha:g}"
     if fera and summary.get("balance"):
         label += f", balance {summary['balance']:g}"
+    if fera and summary.get("fecl", 0.1) != 0.1:
+        label += f", FECL {summary['fecl']:g}"
     return label
 
 
