@@ -121,3 +121,23 @@ def plot_weights(by_run: dict[str, dict], out: Path) -> Path:
     fig.savefig(out / "weights.png", dpi=110)
     plt.close(fig)
     return out / "weights.png"
+
+
+def plot_training_weights(logs: dict[str, Path], out: Path) -> Path:
+    """`training.png`: each FeRA run's mean routing weight per expert along its training (from its log), where a
+    collapse onto one expert shows."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.2), sharey=True, squeeze=False)
+    for ax, (label, log) in zip(axes[0], logs.items(), strict=True):
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        experts = sorted(k for k in records[0] if k.startswith("weight_"))
+        for k in experts:
+            ax.plot([r["step"] for r in records], [r[k] for r in records], marker=".", label=k.replace("_", " "))
+        ax.set_xlabel("training step")
+        ax.set_title(label, fontsize=9)
+    axes[0][0].set_ylabel("mean routing weight (batch)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+    return out / "training.png"

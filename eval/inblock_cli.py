@@ -44,7 +44,14 @@ def adapt(args) -> dict:
     from diffroute.zoo.emoji_data import load as load_data
     from diffroute.zoo.registry import load_pipeline
 
-    from .adapter_report import adapter_grid, adapter_table, fera_weights_by_t, plot_weights, run_label
+    from .adapter_report import (
+        adapter_grid,
+        adapter_table,
+        fera_weights_by_t,
+        plot_training_weights,
+        plot_weights,
+        run_label,
+    )
 
     runs = [Path(r) for r in args.runs]
     check_runs(runs, ("summary.json", "compare/results.json", "model/model_index.json"), "fera|lora")
@@ -64,9 +71,16 @@ def adapt(args) -> dict:
             pipe.set_progress_bar_config(disable=True)
             weights[run_label(summaries[run])] = fera_weights_by_t(pipe, prompts)
         plot_weights(weights, out)
+        logs = {run_label(summaries[r]): r / "train" / "log.jsonl" for r in fera}
+        if all(log.exists() and "weight_0" in log.read_text() for log in logs.values()):  # older runs logged none
+            plot_training_weights(logs, out)
         result["weights_change_over_t"] = {label: w["change_over_t"] for label, w in weights.items()}
     if not args.json:
-        print((out / "table.md").read_text() + f"wrote {out}/table.md, grid.png" + (", weights.png" if fera else ""))
+        print(
+            (out / "table.md").read_text()
+            + f"wrote {out}/table.md, grid.png"
+            + (", weights.png, training.png" if fera else "")
+        )
     return result
 
 
