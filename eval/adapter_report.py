@@ -21,7 +21,7 @@ def run_label(summary: dict) -> str:
     label = f"FeRA {summary['num_experts']}x r{summary['rank']}" if fera else f"LoRA r{summary['rank']}"
     alpha = summary.get("alpha")
     if alpha is not None and alpha != (1.0 if fera else summary["rank"] / 4):
-        label += f", α {alpha:g}"
+        label += f", alpha {alpha:g}"  # the grid's font has no Greek
     if fera and summary.get("balance"):
         label += f", balance {summary['balance']:g}"
     if fera and summary.get("fecl", 0.1) != 0.1:

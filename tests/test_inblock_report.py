@@ -50,10 +50,10 @@ def test_training_weights_plot_reads_the_logged_router_weights(tmp_path):
 def test_run_labels_name_the_settings_that_differ_from_the_defaults():
     fera = {"method": "fera", "num_experts": 3, "rank": 4}
     assert run_label({**fera, "alpha": 1.0, "balance": 0.0}) == "FeRA 3x r4"
-    assert run_label({**fera, "alpha": 3.0, "balance": 0.01}) == "FeRA 3x r4, α 3, balance 0.01"
+    assert run_label({**fera, "alpha": 3.0, "balance": 0.01}) == "FeRA 3x r4, alpha 3, balance 0.01"
     assert run_label({**fera, "alpha": 1.0, "fecl": 0.0}) == "FeRA 3x r4, FECL 0"
     assert run_label({"method": "lora", "num_experts": 1, "rank": 12, "alpha": 3.0}) == "LoRA r12"
-    assert run_label({"method": "lora", "num_experts": 1, "rank": 12, "alpha": 12.0}) == "LoRA r12, α 12"
+    assert run_label({"method": "lora", "num_experts": 1, "rank": 12, "alpha": 12.0}) == "LoRA r12, alpha 12"
 
 
 def test_dar_weights_are_uniform_at_initialisation_and_follow_the_queries(tmp_path):
