@@ -1,9 +1,9 @@
 """diffusers hooks that feed MoE layers what their block does not pass them: the call's timestep and LN(h).
 
-- on the transformer (a listener on the shared call-context hook): each forward records its `timestep` (the value
-  the pipeline passes) in every MoE layer, so capacity k(t) and the router's timestep embedding follow the step in any
-  pipeline, routed or vanilla. One host read of the timestep per transformer call (capacity is a Python int, so the
-  expert dispatch itself never syncs);
+- on the transformer (a listener on the shared call-context hook): each forward records its timestep per sample, in
+  the scheduler's units as the call context gives it (FLUX's t / 1000 scaled back there), in every MoE layer, so
+  capacity k(t) and the router's timestep embedding follow the step in any pipeline, routed or vanilla. One host
+  read of the timestep per transformer call (capacity is a Python int, so the expert dispatch itself never syncs);
 - on each upcycled block's pre-FFN norm: its output, LN(h) before the adaLN modulation, becomes the router input
   (Nucleus-Image's decoupled routing);
 - `drive_nucleus_capacity`: a listener of the same kind sets the capacity factor of diffusers' own
@@ -23,12 +23,15 @@ NORM_HOOK = "diffroute_moe_norm"
 
 
 class _TimestepListener:
-    def __init__(self, on_timestep):
-        self.on_timestep = on_timestep
+    """Calls `on_timestep` with each call's timestep: per sample in the scheduler's units, or as the call passes it
+    (`raw`, for diffusers' Nucleus layers, whose pipeline passes t / num_train_timesteps). Calls without one: none."""
+
+    def __init__(self, on_timestep, raw: bool = False):
+        self.on_timestep, self.raw = on_timestep, raw
 
     def begin(self, info: CallInfo) -> None:
         if info.raw_timestep is not None:
-            self.on_timestep(info.raw_timestep)
+            self.on_timestep(info.raw_timestep if self.raw else info.timestep)
 
     def end(self) -> None:
         pass
@@ -53,7 +56,7 @@ def _get(obj, dotted: str):
 def install_moe_hooks(transformer, arch, blocks, norms, layers) -> None:
     def on_timestep(timestep):
         for layer in layers:
-            layer.set_timestep(timestep)
+            layer.set_timestep(timestep, timestep_scale=1.0)  # scaled to the scheduler's units by the call context
 
     add_call_listener(transformer, TIMESTEP_LISTENER, _TimestepListener(on_timestep))
     for b, norm, layer in zip(blocks, norms, layers, strict=True):
@@ -89,7 +92,7 @@ def drive_nucleus_capacity(transformer, capacity: str) -> None:
             layer.capacity_factor = schedule.k(t)
 
     undrive_nucleus_capacity(transformer, restore=False)
-    add_call_listener(transformer, TIMESTEP_LISTENER, _TimestepListener(on_timestep))
+    add_call_listener(transformer, TIMESTEP_LISTENER, _TimestepListener(on_timestep, raw=True))
 
 
 def undrive_nucleus_capacity(transformer, restore: bool = True) -> None:

@@ -98,7 +98,8 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
 
     # ----- capacity -------------------------------------------------------------------------------------------
     def set_timestep(self, timestep: torch.Tensor, timestep_scale: float | None = None) -> None:
-        """Record this call's timestep ([B] or scalar, the model's units); the capacity hook does it per call."""
+        """Record this call's timestep ([B] or scalar) in the model's units, times `timestep_scale` (default: the
+        config's, FLUX 1000) to the scheduler's; the capacity hook does it per call, already scaled."""
         scale = self.config.timestep_scale if timestep_scale is None else timestep_scale
         t = torch.as_tensor(timestep).reshape(-1).float() * scale
         self._timestep = t
