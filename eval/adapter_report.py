@@ -100,13 +100,26 @@ def fera_weights_by_t(pipe, prompts: list[str], seed=0, batch=35, steps=20, call
     return data
 
 
+def _run_panels(by_run: dict, path: Path, height: float, ylabel: str, draw) -> Path:
+    """One panel per run, side by side on a shared y axis; `draw(ax, label, item)` fills each. Saved as `path`."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(by_run), figsize=(5 * len(by_run), height), sharey=True, squeeze=False)
+    for ax, (label, item) in zip(axes[0], by_run.items(), strict=True):
+        draw(ax, label, item)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_weights(by_run: dict[str, dict], out: Path) -> Path:
     """`weights.json` ({run label: weights by t}) and `weights.png`, one panel per FeRA run."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "weights.json", by_run)
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(by_run), figsize=(5 * len(by_run), 3.4), sharey=True, squeeze=False)
-    for ax, (label, data) in zip(axes[0], by_run.items(), strict=True):
+
+    def draw(ax, label, data):
         ts, mean = data["t"], np.array(data["mean"])
         lo, hi = np.array(data["p10"]), np.array(data["p90"])
         for e in range(mean.shape[1]):
@@ -115,29 +128,24 @@ def plot_weights(by_run: dict[str, dict], out: Path) -> Path:
         ax.invert_xaxis()
         ax.set_xlabel("timestep t (noise → clean)")
         ax.set_title(f"{label} ({data['n']} held-out captions)", fontsize=9)
-    axes[0][0].set_ylabel("routing weight (band: 10th–90th pct.)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "weights.png", dpi=110)
-    plt.close(fig)
-    return out / "weights.png"
+
+    return _run_panels(by_run, out / "weights.png", 3.4, "routing weight (band: 10th–90th pct.)", draw)
 
 
-def plot_training_weights(logs: dict[str, Path], out: Path) -> Path:
-    """`training.png`: each FeRA run's mean routing weight per expert along its training (from its log), where a
-    collapse onto one expert shows."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.2), sharey=True, squeeze=False)
-    for ax, (label, log) in zip(axes[0], logs.items(), strict=True):
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        experts = sorted(k for k in records[0] if k.startswith("weight_"))
-        for k in experts:
+def read_train_log(run: Path) -> list[dict]:
+    """A training run's log records (`OUT/train/log.jsonl`); none when it has no log."""
+    log = run / "train" / "log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+
+
+def plot_training_weights(by_run: dict[str, list[dict]], out: Path) -> Path:
+    """`training.png`: each FeRA run's mean routing weight per expert along its training (its log records), where
+    a collapse onto one expert shows."""
+
+    def draw(ax, label, records):
+        for k in sorted(k for k in records[0] if k.startswith("weight_")):
             ax.plot([r["step"] for r in records], [r[k] for r in records], marker=".", label=k.replace("_", " "))
         ax.set_xlabel("training step")
         ax.set_title(label, fontsize=9)
-    axes[0][0].set_ylabel("mean routing weight (batch)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=110)
-    plt.close(fig)
-    return out / "training.png"
+
+    return _run_panels(by_run, out / "training.png", 3.2, "mean routing weight (batch)", draw)

@@ -50,6 +50,7 @@ def adapt(args) -> dict:
         fera_weights_by_t,
         plot_training_weights,
         plot_weights,
+        read_train_log,
         run_label,
     )
 
@@ -62,6 +63,7 @@ def adapt(args) -> dict:
     adapter_grid(runs, data["images"][held], out)
     result = {"rows": rows}
     summaries = {r: json.loads((r / "summary.json").read_text()) for r in runs}
+    labels = {r: run_label(summary) for r, summary in summaries.items()}
     fera = [r for r in runs if summaries[r]["method"] == "fera"]
     if fera:
         prompts = [str(c) for c in data["captions"][held]][: args.n]
@@ -69,10 +71,10 @@ def adapt(args) -> dict:
         for run in fera:
             pipe = load_pipeline(str(run / "model"))
             pipe.set_progress_bar_config(disable=True)
-            weights[run_label(summaries[run])] = fera_weights_by_t(pipe, prompts)
+            weights[labels[run]] = fera_weights_by_t(pipe, prompts)
         plot_weights(weights, out)
-        logs = {run_label(summaries[r]): r / "train" / "log.jsonl" for r in fera}
-        if all(log.exists() and "weight_0" in log.read_text() for log in logs.values()):  # older runs logged none
+        logs = {labels[r]: read_train_log(r) for r in fera}
+        if all(records and "weight_0" in records[0] for records in logs.values()):  # older runs logged none
             plot_training_weights(logs, out)
         result["weights_change_over_t"] = {label: w["change_over_t"] for label, w in weights.items()}
     if not args.json:

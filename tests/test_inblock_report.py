@@ -8,7 +8,13 @@ import pytest
 import torch
 from conftest import CALL_KWARGS, fresh_pipe
 
-from diffroute.eval.adapter_report import fera_weights_by_t, plot_training_weights, plot_weights, run_label
+from diffroute.eval.adapter_report import (
+    fera_weights_by_t,
+    plot_training_weights,
+    plot_weights,
+    read_train_log,
+    run_label,
+)
 from diffroute.eval.stream_report import dar_weights, evaluated_steps, stream_table
 from diffroute.routing.dar import apply_dar
 from diffroute.routing.fera import apply_fera
@@ -38,13 +44,14 @@ def test_fera_weights_by_timestep(tmp_path):
 
 
 def test_training_weights_plot_reads_the_logged_router_weights(tmp_path):
-    log = tmp_path / "log.jsonl"
+    log = tmp_path / "train" / "log.jsonl"
+    log.parent.mkdir()
     records = [{"step": s, "loss": 0.1, "weight_0": 0.3 + s / 100, "weight_1": 0.7 - s / 100} for s in (10, 20, 30)]
-    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    assert plot_training_weights({"FeRA": log}, tmp_path).stat().st_size > 0
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert read_train_log(tmp_path) == records and read_train_log(tmp_path / "none") == []
+    assert plot_training_weights({"FeRA": read_train_log(tmp_path)}, tmp_path).stat().st_size > 0
     with pytest.raises(KeyError):  # a log without the step numbers is refused, not drawn empty
-        log.write_text(json.dumps({"weight_0": 1.0}) + "\n")
-        plot_training_weights({"FeRA": log}, tmp_path)
+        plot_training_weights({"FeRA": [{"weight_0": 1.0}]}, tmp_path)
 
 
 def test_run_labels_name_the_settings_that_differ_from_the_defaults():

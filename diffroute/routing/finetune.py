@@ -78,8 +78,8 @@ def train_on_data(
 ) -> dict:
     """Train `student` (wrapping `pipe.transformer`, already changed); saves `out/model`; returns a summary.
     `objective(model, kwargs, eps)` replaces the epsilon-MSE (+ `aux_loss()`) and may return `(loss, metrics)` for
-    the log; `param_groups(lr)` limits what trains
-    (default: every parameter of the student); `extra_summary` joins the settings in `out/summary.json`."""
+    the log; `param_groups(lr)` limits what trains (default: every parameter of the student); `extra_summary` joins
+    the settings in `out/summary.json`."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = emoji_data.domain(emoji_data.load(), cfg.domain)
