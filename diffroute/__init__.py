@@ -32,6 +32,8 @@ _EXPORTS = {
     "Schedule": "schedule",
     "ScheduleMismatchError": "schedule",
     "CallStats": "stats",
+    "load_pipeline": "zoo",
+    "MODELS": "zoo",
     "InputError": "errors",
     "PlanError": "errors",
 }

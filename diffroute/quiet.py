@@ -44,3 +44,13 @@ def loading_bars_off():
             tlog.enable_progress_bar()
         if saved[1]:
             dlog.enable_progress_bar()
+
+
+def cast_model(model, dtype):
+    """`model.to(dtype)`, without diffusers' warning about modules to keep in float32 when the model lists none
+    (the warning then names an empty list, which no user can act on; it still shows for models that list some)."""
+    import contextlib
+
+    listed = getattr(model, "_keep_in_fp32_modules", None)
+    with contextlib.nullcontext() if listed else quiet_loading():
+        return model.to(dtype)

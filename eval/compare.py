@@ -86,6 +86,8 @@ def run_fingerprint(pipe, cfg: CompareConfig) -> dict:
         "seed": cfg.seed,
         "batch": cfg.batch,
         "n": cfg.n,
+        # on some CPUs the pixels depend on the intra-op thread count (runtime.set_threads): never mix counts
+        "threads_per_process": torch.get_num_threads() if pipe.device.type == "cpu" else None,
         "prompts": digest(cfg.prompts[: cfg.n]),
         "call_kwargs": digest(cfg.call_kwargs),
     }
@@ -286,6 +288,7 @@ def run_compare(pipe, cfg: CompareConfig) -> dict | None:
         "batch": cfg.batch,
         "repeats": cfg.repeats,
         "processes": state.num_processes,
+        "threads_per_process": torch.get_num_threads(),
         "device": str(pipe.device),
         "features": cfg.features,
         "feature_extractor": None if feature_info is None else feature_info[0],

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from diffroute.api import last_stats
+
 from .peers import activate, computed_fraction, deactivate
 
 
@@ -114,6 +116,7 @@ def time_plans(
                     results[name]["transformer_s"].append(timer.total)
                     if plan is not None:
                         results[name]["computed_fraction"] = computed_fraction(pipe)
+                        results[name]["stats"] = last_stats(pipe)  # None for peers' caches
     finally:
         if own_timer:
             timer.remove()
@@ -121,4 +124,45 @@ def time_plans(
     for res in results.values():
         res["e2e_median_s"] = statistics.median(res["e2e_s"])
         res["transformer_median_s"] = statistics.median(res["transformer_s"])
+        res["e2e_spread"] = spread(res["e2e_s"])
+        res["transformer_spread"] = spread(res["transformer_s"])
     return results
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median of repeated timings: 0 on a quiet machine, large on a busy one."""
+    mid = statistics.median(values)
+    return (max(values) - min(values)) / mid if mid > 0 else 0.0
+
+
+def flop_ideal_speedup(cost, stats) -> float | None:
+    """Transformer speedup a plan would reach if time followed FLOPs: all FLOPs of full compute over the FLOPs of
+    what `stats` (a CallStats) says was computed (components by their measured share, the rest at every step).
+    `cost`: a search.cost.CostModel of the same model and call size. None without stats."""
+    if stats is None:
+        return None
+    shares = stats.compute_tensor().double().nan_to_num(0.0)  # [steps, blocks, components]
+    steps = shares.shape[0]
+    computed = float((shares * cost.component_flops.double()).sum()) + cost.other_flops * steps
+    return cost.step_flops * steps / computed if computed > 0 else None
+
+
+SPREAD_LIMIT = 0.15  # timings varying more than this between repeats make a ratio noise
+
+
+def timing_warnings(name: str, res: dict, speedup: float | None, ideal: float | None) -> list[str]:
+    """Why a measured speedup should not be trusted: timings that vary between repeats, or a speedup above what
+    the plan's FLOPs allow (no cache beats the FLOP-ideal; only a busy machine makes it look so)."""
+    notes = []
+    worst = max(res["e2e_spread"], res["transformer_spread"])
+    if worst > SPREAD_LIMIT:
+        notes.append(
+            f"{name}: timings varied by {100 * worst:.0f}% between repeats (the machine is busy?): its speedup is "
+            "noise at this level; rerun with more --repeats on a quiet machine"
+        )
+    if speedup is not None and ideal is not None and speedup > 1.05 * ideal:
+        notes.append(
+            f"{name}: measured transformer speedup {speedup:.2f}x is above its FLOP-ideal {ideal:.2f}x, which no "
+            "cache can reach: the figure is noise (busy machine or too few repeats)"
+        )
+    return notes

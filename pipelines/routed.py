@@ -238,5 +238,28 @@ def to_routed(pipe: DiffusionPipeline) -> DiffusionPipeline:
             "Any pipeline with a supported transformer still works with diffroute.apply(pipe, plan)."
         )
     routed = cls.from_pipe(pipe)
-    routed.call_defaults = dict(getattr(pipe, "call_defaults", {}) or {})
+    routed.call_defaults = dict(getattr(pipe, "call_defaults", {}) or {}) or model_call_defaults(pipe)
     return routed
+
+
+# Latent sample sizes for which PixArt-α/Σ and Sana have aspect-ratio bins (their `use_resolution_binning`).
+_BINNED_SAMPLE_SIZES = {
+    "PixArtAlphaPipeline": (32, 64, 128),
+    "PixArtSigmaPipeline": (32, 64, 128, 256),
+    "SanaPipeline": (16, 32, 64, 128),
+}
+
+
+def model_call_defaults(pipe) -> dict:
+    """Call defaults that follow from the model's own configuration, for a pipeline built from its parts.
+
+    A transformer trained at a size the pipeline has no aspect-ratio bins for (the embedded emoji model: 8×8
+    latents) makes the vanilla PixArt call fail with "Invalid sample size": such a model is called at its own
+    size without binning. Anything the configuration does not tell (a trained text length, say) is not guessed.
+    """
+    bins = next((v for k, v in _BINNED_SAMPLE_SIZES.items() if k in {c.__name__ for c in type(pipe).__mro__}), None)
+    sample = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "sample_size", None)
+    if bins is None or not isinstance(sample, int) or sample in bins:
+        return {}
+    side = sample * int(getattr(pipe, "vae_scale_factor", 8))
+    return {"height": side, "width": side, "use_resolution_binning": False}

@@ -42,6 +42,10 @@ def test_generate_json(tmp_path):
     fora = result["plans"]["fora-3"]
     assert fora["computed_fraction"] == pytest.approx(2 / 6)  # steps 0 and 3 of 6
     assert fora["psnr_vs_full_db"] > 20 and fora["speedup_transformer"] > 0
+    # medians of interleaved repeats, their spread and the FLOP-ideal speedup (fora-3 computes 2 of 6 steps' blocks)
+    assert result["repeats"] == 3 and isinstance(result["timing_warnings"], list)
+    assert fora["end_to_end_spread"] >= 0 and 1 < fora["flop_ideal_speedup"] < 3
+    assert result["plans"]["full"]["flop_ideal_speedup"] == pytest.approx(1.0)
     assert sorted(p.name for p in (out / "fora-3").glob("*.png")) == ["000.png", "001.png"]
     assert (out / "grid.png").is_file() and json.loads((out / "summary.json").read_text())["steps"] == 6
 

@@ -150,6 +150,9 @@ def test_compare_one_and_two_processes_agree(tmp_path):
         "--features",
         "emoji-clip",
         "--json",
+        # MKL/oneDNN pick kernels by thread count on some CPUs (runtime.set_threads): equal threads per process
+        "--threads",
+        "1",
     ]
     one = _cli(*common, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
@@ -173,6 +176,11 @@ def test_compare_one_and_two_processes_agree(tmp_path):
     assert two.returncode == 0, two.stderr
     r1, r2 = json.loads(one.stdout), json.loads(two.stdout)
     assert (r1["processes"], r2["processes"]) == (1, 2)
+    assert r1["threads_per_process"] == r2["threads_per_process"] == 1
+    for i in range(6):  # the images themselves, not only their metrics
+        for plan in ("full", "fora-3"):
+            png = f"images/{plan}/{i:06d}.png"
+            assert (tmp_path / "one" / png).read_bytes() == (tmp_path / "two" / png).read_bytes(), png
     for plan in ("full", "fora-3"):
         a, b = r1["plans"][plan], r2["plans"][plan]
         keys = ("computed_fraction", "psnr_vs_full_db", "psnr_mean_vs_full_db", "ssim_vs_full", "fd_vs_full")
@@ -192,6 +200,9 @@ def test_compare_one_and_two_processes_agree(tmp_path):
     before = png.stat().st_mtime_ns
     again = _cli(*common, "--out", str(tmp_path / "one"))
     assert again.returncode == 0 and png.stat().st_mtime_ns == before
+    # images made at another thread count are not mixed in: the resume is refused before any work
+    other = _cli(*common[:-1], "2", "--out", str(tmp_path / "one"))
+    assert other.returncode != 0 and "threads_per_process" in other.stderr and png.stat().st_mtime_ns == before
 
 
 def test_psnr_summary_pooled_and_capped_mean():

@@ -25,7 +25,7 @@ def add_model_arguments(p) -> None:
 
 
 def add_runtime_arguments(p) -> None:
-    """--dtype, --attention, --compile (see diffroute.runtime)."""
+    """--dtype, --attention, --compile, --threads (see diffroute.runtime)."""
     from diffroute.attention import attention_names
     from diffroute.compiling import COMPILE_MODES
     from diffroute.runtime import DTYPES
@@ -36,6 +36,13 @@ def add_runtime_arguments(p) -> None:
     )
     p.add_argument(
         "--compile", choices=list(COMPILE_MODES), default="none", help="torch.compile the transformer (default none)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int_in(1, 4096),
+        default=None,
+        help="CPU threads per process (default: as launched); images are bitwise reproducible across process "
+        "counts only at equal threads per process",
     )
 
 
@@ -55,7 +62,11 @@ def runtime_of(args):
     from diffroute.runtime import Runtime
 
     runtime = Runtime(
-        device=getattr(args, "device", None), dtype=args.dtype, attention=args.attention, compile=args.compile
+        device=getattr(args, "device", None),
+        dtype=args.dtype,
+        attention=args.attention,
+        compile=args.compile,
+        threads=getattr(args, "threads", None),
     )
     runtime.check()
     return runtime

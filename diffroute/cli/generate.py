@@ -15,6 +15,7 @@ from .common import (
     check_out_dir,
     check_plans,
     generators,
+    int_in,
     load,
     read_prompts,
 )
@@ -28,6 +29,12 @@ def add_arguments(p) -> None:
     p.add_argument("--plan", default="fora-3", help="plan name (full, fora-N, ...) or schedule JSON (default fora-3)")
     p.add_argument("--no-compare", action="store_true", help="do not also run the full-compute plan")
     p.add_argument("--out", default="outputs/generate", help="output folder (default outputs/generate)")
+    p.add_argument(
+        "--repeats",
+        type=int_in(1, 100),
+        default=3,
+        help="timed runs per plan, interleaved, after the image run (default 3; medians reported)",
+    )
 
 
 def generate(pipe, plan, prompts: list[str], args, steps: int | None = None):
@@ -44,8 +51,36 @@ def generate(pipe, plan, prompts: list[str], args, steps: int | None = None):
     return images, time.perf_counter() - t0, pipe.last_stats
 
 
+def _time(pipe, runs: dict, prompts: list[str], args) -> dict:
+    """Medians of `args.repeats` interleaved runs of every plan (the image runs were the warm-up), with their spread
+    and each plan's FLOP-ideal transformer speedup."""
+    import diffroute
+    from diffroute.arch import architecture_map
+    from diffroute.eval.timing import flop_ideal_speedup, time_plans
+    from diffroute.search.cost import measure_cost
+
+    kwargs = call_kwargs(pipe, args)
+    diffroute.remove(pipe)  # FLOPs of the plain model (a plan fixed to --steps would refuse this 2-step call)
+    cost = measure_cost(
+        pipe, architecture_map(pipe.transformer), {k: v for k, v in kwargs.items() if k != "num_inference_steps"}
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def call():
+        pipe(prompts, generator=generators(args.seed, len(prompts), pipe.device), output_type="np", **kwargs)
+
+    print(f"timing {list(runs)} x {args.repeats} repeats, interleaved...", file=sys.stderr)
+    timing = time_plans(pipe, {n: r["plan"] for n, r in runs.items()}, call, repeats=args.repeats, warmup=0)
+    for t in timing.values():
+        t["flop_ideal"] = flop_ideal_speedup(cost, t.get("stats"))
+    return timing
+
+
 def run(args) -> dict:
+    import torch
+
     from diffroute.eval.fidelity import psnr, ssim
+    from diffroute.eval.timing import timing_warnings
     from diffroute.imageio import grid, save_png, to_pil, to_uint8
     from diffroute.zoo import MODELS
 
@@ -60,33 +95,45 @@ def run(args) -> dict:
     out = Path(args.out)
     runs = {}
     for plan in plans:
-        images, seconds, stats = generate(pipe, plan, prompts, args)
+        images, _, stats = generate(pipe, plan, prompts, args)
         name = Path(plan).stem if plan.endswith(".json") else plan
-        runs[name] = {"images": images, "pil": to_pil(images), "seconds": seconds, "stats": stats}
+        runs[name] = {"plan": plan, "images": images, "pil": to_pil(images), "stats": stats}
         for i, img in enumerate(runs[name]["pil"]):
             save_png(img, out / name / f"{i:03d}.png")
         atomic_write_json(out / name / "stats.json", stats.to_dict())
+    timing = _time(pipe, runs, prompts, args)
 
     result = {"model": args.model, "steps": args.steps, "prompts": prompts, "out": str(out), "plans": {}}
     result["runtime"] = {"device": str(pipe.device), "dtype": str(pipe.transformer.dtype).replace("torch.", "")}
-    result["runtime"].update(attention=args.attention, compile=args.compile)
-    full = runs.get("full")
+    result["runtime"].update(attention=args.attention, compile=args.compile, threads=torch.get_num_threads())
+    result["repeats"] = args.repeats
+    full = timing.get("full")
     scorer = MODELS[args.model].clip_scorer if args.model in MODELS else None
+    warnings = []
     for name, r in runs.items():
+        t = timing[name]
         entry = {
-            "end_to_end_s": r["seconds"],
-            "transformer_s": r["stats"].transformer_time_s,
+            "end_to_end_s": t["e2e_median_s"],
+            "transformer_s": t["transformer_median_s"],
+            "end_to_end_spread": t["e2e_spread"],
+            "transformer_spread": t["transformer_spread"],
             "computed_fraction": r["stats"].computed_fraction,
+            "flop_ideal_speedup": t["flop_ideal"],
             "peak_cache_bytes": r["stats"].peak_cache_bytes,
         }
+        speedup = None
         if full is not None and name != "full":
-            entry["speedup_end_to_end"] = full["seconds"] / r["seconds"]
-            entry["speedup_transformer"] = full["stats"].transformer_time_s / r["stats"].transformer_time_s
-            entry["psnr_vs_full_db"] = psnr(r["images"], full["images"])
-            entry["ssim_vs_full"] = ssim(r["images"], full["images"])
+            entry["speedup_end_to_end"] = full["e2e_median_s"] / t["e2e_median_s"]
+            entry["speedup_transformer"] = speedup = full["transformer_median_s"] / t["transformer_median_s"]
+            entry["psnr_vs_full_db"] = psnr(r["images"], runs["full"]["images"])
+            entry["ssim_vs_full"] = ssim(r["images"], runs["full"]["images"])
         if scorer is not None:
             entry["clip_score"] = float(scorer(to_uint8(r["images"]), prompts).mean())
+        warnings += timing_warnings(name, t, speedup, t["flop_ideal"])
         result["plans"][name] = entry
+    result["timing_warnings"] = warnings
+    for note in warnings:
+        print(f"warning: {note}", file=sys.stderr)
     save_png(grid([r["pil"] for r in runs.values()], labels=list(runs), scale=4), out / "grid.png")
     atomic_write_json(out / "summary.json", result)
     if not args.json:
@@ -97,14 +144,16 @@ def run(args) -> dict:
 def _print_summary(result: dict) -> None:
     print(f"model {result['model']}, {len(result['prompts'])} prompts, {result['steps']} steps -> {result['out']}")
     for name, e in result["plans"].items():
-        line = f"  {name:>10}: {e['end_to_end_s']:.3f} s end-to-end, transformer {e['transformer_s']:.3f} s, "
+        line = f"  {name:>10}: {e['end_to_end_s']:.3f} s end-to-end (±{50 * e['end_to_end_spread']:.0f}%), "
+        line += f"transformer {e['transformer_s']:.3f} s, "
         line += f"computed {100 * e['computed_fraction']:.1f}%"
         if "speedup_end_to_end" in e:
             line += (
                 f", speedup {e['speedup_end_to_end']:.2f}x end-to-end / {e['speedup_transformer']:.2f}x transformer"
+                f" (FLOP-ideal {e['flop_ideal_speedup']:.2f}x)"
                 f", PSNR vs full {e['psnr_vs_full_db']:.2f} dB, SSIM {e['ssim_vs_full']:.3f}"
             )
         if "clip_score" in e:
             line += f", CLIP score {e['clip_score']:.2f}"
         print(line)
-    print("  (one timed run per plan after a warm-up; for medians use `diffroute bench overhead`)")
+    print(f"  (medians of {result['repeats']} interleaved runs per plan after a warm-up; ± half the range)")

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffroute.errors import InputError
+from diffroute.quiet import cast_model
 
 
 def _surgeries() -> dict:
@@ -82,4 +83,4 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None):
             f"{unexpected[:3]}"
         )
     stored = next(v.dtype for v in state.values() if v.is_floating_point())
-    return model.eval().to(dtype or stored)
+    return cast_model(model.eval(), dtype or stored)
