@@ -30,7 +30,7 @@ endif
 install: $(STAMP)
 
 demo: install
-	$(BIN)/diffroute generate --model emoji --plan fora-3 --steps 20 --out $(OUT)
+	$(BIN)/diffroute generate --model emoji --plan emoji:fastest --plan fora-3 --steps 20 --out $(OUT)
 
 test: install browser
 	$(BIN)/ruff check .

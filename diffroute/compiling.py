@@ -6,7 +6,10 @@ static plan compiles once per input shape and does not recompile at every step.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads only when a model is compiled: `diffroute --help` stays quick
+    import torch
 
 COMPILE_MODES = {
     "none": "eager (no torch.compile)",

@@ -21,6 +21,7 @@ from .arch import ArchitectureMap, architecture_map
 from .cache import FeatureCache, rebuild, tensors_of
 from .context import StepContext, StepTracker, scheduler_step_source
 from .deciders import FORECAST, SKIP, SkipRows, SoftWidth, Width
+from .errors import PlanError
 from .plans import Plan, resolve_plan
 from .stats import CallStats, StatsRecorder
 
@@ -28,6 +29,41 @@ STEP_HOOK = "diffroute_step"
 BLOCK_HOOK = "diffroute_block"
 COMPONENT_HOOK = "diffroute_component"
 BLOCK_REUSE_HOOK = "diffroute_block_reuse"
+
+# diffusers' own caches (and layer skipping) decide, like a plan, what each block computes; stacked with a plan, each
+# corrupts the other's state (PAB's counter does not advance on reused steps, FasterCache finds our hook where it
+# looks for its own). So the combination is refused, in either order, and the other cache is left as it was.
+FOREIGN_CACHE_HOOKS = (
+    "faster_cache",
+    "fbc_",
+    "mag_cache",
+    "pyramid_attention_broadcast",
+    "sea_cache",
+    "taylorseer_cache",
+    "layer_skip",
+)
+
+
+def foreign_cache_hooks(transformer: torch.nn.Module) -> list[str]:
+    """Names of diffusers cache hooks registered anywhere in `transformer` (sorted, each once)."""
+    found = set()
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name in getattr(registry, "hooks", {}) if registry is not None else ():
+            if name.startswith(FOREIGN_CACHE_HOOKS):
+                found.add(name)
+    return sorted(found)
+
+
+def refuse_foreign_caches(transformer: torch.nn.Module) -> None:
+    """PlanError if a diffusers cache is on: a plan and such a cache cannot be stacked."""
+    found = foreign_cache_hooks(transformer)
+    if found:
+        raise PlanError(
+            f"a diffusers cache is enabled on this transformer ({', '.join(found)}): diffroute plans and diffusers' "
+            "caches both decide what each block computes and cannot be stacked. Disable one of them "
+            "(`pipe.transformer.disable_cache()`, or `pipe.disable_cache()` for the plan)."
+        )
 # What `stand_in` answers when the component must compute and its output be kept for later steps.
 KEEP = "keep"
 # Keyword arguments of component forwards that carry one row per sample (sliced when only some samples compute).
@@ -112,6 +148,7 @@ class Executor:
         self.arch: ArchitectureMap = architecture_map(transformer)
         self.plan: Plan = resolve_plan(plan)
         self.plan.check(self.arch)  # refuse a schedule that does not fit, before any work
+        refuse_foreign_caches(transformer)
         source = scheduler_step_source(scheduler) if scheduler is not None else None
         default_steps = num_inference_steps or self.plan.default_num_steps
         if scheduler is None and default_steps is None:
@@ -196,6 +233,7 @@ class Executor:
 
     def _start_call(self, num_steps: int, device: torch.device) -> None:
         self.end_call(reset_tracker=False)
+        refuse_foreign_caches(self.transformer)  # enabled after the plan: refused at its first call, nothing changed
         self.decider = self.plan.decider(self.arch, num_steps)
         # inside blocks decided as a whole, the block's record counts its components (`always` there means "whenever
         # the block runs"), so only the other always-computed components are counted once per call
@@ -270,18 +308,19 @@ class Executor:
                 decision = True
         if decision is False or decision is FORECAST:
             out = cache.forecast(key, ctx.step, n) if decision is FORECAST else None
+            forecast = n if out is not None else 0
             out = out if out is not None else cache.get(key, n)  # one output so far: reuse it
             if out is not None:
-                self._record_component(b, c, 0, n)
+                self._record_component(b, c, 0, n, forecast)
                 return out
         self._record_component(b, c, n, n)  # compute (also when nothing usable is cached)
         return KEEP if self.decider.must_store(ctx, b, c) else None
 
-    def _record_component(self, b: int, c: int, n_computed: int, n: int) -> None:
+    def _record_component(self, b: int, c: int, n_computed: int, n: int, n_forecast: int = 0) -> None:
         """Count a component call, except inside a block decided as a whole: the block's own record counts its
         components (a second count here inflated `computed_fraction` of per-sample block routers)."""
         if not self.block_level[b]:
-            self.stats.record(self.ctx.step, b, c, n_computed, n)
+            self.stats.record(self.ctx.step, b, c, n_computed, n, n_forecast)
 
     @torch.compiler.disable
     def keep(self, b: int, c: int, out) -> None:

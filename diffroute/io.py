@@ -53,3 +53,20 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int |
         raise InputError(f"{what} {str(path)!r} is not valid JSON ({where}).") from e
     except RecursionError as e:
         raise InputError(f"{what} {str(path)!r} nests too deeply to be a valid file.") from e
+
+
+def read_prompt_lines(path: str | os.PathLike) -> list[str]:
+    """The non-blank lines of a prompts file, stripped; a clear ValueError/FileNotFoundError for a missing path,
+    something that is not a regular file (a folder, /dev/null, a pipe), non-UTF-8 bytes or no prompts at all."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist.")
+    if not path.is_file():
+        raise ValueError(f"prompts file {str(path)!r} is not a regular file: give a text file, one prompt per line.")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"prompts file {str(path)!r} is not UTF-8 text.") from None
+    if not lines:
+        raise ValueError(f"prompts file {str(path)!r} has no prompts (one per line).")
+    return lines

@@ -29,6 +29,9 @@ class CallStats:
     transformer_calls: int
     completed: bool
     plan_info: dict = field(default_factory=dict)
+    # The share of each cell's samples whose output was forecast (Taylor) rather than reused as cached; same layout
+    # as compute_map (a forecast cell is not computed: it counts as 0 there).
+    forecast_map: list[list[list[float | None]]] | None = None
     # CUDA only (None elsewhere): torch.cuda.max_memory_allocated over the call (the peak is reset at its start).
     max_memory_allocated_bytes: int | None = None
 
@@ -37,9 +40,19 @@ class CallStats:
 
     def compute_tensor(self) -> torch.Tensor:
         """The compute map as a float tensor [steps, blocks, components], NaN where absent."""
-        return torch.tensor(
-            [[[float("nan") if v is None else v for v in b] for b in s] for s in self.compute_map], dtype=torch.float32
-        )
+        return _tensor(self.compute_map)
+
+    def forecast_tensor(self) -> torch.Tensor:
+        """The forecast map as a float tensor [steps, blocks, components] (zeros if not recorded), NaN where absent."""
+        if self.forecast_map is None:
+            return self.compute_tensor() * 0
+        return _tensor(self.forecast_map)
+
+
+def _tensor(cells) -> torch.Tensor:
+    return torch.tensor(
+        [[[float("nan") if v is None else v for v in b] for b in s] for s in cells], dtype=torch.float32
+    )
 
 
 class StatsRecorder:
@@ -52,6 +65,7 @@ class StatsRecorder:
         size = num_steps * self.nb * self.nc
         self.computed = [0] * size
         self.total = [0] * size
+        self.forecast = [0] * size
         # Unhooked components (computed at every step): counted once per transformer call by `record_always`.
         self._always = [] if always is None else [b * self.nc + c for b, c in always.nonzero().tolist()]
         self.transformer_calls = 0
@@ -61,10 +75,11 @@ class StatsRecorder:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def record(self, step: int, block: int, comp: int, n_computed: int, n_total: int) -> None:
+    def record(self, step: int, block: int, comp: int, n_computed: int, n_total: int, n_forecast: int = 0) -> None:
         i = (step * self.nb + block) * self.nc + comp
         self.computed[i] += n_computed
         self.total[i] += n_total
+        self.forecast[i] += n_forecast
 
     def discount(self, step: int, block: int, comp: int, amount: float) -> None:
         """Part of a computed component's work was not done: an FFN run at a fraction of its hidden units counts as
@@ -88,19 +103,19 @@ class StatsRecorder:
     def finish(
         self, plan: str, block_names, components, peak_bytes: int, plan_info: dict, cache_bound_bytes: int = 0
     ) -> CallStats:
-        cmap = []
-        for s in range(self.num_steps):
-            rows = []
-            for b in range(self.nb):
-                row = []
-                for c in range(self.nc):
-                    i = (s * self.nb + b) * self.nc + c
-                    if not self.present[b][c]:
-                        row.append(None)
-                    else:
-                        row.append(self.computed[i] / self.total[i] if self.total[i] else None)
-                rows.append(row)
-            cmap.append(rows)
+        def shares(counts):
+            return [
+                [
+                    [
+                        counts[i] / self.total[i] if self.present[b][c] and self.total[i] else None
+                        for c, i in enumerate(range((s * self.nb + b) * self.nc, (s * self.nb + b + 1) * self.nc))
+                    ]
+                    for b in range(self.nb)
+                ]
+                for s in range(self.num_steps)
+            ]
+
+        cmap = shares(self.computed)
         total, computed = sum(self.total), sum(self.computed)
         return CallStats(
             plan=plan,
@@ -117,6 +132,7 @@ class StatsRecorder:
             transformer_calls=self.transformer_calls,
             completed=self.steps_seen >= self.num_steps,
             plan_info=plan_info,
+            forecast_map=shares(self.forecast),
             max_memory_allocated_bytes=(
                 torch.cuda.max_memory_allocated(self.device)
                 if self.device is not None and self.device.type == "cuda"

@@ -123,7 +123,7 @@ def _histogram(args) -> dict:
 
     if model_family(args.model) != "emoji":
         raise ValueError("eval histogram draws the emoji model's held-out captions: use emoji or a variant of it.")
-    check_plans(None, [args.plan])
+    check_plans(None, [args.plan], args.steps)
     pipe = load(args)
     pipe.set_progress_bar_config(disable=True)
     kwargs = {k: v for k, v in call_kwargs(pipe, args).items() if k != "num_inference_steps"}
@@ -194,15 +194,14 @@ def _stats_cmd(args) -> dict:
 
 
 def _clip(args) -> dict:
+    from diffroute.io import read_prompt_lines
+
     from .clipscore import ClipScore, scorer
     from .images import check_images, list_images, load_uint8
 
     paths = list_images(args.images)
     check_images(paths)
-    prompts_path = Path(args.prompts)
-    if not prompts_path.is_file():
-        raise FileNotFoundError(f"prompts file {args.prompts!r} does not exist.")
-    prompts = [line.strip() for line in prompts_path.read_text().splitlines() if line.strip()]
+    prompts = read_prompt_lines(args.prompts)
     if len(prompts) != len(paths):
         raise ValueError(f"{len(paths)} images but {len(prompts)} prompts in {args.prompts!r}: give one per image.")
     metric = ClipScore(scorer(args.clip))
@@ -215,10 +214,16 @@ def _clip(args) -> dict:
 
 def _compare(args) -> dict:
     from diffroute.cli.common import call_kwargs, check_out_dir, check_plans, load
+    from diffroute.io import read_prompt_lines
     from diffroute.zoo.registry import model_family
 
     from .compare import CompareConfig, run_compare, stack_reference, validate
+    from .peers import check_spec, is_peer
 
+    plans = [p.strip() for p in args.plans.split(",") if p.strip()]
+    for p in plans:  # names and step counts before the data or the model load
+        check_spec(p)
+    check_plans(None, [p for p in plans if not is_peer(p)], args.steps)
     reference = None
     emoji = model_family(args.model) == "emoji"  # emoji and its variants share its data and metrics
     if args.prompts == "heldout":
@@ -233,13 +238,10 @@ def _compare(args) -> dict:
         prompts = [str(c) for c in data["captions"][data["held_out"]]]
         reference = stack_reference(data["images"][data["held_out"]])
     else:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {args.prompts!r} does not exist.")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts = read_prompt_lines(args.prompts)
     cfg = CompareConfig(
         model=args.model,
-        plans=[p.strip() for p in args.plans.split(",") if p.strip()],
+        plans=plans,
         prompts=prompts,
         out=Path(args.out),
         n=args.n,
@@ -265,9 +267,7 @@ def _compare(args) -> dict:
             shutil.rmtree(cfg.out / "images", ignore_errors=True)
         state.wait_for_everyone()
     pipe = load(args)
-    from .peers import is_peer
-
-    check_plans(pipe, [p for p in cfg.plans if not is_peer(p)])
+    check_plans(pipe, [p for p in cfg.plans if not is_peer(p)], args.steps)
     cfg.call_kwargs = call_kwargs(pipe, args)
     result = run_compare(pipe, cfg)
     if result is not None and not args.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 
 from diffroute.imageio import grid, save_png
@@ -30,12 +31,17 @@ COLUMNS = [
 ]
 
 
+def no_negative_zero(text: str) -> str:
+    """"-0.000" -> "0.000" in a formatted cell: a value that rounds to zero has no sign worth showing."""
+    return re.sub(r"-(0(?:\.0+)?)(?![\d.])", r"\1", text)
+
+
 def markdown_table(result: dict) -> str:
     rows = list(result["plans"].values())
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [fmt.format(r[k]) if r.get(k) is not None else "n/a" for k, _, fmt in cols]
+        cells = [no_negative_zero(fmt.format(r[k])) if r.get(k) is not None else "n/a" for k, _, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

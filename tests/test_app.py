@@ -167,3 +167,24 @@ def test_real_browser(server, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_compute_map_shows_forecast_cells_in_their_own_colour():
+    import numpy as np
+
+    import diffroute
+    from diffroute.app.heatmap import COLOURS, compute_map_image
+    from tests.conftest import fresh_pipe, prompts, run
+
+    pipe = fresh_pipe()
+    diffroute.apply(pipe, "taylor-3")
+    run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1], steps=9)
+    stats = pipe.last_stats
+    forecast, computed = stats.forecast_tensor(), stats.compute_tensor()
+    # taylor-3 at 9 steps: steps 0, 3, 6 compute; the steps after the second computed one forecast (two outputs
+    # stored by then), steps 1-2 reuse (one output only)
+    assert forecast[4:6].nan_to_num(0).eq(1).any() and forecast[1:3].nan_to_num(0).eq(0).all()
+    assert bool(((computed.nan_to_num(0) + forecast.nan_to_num(0)) <= 1).all())
+    pixels = np.asarray(compute_map_image(stats)).reshape(-1, 3).astype(int)
+    orange = np.array([round(255 * v) for v in COLOURS["forecast"]])
+    assert (np.abs(pixels - orange).sum(axis=1) <= 6).sum() > 50  # forecast cells drawn (and in the legend)

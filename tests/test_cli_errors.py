@@ -147,3 +147,28 @@ def test_search_resume_refuses_other_settings(tmp_path):
     _refused(_cli(*base, "--quality", "psnr", "--seed", "3"), "seed: 0 then, 3 now")
     _refused(_cli(*base, "--quality", "clip"), 'quality: "psnr" then, "clip" now')  # once a KeyError
     assert Path(out / "settings.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("generate", "--model", "emoji", "--plan", "emoji:l2c", "--steps", "10", "--prompt", "cat"),
+        ("eval", "compare", "--model", "emoji", "--plans", "emoji:l2c", "--steps", "10", "--prompts", "heldout"),
+        ("bench", "overhead", "--model", "emoji", "--plans", "emoji:l2c", "--steps", "10"),
+    ],
+)
+def test_router_at_another_step_count_is_refused_before_the_model_loads(tmp_path, command):
+    proc = _cli(*command, "--out", tmp_path / "out") if command[0] != "bench" else _cli(*command)
+    _refused(proc, "trained for 20 steps, not 10")
+    assert "it/s" not in proc.stderr and not (tmp_path / "out").exists()  # no denoising started, nothing written
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["generate", "--steps", "-5"]])
+def test_help_and_argument_errors_load_no_torch(argv):
+    """The README's promise: argument errors answer at once, since no heavy library loads before a command runs."""
+    code = (
+        "import sys\nfrom diffroute.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr

@@ -31,3 +31,23 @@ def test_warnings_for_busy_timings_and_above_ideal_speedups():
     (note,) = timing_warnings("fora-3", quiet, 3.2, 2.5)
     assert "above its FLOP-ideal 2.50x" in note
 
+
+
+def test_bench_overhead_reports_spread_and_flop_ideal():
+    import json
+    import subprocess
+    import sys
+
+    args = ["bench", "overhead", "--model", "tiny-pixart", "--batch", "1", "--steps", "4", "--repeats", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffroute", *args, "--plans", "full,fora-2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    rows = result["plans"]
+    assert rows["vanilla"]["flop_ideal_speedup"] == 1.0 and rows["full"]["flop_ideal_speedup"] == 1.0
+    assert 1.2 < rows["fora-2"]["flop_ideal_speedup"] < 2  # half the steps' blocks, the rest at every step
+    assert all(r["end_to_end_spread"] >= 0 for r in rows.values()) and isinstance(result["timing_warnings"], list)

@@ -37,10 +37,14 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     if args.which == "moe":
         return _moe(args)
-    from diffroute.eval.timing import time_plans
+    import torch
+
+    from diffroute.arch import architecture_map
+    from diffroute.eval.timing import flop_ideal_speedup, time_plans, timing_warnings
+    from diffroute.search.cost import measure_cost
 
     names = [p.strip() for p in args.plans.split(",") if p.strip()]
-    check_plans(None, names)
+    check_plans(None, names, args.steps)
     if args.which == "compile":
         from diffroute.runtime import Runtime
 
@@ -49,7 +53,7 @@ def run(args) -> dict:
         if args.compile != "none":
             raise ValueError("bench compile compiles by itself: leave out --compile (use --compile-mode).")
     pipe = load(args)
-    check_plans(pipe, names)
+    check_plans(pipe, names, args.steps)
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red apple", "grinning face", "flag: japan", "a smiling cat"] * ((args.batch + 3) // 4)
     prompts = prompts[: args.batch]
@@ -64,34 +68,50 @@ def run(args) -> dict:
         return bench_compile.run(args, pipe, names, call)
 
     plans = {"vanilla": None, **{n: n for n in names}}
+    cost = measure_cost(
+        pipe, architecture_map(pipe.transformer), {k: v for k, v in kwargs.items() if k != "num_inference_steps"}
+    )
     print(f"timing {list(plans)} x {args.repeats} repeats (+1 warm-up), interleaved...", file=sys.stderr)
     res = time_plans(pipe, plans, call, repeats=args.repeats)
     base = res["vanilla"]
-    rows = {}
+    rows, warnings = {}, []
     for name, r in res.items():
+        ideal = flop_ideal_speedup(cost, r.get("stats")) if name != "vanilla" else 1.0
         rows[name] = {
             "end_to_end_median_s": r["e2e_median_s"],
             "transformer_median_s": r["transformer_median_s"],
+            "end_to_end_spread": r["e2e_spread"],
+            "transformer_spread": r["transformer_spread"],
             "time_ratio_to_vanilla": r["e2e_median_s"] / base["e2e_median_s"],
             "speedup_end_to_end": base["e2e_median_s"] / r["e2e_median_s"],
             "speedup_transformer": base["transformer_median_s"] / r["transformer_median_s"],
+            "flop_ideal_speedup": ideal,
             "computed_fraction": r["computed_fraction"],
         }
+        warnings += timing_warnings(name, r, rows[name]["speedup_transformer"], ideal)
     result = {
         "model": args.model,
         "device": str(pipe.device),
         "batch": args.batch,
         "steps": args.steps,
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
         "plans": rows,
+        "timing_warnings": warnings,
     }
+    for note in warnings:
+        print(f"warning: {note}", file=sys.stderr)
     if not args.json:
         print(f"{args.model} on {pipe.device}: batch {args.batch}, {args.steps} steps, median of {args.repeats}")
-        print(f"{'plan':>10} {'e2e s':>8} {'xformer s':>10} {'t/vanilla':>10} {'speedup e2e':>12} {'speedup xf':>11}")
+        print(
+            f"{'plan':>10} {'e2e s':>8} {'spread':>7} {'xformer s':>10} {'t/vanilla':>10} {'speedup e2e':>12} "
+            f"{'speedup xf':>11} {'FLOP-ideal':>11}"
+        )
         for name, r in rows.items():
             print(
-                f"{name:>10} {r['end_to_end_median_s']:8.3f} {r['transformer_median_s']:10.3f} "
-                f"{r['time_ratio_to_vanilla']:10.3f} {r['speedup_end_to_end']:11.2f}x {r['speedup_transformer']:10.2f}x"
+                f"{name:>10} {r['end_to_end_median_s']:8.3f} {100 * r['end_to_end_spread']:6.0f}% "
+                f"{r['transformer_median_s']:10.3f} {r['time_ratio_to_vanilla']:10.3f} "
+                f"{r['speedup_end_to_end']:11.2f}x {r['speedup_transformer']:10.2f}x {r['flop_ideal_speedup']:10.2f}x"
             )
     return result
 

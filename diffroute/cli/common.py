@@ -148,16 +148,9 @@ def read_prompts(args, default: list[str]) -> list[str]:
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty.")
     if getattr(args, "prompts_file", None):
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {str(path)!r} does not exist.")
-        try:
-            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        except UnicodeDecodeError:
-            raise ValueError(f"prompts file {str(path)!r} is not UTF-8 text.") from None
-        if not lines:
-            raise ValueError(f"prompts file {str(path)!r} has no prompts (one per line).")
-        prompts += lines
+        from diffroute.io import read_prompt_lines
+
+        prompts += read_prompt_lines(args.prompts_file)
     prompts = prompts or list(default)
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE.")
@@ -181,13 +174,16 @@ def call_kwargs(pipe, args) -> dict:
     return kwargs
 
 
-def check_plans(pipe, names: list[str]) -> None:
-    """Resolve every plan (and check it fits the model, once one is loaded) before any work starts."""
+def check_plans(pipe, names: list[str], steps: int | None = None) -> None:
+    """Resolve every plan, check it can run `steps` steps (trained routers), and, once a model is loaded, that it
+    fits the model and its scheduler: all before any work starts (with pipe None: before the weights load)."""
     import diffroute
 
     arch = diffroute.architecture_map(pipe.transformer) if pipe is not None else None
     for name in names:
         plan = diffroute.resolve_plan(name)
+        if steps is not None:
+            plan.check_call(steps, getattr(pipe, "scheduler", None))
         if arch is not None:
             plan.check(arch)
 

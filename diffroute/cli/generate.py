@@ -26,7 +26,12 @@ HELP = "generate images with a plan and compare with full compute"
 def add_arguments(p) -> None:
     add_model_arguments(p)
     add_prompt_arguments(p, "generation", None)
-    p.add_argument("--plan", default="fora-3", help="plan name (full, fora-N, ...) or schedule JSON (default fora-3)")
+    p.add_argument(
+        "--plan",
+        action="append",
+        help="plan name (full, fora-N, emoji:fastest, ...) or schedule JSON; repeat it to compare several side by "
+        "side (default fora-3)",
+    )
     p.add_argument("--no-compare", action="store_true", help="do not also run the full-compute plan")
     p.add_argument("--out", default="outputs/generate", help="output folder (default outputs/generate)")
     p.add_argument(
@@ -77,6 +82,10 @@ def _time(pipe, runs: dict, prompts: list[str], args) -> dict:
 
 
 def run(args) -> dict:
+    asked = list(dict.fromkeys(args.plan or ["fora-3"]))  # in order, once each
+    plans = asked if args.no_compare or "full" in asked else ["full", *asked]
+    check_plans(None, plans, args.steps)  # names, files and step counts first: no model loaded for a typo
+    check_out_dir(args.out)
     import torch
 
     from diffroute.eval.fidelity import psnr, ssim
@@ -85,11 +94,8 @@ def run(args) -> dict:
     from diffroute.zoo import MODELS
 
     prompts = read_prompts(args, MODELS[args.model].prompts() if args.model in MODELS else [])
-    plans = [args.plan] if args.no_compare or args.plan == "full" else ["full", args.plan]
-    check_plans(None, plans)  # names and files first: no model loaded for a typo
-    check_out_dir(args.out)
     pipe = load(args)
-    check_plans(pipe, plans)
+    check_plans(pipe, plans, args.steps)
     pipe.set_progress_bar_config(disable=False, file=sys.stderr, leave=False)
     generate(pipe, "full", prompts[:1], args, steps=2)  # warm-up: the first call pays one-off costs
     out = Path(args.out)
