@@ -64,6 +64,8 @@ def refuse_foreign_caches(transformer: torch.nn.Module) -> None:
             "caches both decide what each block computes and cannot be stacked. Disable one of them "
             "(`pipe.transformer.disable_cache()`, or `pipe.disable_cache()` for the plan)."
         )
+
+
 # What `stand_in` answers when the component must compute and its output be kept for later steps.
 KEEP = "keep"
 # Keyword arguments of component forwards that carry one row per sample (sliced when only some samples compute).

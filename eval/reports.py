@@ -32,7 +32,7 @@ COLUMNS = [
 
 
 def no_negative_zero(text: str) -> str:
-    """"-0.000" -> "0.000" in a formatted cell: a value that rounds to zero has no sign worth showing."""
+    """ "-0.000" -> "0.000" in a formatted cell: a value that rounds to zero has no sign worth showing."""
     return re.sub(r"-(0(?:\.0+)?)(?![\d.])", r"\1", text)
 
 

@@ -32,7 +32,6 @@ def test_warnings_for_busy_timings_and_above_ideal_speedups():
     assert "above its FLOP-ideal 2.50x" in note
 
 
-
 def test_bench_overhead_reports_spread_and_flop_ideal():
     import json
     import subprocess
