@@ -69,6 +69,9 @@ def test_generate_in_bf16_with_another_attention_and_compiled(tmp_path):
     args = ["generate", "--model", "tiny-pixart", "--steps", "4", "--prompt", "cat", "--out", str(out), "--json"]
     args += ["--dtype", "bfloat16", "--attention", "classic", "--compile", "regional"]
     result = json.loads(_cli(*args).stdout)
-    assert result["runtime"] == {"device": "cpu", "dtype": "bfloat16", "attention": "classic", "compile": "regional"}
+    runtime = {"device": "cpu", "dtype": "bfloat16", "attention": "classic", "compile": "regional"}
+    assert (
+        result["runtime"] == {**runtime, "threads": result["runtime"]["threads"]} and result["runtime"]["threads"] >= 1
+    )
     assert result["plans"]["fora-3"]["computed_fraction"] == pytest.approx(2 / 4)  # steps 0 and 3 of 4
     assert (out / "fora-3" / "000.png").is_file()

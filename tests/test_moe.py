@@ -176,6 +176,7 @@ def _tiny_nucleus():
         num_experts=4,
         moe_intermediate_dim=16,
         capacity_factors=4.0,
+        mlp_ratio=12.0,  # the dense first block's FFN width rounds down to a multiple of 128: 128, not 0
     ).eval()
     with torch.no_grad():  # diffusers zero-initialises some projections; make every path matter
         for param in model.parameters():
