@@ -73,7 +73,7 @@ calibrate: install
 # L2C routers train from scratch on the shipped model (their run folders resume an interrupted training).
 l2c: install
 	for spec in $(L2C_SHIP); do name=$${spec%%=*}; lam=$${spec#*=}; rm -rf runs/l2c/$$name; \
-		$(BIN)/diffroute train l2c $(L2C_FLAGS) --lam $$lam --out runs/l2c/$$name --ship $$name || exit 1; done
+		$(BIN)/diffroute train l2c $(L2C_FLAGS) --lam $$lam --out runs/l2c/$$name --ship $$name --replace || exit 1; done
 
 # The Elastic-DiT-style router, trained with its backbone (a fine-tuned model variant): installs the zoo model
 # emoji-elastic with its router emoji-elastic:elastic, then measures them side by side and draws the per-sample
@@ -81,7 +81,7 @@ l2c: install
 ELASTIC_FLAGS ?= --model emoji --bf16 --n 64 --iters 1200 --batch 1 --finetune --backbone-lr 1e-4
 elastic: install
 	rm -rf runs/elastic/emoji docs/elastic
-	$(BIN)/diffroute train elastic $(ELASTIC_FLAGS) --out runs/elastic/emoji --ship elastic
+	$(BIN)/diffroute train elastic $(ELASTIC_FLAGS) --out runs/elastic/emoji --ship elastic --replace
 	$(BIN)/diffroute eval compare --model emoji-elastic --dtype bfloat16 --prompts heldout --n 356 --batch 32 \
 		--repeats 5 --plans full,emoji-elastic:elastic --out docs/elastic/compare
 	$(BIN)/diffroute eval histogram --model emoji-elastic --dtype bfloat16 --plan emoji-elastic:elastic --n 356 \
@@ -95,7 +95,7 @@ MOE_FLAGS ?= --model emoji --iters 1000
 MOE_RUNS ?= static2 dense pruned clean13 noise13
 moe: install
 	rm -rf $(addprefix runs/moe/,$(MOE_RUNS)) docs/moe
-	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant moe --capacity static:2 --out runs/moe/static2 --ship emoji-moe
+	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant moe --capacity static:2 --out runs/moe/static2 --ship emoji-moe --replace
 	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant dense --out runs/moe/dense
 	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant pruned --out runs/moe/pruned
 	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant moe --capacity clean:1-3 --out runs/moe/clean13
@@ -159,7 +159,7 @@ SEARCH_FLAGS ?= --dtype bfloat16 --steps 20 --n 64 --pop 48 --generations 40 --p
 SHIP ?= gentle=0.9,fast=0.7,faster=0.5,fastest=0.4,turbo=0.3
 search: install
 	rm -rf runs/search/emoji
-	$(BIN)/diffroute search --model emoji $(SEARCH_FLAGS) --out runs/search/emoji --ship $(SHIP)
+	$(BIN)/diffroute search --model emoji $(SEARCH_FLAGS) --out runs/search/emoji --ship $(SHIP) --replace
 	mkdir -p docs/search && cp runs/search/emoji/front.json runs/search/emoji/front.png docs/search/
 
 compare: install

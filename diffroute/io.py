@@ -70,3 +70,27 @@ def read_prompt_lines(path: str | os.PathLike) -> list[str]:
     if not lines:
         raise ValueError(f"prompts file {str(path)!r} has no prompts (one per line).")
     return lines
+
+
+_HELD: list = []  # open lock files of the folders this process writes (released when the process ends)
+
+
+def hold_folder(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Claim `path` for this run: a second run writing the same folder at the same time is refused (ValueError),
+    not interleaved. An advisory lock on `path/.lock`, released by the OS when the process ends, however it ends
+    (so a killed run leaves nothing to clean up). Only the main process of a multi-process launch claims it."""
+    import fcntl
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    path = Path(path)
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(
+            f"{flag} {str(path)!r} is being written by another run right now: wait for it to finish, or give "
+            "another folder."
+        ) from None
+    _HELD.append(fd)

@@ -23,6 +23,61 @@ def shipped_routers() -> dict[str, Path]:
     }
 
 
+SHIP_NAME = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # what `MODEL:NAME` and a zoo folder name round-trip
+
+
+def check_ship(kind: str, model: str, name: str, replace: bool = False, method: str | None = None) -> str:
+    """Refuse, before any work, to install `name` into the zoo when it would not round-trip or would replace what
+    this kind of run did not create. `kind`: "schedule" or "router" (installed as `MODEL:NAME`), or "variant" (the
+    zoo model `name`, made by `diffroute train METHOD`). The same kind of artifact is replaced only with `replace`;
+    another kind (a router named like a shipped schedule, a MoE named like the emoji-CLIP scorer or like the Elastic
+    variant whose routers need its backbone) never."""
+    from .errors import InputError
+
+    if not isinstance(name, str) or not SHIP_NAME.fullmatch(name) or len(name) > 64:
+        raise InputError(
+            f"--ship {name!r}: give a name of lowercase ASCII letters and digits, words joined by single '-' (e.g. "
+            "fast, l2c, emoji-moe), at most 64 characters."
+        )
+    if kind == "variant":
+        from .zoo.registry import MODELS
+
+        folder = WEIGHTS / name
+        spec = folder / "variant.json"
+        made_by = _read_json(spec).get("shipped_by") if spec.is_file() else None
+        if folder.exists() or name in MODELS:
+            if made_by is None or made_by != method:
+                raise InputError(
+                    f"--ship {name}: {name!r} is a shipped model that `diffroute train {method}` did not create; "
+                    "it is never replaced. Choose another name."
+                )
+            if not replace:
+                raise InputError(f"--ship {name}: the zoo model {name!r} exists; pass --replace to replace it.")
+        return name
+    full = f"{model}:{name}"
+    mine, other = (
+        (shipped_schedules(), shipped_routers()) if kind == "schedule" else (shipped_routers(), shipped_schedules())
+    )
+    if full in other:
+        raise InputError(
+            f"--ship {name}: {full} is a shipped {'router' if kind == 'schedule' else 'schedule'}; a "
+            f"{kind} of that name would shadow it. Choose another name."
+        )
+    if full in mine and not replace:
+        raise InputError(f"--ship {name}: the shipped {kind} {full} exists; pass --replace to replace it.")
+    return name
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def install_schedule(source: Path, model: str, name: str) -> Path:
     """Copy a schedule JSON into the zoo as `MODEL:NAME` (atomically), recording the name in its provenance."""
     schedule = Schedule.load(source)  # validated before anything is written into the zoo
@@ -48,7 +103,7 @@ def install_router(folder: Path, model: str, name: str) -> str:
     return f"{model}:{name}"
 
 
-def install_model_variant(pipeline_folder: Path, name: str, base: str = "emoji") -> str:
+def install_model_variant(pipeline_folder: Path, name: str, base: str = "emoji", method: str | None = None) -> str:
     """Install the fine-tuned transformer of a `base` zoo pipeline (an upcycled MoE or a plain fine-tune) as the zoo
     model `name`, fp16 on disk like the base; the other components are the base's. Written beside, then renamed."""
     import json
@@ -67,7 +122,8 @@ def install_model_variant(pipeline_folder: Path, name: str, base: str = "emoji")
     config = tmp / "transformer" / "config.json"
     kept = {k: v for k, v in json.loads(config.read_text()).items() if k != "_name_or_path"}
     config.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
-    (tmp / "variant.json").write_text(json.dumps({"base": base}, indent=2) + "\n")
+    # `shipped_by`: the training that made it, the only one that may replace it (check_ship)
+    (tmp / "variant.json").write_text(json.dumps({"base": base, "shipped_by": method}, indent=2) + "\n")
     if (dest / "routers").is_dir():  # routers trained on this variant stay with it
         shutil.copytree(dest / "routers", tmp / "routers")
     shutil.rmtree(dest, ignore_errors=True)

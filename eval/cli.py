@@ -24,7 +24,7 @@ def add_arguments(p) -> None:
     c.add_argument("--prompts", required=True, help="text file, one prompt per image in sorted file order")
     c.add_argument("--clip", default="emoji-clip", help="emoji-clip (default) or clip:<local dir or hub id>")
     m = _subcommand(sub, "compare", "generate with several plans and compare speed and quality side by side")
-    from diffroute.cli.common import add_model_arguments
+    from diffroute.cli.common import COUNT, add_model_arguments
 
     add_model_arguments(m)
     m.add_argument("--plans", default="full,fora-2,fora-3", help="comma-separated plans (full is always added)")
@@ -34,9 +34,9 @@ def add_arguments(p) -> None:
         help="'heldout' (held-out captions of the emoji model's image domain; Symbola for a model adapted to it) "
         "or a text file",
     )
-    m.add_argument("--n", type=int, default=256, help="samples per plan (default 256)")
-    m.add_argument("--batch", type=int, default=16, help="images per pipeline call (default 16)")
-    m.add_argument("--repeats", type=int, default=5, help="timed repeats after a warm-up (default 5)")
+    m.add_argument("--n", type=COUNT, default=256, help="samples per plan (default 256)")
+    m.add_argument("--batch", type=COUNT, default=16, help="images per pipeline call (default 16)")
+    m.add_argument("--repeats", type=COUNT, default=5, help="timed repeats after a warm-up (default 5)")
     m.add_argument(
         "--out", required=True, help="output folder (resumable: images made with the same settings are kept)"
     )
@@ -47,14 +47,14 @@ def add_arguments(p) -> None:
     h = _subcommand(sub, "histogram", "per-sample compute of a per-sample router (Elastic): histogram and JSON")
     add_model_arguments(h)
     h.add_argument("--plan", required=True, help="the router plan, e.g. emoji-elastic:elastic")
-    h.add_argument("--n", type=int, default=128, help="held-out captions (default 128)")
-    h.add_argument("--batch", type=int, default=32, help="images per call (default 32)")
+    h.add_argument("--n", type=COUNT, default=128, help="held-out captions (default 128)")
+    h.add_argument("--batch", type=COUNT, default=32, help="images per call (default 32)")
     h.add_argument("--out", required=True, help="output folder (histogram.png, histogram.json)")
     r = _subcommand(sub, "moe", "the MoE experiment: table of the training runs, expert load and dropped tokens")
     r.add_argument("runs", nargs="+", help="`diffroute train moe` run folders, each with its compare/ results")
     r.add_argument("--base", default=None, help="the base model's compare results.json (its `full` row)")
     r.add_argument("--load-runs", default=None, help="comma-separated runs whose load is plotted (default: MoE runs)")
-    r.add_argument("--n", type=int, default=32, help="held-out captions for the load plot (default 32)")
+    r.add_argument("--n", type=COUNT, default=32, help="held-out captions for the load plot (default 32)")
     r.add_argument("--out", required=True, help="output folder (table.md/json, load.png/json)")
     from .inblock_cli import add_parsers
 
@@ -213,7 +213,7 @@ def _clip(args) -> dict:
 
 
 def _compare(args) -> dict:
-    from diffroute.cli.common import call_kwargs, check_out_dir, check_plans, load
+    from diffroute.cli.common import call_kwargs, check_plans, check_run_dir, load
     from diffroute.io import read_prompt_lines
     from diffroute.zoo.registry import model_family
 
@@ -255,7 +255,7 @@ def _compare(args) -> dict:
         reference=reference[: args.n] if reference is not None else None,
     )
     validate(cfg)
-    check_out_dir(cfg.out)
+    check_run_dir(cfg.out)
     if args.overwrite:
         import shutil
 

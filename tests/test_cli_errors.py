@@ -172,3 +172,73 @@ def test_help_and_argument_errors_load_no_torch(argv):
     )
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+def _zoo_listing():
+    return sorted((str(p.relative_to(WEIGHTS)), p.stat().st_size) for p in WEIGHTS.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(
+    "command, needle",
+    [
+        (("train", "l2c", "--lr", "nan"), "argument --lr: nan is out of range"),
+        (("train", "elastic", "--backbone-lr", "-1"), "argument --backbone-lr"),
+        (("train", "moe", "--lr", "0"), "argument --lr: 0 is out of range"),
+        (("train", "fera", "--iters", "0"), "argument --iters: 0 is out of range"),
+        (("train", "dtr", "--beta", "1.5"), "argument --beta"),
+        (("train", "moe", "--z-loss", "inf"), "argument --z-loss"),
+        (("train", "lora", "--rank", "200000"), "argument --rank"),
+        (("train", "l2c", "--prompts-per-batch", "0"), "argument --prompts-per-batch"),
+        (("search", "--pop", "1"), "argument --pop"),
+        (
+            ("train", "moe", "--ship", "emoji-clip"),
+            "'emoji-clip' is a shipped model that `diffroute train moe` did not",
+        ),
+        (("train", "moe", "--ship", "emoji-elastic", "--replace"), "did not create; it is never replaced"),
+        (("train", "moe", "--ship", "emoji-moe"), "exists; pass --replace"),
+        (("train", "l2c", "--ship", ""), "--ship '': give a name"),
+        (("train", "l2c", "--ship", "é"), "give a name of lowercase ASCII"),
+        (("train", "l2c", "--ship", "fast"), "emoji:fast is a shipped schedule; a router of that name would shadow it"),
+        (("train", "l2c", "--ship", "l2c"), "the shipped router emoji:l2c exists; pass --replace"),
+        (("train", "elastic", "--finetune", "--ship", "elastic"), "exists; pass --replace"),
+        (("search", "--ship", "fast=0.7"), "the shipped schedule emoji:fast exists; pass --replace"),
+        (("search", "--ship", "l2c=0.7", "--replace"), "emoji:l2c is a shipped router"),
+    ],
+)
+def test_train_and_search_refusals_touch_nothing(tmp_path, command, needle):
+    before = _zoo_listing()
+    _refused(_cli(*command, "--model", "emoji", "--out", tmp_path / "out"), needle)
+    assert not (tmp_path / "out").exists() and _zoo_listing() == before
+
+
+@pytest.mark.parametrize("where", ["empty", "package", "foreign model"])
+def test_run_folders_that_would_lose_data_are_refused(tmp_path, where):
+    if where == "empty":
+        out, needle = "", "--out is empty"
+    elif where == "package":
+        out, needle = WEIGHTS / "new-run", "inside the installed diffroute package"
+    else:
+        out, needle = tmp_path / "run", "already holds a model/ that no diffroute run there made"
+        (out / "model").mkdir(parents=True)
+        (out / "model" / "mine.txt").write_text("keep me")
+    _refused(_cli("train", "plain", "--model", "emoji", "--iters", "1", "--out", out), needle)
+    if where == "package":
+        assert not (WEIGHTS / "new-run").exists()
+    if where == "foreign model":
+        assert (out / "model" / "mine.txt").read_text() == "keep me"
+
+
+def test_two_runs_into_one_folder_at_once_are_refused(tmp_path):
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running training holds it
+    try:
+        proc = _cli("train", "l2c", "--model", "tiny-pixart", "--prompt", "cat", "--iters", "1", "--out", out)
+        _refused(proc, "is being written by another run right now")
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -87,6 +87,30 @@ def int_in(low: int, high: int):
     return parse
 
 
+def float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite number in [low, high] (a bound open where asked), refused at parse time."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not math.isfinite(value) or not inside:
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a number in {left}{low:g}, {high:g}{right}")
+        return value
+
+    return parse
+
+
+POSITIVE = float_in(0.0, float("inf"), low_open=True, high_open=True)  # learning rates, scales
+NONNEGATIVE = float_in(0.0, float("inf"), high_open=True)  # loss weights
+FRACTION = float_in(0.0, 1.0, low_open=True)  # shares in (0, 1]
+COUNT = int_in(1, 10**9)  # iterations, batch sizes, samples
+
+
 def guidance_value(text: str) -> float:
     """An argparse type: a guidance scale (`limits.is_guidance`, the rule the app applies too)."""
     try:
@@ -204,6 +228,33 @@ def check_out_dir(path) -> Path:
     return path
 
 
+def check_run_dir(path, flag: str = "--out") -> Path:
+    """The folder of a training run or search (resumable): refused when empty, inside the installed diffroute package,
+    or holding a model or router that no diffroute run made (it would be replaced); created, writable, and held by
+    this run alone (a second run into it at the same time is refused)."""
+    from diffroute.io import hold_folder
+
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty: give a folder for the run (e.g. runs/NAME).")
+    path = Path(path)
+    package = Path(__import__("diffroute").__file__).resolve().parent
+    if path.resolve().is_relative_to(package):
+        raise ValueError(
+            f"{flag} {str(path)!r} is inside the installed diffroute package ({package}), which runs never write "
+            "into: give a folder outside it (use --ship to install a result into the zoo)."
+        )
+    ours = any((path / f).is_file() for f in ("checkpoint.json", "train/checkpoint.json", "summary.json"))
+    for product in ("model", "router"):
+        if (path / product).exists() and not ours:
+            raise ValueError(
+                f"{flag} {str(path)!r} already holds a {product}/ that no diffroute run there made; it would be "
+                "replaced. Give a new folder."
+            )
+    path = check_out_dir(path)
+    hold_folder(path, flag)
+    return path
+
+
 def check_out_file(path) -> Path:
     """Refuse an output file path that is a folder or whose folder cannot be written, before any work."""
     import os
@@ -235,4 +286,4 @@ def add_prompt_arguments(p, role: str, n: int | None, default_note: str = "") ->
     p.add_argument("--prompt", action="append", help=f"a {role} prompt (repeatable)")
     p.add_argument("--prompts-file", help=f"a text file with one {role} prompt per line{default_note}")
     if n is not None:
-        p.add_argument("--n", type=int, default=n, help=f"{role} prompts to use (default {n})")
+        p.add_argument("--n", type=COUNT, default=n, help=f"{role} prompts to use (default {n})")

@@ -11,12 +11,12 @@ HELP = "search compute schedules with a genetic algorithm (ECAD, NSGA-II)"
 
 
 def add_arguments(p) -> None:
-    from .common import add_model_arguments, add_prompt_arguments
+    from .common import COUNT, FRACTION, add_model_arguments, add_prompt_arguments, int_in
 
     add_model_arguments(p)
     add_prompt_arguments(p, "calibration", 32, " (default for emoji: training captions, never held-out)")
-    p.add_argument("--pop", type=int, default=24, help="population size (default 24)")
-    p.add_argument("--generations", type=int, default=10, help="generations (default 10)")
+    p.add_argument("--pop", type=int_in(2, 100_000), default=24, help="population size (default 24)")
+    p.add_argument("--generations", type=COUNT, default=10, help="generations (default 10)")
     p.add_argument(
         "--quality",
         choices=["fd", "psnr", "psnr_mean", "clip"],
@@ -34,7 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-forecast", action="store_true", help="two-valued genome: compute or reuse, no forecasts")
     p.add_argument("--no-bac", action="store_true", help="do not seed the population with BAC schedules")
     p.add_argument(
-        "--patience", type=int, default=3, help="stop after this many generations without hypervolume growth (0: never)"
+        "--patience",
+        type=int_in(0, 10**6),
+        default=3,
+        help="stop after this many generations without hypervolume growth (0: never)",
     )
     p.add_argument(
         "--budget-minutes",
@@ -44,7 +47,7 @@ def add_arguments(p) -> None:
         "(default 0: no budget)",
     )
     p.add_argument("--features", default="emoji-clip", help="FD features (default emoji-clip)")
-    p.add_argument("--max-cost", type=float, default=None, help="also pick the best schedule within this cost")
+    p.add_argument("--max-cost", type=FRACTION, default=None, help="also pick the best schedule within this cost")
     p.add_argument("--out", required=True, help="search folder (checkpointed; rerun with the same settings to resume)")
     p.add_argument("--overwrite", action="store_true", help="discard a search in --out made with other settings")
     p.add_argument(
@@ -54,6 +57,7 @@ def add_arguments(p) -> None:
         help="zoo models only: install the best front member within each cost budget as the shipped schedule "
         "MODEL:NAME (e.g. fast=0.7,faster=0.5,fastest=0.36)",
     )
+    p.add_argument("--replace", action="store_true", help="with --ship: replace shipped schedules of those names")
 
 
 def run(args) -> dict | None:
@@ -68,18 +72,18 @@ def run(args) -> dict | None:
     from diffroute.search.nsga import Search, SearchConfig
 
     from .calibrate import calibration_prompts
-    from .common import call_kwargs, check_out_dir, load, read_prompts
+    from .common import call_kwargs, check_run_dir, load, read_prompts
 
     if args.pop < 4 or args.generations < 1 or args.n < 2:
         raise ValueError("need --pop >= 4, --generations >= 1 and --n >= 2.")
     if args.steps < 2:
         raise ValueError("--steps must be at least 2: at one step everything computes, there is nothing to search.")
-    ship = _parse_ship(args.ship, args.model) if args.ship else {}
+    ship = _parse_ship(args.ship, args.model, args.replace) if args.ship is not None else {}
     from diffroute.zoo.registry import model_family
 
     default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
-    out = check_out_dir(args.out)
+    out = check_run_dir(args.out)
     state = PartialState(cpu=not torch.cuda.is_available())
     pipe = load(args)
     pipe.set_progress_bar_config(disable=True)
@@ -251,8 +255,10 @@ def _minutes(text: str) -> float:
     return value
 
 
-def _parse_ship(spec: str, model: str) -> dict[str, float]:
+def _parse_ship(spec: str, model: str, replace: bool = False) -> dict[str, float]:
     """'fast=0.7,faster=0.5' -> {'fast': 0.7, 'faster': 0.5}, checked before the search starts."""
+    from diffroute.shipped import check_ship
+
     from .common import check_zoo_model
 
     check_zoo_model(model, "--ship")
@@ -263,8 +269,9 @@ def _parse_ship(spec: str, model: str) -> dict[str, float]:
             out[name] = float(cost)
         except ValueError:
             out[name] = None
-        if out[name] is None or not name.replace("-", "").isalnum():
-            raise ValueError(f"--ship: {item!r} is not NAME=MAXCOST (e.g. fast=0.7).")
+        if out[name] is None or not 0 < out[name] <= 1:
+            raise ValueError(f"--ship: {item!r} is not NAME=MAXCOST with a relative cost in (0, 1] (e.g. fast=0.7).")
+        check_ship("schedule", model, name, replace)
     return out
 
 
@@ -277,7 +284,9 @@ def _check_resume(args, pipe, prompts, kwargs, out: Path, state) -> None:
     from diffroute.fingerprint import check_or_record_all, digest, weights_digest
 
     if args.overwrite and state.is_main_process:
-        shutil.rmtree(out, ignore_errors=True)
+        for child in out.iterdir():  # everything but the lock this run holds on the folder
+            if child.name != ".lock":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     state.wait_for_everyone()
     fingerprint = {
         "diffroute": diffroute.__version__,

@@ -12,22 +12,28 @@ HELP = (
 
 
 def add_arguments(p) -> None:
+    from .common import COUNT, FRACTION, NONNEGATIVE, POSITIVE, float_in
+
     sub = p.add_subparsers(dest="method", required=True, metavar="METHOD")
     l2c = sub.add_parser("l2c", help="Learning-to-Cache: per-step logits deciding which components may reuse")
     _add_common(l2c)
-    l2c.add_argument("--lam", type=float, default=1e-3, help="weight of the compute penalty sum(beta) (default 1e-3)")
-    l2c.add_argument("--threshold", type=float, default=0.1, help="compute where beta > this (default 0.1)")
+    l2c.add_argument(
+        "--lam", type=NONNEGATIVE, default=1e-3, help="weight of the compute penalty sum(beta) (default 1e-3)"
+    )
+    l2c.add_argument(
+        "--threshold", type=float_in(0, 1, True, True), default=0.1, help="compute where beta > this (default 0.1)"
+    )
     l2c.add_argument(
         "--no-alternate",
         dest="alternate",
         action="store_false",
         help="route every step after the first (default: as the paper, even steps compute everything)",
     )
-    l2c.add_argument("--iters", type=int, default=400, help="training iterations (default 400)")
-    l2c.add_argument("--batch", type=int, default=1, help="recorded batches per iteration (default 1)")
+    l2c.add_argument("--iters", type=COUNT, default=400, help="training iterations (default 400)")
+    l2c.add_argument("--batch", type=COUNT, default=1, help="recorded batches per iteration (default 1)")
     l2c.add_argument(
         "--lr",
-        type=float,
+        type=POSITIVE,
         default=0.1,
         help="AdamW learning rate (default 0.1: each iteration trains one step's logits, so a step sees 1/10 of "
         "the updates; the paper's 1e-2 left them near their N(0, 1) start in 300 iterations)",
@@ -35,14 +41,14 @@ def add_arguments(p) -> None:
 
     elastic = sub.add_parser("elastic", help="Elastic-DiT-style per-sample block skip and MLP-width router")
     _add_common(elastic)
-    elastic.add_argument("--iters", type=int, default=1500, help="training iterations (default 1500)")
-    elastic.add_argument("--batch", type=int, default=1, help="recorded batches per iteration (default 1)")
-    elastic.add_argument("--lr", type=float, default=1e-3, help="the router's learning rate (default 1e-3)")
+    elastic.add_argument("--iters", type=COUNT, default=1500, help="training iterations (default 1500)")
+    elastic.add_argument("--batch", type=COUNT, default=1, help="recorded batches per iteration (default 1)")
+    elastic.add_argument("--lr", type=POSITIVE, default=1e-3, help="the router's learning rate (default 1e-3)")
     elastic.add_argument("--finetune", action="store_true", help="fine-tune the transformer too (a model variant)")
-    elastic.add_argument("--backbone-lr", type=float, default=3e-5, help="the transformer's rate (default 3e-5)")
-    elastic.add_argument("--r-clean", type=float, default=0.9, help="blocks kept at t = 0 (default 0.9)")
-    elastic.add_argument("--r-noisy", type=float, default=0.5, help="blocks kept at the noisiest t (default 0.5)")
-    elastic.add_argument("--width-target", type=float, default=0.75, help="mean MLP width of kept blocks (0.75)")
+    elastic.add_argument("--backbone-lr", type=POSITIVE, default=3e-5, help="the transformer's rate (default 3e-5)")
+    elastic.add_argument("--r-clean", type=FRACTION, default=0.9, help="blocks kept at t = 0 (default 0.9)")
+    elastic.add_argument("--r-noisy", type=FRACTION, default=0.5, help="blocks kept at the noisiest t (default 0.5)")
+    elastic.add_argument("--width-target", type=FRACTION, default=0.75, help="mean MLP width of kept blocks (0.75)")
 
     from . import train_data
 
@@ -50,14 +56,15 @@ def add_arguments(p) -> None:
 
 
 def _add_common(p) -> None:
-    from .common import add_model_arguments, add_prompt_arguments
+    from .common import COUNT, add_model_arguments, add_prompt_arguments
 
     add_model_arguments(p)
     add_prompt_arguments(p, "training", 64, " (default for emoji: training captions, never held-out)")
-    p.add_argument("--prompts-per-batch", type=int, default=16, help="prompts per recorded batch (default 16)")
+    p.add_argument("--prompts-per-batch", type=COUNT, default=16, help="prompts per recorded batch (default 16)")
     p.add_argument("--bf16", action="store_true", help="autocast training to bfloat16")
     p.add_argument("--out", required=True, help="run folder (checkpointed; rerun the same command to resume)")
     p.add_argument("--ship", default=None, metavar="NAME", help="zoo models only: install the result as MODEL:NAME")
+    p.add_argument("--replace", action="store_true", help="with --ship: replace a router of that name shipped before")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
@@ -66,7 +73,7 @@ def run(args) -> dict | None:
     from accelerate import Accelerator
 
     from .calibrate import calibration_prompts
-    from .common import call_kwargs, check_out_dir, load, read_prompts
+    from .common import call_kwargs, check_run_dir, load, read_prompts
 
     if args.method in ("moe", "dar", "dtr", "plain", "fera", "lora"):
         from . import train_data
@@ -76,12 +83,12 @@ def run(args) -> dict | None:
         raise ValueError("need --iters, --n, --batch and --prompts-per-batch of at least 1.")
     check = _check_l2c if args.method == "l2c" else _check_elastic
     check(args)
-    ship = _check_ship(args.ship, args.model) if args.ship else None
+    ship = _check_ship(args) if args.ship is not None else None
     from diffroute.zoo.registry import model_family
 
     default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
-    out = check_out_dir(args.out)
+    out = check_run_dir(args.out)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     pipe = load(args)
     pipe.set_progress_bar_config(disable=True)
@@ -93,7 +100,7 @@ def run(args) -> dict | None:
 
         model = args.model
         if getattr(args, "finetune", False):  # the router needs its fine-tuned backbone: a zoo variant MODEL-NAME
-            model = install_model_variant(out / "model", f"{args.model}-{ship}", base=args.model)
+            model = install_model_variant(out / "model", f"{args.model}-{ship}", base=args.model, method="elastic")
         summary["shipped_as"] = install_router(out / "router", model, ship)
     return summary if accelerator.is_main_process else None
 
@@ -141,10 +148,15 @@ def _train_l2c(pipe, prompts, kwargs, args, out, accelerator) -> dict:
     return summary
 
 
-def _check_ship(name: str, model: str) -> str:
+def _check_ship(args) -> str:
+    """--ship NAME (and, for a fine-tuned Elastic backbone, the zoo variant MODEL-NAME it needs), before any work."""
+    from diffroute.shipped import check_ship
+
     from .common import check_zoo_model
 
-    check_zoo_model(model, "--ship")
-    if not name or not name.replace("-", "").isalnum() or name != name.lower():
-        raise ValueError(f"--ship {name!r}: give a lowercase name of letters, digits and '-' (e.g. l2c).")
-    return name
+    check_zoo_model(args.model, "--ship")
+    model = args.model
+    if getattr(args, "finetune", False):
+        check_ship("router", model, args.ship)  # the name alone: the variant's name is built from it
+        model = check_ship("variant", model, f"{args.model}-{args.ship}", args.replace, method=args.method)
+    return check_ship("router", model, args.ship, args.replace)

@@ -17,16 +17,20 @@ ADAPTERS = ("fera", "lora")
 
 
 def add_parsers(sub) -> None:
-    from .common import add_model_arguments
+    from .common import COUNT, FRACTION, NONNEGATIVE, POSITIVE, add_model_arguments, float_in, int_in
 
     for method, text in HELPS.items():
         p = sub.add_parser(method, help=text)
         add_model_arguments(p)
-        p.add_argument("--iters", type=int, default=1000, help="training steps (default 1000)")
-        p.add_argument("--batch-size", type=int, default=64, help="global batch (default 64)")
-        p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-        p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights (default 0.999)")
-        p.add_argument("--train-images", type=int, default=0, help="the first N training images only (0: all)")
+        p.add_argument("--iters", type=COUNT, default=1000, help="training steps (default 1000)")
+        p.add_argument("--batch-size", type=COUNT, default=64, help="global batch (default 64)")
+        p.add_argument("--lr", type=POSITIVE, default=1e-4, help="peak learning rate (default 1e-4)")
+        p.add_argument(
+            "--ema-decay", type=float_in(0, 1, high_open=True), default=0.999, help="EMA of the weights (default 0.999)"
+        )
+        p.add_argument(
+            "--train-images", type=int_in(0, 10**9), default=0, help="the first N training images only (0: all)"
+        )
         p.add_argument("--fp32", dest="bf16", action="store_false", help="train in float32 (default: bf16 autocast)")
         p.add_argument(
             "--domain",
@@ -37,7 +41,7 @@ def add_parsers(sub) -> None:
         )
         p.add_argument(
             "--snapshots",
-            type=int,
+            type=int_in(0, 10**6),
             default=0,
             help="also save the model N times along the way, as OUT/snapshots/step-N (learning curves; default 0)",
         )
@@ -48,15 +52,15 @@ def add_parsers(sub) -> None:
         elif method in ADAPTERS:
             rank = 4 if method == "fera" else 12
             note = "per expert" if method == "fera" else "the parameters of 3 FeRA experts of rank 4"
-            p.add_argument("--rank", type=int, default=rank, help=f"LoRA rank (default {rank}: {note})")
+            p.add_argument("--rank", type=int_in(1, 1024), default=rank, help=f"LoRA rank (default {rank}: {note})")
             scale = "1, the paper's" if method == "fera" else "rank / 4, FeRA's alpha / rank"
-            p.add_argument("--alpha", type=float, default=None, help=f"LoRA alpha (default {scale})")
+            p.add_argument("--alpha", type=POSITIVE, default=None, help=f"LoRA alpha (default {scale})")
             if method == "fera":
-                p.add_argument("--num-experts", type=int, default=3, help="LoRA experts (default 3)")
-                p.add_argument("--fecl", type=float, default=0.1, help="consistency loss weight (default 0.1)")
+                p.add_argument("--num-experts", type=int_in(1, 64), default=3, help="LoRA experts (default 3)")
+                p.add_argument("--fecl", type=NONNEGATIVE, default=0.1, help="consistency loss weight (default 0.1)")
                 p.add_argument(
                     "--balance",
-                    type=float,
+                    type=NONNEGATIVE,
                     default=0.0,
                     help="load-balancing weight on the batch's mean routing weights (not in the paper; default 0)",
                 )
@@ -82,36 +86,45 @@ def add_parsers(sub) -> None:
                 help="the aggregation queries (default static+t)",
             )
         if method == "dtr":
-            p.add_argument("--beta", type=float, default=0.8, help="share of channels active (default 0.8)")
-            p.add_argument("--alpha", type=float, default=4.0, help="window slide exponent (default 4)")
+            p.add_argument("--beta", type=FRACTION, default=0.8, help="share of channels active (default 0.8)")
+            p.add_argument("--alpha", type=POSITIVE, default=4.0, help="window slide exponent (default 4)")
 
 
 def _moe_arguments(p) -> None:
+    from .common import NONNEGATIVE, float_in, int_in
+
     p.add_argument(
         "--variant",
         choices=("moe", "dense", "pruned"),
         default="moe",
         help="moe (default); dense: the dense model fine-tuned the same; pruned: magnitude-pruned FFNs",
     )
-    p.add_argument("--num-experts", type=int, default=6, help="routed experts (default 6)")
-    p.add_argument("--shared", type=int, default=2, help="hidden-unit slices of the shared expert (default 2)")
+    p.add_argument("--num-experts", type=int_in(1, 64), default=6, help="routed experts (default 6)")
+    p.add_argument(
+        "--shared", type=int_in(0, 64), default=2, help="hidden-unit slices of the shared expert (default 2)"
+    )
     p.add_argument(
         "--capacity",
         default="static:2",
         help="k(t), routed experts per token: static:K, clean:KMIN-KMAX, noise:KMIN-KMAX, table:K0,K1..",
     )
-    p.add_argument("--dense-until", type=float, default=0.2, help="share of steps trained dense (default 0.2)")
-    p.add_argument("--sparse-from", type=float, default=0.6, help="share of steps by which k reaches the target")
-    p.add_argument("--z-loss", type=float, default=1e-3, help="router z-loss weight (default 1e-3)")
-    p.add_argument("--pruned-slices", type=int, default=4, help="pruned variant: slices dropped (default 4 of 8)")
+    p.add_argument("--dense-until", type=float_in(0, 1), default=0.2, help="share of steps trained dense (default 0.2)")
+    p.add_argument(
+        "--sparse-from", type=float_in(0, 1), default=0.6, help="share of steps by which k reaches the target"
+    )
+    p.add_argument("--z-loss", type=NONNEGATIVE, default=1e-3, help="router z-loss weight (default 1e-3)")
+    p.add_argument(
+        "--pruned-slices", type=int_in(0, 64), default=4, help="pruned variant: slices dropped (default 4 of 8)"
+    )
     p.add_argument("--ship", default=None, metavar="NAME", help="the MoE only: install the model as zoo variant NAME")
+    p.add_argument("--replace", action="store_true", help="with --ship: replace a MoE variant shipped before")
 
 
 def run(args) -> dict | None:
     import torch
     from accelerate import Accelerator
 
-    from .common import check_out_dir, check_zoo_model, load
+    from .common import check_run_dir, check_zoo_model, load
 
     if args.iters < 1 or args.batch_size < 1 or not args.lr > 0:
         raise ValueError("need --iters and --batch-size of at least 1 and a positive --lr.")
@@ -121,11 +134,16 @@ def run(args) -> dict | None:
         raise ValueError(f"diffroute train {args.method} trains on the emoji data set: use --model emoji.")
     cfg, train = _config_and_trainer(args)
     ship = getattr(args, "ship", None)
-    if ship:
+    if ship is not None:
+        from diffroute.shipped import check_ship
+
         check_zoo_model(args.model, "--ship")
-        if args.variant != "moe" or not ship.startswith("emoji-") or not ship.replace("-", "").isalnum():
-            raise ValueError("--ship takes the MoE variant only, as a zoo name starting with 'emoji-' (emoji-moe).")
-    out = check_out_dir(args.out)
+        if args.variant != "moe" or not ship.startswith(f"{args.model}-"):
+            raise ValueError(
+                f"--ship takes the MoE variant only, as a zoo name starting with '{args.model}-' (emoji-moe)."
+            )
+        check_ship("variant", args.model, ship, args.replace, method="moe")
+    out = check_run_dir(args.out)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     pipe = load(args)
     pipe.set_progress_bar_config(disable=True)
@@ -136,7 +154,7 @@ def run(args) -> dict | None:
         if ship:
             from diffroute.shipped import install_model_variant
 
-            summary["shipped_as"] = install_model_variant(out / "model", ship)
+            summary["shipped_as"] = install_model_variant(out / "model", ship, method="moe")
     return summary if accelerator.is_main_process else None
 
 

@@ -1,0 +1,50 @@
+"""A training killed mid-run (SIGINT, SIGTERM or SIGKILL) and run again with the same command ends with the same
+weights, bitwise, as a run that was never interrupted."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+ITERS = 48
+ARGS = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
+ARGS += ["--iters", str(ITERS), "--prompt", "a red apple", "--prompt", "a cat", "--json"]
+
+
+def _weights(out):
+    (file,) = (out / "router").glob("*.safetensors")
+    return load_file(file)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffroute", *ARGS, "--out", str(out)], capture_output=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    return _weights(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_killed_training_resumes_to_the_same_weights(tmp_path, uninterrupted, sig):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "diffroute", *ARGS, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = out / "checkpoint.json"
+    deadline = time.time() + 300
+    while not meta.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    step = json.loads(meta.read_text())["step"]
+    assert 0 < step < ITERS, "the run was not interrupted mid-way"
+    again = subprocess.run(cmd, capture_output=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    resumed = _weights(out)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(resumed[k].equal(uninterrupted[k]) for k in resumed)
