@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffroute.errors import PlanError
+from diffroute.checked_load import check_against_weights, check_config_values
+from diffroute.errors import InputError, PlanError
 
 
 def check_trained_call(name: str, config, num_steps: int | None, scheduler, remedy: str) -> None:
@@ -36,9 +37,17 @@ def load_router(folder):
     if not config.is_file():
         raise PlanError(f"{str(folder)!r} is not a router folder (no config.json); train one with `diffroute train`.")
     try:
-        kind = json.loads(config.read_text()).get("_class_name")
-        router_class = _classes()[kind][0]
+        settings = json.loads(config.read_text())
+        router_class = _classes()[settings.get("_class_name")][0]
+        weights = sorted(folder.glob("*.safetensors"))
+        if len(weights) != 1:
+            raise PlanError(f"router folder {str(folder)!r} should hold one .safetensors file; found {len(weights)}.")
+        # an untrusted folder: its config is checked against its weights before anything is allocated
+        check_config_values(settings, f"router folder {str(folder)!r}")
+        check_against_weights(lambda: router_class.from_config(settings), weights[0], f"router folder {str(folder)!r}")
         return router_class.from_pretrained(folder)
+    except InputError:
+        raise
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         known = ", ".join(_classes())
         raise PlanError(

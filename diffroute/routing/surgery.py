@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from diffroute.checked_load import check_against_weights, check_config_values
 from diffroute.errors import InputError
 from diffroute.quiet import cast_model
 
@@ -71,10 +72,23 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None):
     weights = sorted(folder.glob("*.safetensors"))
     if len(weights) != 1:
         raise InputError(f"{folder} should hold one .safetensors weights file; found {len(weights)}")
-    model = cls.from_config(config)
-    for key, apply in _surgeries().items():
-        if key in surgeries:
-            apply(model, **surgeries[key])
+
+    def build():
+        model = cls.from_config(config)
+        for key, apply in _surgeries().items():
+            if key in surgeries:
+                apply(model, **surgeries[key])
+        return model
+
+    # an untrusted folder: the config and the surgeries' settings are checked against the weights on the meta
+    # device before anything is allocated
+    check_config_values(config, str(folder))
+    for key, settings in surgeries.items():
+        if not isinstance(settings, dict):
+            raise InputError(f"{folder}: config field {key!r} is not an object; the folder is corrupt.")
+        check_config_values(settings, f"{folder} ({key})")
+    check_against_weights(build, weights[0], str(folder))
+    model = build()
     state = load_file(weights[0])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -1,0 +1,84 @@
+"""Router and model-variant folders are untrusted: a config that asks for more than its weights hold, or a corrupt
+weights file, is refused with one clear error before anything large is allocated."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from diffroute.zoo.emoji import WEIGHTS
+
+LOADERS = {
+    "router": "from diffroute.routing import load_router; load_router(sys.argv[1])",
+    "variant": "from diffroute.zoo.registry import load_transformer; load_transformer(sys.argv[1])",
+}
+
+
+def _load_in_child(kind: str, folder) -> subprocess.CompletedProcess:
+    """Load in a fresh process and report its peak memory, so an allocation cannot hide behind this one's."""
+    code = (
+        "import resource, sys\ntry:\n    " + LOADERS[kind] + "\n    print('LOADED')\nexcept ValueError as e:\n"
+        "    print('REFUSED', type(e).__name__, e)\n"
+        "print('PEAK_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
+
+
+def _copy(tmp_path, source, edit=None):
+    folder = tmp_path / "crafted"
+    shutil.copytree(source, folder)
+    if edit is not None:
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _refused(proc, needle):
+    out = proc.stdout
+    assert "REFUSED" in out and needle in out, out + proc.stderr
+    peak = int(out.split("PEAK_MB")[1])
+    assert peak < 2000, f"peak memory {peak} MB: something large was allocated before the refusal"
+
+
+def _set(**values):
+    return lambda config: config.update(values)
+
+
+def _set_moe(**values):
+    return lambda config: config["diffroute_moe"].update(values)
+
+
+@pytest.mark.parametrize(
+    "kind, edit, needle",
+    [
+        ("router", _set(num_blocks=100000), "does not match its weights"),
+        ("router", _set(num_steps=1e9), "out of any sane range"),
+        ("router", _set(num_steps=7), "does not match its weights"),
+        ("variant", _set(num_layers=500), "does not match its weights"),
+        ("variant", _set_moe(time_dim=1_000_000), "does not match its weights"),
+        ("variant", _set_moe(num_experts=10**9), "out of any sane range"),
+        ("variant", _set_moe(num_experts="six"), "corrupt"),
+    ],
+)
+def test_crafted_config_is_refused_before_allocating(tmp_path, kind, edit, needle):
+    source = WEIGHTS / "emoji" / "routers" / "l2c" if kind == "router" else WEIGHTS / "emoji-moe" / "transformer"
+    _refused(_load_in_child(kind, _copy(tmp_path, source, edit)), needle)
+
+
+@pytest.mark.parametrize("kind", ["router", "variant"])
+def test_corrupt_weights_file_is_refused(tmp_path, kind):
+    source = WEIGHTS / "emoji" / "routers" / "l2c" if kind == "router" else WEIGHTS / "emoji-moe" / "transformer"
+    folder = _copy(tmp_path, source)
+    (weights,) = folder.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    _refused(_load_in_child(kind, folder), "not a readable safetensors file")
+
+
+@pytest.mark.parametrize("kind", ["router", "variant"])
+def test_untouched_copies_still_load(tmp_path, kind):
+    source = WEIGHTS / "emoji" / "routers" / "l2c" if kind == "router" else WEIGHTS / "emoji-moe" / "transformer"
+    proc = _load_in_child(kind, _copy(tmp_path, source))
+    assert "LOADED" in proc.stdout, proc.stdout + proc.stderr
