@@ -9,6 +9,8 @@ here need only the timestep, which the call carries.) The hook is removed with i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,6 +61,36 @@ class _CallContextHook(ModelHook):
         for listener in reversed(list(self.listeners.values())):
             listener.end()
         return output
+
+
+# (call batch, rows) while a block or component runs for some of the call's samples only (a per-sample plan).
+_ROWS: contextvars.ContextVar[tuple[int, torch.Tensor] | None] = contextvars.ContextVar("diffroute_rows", default=None)
+
+
+@contextlib.contextmanager
+def sub_batch(rows: torch.Tensor, batch: int):
+    """While a module runs for `rows` of a call of `batch` samples, per-sample call inputs that listeners recorded
+    for the whole call (a timestep per sample, a width per sample) narrow to those rows: see `rows_of`. The executor
+    enters it around every sub-batch it runs, so every module that reads per-sample call inputs follows it."""
+    token = _ROWS.set((batch, rows))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def rows_of(values):
+    """`values`, one per sample of the whole call ([B] tensor or list), narrowed to the samples running now; anything
+    of another length (a shared scalar, a value already narrowed) is returned as it is."""
+    active = _ROWS.get()
+    if active is None or values is None:
+        return values
+    batch, rows = active
+    if len(values) != batch:
+        return values
+    if isinstance(values, torch.Tensor):
+        return values.index_select(0, rows.to(values.device))
+    return [values[i] for i in rows.tolist()]
 
 
 def _hook(transformer) -> _CallContextHook | None:

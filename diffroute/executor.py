@@ -19,6 +19,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from . import blocks, width
 from .arch import ArchitectureMap, architecture_map
 from .cache import FeatureCache, rebuild, tensors_of
+from .call_context import rows_of, sub_batch
 from .context import StepContext, StepTracker, scheduler_step_source
 from .deciders import FORECAST, SKIP, SkipRows, SoftWidth, Width
 from .errors import PlanError
@@ -171,7 +172,6 @@ class Executor:
             self.block_level &= ~self.always.all(1)
         self.decider = None
         self._block_forms: dict[int, tuple[bool, bool]] = {}  # per block: its output's form (see blocks.form_of)
-        self._sub_batch: tuple[int, torch.Tensor] | None = None  # (block, rows) while a block runs for some rows
         self.stats: StatsRecorder | None = None
         self.last_stats: CallStats | None = None
         self._attached = False
@@ -291,8 +291,8 @@ class Executor:
         if isinstance(decision, Width):  # the FFN at a fraction of its hidden units, really sliced
             self._record_component(b, c, n, n)
             hidden, fraction = args[0] if args else kwargs["hidden_states"], decision.fraction
-            if isinstance(fraction, torch.Tensor) and self._sub_batch is not None and self._sub_batch[0] == b:
-                fraction = fraction.index_select(0, self._sub_batch[1])  # the block runs for these samples only
+            if isinstance(fraction, torch.Tensor):
+                fraction = rows_of(fraction)  # the block may run for some samples only
             rows = hidden.shape[0]
             done = float(fraction.float().sum()) if isinstance(fraction, torch.Tensor) else fraction * rows
             self.stats.discount(ctx.step, b, c, rows - done)  # a sliced FFN counts as the share of units it ran
@@ -355,7 +355,8 @@ class Executor:
 
         args = (take(args[0]), *args[1:]) if args else args
         kwargs = {k: take(v) if k in BATCHED_KWARGS else v for k, v in kwargs.items()}
-        fresh = tensors_of(forward(*args, **kwargs))
+        with sub_batch(rows, n):
+            fresh = tensors_of(forward(*args, **kwargs))
         merged = [None if c is None else c.clone().index_copy_(0, rows, f) for c, f in zip(tensors_of(cached), fresh)]
         out = rebuild(type(cached), merged)
         self.cache.put(key, out, self.ctx.step)
@@ -434,7 +435,8 @@ class Executor:
         rows, n = rows_mask.nonzero().squeeze(1), self.ctx.batch_size
         bound = blocks.bind(module, args, kwargs)
         part = blocks.rows_of(bound, rows, n)
-        fresh = blocks.call(forward, part)
+        with sub_batch(rows, n):
+            fresh = blocks.call(forward, part)
         fresh_res = tensors_of(blocks.residual(part.arguments, fresh))
         merged = [
             None if c is None else c.clone().index_copy_(0, rows, f) for c, f in zip(tensors_of(cached), fresh_res)
@@ -447,11 +449,8 @@ class Executor:
 
     def _call_rows(self, forward, b: int, bound, rows: torch.Tensor):
         """The block run for `rows` only; per-sample component decisions inside it select these rows."""
-        self._sub_batch = (b, rows)
-        try:
+        with sub_batch(rows, self.ctx.batch_size):
             return blocks.call(forward, blocks.rows_of(bound, rows, self.ctx.batch_size))
-        finally:
-            self._sub_batch = None
 
     def _skip_rows(self, forward, b: int, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
         """Run the block for the masked samples only; the others return their input."""

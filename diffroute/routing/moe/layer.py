@@ -27,6 +27,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import Timesteps
 
+from diffroute.call_context import rows_of
 from diffroute.errors import PlanError
 
 from .capacity import parse_capacity, tokens_per_expert
@@ -111,7 +112,8 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
                 "an expert-choice FFN needs the timestep: run it inside its transformer (upcycle_moe installs the "
                 "hook that records it) or call set_timestep(t) first."
             )
-        t_frac = self._t_frac if len(self._t_frac) == batch else self._t_frac[:1] * batch
+        t_frac = rows_of(self._t_frac)  # a per-sample plan may run the block for some samples only
+        t_frac = t_frac if len(t_frac) == batch else t_frac[:1] * batch
         E = self.config.num_experts
         return [tokens_per_expert(self.k(s), seq_len, E) for s in t_frac]
 
@@ -232,7 +234,7 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
         B, S, _ = x.shape
         h = self._route_input if self._route_input is not None and self._route_input.shape[:2] == (B, S) else x
         self._route_input = None
-        t = self._timestep if self._timestep is not None else torch.zeros(1)
+        t = rows_of(self._timestep) if self._timestep is not None else torch.zeros(1)
         t = t.to(x.device).expand(B) if t.numel() == 1 else t.to(x.device)
         temb = F.silu(self.time_mlp(self.time_proj(t).to(self.time_mlp.weight.dtype)))
         u = torch.cat([temb[:, None, :].expand(-1, S, -1), self.norm(h.to(temb.dtype))], dim=-1)
