@@ -242,3 +242,14 @@ def test_two_runs_into_one_folder_at_once_are_refused(tmp_path):
     finally:
         os.close(fd)
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_resumed_training_with_other_settings_is_refused(tmp_path):
+    args = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
+    args += ["--iters", "2", "--prompt", "a red apple", "--prompt", "a cat", "--out", tmp_path / "run"]
+    assert _cli(*args).returncode == 0
+    router = (tmp_path / "run" / "router" / "diffusion_pytorch_model.safetensors").read_bytes()
+    _refused(_cli(*args, "--lam", "0.5"), "lam: 0.001 then, 0.5 now", "give a new --out")
+    _refused(_cli(*args[:-2], "--iters", "3", *args[-2:]), "iters: 2 then, 3 now")
+    assert (tmp_path / "run" / "router" / "diffusion_pytorch_model.safetensors").read_bytes() == router
+    assert _cli(*args).returncode == 0  # the same settings resume (here: nothing left to do)

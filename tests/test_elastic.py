@@ -168,7 +168,7 @@ def test_train_elastic_cli_runs_and_refuses_bad_budgets(tmp_path):
     assert result["method"] == "elastic" and (tmp_path / "e" / "router" / "config.json").is_file()
     assert [json.loads(line)["step"] for line in (tmp_path / "e" / "log.jsonl").read_text().splitlines()] == [1, 2]
     bad = subprocess.run([sys.executable, "-m", "diffroute", *args, "--r-clean", "1.5"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--r-clean must be in (0, 1]" in bad.stderr
+    assert bad.returncode == 2 and "argument --r-clean: 1.5 is out of range: give a number in (0, 1]" in bad.stderr
 
 
 def test_plan_content_follows_the_router_weights(tiny_pipes):

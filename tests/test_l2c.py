@@ -125,7 +125,7 @@ def test_train_cli_resumes_and_ships_nothing_without_ship(tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "diffroute", *args[:-4], "--threshold", "1.5"], capture_output=True, text=True
     )
-    assert bad.returncode == 2 and "--threshold strictly between 0 and 1" in bad.stderr
+    assert bad.returncode == 2 and "argument --threshold: 1.5 is out of range" in bad.stderr
 
 
 def test_search_is_seeded_with_shipped_routers_of_the_same_step_count(tiny_pipes, tmp_path, monkeypatch):

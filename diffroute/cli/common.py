@@ -255,6 +255,19 @@ def check_run_dir(path, flag: str = "--out") -> Path:
     return path
 
 
+def check_resume(out: Path, settings: dict, what: str) -> None:
+    """A run folder remembers the settings it was started with (`settings.json`); rerunning into it with other
+    settings is refused, naming each difference, before any work (a resumed run must not mix them)."""
+    import json
+    import os
+
+    from diffroute.fingerprint import check_or_record
+
+    normal = json.loads(json.dumps(settings, default=str))  # tuples as lists, as they read back
+    fix = "Rerun with the settings it was started with, or give a new --out."
+    check_or_record(out / "settings.json", normal, what, fix, write=os.environ.get("RANK", "0") == "0")
+
+
 def check_out_file(path) -> Path:
     """Refuse an output file path that is a folder or whose folder cannot be written, before any work."""
     import os

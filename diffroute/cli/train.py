@@ -69,31 +69,39 @@ def _add_common(p) -> None:
 
 
 def run(args) -> dict | None:
+    from dataclasses import asdict
+
     import torch
     from accelerate import Accelerator
 
+    from diffroute.fingerprint import digest
+    from diffroute.routing.train_elastic import ElasticConfig
+    from diffroute.routing.train_l2c import L2CConfig
+
     from .calibrate import calibration_prompts
-    from .common import call_kwargs, check_run_dir, load, read_prompts
+    from .common import call_kwargs, check_resume, check_run_dir, load, read_prompts
 
     if args.method in ("moe", "dar", "dtr", "plain", "fera", "lora"):
         from . import train_data
 
         return train_data.run(args)
-    if args.iters < 1 or args.n < 1 or args.batch < 1 or args.prompts_per_batch < 1:
-        raise ValueError("need --iters, --n, --batch and --prompts-per-batch of at least 1.")
-    check = _check_l2c if args.method == "l2c" else _check_elastic
-    check(args)
+    # every number was checked by its argparse type (common.COUNT, POSITIVE, FRACTION, ...)
     ship = _check_ship(args) if args.ship is not None else None
     from diffroute.zoo.registry import model_family
 
     default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
     out = check_run_dir(args.out)
+    cfg = _config_of(L2CConfig if args.method == "l2c" else ElasticConfig, args)
+    settings = {"method": args.method, "model": args.model, "steps": args.steps, "guidance": args.guidance}
+    check_resume(
+        out, {**settings, "seed": args.seed, "prompts": digest(prompts), **asdict(cfg)}, f"train {args.method}"
+    )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     pipe = load(args)
     pipe.set_progress_bar_config(disable=True)
     train = _train_l2c if args.method == "l2c" else _train_elastic
-    summary = train(pipe, prompts, call_kwargs(pipe, args), args, out, accelerator)
+    summary = train(pipe, prompts, call_kwargs(pipe, args), cfg, out, accelerator)
     summary["out"] = str(out)
     if ship and accelerator.is_main_process:
         from diffroute.shipped import install_model_variant, install_router
@@ -105,19 +113,6 @@ def run(args) -> dict | None:
     return summary if accelerator.is_main_process else None
 
 
-def _check_l2c(args) -> None:
-    if not args.lam >= 0 or not 0 < args.threshold < 1:
-        raise ValueError("need --lam >= 0 and --threshold strictly between 0 and 1.")
-
-
-def _check_elastic(args) -> None:
-    for flag in ("r_clean", "r_noisy", "width_target"):
-        if not 0 < getattr(args, flag) <= 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be in (0, 1].")
-    if not (args.lr > 0 and args.backbone_lr > 0):
-        raise ValueError("--lr and --backbone-lr must be positive.")
-
-
 def _config_of(config_class, args):
     """The training config from the arguments of the same names (the dataclass fields)."""
     from dataclasses import fields
@@ -125,19 +120,18 @@ def _config_of(config_class, args):
     return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
 
 
-def _train_elastic(pipe, prompts, kwargs, args, out, accelerator) -> dict:
-    from diffroute.routing.train_elastic import ElasticConfig, train_elastic
+def _train_elastic(pipe, prompts, kwargs, cfg, out, accelerator) -> dict:
+    from diffroute.routing.train_elastic import train_elastic
 
-    summary = train_elastic(pipe, prompts, kwargs, _config_of(ElasticConfig, args), out, accelerator)
+    summary = train_elastic(pipe, prompts, kwargs, cfg, out, accelerator)
     if accelerator.is_main_process:
         print(f"elastic: router in {out / 'router'}", file=sys.stderr)
     return summary
 
 
-def _train_l2c(pipe, prompts, kwargs, args, out, accelerator) -> dict:
-    from diffroute.routing.train_l2c import L2CConfig, train_l2c
+def _train_l2c(pipe, prompts, kwargs, cfg, out, accelerator) -> dict:
+    from diffroute.routing.train_l2c import train_l2c
 
-    cfg = _config_of(L2CConfig, args)
     summary = train_l2c(pipe, prompts, kwargs, cfg, out, accelerator)
     if accelerator.is_main_process:
         print(

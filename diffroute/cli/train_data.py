@@ -121,13 +121,13 @@ def _moe_arguments(p) -> None:
 
 
 def run(args) -> dict | None:
+    from dataclasses import asdict
+
     import torch
     from accelerate import Accelerator
 
-    from .common import check_run_dir, check_zoo_model, load
+    from .common import check_resume, check_run_dir, check_zoo_model, load
 
-    if args.iters < 1 or args.batch_size < 1 or not args.lr > 0:
-        raise ValueError("need --iters and --batch-size of at least 1 and a positive --lr.")
     if not 0 <= args.snapshots <= args.iters:
         raise ValueError(f"--snapshots must be between 0 and --iters ({args.iters}); got {args.snapshots}.")
     if args.model != "emoji":
@@ -144,6 +144,8 @@ def run(args) -> dict | None:
             )
         check_ship("variant", args.model, ship, args.replace, method="moe")
     out = check_run_dir(args.out)
+    settings = {"method": args.method, "model": args.model, "steps": args.steps, "guidance": args.guidance}
+    check_resume(out, {**settings, **asdict(cfg)}, f"train {args.method}")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     pipe = load(args)
     pipe.set_progress_bar_config(disable=True)
