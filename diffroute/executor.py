@@ -151,6 +151,7 @@ class Executor:
         self.arch: ArchitectureMap = architecture_map(transformer)
         self.plan: Plan = resolve_plan(plan)
         self.plan.check(self.arch)  # refuse a schedule that does not fit, before any work
+        self.plan.check_model(transformer)
         refuse_foreign_caches(transformer)
         source = scheduler_step_source(scheduler) if scheduler is not None else None
         default_steps = num_inference_steps or self.plan.default_num_steps

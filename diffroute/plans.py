@@ -28,6 +28,9 @@ class Plan:
     def check(self, arch: ArchitectureMap) -> None:
         """Raise before any work if this plan cannot drive `arch`."""
 
+    def check_model(self, transformer: torch.nn.Module) -> None:
+        """Raise before any work if this plan cannot drive these weights (a trained router on another backbone)."""
+
     def check_call(self, num_steps: int | None, scheduler=None) -> None:
         """Raise before a pipeline call if this plan cannot run `num_steps` steps of `scheduler` (trained routers)."""
 

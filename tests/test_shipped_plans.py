@@ -42,3 +42,38 @@ def test_every_offered_plan_runs_on_every_shipped_model(pipes, model):
             pipe.disable_cache()
     assert not failures, "\n".join(failures)
 
+
+@pytest.mark.parametrize(
+    "model, plan, dtype, ok",
+    [
+        ("emoji", "emoji-elastic:elastic", None, False),  # the fine-tuned variant's router on the base weights
+        ("emoji", "emoji-elastic:elastic", torch.bfloat16, False),
+        ("emoji-elastic", "emoji-elastic:elastic", None, True),
+        ("emoji-elastic", "emoji-elastic:elastic", torch.bfloat16, True),  # same weights, cast: still its backbone
+        ("emoji", "emoji:l2c", None, True),  # trained in bf16, run in fp32
+        ("emoji-elastic", "emoji:l2c", None, False),
+    ],
+)
+def test_a_router_runs_only_on_the_backbone_it_was_trained_on(model, plan, dtype, ok):
+    from diffroute.errors import PlanError
+
+    pipe = diffroute.load_pipeline(model, dtype=dtype)
+    if ok:
+        pipe.enable_cache(plan)
+    else:
+        with pytest.raises(PlanError, match="was trained on other weights than this model's"):
+            pipe.enable_cache(plan)
+
+
+def test_training_records_the_backbone_probe(tmp_path):
+    import subprocess
+    import sys
+
+    from diffroute.routing import load_router
+
+    args = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
+    args += ["--iters", "1", "--prompt", "a red apple", "--prompt", "a cat", "--out", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    router = load_router(tmp_path / "run" / "router")
+    assert len(router.config.backbone_probe) == 256 and router.config.backbone_dtype == "float32"

@@ -67,6 +67,8 @@ class ElasticRouter(ModelMixin, ConfigMixin):
         time_dim: int = 64,
         num_steps: int = 20,
         scheduler: str = "",
+        backbone_probe: list[float] | None = None,  # routing/backbone.py: the weights it was trained on
+        backbone_dtype: str = "",
     ):
         super().__init__()
         self.time_proj = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -126,6 +128,11 @@ class ElasticPlan(Plan):
                 f"router {self.name!r} was made for {cfg.model_class} with {cfg.num_blocks} blocks; the model is "
                 f"{arch.model_class} with {arch.num_blocks}. Train one for this model."
             )
+
+    def check_model(self, transformer) -> None:
+        from .backbone import check_backbone
+
+        check_backbone(self.name, self.router.config.backbone_probe, self.router.config.backbone_dtype, transformer)
 
     def check_call(self, num_steps: int | None, scheduler=None) -> None:
         from .registry import check_trained_call

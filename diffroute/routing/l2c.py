@@ -35,6 +35,8 @@ class L2CRouter(ModelMixin, ConfigMixin):
         threshold: float = 0.1,
         alternate: bool = True,
         lam: float = 0.0,
+        backbone_probe: list[float] | None = None,  # routing/backbone.py: the weights it was trained on
+        backbone_dtype: str = "",
     ):
         super().__init__()
         self.theta = torch.nn.Parameter(torch.randn(num_steps, num_blocks, len(components)))  # N(0, 1) as the paper
@@ -71,6 +73,11 @@ class RouterPlan(SchedulePlan):
     def __init__(self, router: L2CRouter, name: str):
         super().__init__(router.schedule(), name=name)
         self.router = router
+
+    def check_model(self, transformer) -> None:
+        from .backbone import check_backbone
+
+        check_backbone(self.name, self.router.config.backbone_probe, self.router.config.backbone_dtype, transformer)
 
     def check_call(self, num_steps: int | None, scheduler=None) -> None:
         from .registry import check_trained_call

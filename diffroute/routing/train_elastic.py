@@ -18,6 +18,7 @@ import torch
 from diffroute.executor import Executor
 from diffroute.io import atomic_write_json
 
+from .backbone import backbone_probe
 from .elastic import ElasticPlan, ElasticRouter
 from .training import check_batch_split, train_router
 from .trajectories import output_of, record_calls
@@ -117,7 +118,10 @@ def train_elastic(pipe, prompts: list[str], call_kwargs: dict, cfg: ElasticConfi
     summary = {"method": "elastic", **asdict(cfg), "num_steps": num_steps, "seconds": time.time() - t0}
     summary["processes"] = accelerator.num_processes
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).router.save_pretrained(out / "router")
+        router = accelerator.unwrap_model(model).router
+        probe, dtype = backbone_probe(transformer)  # after training: a fine-tuned backbone is the one it belongs to
+        router.register_to_config(backbone_probe=probe, backbone_dtype=dtype)
+        router.save_pretrained(out / "router")
         if cfg.finetune:
             pipe.save_pretrained(out / "model")
         atomic_write_json(out / "summary.json", summary)

@@ -20,6 +20,7 @@ from diffroute.executor import Executor
 from diffroute.io import atomic_write_json
 from diffroute.plans import Plan
 
+from .backbone import backbone_probe
 from .l2c import L2CRouter
 from .training import check_batch_split, train_router
 from .trajectories import output_of, record_calls
@@ -141,6 +142,8 @@ def train_l2c(pipe, prompts: list[str], call_kwargs: dict, cfg: L2CConfig, out: 
         "processes": accelerator.num_processes,
     }
     if accelerator.is_main_process:
+        probe, dtype = backbone_probe(transformer)
+        router.register_to_config(backbone_probe=probe, backbone_dtype=dtype)
         router.save_pretrained(out / "router")
         schedule.provenance.update(name=out.name, method="l2c")
         schedule.save(out / "schedule.json")
