@@ -124,6 +124,15 @@ def _histogram(args) -> dict:
     if model_family(args.model) != "emoji":
         raise ValueError("eval histogram draws the emoji model's held-out captions: use emoji or a variant of it.")
     check_plans(None, [args.plan], args.steps)
+    import diffroute
+    from diffroute.routing.elastic import ElasticPlan
+
+    if not isinstance(diffroute.resolve_plan(args.plan), ElasticPlan):
+        raise ValueError(
+            f"eval histogram draws the per-image compute of a per-sample router; {args.plan!r} is not one (it gives "
+            "every image the same compute map). Give an Elastic router, e.g. --model emoji-elastic --plan "
+            "emoji-elastic:elastic."
+        )
     pipe = load(args)
     pipe.set_progress_bar_config(disable=True)
     kwargs = {k: v for k, v in call_kwargs(pipe, args).items() if k != "num_inference_steps"}

@@ -47,14 +47,26 @@ def load_uint8(paths: list[Path]) -> torch.Tensor:
     for p in paths:
         try:
             with Image.open(p) as im:
-                if im.mode in ("RGBA", "LA", "P"):
-                    im = im.convert("RGBA")
-                    bg = Image.new("RGBA", im.size, "white")
-                    im = Image.alpha_composite(bg, im)
-                out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                out.append(_rgb8(im, p))
         except (UnidentifiedImageError, OSError) as e:  # e.g. a truncated file: its header reads, its pixels not
             raise ValueError(f"{str(p)!r} is not a readable image ({e}).") from None
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def _rgb8(im: Image.Image, path: Path) -> np.ndarray:
+    """[H, W, 3] uint8 RGB of an image of any mode: alpha composited on white; 16-bit greys scaled to 8 bits (PIL's
+    own conversion clips them at 255, which turned nearly every pixel white)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(im, dtype=np.float64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise ValueError(f"{str(path)!r} holds 32-bit integer pixels outside 16 bits: save it as 8-bit PNG.")
+        grey = np.rint(grey / 257.0).astype(np.uint8)  # 65535 -> 255
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode == "F":
+        raise ValueError(f"{str(path)!r} holds floating-point pixels of unknown range: save it as 8-bit PNG.")
+    if im.mode in ("RGBA", "LA", "P", "PA"):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def load_folder(folder: str | Path) -> torch.Tensor:

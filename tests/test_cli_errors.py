@@ -253,3 +253,10 @@ def test_resumed_training_with_other_settings_is_refused(tmp_path):
     _refused(_cli(*args[:-2], "--iters", "3", *args[-2:]), "iters: 2 then, 3 now")
     assert (tmp_path / "run" / "router" / "diffusion_pytorch_model.safetensors").read_bytes() == router
     assert _cli(*args).returncode == 0  # the same settings resume (here: nothing left to do)
+
+
+@pytest.mark.parametrize("plan", ["fora-3", "emoji:l2c"])
+def test_histogram_refuses_plans_without_per_image_compute_before_work(tmp_path, plan):
+    proc = _cli("eval", "histogram", "--model", "emoji", "--plan", plan, "--n", "4", "--out", tmp_path / "h")
+    _refused(proc, "is not one (it gives every image the same compute map)")
+    assert "it/s" not in proc.stderr and not (tmp_path / "h").exists()

@@ -82,3 +82,58 @@ def test_untouched_copies_still_load(tmp_path, kind):
     source = WEIGHTS / "emoji" / "routers" / "l2c" if kind == "router" else WEIGHTS / "emoji-moe" / "transformer"
     proc = _load_in_child(kind, _copy(tmp_path, source))
     assert "LOADED" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_router_with_a_nan_threshold_is_refused(tmp_path):
+    folder = _copy(tmp_path, WEIGHTS / "emoji" / "routers" / "l2c", _set(threshold=float("nan")))
+    _refused(_load_in_child("router", folder), "out of any sane range")
+
+
+def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffroute.eval.images import load_uint8
+
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    pixels = load_uint8([tmp_path / "g16.png"])[0, 0].numpy()
+    assert np.array_equal(pixels, np.rint(ramp / 257).astype(np.uint8))  # PIL's convert("RGB") made 99.6% white
+
+
+def test_a_broken_variant_json_in_the_zoo_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    import diffroute.zoo.emoji
+    from diffroute.zoo import registry
+
+    (tmp_path / "emoji-broken").mkdir()
+    (tmp_path / "emoji-broken" / "variant.json").write_text("{ not json")
+    monkeypatch.setattr(diffroute.zoo.emoji, "WEIGHTS", tmp_path)
+    with pytest.warns(UserWarning, match="zoo variant 'emoji-broken' skipped"):
+        registry._register_variants()
+    assert "emoji-broken" not in registry.MODELS
+
+
+@pytest.mark.parametrize("damage", ["pickled weights", "no transformer"])
+def test_user_pipeline_folders_that_cannot_load_give_one_clear_error(tmp_path, damage):
+    from diffroute.errors import InputError
+    from diffroute.zoo import load_pipeline
+    from diffroute.zoo.tiny import TINY_PIPELINES
+
+    pipe = TINY_PIPELINES["pixart-alpha"]()
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder, safe_serialization=damage != "pickled weights")
+    if damage == "no transformer":
+        shutil.rmtree(folder / "transformer")
+    with pytest.raises(InputError, match="cannot be loaded as a diffusers pipeline"):
+        load_pipeline(str(folder))
+
+
+def test_a_damaged_checkpoint_is_refused_on_resume(tmp_path):
+    args = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
+    args += ["--iters", "2", "--prompt", "a red apple", "--prompt", "a cat", "--out", str(tmp_path / "run")]
+    assert subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True).returncode == 0
+    (ckpt,) = (tmp_path / "run").glob("ckpt-*.safetensors")
+    ckpt.write_bytes(b"garbage")
+    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "cannot be resumed" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,5 +1,8 @@
 """A training killed mid-run (SIGINT, SIGTERM or SIGKILL) and run again with the same command ends with the same
-weights, bitwise, as a run that was never interrupted."""
+weights, bitwise, as a run that was never interrupted.
+
+On one thread: with two, two uninterrupted runs of the same command differ by an ulp now and then (1 run in 4 here,
+on an Intel CPU, with MKL's reproducibility mode on or off), so bitwise equality is only defined at one thread."""
 
 import json
 import signal
@@ -12,7 +15,7 @@ from safetensors.torch import load_file
 
 ITERS = 48
 ARGS = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
-ARGS += ["--iters", str(ITERS), "--prompt", "a red apple", "--prompt", "a cat", "--json"]
+ARGS += ["--iters", str(ITERS), "--prompt", "a red apple", "--prompt", "a cat", "--json", "--threads", "1"]
 
 
 def _weights(out):
@@ -34,17 +37,19 @@ def uninterrupted(tmp_path_factory):
 def test_killed_training_resumes_to_the_same_weights(tmp_path, uninterrupted, sig):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "diffroute", *ARGS, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     meta = out / "checkpoint.json"
     deadline = time.time() + 300
     while not meta.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(sig)
-    proc.wait(timeout=60)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:  # one line saying how to resume, not a KeyboardInterrupt stack
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     step = json.loads(meta.read_text())["step"]
     assert 0 < step < ITERS, "the run was not interrupted mid-way"
     again = subprocess.run(cmd, capture_output=True, timeout=600)
     assert again.returncode == 0, again.stderr
     resumed = _weights(out)
     assert resumed.keys() == uninterrupted.keys()
-    assert all(resumed[k].equal(uninterrupted[k]) for k in resumed)
+    assert all(resumed[k].equal(uninterrupted[k]) for k in resumed), f"resumed from step {step}"

@@ -48,6 +48,19 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, TypeError, NonFiniteImagesError) as e:
         print(f"diffroute {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(
+            f"diffroute {args.command}: interrupted. Runs with --out keep their checkpoints and finished images: "
+            "rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except OSError as e:  # the disk is full or read-only, a permission, a file vanished: the machine, not the input
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(
+            f"diffroute {args.command}: error: {e.strerror or e}{where}; nothing half-written is kept.", file=sys.stderr
+        )
+        sys.exit(1)
     finally:
         _close_process_group()
     if args.json and result is not None:

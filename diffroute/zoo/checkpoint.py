@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffroute.errors import InputError
 from diffroute.io import atomic_write_json
 
 
@@ -40,9 +41,15 @@ def load_checkpoint(out_dir: Path, model, ema: dict | None, optimizer) -> int:
     meta_path = out_dir / "checkpoint.json"
     if not meta_path.is_file():
         return 0
-    meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(out_dir / meta["file"]))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(out_dir / meta["file"]))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except Exception as e:  # a corrupt file (safetensors raises its own types), another model's weights, ...
+        raise InputError(
+            f"the checkpoint in {out_dir} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+            "it is damaged or belongs to another model. Give a new --out (or delete that folder)."
+        ) from e
     if ema is not None:
         for k in ema:
             ema[k].copy_(tensors[f"ema.{k}"])

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffroute.errors import InputError
+
 from . import emoji
 
 
@@ -93,8 +95,16 @@ def _register_variants() -> None:
     from .emoji import WEIGHTS
 
     for spec in sorted(WEIGHTS.glob("*/variant.json")):
-        base = json.loads(spec.read_text())["base"]
-        entry = MODELS[base]
+        try:
+            base = json.loads(spec.read_text())["base"]
+            entry = MODELS[base]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # one broken file must not break every command
+            import warnings
+
+            warnings.warn(
+                f"zoo variant {spec.parent.name!r} skipped: {spec} is not valid ({e!r}); reinstall it.", stacklevel=2
+            )
+            continue
         MODELS[spec.parent.name] = ModelEntry(
             _variant(base, spec.parent),
             dict(entry.call_defaults),
@@ -173,8 +183,17 @@ def load_pipeline(name: str = DEFAULT_MODEL, device=None, dtype=None):
 
         if Path(name).is_dir() and is_modified_folder(Path(name) / "transformer"):  # diffusers would drop the experts
             kwargs["transformer"] = from_pretrained(Path(name) / "transformer", dtype=dtype)
-        with loading_bars_off():
-            pipe = to_routed(DiffusionPipeline.from_pretrained(name, **kwargs))
+        try:
+            with loading_bars_off():
+                pipe = to_routed(DiffusionPipeline.from_pretrained(name, use_safetensors=True, **kwargs))
+        except (OSError, ValueError, RuntimeError, KeyError, AttributeError, TypeError) as e:
+            # missing components, pickle-only weights (never loaded), corrupt files, mismatched shapes
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(
+                f"{name!r} cannot be loaded as a diffusers pipeline ({type(e).__name__}: {first[:300]}). It needs "
+                "model_index.json and each component's config and .safetensors weights (pickled .bin weights are "
+                "never loaded)."
+            ) from e
         if Path(name).is_dir():
             pipe.call_defaults = read_call_defaults(name)
         dtype = None  # loaded in it
