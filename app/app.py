@@ -15,6 +15,7 @@ from diffroute.runtime import Runtime
 
 from .heatmap import compute_map_image
 from .service import MAX_BATCH, MAX_PROMPT_CHARS, MAX_SCHEDULE_BYTES, MAX_STEPS, DemoService
+from .uploads import guarded_app_kwargs, stop_on_sigterm
 
 MAX_UPLOAD = MAX_SCHEDULE_BYTES  # Gradio refuses larger uploads before they reach the server's disk
 
@@ -99,12 +100,16 @@ def launch(model: str, results: Path | None, host: str, port: int, runtime: Runt
     if host not in LOOPBACK:
         print(
             f"warning: serving on {host}: anyone who can reach this machine on port {port} can use the demo (it runs "
-            "the model on this machine; no file a client names is opened, uploads are limited to 1 MB and deleted "
-            "at shutdown). Put it behind an authenticating proxy if the network is not yours.",
+            "the model on this machine; no file a client names is opened, uploads are limited to 1 MB each, 20 a "
+            "minute per client and 64 MB in all, and deleted at shutdown). Put it behind an authenticating proxy if "
+            "the network is not yours.",
             file=sys.stderr,
         )
     service = DemoService(model, runtime=runtime)
-    build_demo(model, results, service).launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD)
+    stop_on_sigterm()
+    build_demo(model, results, service).launch(
+        server_name=host, server_port=port, max_file_size=MAX_UPLOAD, app_kwargs=guarded_app_kwargs()
+    )
 
 
 def main(argv=None) -> None:

@@ -188,3 +188,67 @@ def test_compute_map_shows_forecast_cells_in_their_own_colour():
     pixels = np.asarray(compute_map_image(stats)).reshape(-1, 3).astype(int)
     orange = np.array([round(255 * v) for v in COLOURS["forecast"]])
     assert (np.abs(pixels - orange).sum(axis=1) <= 6).sum() > 50  # forecast cells drawn (and in the legend)
+
+
+def test_uploads_are_rate_limited_per_client(tmp_path):
+    import httpx
+
+    from diffroute.app.uploads import guarded_app_kwargs
+
+    service = DemoService("tiny-pixart", device="cpu")
+    demo = build_demo("tiny-pixart", service=service)
+    port = _free_port()
+    kwargs = guarded_app_kwargs(per_minute=2)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, app_kwargs=kwargs)
+    try:
+        url = f"http://127.0.0.1:{port}/gradio_api/upload"
+        codes = [
+            httpx.post(url, files={"files": ("s.json", b"{}", "application/json")}, timeout=30).status_code
+            for _ in range(3)
+        ]
+        assert codes == [200, 200, 429]  # the client's third upload within a minute
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).status_code == 200  # other requests pass
+    finally:
+        demo.close()
+
+
+def test_uploads_are_capped_in_total(tmp_path):
+    from diffroute.app.uploads import UploadGuard
+
+    guard = UploadGuard(None, folder=str(tmp_path), per_minute=100, max_total=10_000)
+    assert guard._refusal("a") is None
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "big.json").write_bytes(b" " * 10_000)  # what earlier uploads left
+    assert guard._refusal("b")[0] == 507 and guard._refusal("a")[0] == 507
+    (tmp_path / "x" / "big.json").unlink()  # deleted (hourly, or at shutdown): uploads are taken again
+    assert guard._refusal("b") is None
+
+
+def test_sigterm_deletes_the_uploads(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    cmd = [sys.executable, "-m", "diffroute", "app", "--model", "tiny-pixart", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        up = httpx.post(
+            f"http://127.0.0.1:{port}/gradio_api/upload", files={"files": ("s.json", b"{}", "application/json")}
+        )
+        assert up.status_code == 200 and any(p.is_file() for p in (tmp_path / "gradio").rglob("s.json"))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert not any(p.is_file() for p in (tmp_path / "gradio").rglob("s.json"))
