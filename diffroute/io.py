@@ -27,6 +27,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def readable_by_others(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a folder and all below it) the permissions a plain open()/mkdir() would have under
+    the umask: temporary files and folders (mkstemp, mkdtemp, safetensors) are made private (0600/0700)."""
+    path, mask = Path(path), _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _umask() -> int:
     mask = os.umask(0)  # the only portable way to read it is to set it (and put it back at once)
     os.umask(mask)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .io import readable_by_others
 from .plans import PLAN_EXAMPLES, Plan, SchedulePlan, register_plan
 from .schedule import Schedule
 
@@ -92,8 +93,9 @@ def install_router(folder: Path, model: str, name: str) -> str:
     import shutil
 
     from .routing import load_router
+    from .zoo.checkpoint import require_finite
 
-    load_router(folder)  # validated before anything is written into the zoo
+    require_finite(load_router(folder).state_dict(), f"router {folder}")  # validated before anything is written
     dest = WEIGHTS / model / "routers" / name
     tmp = dest.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,7 +116,10 @@ def install_model_variant(pipeline_folder: Path, name: str, base: str = "emoji",
     from .zoo.registry import load_transformer
 
     source = Path(pipeline_folder) / "transformer"
+    from .zoo.checkpoint import require_finite
+
     transformer = load_transformer(source, dtype=torch.float16)  # validated before anything is written
+    require_finite(transformer.state_dict(), f"model {pipeline_folder}")
     dest = WEIGHTS / name
     tmp = dest.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -123,6 +128,7 @@ def install_model_variant(pipeline_folder: Path, name: str, base: str = "emoji",
     kept = {k: v for k, v in json.loads(config.read_text()).items() if k != "_name_or_path"}
     config.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
     # `shipped_by`: the training that made it, the only one that may replace it (check_ship)
+    readable_by_others(tmp)  # diffusers writes its weights private (0600)
     (tmp / "variant.json").write_text(json.dumps({"base": base, "shipped_by": method}, indent=2) + "\n")
     if (dest / "routers").is_dir():  # routers trained on this variant stay with it
         shutil.copytree(dest / "routers", tmp / "routers")

@@ -137,3 +137,35 @@ def test_a_damaged_checkpoint_is_refused_on_resume(tmp_path):
     ckpt.write_bytes(b"garbage")
     proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "cannot be resumed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_non_finite_weights_are_never_saved_or_shipped(tmp_path, monkeypatch):
+    import torch
+
+    import diffroute.shipped
+    from diffroute.errors import InputError
+    from diffroute.routing.l2c import L2CRouter
+    from diffroute.zoo.checkpoint import require_finite
+
+    router = L2CRouter(num_steps=4, num_blocks=2, components=("attn1", "ff"), model_class="PixArtTransformer2DModel")
+    with torch.no_grad():
+        router.theta[1, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN or infinite values"):
+        require_finite(router.state_dict(), "the router")
+    router.save_pretrained(tmp_path / "nan-router")
+    monkeypatch.setattr(diffroute.shipped, "WEIGHTS", tmp_path / "zoo")
+    with pytest.raises(InputError, match="training diverged"):
+        diffroute.shipped.install_router(tmp_path / "nan-router", "emoji", "nan")
+    assert not (tmp_path / "zoo").exists()
+
+
+def test_run_outputs_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    args = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
+    args += ["--iters", "2", "--prompt", "a red apple", "--prompt", "a cat", "--out", str(tmp_path / "run")]
+    code = "import os, sys; os.umask(0o022); from diffroute.cli.main import main; main(sys.argv[1:])"
+    assert subprocess.run([sys.executable, "-c", code, *args], capture_output=True).returncode == 0
+    files = [*(tmp_path / "run").glob("ckpt-*.safetensors"), *(tmp_path / "run" / "router").iterdir()]
+    assert files and all(stat.S_IMODE(os.stat(p).st_mode) == 0o644 for p in files)

@@ -283,6 +283,13 @@ def check_out_file(path) -> Path:
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"output {str(path)!r} cannot be written (no permission in {str(probe)!r}).")
+    if probe == folder:  # permissions do not tell everything (root in /proc, a read-only mount): try a file
+        import tempfile
+
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise ValueError(f"output {str(path)!r} cannot be written in {str(folder)!r} ({e.strerror}).") from None
     return path
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffroute.io import atomic_write_json
+from diffroute.io import atomic_write_json, readable_by_others
 from diffroute.zoo import emoji_data
+from diffroute.zoo.checkpoint import require_finite
 from diffroute.zoo.train_emoji import EpsBatches
 from diffroute.zoo.trainer import TrainConfig, batch_indices, train
 
@@ -112,6 +113,7 @@ def train_on_data(
         bf16=cfg.bf16,
         weight_decay=0.0,
         snapshot_every=max(cfg.iters // cfg.snapshots, 1) if cfg.snapshots else 0,
+        checkpoint_every=max(min(250, cfg.iters // 10), 1),  # short runs too lose at most a tenth when stopped
     )
     student.groups = param_groups
 
@@ -140,6 +142,7 @@ def train_on_data(
 def save_model(pipe, student: Student, weights: dict | None, cfg: DataTrainConfig, folder: Path) -> None:
     """Save the pipeline with `weights` (e.g. the EMA) in its transformer as `folder`, whole or not at all; the
     student's own weights are put back afterwards, so training goes on unchanged."""
+    require_finite(weights if weights is not None else student.state_dict(), f"model {folder}")
     keep = {k: v.detach().clone() for k, v in student.state_dict().items()} if weights is not None else None
     if weights is not None:
         student.load_state_dict(weights)
@@ -148,6 +151,7 @@ def save_model(pipe, student: Student, weights: dict | None, cfg: DataTrainConfi
     try:
         pipe.save_pretrained(tmp)
         atomic_write_json(tmp / "variant.json", {"base": "emoji", "domain": cfg.domain})
+        readable_by_others(tmp)  # mkdtemp makes it private
         shutil.rmtree(folder, ignore_errors=True)  # a run resumed before this step's checkpoint saves it again
         tmp.rename(folder)
     finally:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from diffroute.executor import Executor
-from diffroute.io import atomic_write_json
+from diffroute.io import atomic_write_json, readable_by_others
+from diffroute.zoo.checkpoint import require_finite
 
 from .backbone import backbone_probe
 from .elastic import ElasticPlan, ElasticRouter
@@ -119,11 +120,16 @@ def train_elastic(pipe, prompts: list[str], call_kwargs: dict, cfg: ElasticConfi
     summary["processes"] = accelerator.num_processes
     if accelerator.is_main_process:
         router = accelerator.unwrap_model(model).router
+        require_finite(router.state_dict(), "the Elastic router")
+        if cfg.finetune:
+            require_finite(transformer.state_dict(), "the fine-tuned transformer")
         probe, dtype = backbone_probe(transformer)  # after training: a fine-tuned backbone is the one it belongs to
         router.register_to_config(backbone_probe=probe, backbone_dtype=dtype)
         router.save_pretrained(out / "router")
+        readable_by_others(out / "router")  # diffusers writes its weights private (0600)
         if cfg.finetune:
             pipe.save_pretrained(out / "model")
+            readable_by_others(out / "model")
         atomic_write_json(out / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary

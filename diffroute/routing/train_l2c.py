@@ -17,8 +17,9 @@ import torch
 from diffroute.arch import architecture_map
 from diffroute.deciders import Decider
 from diffroute.executor import Executor
-from diffroute.io import atomic_write_json
+from diffroute.io import atomic_write_json, readable_by_others
 from diffroute.plans import Plan
+from diffroute.zoo.checkpoint import require_finite
 
 from .backbone import backbone_probe
 from .l2c import L2CRouter
@@ -142,9 +143,11 @@ def train_l2c(pipe, prompts: list[str], call_kwargs: dict, cfg: L2CConfig, out: 
         "processes": accelerator.num_processes,
     }
     if accelerator.is_main_process:
+        require_finite(router.state_dict(), "the L2C router")
         probe, dtype = backbone_probe(transformer)
         router.register_to_config(backbone_probe=probe, backbone_dtype=dtype)
         router.save_pretrained(out / "router")
+        readable_by_others(out / "router")  # diffusers writes its weights private (0600)
         schedule.provenance.update(name=out.name, method="l2c")
         schedule.save(out / "schedule.json")
         atomic_write_json(out / "summary.json", summary)

@@ -9,7 +9,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffroute.errors import InputError
-from diffroute.io import atomic_write_json
+from diffroute.io import atomic_write_json, readable_by_others
+
+
+def require_finite(tensors: dict, what: str) -> None:
+    """InputError when any floating tensor holds NaN or inf: a diverged training is never saved or shipped."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InputError(
+            f"{what}: the weights hold NaN or infinite values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''});"
+            " the training diverged and nothing was written. Lower the learning rate, or check the loss weights."
+        )
 
 
 def save_checkpoint(out_dir: Path, step: int, model, ema: dict | None, optimizer, extra: dict | None = None) -> None:
@@ -22,10 +32,12 @@ def save_checkpoint(out_dir: Path, step: int, model, ema: dict | None, optimizer
     for i, state in opt["state"].items():
         for k, v in state.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
+    require_finite({k: v for k, v in tensors.items() if not k.startswith("opt.")}, f"checkpoint at step {step}")
     tensors["rng.torch"] = torch.get_rng_state()
     name = f"ckpt-{step}.safetensors"
     tmp = out_dir / f".{name}.tmp"
     save_file(tensors, str(tmp))
+    readable_by_others(tmp)
     tmp.replace(out_dir / name)
     atomic_write_json(
         out_dir / "checkpoint.json",
