@@ -85,15 +85,15 @@ def run(args) -> dict:
     asked = list(dict.fromkeys(args.plan or ["fora-3"]))  # in order, once each
     plans = asked if args.no_compare or "full" in asked else ["full", *asked]
     check_plans(None, plans, args.steps)  # names, files and step counts first: no model loaded for a typo
+    from diffroute.zoo import MODELS
+
+    prompts = read_prompts(args, MODELS[args.model].prompts() if args.model in MODELS else [])
     check_out_dir(args.out)
     import torch
 
     from diffroute.eval.fidelity import psnr, ssim
     from diffroute.eval.timing import timing_warnings
     from diffroute.imageio import grid, save_png, to_pil, to_uint8
-    from diffroute.zoo import MODELS
-
-    prompts = read_prompts(args, MODELS[args.model].prompts() if args.model in MODELS else [])
     pipe = load(args)
     check_plans(pipe, plans, args.steps)
     pipe.set_progress_bar_config(disable=False, file=sys.stderr, leave=False)
