@@ -34,6 +34,7 @@ demo: install
 
 test: install browser
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	DIFFROUTE_BROWSER=$(BROWSER) $(BIN)/python -m pytest -q --durations=25
 
 lint: install
@@ -57,7 +58,7 @@ COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcach
 .PHONY: data train quality calibrate l2c elastic moe adapt streams search compare demo-grid artifacts
 
 data: install
-	$(BIN)/python -m diffroute.zoo.emoji_data
+	$(BIN)/python -m diffroute.data.emoji
 
 # Phase 1 (5.5k steps, fp32) then phase 2 (3.5k steps, bf16 autocast, warm restart); resumable; exports into the package.
 train: install

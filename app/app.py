@@ -9,13 +9,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from diffroute.cli.common import add_runtime_arguments, runtime_of
-from diffroute.imageio import NonFiniteImagesError
+from diffroute.app.heatmap import compute_map_image
+from diffroute.app.service import MAX_BATCH, MAX_PROMPT_CHARS, MAX_SCHEDULE_BYTES, MAX_STEPS, DemoService
+from diffroute.app.uploads import guarded_app_kwargs, stop_on_sigterm
 from diffroute.runtime import Runtime
-
-from .heatmap import compute_map_image
-from .service import MAX_BATCH, MAX_PROMPT_CHARS, MAX_SCHEDULE_BYTES, MAX_STEPS, DemoService
-from .uploads import guarded_app_kwargs, stop_on_sigterm
+from diffroute.runtime.arguments import add_runtime_arguments, runtime_of
+from diffroute.utils.imageio import NonFiniteImagesError
 
 MAX_UPLOAD = MAX_SCHEDULE_BYTES  # Gradio refuses larger uploads before they reach the server's disk
 

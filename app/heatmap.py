@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from diffroute.stats import CallStats
+from diffroute.core.stats import CallStats
 
 COLOURS = {"computed": (0.18, 0.43, 0.71), "forecast": (0.95, 0.55, 0.15), "reused": (0.85, 0.85, 0.85)}
 

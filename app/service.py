@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 import diffroute
-from diffroute.eval.fidelity import psnr
-from diffroute.imageio import to_pil
-from diffroute.limits import is_guidance
+from diffroute.metrics.fidelity import psnr
 from diffroute.runtime import Runtime, load_with
-from diffroute.seeding import MAX_SEED, sample_generators
-from diffroute.shipped import plans_for
+from diffroute.utils.imageio import to_pil
+from diffroute.utils.limits import is_guidance
+from diffroute.utils.seeding import MAX_SEED, sample_generators
 from diffroute.zoo import MODELS, call_defaults
+from diffroute.zoo.shipped import plans_for
 
 MAX_STEPS, MAX_BATCH, MAX_PROMPT_CHARS = 100, 8, 200
 MAX_SCHEDULE_BYTES = 2**20

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .executor import Executor
-from .stats import CallStats
+from diffroute.core.executor import Executor
+from diffroute.core.stats import CallStats
+from diffroute.plans import resolve_plan
 
 _ATTR = "_diffroute_executor"
 
@@ -30,7 +31,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 def apply(target, plan="full", num_inference_steps: int | None = None) -> Executor:
     """Route `target` (pipeline or transformer) by `plan`; replaces any plan already applied. Returns the executor."""
     transformer, scheduler = _split(target)
-    executor = Executor(transformer, plan, scheduler=scheduler, num_inference_steps=num_inference_steps)
+    executor = Executor(transformer, resolve_plan(plan), scheduler=scheduler, num_inference_steps=num_inference_steps)
     remove(target)
     setattr(transformer, _ATTR, executor.attach())
     return executor

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffroute.imageio import grid, save_png
-from diffroute.io import atomic_write_json
-
-from .routing_report import generate, pyplot, quality_cells, quality_of
+from diffroute.eval.routing_report import generate, pyplot, quality_cells, quality_of
+from diffroute.utils.imageio import grid, save_png
+from diffroute.utils.io import atomic_write_json
 
 
 def run_label(summary: dict) -> str:
@@ -31,7 +30,7 @@ def run_label(summary: dict) -> str:
 
 def trained_parameters(model: Path) -> int:
     """What the adaptation trained (LoRA matrices and FeRA's router), counted in the saved model."""
-    from diffroute.routing.fera import adapter_parameters
+    from diffroute.surgery.fera import adapter_parameters
     from diffroute.zoo.registry import load_transformer
 
     return sum(p.numel() for p in adapter_parameters(load_transformer(model / "transformer")))

@@ -16,15 +16,14 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from diffroute.imageio import save_png, to_pil
-from diffroute.io import atomic_write_json
-from diffroute.seeding import sample_generators
-
-from . import frechet
-from .clipscore import ClipScore
-from .fidelity import PerImageMSE, psnr_summary, ssim_metric, update_fidelity
-from .images import load_uint8
-from .peers import activate, call_counts, check_spec, deactivate, is_peer
+from diffroute.eval.peers import activate, call_counts, check_spec, deactivate, is_peer, peer_timing
+from diffroute.metrics import frechet
+from diffroute.metrics.clipscore import ClipScore
+from diffroute.metrics.fidelity import PerImageMSE, psnr_summary, ssim_metric, update_fidelity
+from diffroute.metrics.images import load_uint8
+from diffroute.utils.imageio import save_png, to_pil
+from diffroute.utils.io import atomic_write_json
+from diffroute.utils.seeding import sample_generators
 
 
 @dataclass
@@ -76,7 +75,7 @@ FIX = "Use a new --out, or pass --overwrite to discard the images there."
 def run_fingerprint(pipe, cfg: CompareConfig) -> dict:
     """Everything that determines the images of every plan (besides the plan itself)."""
     import diffroute
-    from diffroute.fingerprint import digest, weights_digest
+    from diffroute.utils.fingerprint import digest, weights_digest
 
     return {
         "diffroute": diffroute.__version__,
@@ -113,7 +112,7 @@ def plan_fingerprint(pipe, spec: str) -> dict:
 def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:
     """Generate every plan's images this process owns; chunks already on disk are skipped (resume), but only when
     they were made with the same settings (fingerprints; a mismatch is refused before any work)."""
-    from diffroute.fingerprint import check_or_record_all
+    from diffroute.utils.fingerprint import check_or_record_all
 
     chunks = _chunks(cfg.n, cfg.batch)
     root = cfg.out / "images"
@@ -147,13 +146,13 @@ def _load(folder: Path, indices: list[int]) -> torch.Tensor:
 
 def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict], tuple | None]:
     """Metrics of every plan; each process updates with its share, torchmetrics reduces the states."""
-    from .features import feature_extractor
+    from diffroute.metrics.features import feature_extractor
 
     device = state.device
     feature = feature_extractor(cfg.features) if cfg.features else None
     scorer = None
     if cfg.clip:
-        from .clipscore import scorer as make_scorer
+        from diffroute.metrics.clipscore import scorer as make_scorer
 
         scorer = make_scorer(cfg.clip)
     chunks = _chunks(cfg.n, cfg.batch)
@@ -231,7 +230,7 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
 
 def time_all(pipe, cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
     """Medians of end-to-end and transformer time per plan, on the main process, plans interleaved."""
-    from .timing import time_plans
+    from diffroute.metrics.timing import time_plans
 
     out = {}
     if state.is_main_process:
@@ -244,7 +243,7 @@ def time_all(pipe, cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
 
         pipe.set_progress_bar_config(disable=True)
         print(f"timing {len(cfg.plans)} plans x {cfg.repeats} repeats on a batch of {k}...", file=sys.stderr)
-        out = time_plans(pipe, {p: p for p in cfg.plans}, call, repeats=cfg.repeats)
+        out = time_plans(pipe, {p: p for p in cfg.plans}, call, repeats=cfg.repeats, **peer_timing())
     state.wait_for_everyone()
     return out
 
@@ -297,7 +296,7 @@ def run_compare(pipe, cfg: CompareConfig) -> dict | None:
         "reference_images": None if cfg.reference is None else len(cfg.reference),
         "plans": rows,
     }
-    from .reports import write_reports
+    from diffroute.eval.reports import write_reports
 
     write_reports(result, cfg.out)
     return result

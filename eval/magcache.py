@@ -78,7 +78,7 @@ def find_calibration(transformer) -> Path | None:
 
 
 def save_ratios(path: Path, model_class: str, ratios: list[float], extra: dict) -> None:
-    from diffroute.io import atomic_write_json
+    from diffroute.utils.io import atomic_write_json
 
     atomic_write_json(path, {"format": FORMAT, "model_class": model_class, "mag_ratios": ratios, **extra})
 
@@ -86,7 +86,7 @@ def save_ratios(path: Path, model_class: str, ratios: list[float], extra: dict) 
 def load_ratios(transformer) -> list[float]:
     """The model's calibrated ratios, or an error that says how to make them."""
     from diffroute.errors import InputError
-    from diffroute.io import read_json
+    from diffroute.utils.io import read_json
 
     path = find_calibration(transformer)
     if path is None:

@@ -17,7 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
 import diffroute
-from diffroute.context import StepTracker, scheduler_step_source
+from diffroute.core.context import StepTracker, scheduler_step_source
 
 CONTEXT_HOOK, COUNT_HOOK = "diffroute_peer_context", "diffroute_peer_count"
 PEER_PREFIXES = ("diffusers:", "cachedit:")
@@ -165,7 +165,7 @@ def _apply_diffusers_cache(transformer, name: str, run: PeerRun) -> None:
         # ratios depend on the step count, known only when a call starts, so it is applied per call.
         from diffusers.hooks import MagCacheConfig, apply_mag_cache
 
-        from .magcache import load_ratios
+        from diffroute.eval.magcache import load_ratios
 
         ratios, threshold = load_ratios(transformer), float(m.group(1))
         run.per_call = lambda steps: apply_mag_cache(
@@ -267,3 +267,8 @@ def check_spec(spec) -> None:
             )
     else:
         diffroute.resolve_plan(spec)
+
+
+def peer_timing() -> dict:
+    """The `activate`, `deactivate` and `fraction` arguments of `metrics.timing.time_plans` that run peers too."""
+    return {"activate": activate, "deactivate": deactivate, "fraction": computed_fraction}

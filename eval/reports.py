@@ -7,10 +7,9 @@ import io
 import re
 from pathlib import Path
 
-from diffroute.imageio import grid, save_png
-from diffroute.io import atomic_write_bytes, atomic_write_json
-
-from .peers import PEER_PREFIXES
+from diffroute.eval.peers import PEER_PREFIXES
+from diffroute.utils.imageio import grid, save_png
+from diffroute.utils.io import atomic_write_bytes, atomic_write_json
 
 COLUMNS = [
     ("plan", "plan", "{}"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffroute.io import atomic_write_json
+from diffroute.utils.io import atomic_write_json
 
 
 def pyplot():
@@ -81,7 +81,7 @@ def elastic_histogram(pipe, plan, prompts: list[str], out: Path, seed=0, batch=3
 
 
 def _components(pipe) -> list:
-    from diffroute.arch import architecture_map
+    from diffroute.core.arch import architecture_map
 
     return architecture_map(pipe.transformer).components
 
@@ -100,8 +100,8 @@ def _spread(v: np.ndarray) -> dict:
 def moe_flop_share(pipe, steps: int = 20, call_kwargs=None) -> float:
     """The FFN FLOP share of the dense model over one generation, measured: every FFN's hidden units run per token
     (shared + taken routed slots), averaged over steps and the model's FFNs (dense ones count 1)."""
-    from diffroute.arch import architecture_map
-    from diffroute.routing.moe import moe_layers
+    from diffroute.core.arch import architecture_map
+    from diffroute.surgery.moe import moe_layers
 
     layers = moe_layers(pipe.transformer)
     for layer in layers:
@@ -178,7 +178,7 @@ def moe_load_plot(
 ) -> dict:
     """Per MoE layer: tokens per routed expert (C / S) and the share of tokens no routed expert picked, against t,
     one line per model (e.g. the three capacity schedules)."""
-    from diffroute.routing.moe import moe_layers
+    from diffroute.surgery.moe import moe_layers
 
     data = {}
     for name, pipe in models.items():

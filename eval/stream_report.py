@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffroute.io import atomic_write_json
-
-from .routing_report import generate, pyplot, quality_cells, quality_of
+from diffroute.eval.routing_report import generate, pyplot, quality_cells, quality_of
+from diffroute.utils.io import atomic_write_json
 
 
 def run_label(summary: dict) -> str:

@@ -1,6 +1,6 @@
 """Drop-in diffusers pipelines with diffroute built in: `enable_cache(plan)`, `disable_cache()`, `last_stats`."""
 
-from .routed import (
+from diffroute.pipelines.routed import (
     ROUTED_PIPELINES,
     RoutedDiTPipeline,
     RoutedFluxPipeline,

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 from diffroute.api import apply, get_executor, last_stats, remove
+from diffroute.core.executor import Executor
+from diffroute.core.stats import CallStats
 from diffroute.errors import InputError
-from diffroute.executor import Executor
-from diffroute.quiet import quiet_loading
-from diffroute.stats import CallStats
+from diffroute.utils.quiet import quiet_loading
 
 with quiet_loading():  # FLUX/SD3 pipelines import image processors that warn about torchvision on CPU installs
     from diffusers import (

@@ -14,7 +14,7 @@ PROMPTS = ["grinning face", "flag: japan"]
 def render_all() -> dict[str, np.ndarray]:
     """`MODEL|PLAN` -> uint8 images [2, 32, 32, 3], fp32, one thread (bits do not depend on scheduling then)."""
     import diffroute
-    from diffroute.shipped import plans_for
+    from diffroute.zoo.shipped import plans_for
 
     torch.set_num_threads(1)
     out = {}

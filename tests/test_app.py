@@ -9,7 +9,7 @@ import pytest
 
 from diffroute.app.app import build_demo
 from diffroute.app.service import DemoService
-from diffroute.schedule import Schedule
+from diffroute.core.schedule import Schedule
 
 # `make test BROWSER=0` asks for no browser: the test is skipped even where one is installed
 CHROMIUM = (

@@ -5,8 +5,8 @@ import pytest
 from conftest import prompts, run
 
 import diffroute
-from diffroute.attention import set_attention
 from diffroute.errors import InputError
+from diffroute.runtime.attention import set_attention
 from diffroute.zoo.tiny import TINY_PIPELINES
 
 

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diffroute
+from diffroute.core.schedule import MAX_FILE_BYTES, Schedule, ScheduleMismatchError
 from diffroute.errors import InputError, PlanError
-from diffroute.imageio import NonFiniteImagesError, to_uint8
-from diffroute.io import atomic_write_json
-from diffroute.schedule import MAX_FILE_BYTES, Schedule, ScheduleMismatchError
+from diffroute.utils.imageio import NonFiniteImagesError, to_uint8
+from diffroute.utils.io import atomic_write_json
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_one_step_works_and_bad_step_counts_are_refused(tiny_pipes, name):
 
 
 def test_non_finite_images_are_never_scored():
-    from diffroute.eval.fidelity import psnr
+    from diffroute.metrics.fidelity import psnr
 
     good = np.full((2, 4, 4, 3), 0.5, dtype=np.float32)
     bad = good.copy()

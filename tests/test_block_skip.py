@@ -6,7 +6,7 @@ import torch
 from conftest import NAMES, prompts, run
 
 import diffroute
-from diffroute.deciders import SKIP, Decider
+from diffroute.core.deciders import SKIP, Decider
 from diffroute.plans import Plan
 
 STEPS = 4
@@ -129,7 +129,7 @@ def test_soft_block_gate_weight_one_is_the_block_and_gradients_reach_the_gate(ti
 
 @pytest.mark.parametrize("name", NAMES)
 def test_per_sample_skip_computes_some_samples_and_skips_the_others(tiny_pipes, name):
-    from diffroute.deciders import SkipRows
+    from diffroute.core.deciders import SkipRows
 
     pipe = tiny_pipes(name)
     ps = prompts(name)

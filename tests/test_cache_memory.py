@@ -5,7 +5,7 @@ import torch
 from conftest import prompts, run
 
 import diffroute
-from diffroute.cache import tensors_of
+from diffroute.core.cache import tensors_of
 
 
 def _bytes_per_step(pipe, name) -> int:

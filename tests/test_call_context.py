@@ -8,10 +8,10 @@ import torch
 from conftest import NAMES, prompts, run
 from diffusers.hooks import HookRegistry
 
-from diffroute.call_context import HOOK, add_call_listener, has_call_listener, remove_call_listener
-from diffroute.routing.dar import apply_dar, remove_dar
-from diffroute.routing.fera import apply_fera, disable_fera
-from diffroute.routing.moe import remove_moe, upcycle_moe
+from diffroute.core.call_context import HOOK, add_call_listener, has_call_listener, remove_call_listener
+from diffroute.surgery.dar import apply_dar, remove_dar
+from diffroute.surgery.fera import apply_fera, disable_fera
+from diffroute.surgery.moe import remove_moe, upcycle_moe
 from diffroute.zoo.tiny import TINY_PIPELINES
 
 

@@ -6,7 +6,7 @@ import torch
 from conftest import NAMES, prompts, run
 
 import diffroute
-from diffroute.compiling import compile_transformer
+from diffroute.runtime.compiling import compile_transformer
 from diffroute.zoo.tiny import TINY_PIPELINES
 
 # The "eager" back-end runs dynamo's tracing, guards and graph breaks without inductor's code generation: the

@@ -11,7 +11,7 @@ import pytest
 from diffroute.zoo.emoji import WEIGHTS
 
 LOADERS = {
-    "router": "from diffroute.routing import load_router; load_router(sys.argv[1])",
+    "router": "from diffroute.routers import load_router; load_router(sys.argv[1])",
     "variant": "from diffroute.zoo.registry import load_transformer; load_transformer(sys.argv[1])",
 }
 
@@ -93,7 +93,7 @@ def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from diffroute.eval.images import load_uint8
+    from diffroute.metrics.images import load_uint8
 
     ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
     Image.fromarray(ramp).save(tmp_path / "g16.png")
@@ -142,10 +142,10 @@ def test_a_damaged_checkpoint_is_refused_on_resume(tmp_path):
 def test_non_finite_weights_are_never_saved_or_shipped(tmp_path, monkeypatch):
     import torch
 
-    import diffroute.shipped
+    import diffroute.zoo.shipped
     from diffroute.errors import InputError
-    from diffroute.routing.l2c import L2CRouter
-    from diffroute.zoo.checkpoint import require_finite
+    from diffroute.routers.l2c import L2CRouter
+    from diffroute.utils.checked_load import require_finite
 
     router = L2CRouter(num_steps=4, num_blocks=2, components=("attn1", "ff"), model_class="PixArtTransformer2DModel")
     with torch.no_grad():
@@ -153,9 +153,9 @@ def test_non_finite_weights_are_never_saved_or_shipped(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="NaN or infinite values"):
         require_finite(router.state_dict(), "the router")
     router.save_pretrained(tmp_path / "nan-router")
-    monkeypatch.setattr(diffroute.shipped, "WEIGHTS", tmp_path / "zoo")
+    monkeypatch.setattr(diffroute.zoo.shipped, "WEIGHTS", tmp_path / "zoo")
     with pytest.raises(InputError, match="training diverged"):
-        diffroute.shipped.install_router(tmp_path / "nan-router", "emoji", "nan")
+        diffroute.zoo.shipped.install_router(tmp_path / "nan-router", "emoji", "nan")
     assert not (tmp_path / "zoo").exists()
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import prompts, run
 
 import diffroute
-from diffroute.cache import tensors_of
+from diffroute.core.cache import tensors_of
 from diffroute.zoo.tiny import TINY_PIPELINES
 
 pytestmark = [
@@ -74,7 +74,7 @@ def test_full_is_bitwise_vanilla_in_half_precision(dtype):
 
 def test_xformers_backend():
     pytest.importorskip("xformers")
-    from diffroute.attention import set_attention
+    from diffroute.runtime.attention import set_attention
 
     pipe = _pipe(torch.float16)
     set_attention(pipe, "xformers")
@@ -86,7 +86,7 @@ def test_xformers_backend():
 
 
 def test_inductor_static_plan_compiles_once():
-    from diffroute.compiling import compile_transformer
+    from diffroute.runtime.compiling import compile_transformer
 
     torch._dynamo.reset()
     pipe = _pipe()

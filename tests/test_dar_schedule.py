@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import fresh_pipe, prompts, run
 
-from diffroute.arch import architecture_map
-from diffroute.routing.dar import apply_dar
-from diffroute.routing.dar_schedule import dar_skip_schedule
-from diffroute.schedule import Schedule, ScheduleMismatchError
+from diffroute.core.arch import architecture_map
+from diffroute.core.schedule import Schedule, ScheduleMismatchError
+from diffroute.surgery.dar import apply_dar
+from diffroute.surgery.dar_schedule import dar_skip_schedule
 from diffroute.zoo.registry import load_pipeline
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import NAMES, prompts, run
 
-from diffroute.cache import tensors_of
+from diffroute.core.cache import tensors_of
 from diffroute.pipelines import to_routed
 from diffroute.zoo.tiny import TINY_PIPELINES
 

@@ -7,7 +7,7 @@ from conftest import NAMES, prompts, run
 
 import diffroute
 from diffroute.errors import PlanError
-from diffroute.routing.elastic import ElasticPlan, ElasticRouter
+from diffroute.routers.elastic import ElasticPlan, ElasticRouter
 
 STEPS = 4
 
@@ -113,8 +113,8 @@ def _kwargs(name, n):
 def test_elastic_trains_on_every_family_and_loads_by_folder(tiny_pipes, name, tmp_path):
     from accelerate import Accelerator
 
-    from diffroute.routing import load_router
-    from diffroute.routing.train_elastic import ElasticConfig, train_elastic
+    from diffroute.routers import load_router
+    from diffroute.training.elastic import ElasticConfig, train_elastic
 
     pipe = tiny_pipes(name)
     ps = prompts(name)
@@ -137,7 +137,7 @@ def test_elastic_trains_on_every_family_and_loads_by_folder(tiny_pipes, name, tm
 def test_elastic_finetune_saves_a_loadable_model_variant(tmp_path):
     from accelerate import Accelerator
 
-    from diffroute.routing.train_elastic import ElasticConfig, train_elastic
+    from diffroute.training.elastic import ElasticConfig, train_elastic
     from diffroute.zoo.tiny import TINY_PIPELINES
 
     pipe = TINY_PIPELINES["pixart-alpha"]()  # its own copy: fine-tuning changes the weights

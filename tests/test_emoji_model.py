@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from diffroute.data.emoji import DATA_DIR, caption, held_out, load
 from diffroute.zoo import emoji as emoji_zoo
-from diffroute.zoo.emoji_data import DATA_DIR, caption, held_out, load
 
 WEIGHT_BUDGET_MB = 40
 
@@ -70,7 +70,7 @@ def test_pipeline_offline_and_deterministic(emoji_pipe, monkeypatch):
 
 
 def test_emoji_clip_ranks_own_caption_above_random():
-    from diffroute.eval.clipscore import emoji_clip_scores
+    from diffroute.metrics.clipscore import emoji_clip_scores
 
     data = load()
     held = np.flatnonzero(data["held_out"])

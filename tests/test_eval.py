@@ -12,8 +12,8 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from diffroute.eval import frechet
-from diffroute.eval.images import load_folder
+from diffroute.metrics import frechet
+from diffroute.metrics.images import load_folder
 
 
 class FlatFeatures(torch.nn.Module):
@@ -208,7 +208,7 @@ def test_compare_one_and_two_processes_agree(tmp_path):
 def test_psnr_summary_pooled_and_capped_mean():
     import torch
 
-    from diffroute.eval.fidelity import psnr_summary
+    from diffroute.metrics.fidelity import psnr_summary
 
     mse = torch.tensor([1e-2, 1e-4, 0.0])  # 20 dB, 40 dB, identical
     s = psnr_summary(mse)
@@ -220,7 +220,7 @@ def test_psnr_summary_pooled_and_capped_mean():
 
 
 def test_fd_bootstrap_interval_and_feature_bank_order():
-    from diffroute.eval.frechet import FeatureBank, _fd_of, fd_interval
+    from diffroute.metrics.frechet import FeatureBank, _fd_of, fd_interval
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(300, 4, generator=g, dtype=torch.float64)

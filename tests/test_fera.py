@@ -7,7 +7,7 @@ import torch
 from conftest import NAMES, fresh_pipe, prompts, run
 
 from diffroute.errors import PlanError
-from diffroute.routing.fera import (
+from diffroute.surgery.fera import (
     adapter_parameters,
     apply_fera,
     apply_lora,
@@ -18,7 +18,7 @@ from diffroute.routing.fera import (
     last_routing_weights,
     set_lora_enabled,
 )
-from diffroute.routing.surgery import from_pretrained
+from diffroute.surgery.loader import from_pretrained
 
 
 def _randomise_lora(transformer, seed=0):
@@ -128,7 +128,7 @@ def test_fera_with_uniform_routing_and_alpha_matched_is_one_lora_of_all_the_expe
 
 
 def test_balance_loss_is_zero_for_equal_use_and_pushes_away_from_collapse():
-    from diffroute.routing.train_fera import balance_loss
+    from diffroute.training.adapters import balance_loss
 
     assert float(balance_loss(torch.full((4, 3), 1 / 3))) == pytest.approx(0, abs=1e-6)
     assert float(balance_loss(torch.eye(3))) == pytest.approx(0, abs=1e-6)  # sharp per sample, equal on average
@@ -139,7 +139,7 @@ def test_balance_loss_is_zero_for_equal_use_and_pushes_away_from_collapse():
 
 
 def test_last_routing_weights_keep_their_graph_for_a_training_loss():
-    from diffroute.routing.train_fera import balance_loss
+    from diffroute.training.adapters import balance_loss
 
     pipe = fresh_pipe()
     router = apply_fera(pipe.transformer)
@@ -173,8 +173,8 @@ def test_fera_and_lora_save_and_load_with_the_transformer(tmp_path, which):
 
 
 def test_fecl_is_zero_when_the_update_matches_the_error_spectrum_and_positive_otherwise():
-    from diffroute.routing.fera import SIGMAS
-    from diffroute.routing.train_fera import fecl_loss
+    from diffroute.surgery.fera import SIGMAS
+    from diffroute.training.adapters import fecl_loss
 
     gen = torch.Generator().manual_seed(0)
     target = torch.randn(2, 4, 8, 8, generator=gen)

@@ -25,3 +25,15 @@ def test_to_routed_on_a_vanilla_pipeline_built_from_the_emoji_parts_runs_at_the_
     a = routed(["grinning face"], generator=torch.Generator().manual_seed(0), **kwargs).images
     b = zoo(["grinning face"], generator=torch.Generator().manual_seed(0), **kwargs).images
     assert a.shape == (1, 32, 32, 3) and np.array_equal(a, b)
+
+
+def test_casting_one_loaded_pipeline_leaves_the_others_alone():
+    """Pipelines loaded by name share no module that a cast or a device move of one of them would change."""
+    import diffroute
+
+    a = diffroute.load_pipeline("emoji")
+    b = diffroute.load_pipeline("emoji", dtype=torch.bfloat16)
+    assert b.text_encoder.dtype == torch.bfloat16 and a.text_encoder.dtype == torch.float32
+    kwargs = dict(num_inference_steps=2, output_type="np")
+    image = a(["grinning face"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()

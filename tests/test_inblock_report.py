@@ -16,8 +16,8 @@ from diffroute.eval.adapter_report import (
     run_label,
 )
 from diffroute.eval.stream_report import dar_weights, evaluated_steps, stream_table
-from diffroute.routing.dar import apply_dar
-from diffroute.routing.fera import apply_fera
+from diffroute.surgery.dar import apply_dar
+from diffroute.surgery.fera import apply_fera
 
 STEPS = 4
 PROMPTS = ["a red apple", "a smiling cat", "a blue car"]

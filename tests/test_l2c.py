@@ -12,9 +12,9 @@ from conftest import CALL_KWARGS, NAMES, prompts, run
 
 import diffroute
 from diffroute.errors import PlanError
-from diffroute.routing import L2CRouter, RouterPlan, load_router
-from diffroute.routing.train_l2c import L2CConfig, L2CLoss, train_l2c
-from diffroute.routing.trajectories import record_calls
+from diffroute.routers import L2CRouter, RouterPlan, load_router
+from diffroute.training.l2c import L2CConfig, L2CLoss, train_l2c
+from diffroute.training.trajectories import record_calls
 
 STEPS = 5
 
@@ -129,15 +129,15 @@ def test_train_cli_resumes_and_ships_nothing_without_ship(tmp_path):
 
 
 def test_search_is_seeded_with_shipped_routers_of_the_same_step_count(tiny_pipes, tmp_path, monkeypatch):
-    import diffroute.shipped
+    import diffroute.zoo.shipped
     from diffroute.cli.search import _router_seeds
 
     arch = diffroute.architecture_map(tiny_pipes("pixart-alpha").transformer)
     torch.manual_seed(0)
     router = L2CRouter.for_model(arch, STEPS, threshold=0.5)
     router.save_pretrained(tmp_path / "tiny-pixart" / "routers" / "l2c")
-    monkeypatch.setattr(diffroute.shipped, "WEIGHTS", tmp_path)
-    assert diffroute.shipped.shipped_routers() == {"tiny-pixart:l2c": tmp_path / "tiny-pixart" / "routers" / "l2c"}
+    monkeypatch.setattr(diffroute.zoo.shipped, "WEIGHTS", tmp_path)
+    assert diffroute.zoo.shipped.shipped_routers() == {"tiny-pixart:l2c": tmp_path / "tiny-pixart" / "routers" / "l2c"}
     seeds = _router_seeds("tiny-pixart", arch, STEPS)
     assert len(seeds) == 1 and torch.equal(seeds[0].compute, router.schedule().compute)
     assert _router_seeds("tiny-pixart", arch, STEPS + 1) == [] and _router_seeds("emoji", arch, STEPS) == []
@@ -165,9 +165,9 @@ _RUN = dict(capture_output=True, text=True, timeout=600)
 def test_shipped_router_resolves_by_name_for_untrusted_clients_but_folders_do_not(tmp_path):
     from diffusers import DPMSolverMultistepScheduler
 
-    from diffroute.plans import PLAN_EXAMPLES
+    from diffroute.plans import plan_examples
 
-    assert "emoji:l2c" in PLAN_EXAMPLES  # offered by the app's plan picker
+    assert "emoji:l2c" in plan_examples()  # offered by the app's plan picker
     plan = diffroute.resolve_plan("emoji:l2c", allow_files=False)
     assert isinstance(plan, RouterPlan) and plan.router.config.num_steps == 20
     plan.check_call(20, DPMSolverMultistepScheduler())

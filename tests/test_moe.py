@@ -8,10 +8,11 @@ import torch
 from conftest import NAMES, prompts, run
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffroute.arch import architecture_map
+import diffroute
+from diffroute.core.arch import architecture_map
 from diffroute.errors import InputError, PlanError
-from diffroute.routing.moe import moe_layers, parse_capacity, remove_moe, upcycle_moe
-from diffroute.routing.surgery import from_pretrained, is_modified_folder
+from diffroute.surgery.loader import from_pretrained, is_modified_folder
+from diffroute.surgery.moe import moe_layers, parse_capacity, remove_moe, upcycle_moe
 from diffroute.zoo.tiny import TINY_PIPELINES
 
 # Routed + shared slices must divide each tiny FFN's hidden units (Sana's GLUMBConv has 20).
@@ -191,8 +192,8 @@ def _tiny_nucleus():
 
 
 def test_nucleus_capacity_follows_the_schedule_and_caching_plans_hook_it():
-    from diffroute.executor import Executor
-    from diffroute.routing.moe import drive_nucleus_capacity, undrive_nucleus_capacity
+    from diffroute.core.executor import Executor
+    from diffroute.surgery.moe import drive_nucleus_capacity, undrive_nucleus_capacity
 
     model, inputs = _tiny_nucleus()
     layer = model.transformer_blocks[1].img_mlp
@@ -208,10 +209,10 @@ def test_nucleus_capacity_follows_the_schedule_and_caching_plans_hook_it():
     undrive_nucleus_capacity(model)
     assert layer.capacity_factor == 4.0
     with torch.no_grad():
-        ex = Executor(model, "full", num_inference_steps=2).attach()
+        ex = Executor(model, diffroute.resolve_plan("full"), num_inference_steps=2).attach()
         full = [model(**inputs, timestep=t).sample for t in ts]
         ex.detach()
-        ex = Executor(model, "fora-2", num_inference_steps=2).attach()
+        ex = Executor(model, diffroute.resolve_plan("fora-2"), num_inference_steps=2).attach()
         fora = [model(**inputs, timestep=t).sample for t in ts]
         ex.detach()
     assert all(torch.equal(a, b) for a, b in zip(full, dense, strict=True))
@@ -270,7 +271,7 @@ def test_train_moe_on_two_gloo_processes_matches_one(tmp_path):
 
 def test_shipped_variants_load_by_name_and_generate():
     import diffroute
-    from diffroute.routing.moe.capacity import Capacity
+    from diffroute.surgery.moe.capacity import Capacity
     from diffroute.zoo.registry import MODELS, load_pipeline, model_family
 
     assert {"emoji-moe", "emoji-elastic"} <= set(MODELS)
@@ -283,7 +284,7 @@ def test_shipped_variants_load_by_name_and_generate():
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
     plan = diffroute.resolve_plan("emoji-elastic:elastic")  # the router shipped with its fine-tuned backbone
     assert plan.router.config.num_steps == 20
-    from diffroute.shipped import plans_for
+    from diffroute.zoo.shipped import plans_for
 
     # the app offers a model its own shipped plans only: that router belongs to emoji-elastic's weights
     assert "emoji-elastic:elastic" in plans_for("emoji-elastic") and "emoji-elastic:elastic" not in plans_for("emoji")

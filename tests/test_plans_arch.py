@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import diffroute
-from diffroute.arch import ARCHITECTURES
+from diffroute.core.arch import ARCHITECTURES
 
 EXPECTED_COMPONENTS = {
     "pixart-alpha": {"attn1", "attn2", "ff"},

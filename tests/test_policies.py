@@ -6,7 +6,7 @@ import torch
 from conftest import NAMES, prompts, run
 
 import diffroute
-from diffroute.arch import ARCHITECTURES
+from diffroute.core.arch import ARCHITECTURES
 
 POLICIES = ["fbcache-0.2", "dbcache-F1B1-0.2", "teacache-0.3", "taylor-3"]
 
@@ -165,7 +165,7 @@ def test_teacache_rescaled_change_is_clamped_at_zero(tiny_pipes):
 
     pipe = tiny_pipes("pixart-alpha")
     h = arch.blocks[0].register_forward_pre_hook(watch, with_kwargs=True)
-    from diffroute.context import StepContext
+    from diffroute.core.context import StepContext
 
     ctx = StepContext(step=0, num_steps=10)
     try:

@@ -7,9 +7,9 @@ import torch
 from conftest import CALL_KWARGS, fresh_pipe
 
 from diffroute.eval.routing_report import elastic_histogram, moe_flop_share, moe_load_plot
-from diffroute.routing.elastic import ElasticPlan, ElasticRouter
-from diffroute.routing.moe import moe_layers, parse_capacity, upcycle_moe
-from diffroute.routing.moe.capacity import tokens_per_expert
+from diffroute.routers.elastic import ElasticPlan, ElasticRouter
+from diffroute.surgery.moe import moe_layers, parse_capacity, upcycle_moe
+from diffroute.surgery.moe.capacity import tokens_per_expert
 
 STEPS = 4
 PROMPTS = ["a red apple", "a smiling cat", "a blue car", "a tree"]

@@ -36,7 +36,7 @@ def test_warm_up_computes_the_first_steps_then_cycles_from_the_last(arch):
 
 
 def test_forecast_cells_round_trip_and_drive_the_decider(arch, tmp_path):
-    from diffroute.deciders import FORECAST, ScheduleDecider
+    from diffroute.core.deciders import FORECAST, ScheduleDecider
 
     s = Schedule.fora(arch, 6, 3)
     forecast = ~s.compute
@@ -49,7 +49,7 @@ def test_forecast_cells_round_trip_and_drive_the_decider(arch, tmp_path):
     plan = diffroute.resolve_plan(str(tmp_path / "t.json"))
     assert plan.cache_history == 2  # a forecast needs the last two outputs
     d = ScheduleDecider(t)
-    from diffroute.context import StepContext as ctx
+    from diffroute.core.context import StepContext as ctx
 
     assert [d.decide(ctx(step=i), 0, 0) for i in range(6)] == [True, False, FORECAST, True, FORECAST, FORECAST]
     assert d.must_store(ctx(step=0), 0, 0) and d.must_store(ctx(step=3), 0, 0)  # forecasting column: keep all

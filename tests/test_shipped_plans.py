@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import diffroute
-from diffroute.shipped import plans_for
+from diffroute.zoo.shipped import plans_for
 
 MODELS = ("emoji", "emoji-moe", "emoji-elastic")
 
@@ -69,7 +69,7 @@ def test_training_records_the_backbone_probe(tmp_path):
     import subprocess
     import sys
 
-    from diffroute.routing import load_router
+    from diffroute.routers import load_router
 
     args = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
     args += ["--iters", "1", "--prompt", "a red apple", "--prompt", "a cat", "--out", str(tmp_path / "run")]

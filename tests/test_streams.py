@@ -7,9 +7,9 @@ import torch
 from conftest import NAMES, fresh_pipe, prompts, run
 
 from diffroute.errors import PlanError
-from diffroute.routing.dar import DARAggregator, apply_dar, remove_dar
-from diffroute.routing.dtr import apply_dtr, dtr_masks, remove_dtr
-from diffroute.routing.surgery import from_pretrained, is_modified_folder
+from diffroute.surgery.dar import DARAggregator, apply_dar, remove_dar
+from diffroute.surgery.dtr import apply_dtr, dtr_masks, remove_dtr
+from diffroute.surgery.loader import from_pretrained, is_modified_folder
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -110,7 +110,7 @@ def test_train_dar_from_the_cli_and_load_back_with_snapshots(tmp_path):
 
 
 def test_from_scratch_starts_from_fresh_seeded_weights_with_the_rewrite():
-    from diffroute.routing.train_streams import StreamConfig, prepare
+    from diffroute.training.streams import StreamConfig, prepare
     from diffroute.zoo.registry import load_pipeline
 
     shipped = load_pipeline("emoji").transformer.pos_embed.proj.weight

@@ -2,9 +2,9 @@
 
 import torch
 
-from diffroute.eval.timing import flop_ideal_speedup, spread, timing_warnings
+from diffroute.core.stats import CallStats
+from diffroute.metrics.timing import flop_ideal_speedup, spread, timing_warnings
 from diffroute.search.cost import CostModel
-from diffroute.stats import CallStats
 
 
 def _stats(compute_map) -> CallStats:

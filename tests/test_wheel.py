@@ -87,7 +87,7 @@ def test_wheel_contains_every_package_and_the_shipped_files(wheel):
         "diffroute/zoo/weights/emoji-clip/diffusion_pytorch_model.safetensors",
         "diffroute/zoo/weights/emoji/routers/l2c/config.json",
         "diffroute/zoo/weights/emoji/routers/l2c/diffusion_pytorch_model.safetensors",
-        "diffroute/routing/l2c.py",
+        "diffroute/routers/l2c.py",
     ):
         assert shipped in names, shipped
     assert any(n.startswith("diffroute/zoo/weights/emoji/schedules/") and n.endswith(".json") for n in names)
@@ -98,7 +98,7 @@ def test_installed_wheel_imports_and_runs_outside_the_checkout(wheel_env, tmp_pa
     python, cli = wheel_env / "bin" / "python", wheel_env / "bin" / "diffroute"
     code = (
         "import json, diffroute, diffroute.policies, diffroute.search, diffroute.eval, diffroute.app\n"
-        "from diffroute.shipped import shipped_schedules\n"
+        "from diffroute.zoo.shipped import shipped_schedules\n"
         "from diffroute.zoo.emoji import WEIGHTS\n"
         "print(json.dumps({'file': diffroute.__file__, 'weights': str(WEIGHTS),"
         " 'schedules': sorted(shipped_schedules())}))\n"

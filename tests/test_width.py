@@ -10,10 +10,10 @@ from diffusers.models.attention import FeedForward
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffroute
-from diffroute.deciders import Decider, Width
+from diffroute.core.deciders import Decider, Width
+from diffroute.core.width import hidden_units, sliced_ffn, sliced_ffn_rows
 from diffroute.errors import PlanError
 from diffroute.plans import Plan
-from diffroute.width import hidden_units, sliced_ffn, sliced_ffn_rows
 
 FEEDFORWARD_FAMILIES = ["pixart-alpha", "pixart-sigma", "dit", "sd3", "flux"]
 

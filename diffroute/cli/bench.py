@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_model_arguments, call_kwargs, check_plans, generators, int_in, load
+from diffroute.cli.common import add_model_arguments, call_kwargs, check_plans, generators, int_in, load
 
 HELP = (
     "benchmarks: hook overhead and plan speedups (overhead); torch.compile and dtypes (compile); one block's FFN "
@@ -39,8 +39,8 @@ def run(args) -> dict:
         return _moe(args)
     import torch
 
-    from diffroute.arch import architecture_map
-    from diffroute.eval.timing import flop_ideal_speedup, time_plans, timing_warnings
+    from diffroute.core.arch import architecture_map
+    from diffroute.metrics.timing import flop_ideal_speedup, time_plans, timing_warnings
     from diffroute.search.cost import measure_cost
 
     names = [p.strip() for p in args.plans.split(",") if p.strip()]
@@ -63,7 +63,7 @@ def run(args) -> dict:
         pipe(prompts, generator=generators(args.seed, len(prompts), pipe.device), output_type="np", **kwargs)
 
     if args.which == "compile":
-        from . import bench_compile
+        from diffroute.cli import bench_compile
 
         return bench_compile.run(args, pipe, names, call)
 
@@ -117,7 +117,7 @@ def run(args) -> dict:
 
 
 def _moe(args) -> dict:
-    from diffroute.routing.moe.bench import bench_ffn
+    from diffroute.surgery.moe.bench import bench_ffn
 
     try:
         ks = tuple(float(k) for k in args.ks.split(","))

@@ -16,7 +16,7 @@ class _CompileSwitch:
     """Compiles the transformer (or its blocks) once and switches each row between the compiled and eager call."""
 
     def __init__(self, pipe, mode: str, backend: str):
-        from diffroute.compiling import compile_transformer
+        from diffroute.runtime.compiling import compile_transformer
 
         self.transformer, self.timer = pipe.transformer, None  # the timer, once it wraps the compiled call
         self.modules = compile_transformer(pipe, mode, backend=backend)
@@ -96,8 +96,8 @@ def _summed(reasons: Counter) -> Counter:
 def _time_dtype(args, pipe, names, call, dtype: str, reasons: Counter) -> dict:
     import torch
 
-    from diffroute.eval.timing import CallTimer, time_plans
-    from diffroute.runtime import cast_pipeline
+    from diffroute.metrics.timing import CallTimer, time_plans
+    from diffroute.utils.quiet import cast_pipeline
 
     torch._dynamo.reset()
     cast_pipeline(pipe, getattr(torch, dtype))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import (
+from diffroute.cli.common import (
     add_model_arguments,
     add_prompt_arguments,
     call_kwargs,
@@ -42,7 +42,7 @@ def calibration_prompts(model: str, n: int) -> list[str]:
     """Training captions for the emoji model: disjoint from the held-out evaluation captions."""
     import numpy as np
 
-    from diffroute.zoo.emoji_data import load
+    from diffroute.data.emoji import load
 
     data = load()
     caps = [str(c) for c in data["captions"][~data["held_out"]]]

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffroute.limits import MAX_SEED, MAX_STEPS, is_guidance
+from diffroute.runtime.arguments import add_runtime_arguments, attention_arg, int_in, runtime_of  # noqa: F401
+from diffroute.utils.limits import MAX_SEED, MAX_STEPS, is_guidance
 
 
 def add_model_arguments(p) -> None:
@@ -22,69 +23,6 @@ def add_model_arguments(p) -> None:
         "--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the first sample; sample i uses seed + i"
     )
     add_runtime_arguments(p)
-
-
-def add_runtime_arguments(p) -> None:
-    """--dtype, --attention, --compile, --threads (see diffroute.runtime)."""
-    from diffroute.attention import attention_names
-    from diffroute.compiling import COMPILE_MODES
-    from diffroute.runtime import DTYPES
-
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast the pipeline (default: as it loads)")
-    p.add_argument(
-        "--attention", type=attention_arg, default="default", help=f"attention back-end: {attention_names()}"
-    )
-    p.add_argument(
-        "--compile", choices=list(COMPILE_MODES), default="none", help="torch.compile the transformer (default none)"
-    )
-    p.add_argument(
-        "--threads",
-        type=int_in(1, 4096),
-        default=None,
-        help="CPU threads per process (default: as launched); images are bitwise reproducible across process "
-        "counts only at equal threads per process",
-    )
-
-
-def attention_arg(text: str) -> str:
-    """An argparse type: a known attention back-end name, refused at parse time."""
-    from diffroute.attention import check_attention_name
-    from diffroute.errors import InputError
-
-    try:
-        check_attention_name(text)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e)[0].lower() + str(e)[1:]) from None
-    return text
-
-
-def runtime_of(args):
-    from diffroute.runtime import Runtime
-
-    runtime = Runtime(
-        device=getattr(args, "device", None),
-        dtype=args.dtype,
-        attention=args.attention,
-        compile=args.compile,
-        threads=getattr(args, "threads", None),
-    )
-    runtime.check()
-    return runtime
-
-
-def int_in(low: int, high: int):
-    """An argparse type: an integer from low to high, refused at parse time (before any model loads)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: give {low} to {high}")
-        return value
-
-    return parse
 
 
 def float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
@@ -172,7 +110,7 @@ def read_prompts(args, default: list[str]) -> list[str]:
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty.")
     if getattr(args, "prompts_file", None):
-        from diffroute.io import read_prompt_lines
+        from diffroute.utils.io import read_prompt_lines
 
         prompts += read_prompt_lines(args.prompts_file)
     prompts = prompts or list(default)
@@ -183,7 +121,7 @@ def read_prompts(args, default: list[str]) -> list[str]:
 
 def generators(seed: int, n: int, device) -> list:
     """One generator per sample, seeded by its global index: a sample's image does not depend on its batch."""
-    from diffroute.seeding import sample_generators
+    from diffroute.utils.seeding import sample_generators
 
     return sample_generators(seed, range(n), device)
 
@@ -232,7 +170,7 @@ def check_run_dir(path, flag: str = "--out") -> Path:
     """The folder of a training run or search (resumable): refused when empty, inside the installed diffroute package,
     or holding a model or router that no diffroute run made (it would be replaced); created, writable, and held by
     this run alone (a second run into it at the same time is refused)."""
-    from diffroute.io import hold_folder
+    from diffroute.utils.io import hold_folder
 
     if not str(path).strip():
         raise ValueError(f"{flag} is empty: give a folder for the run (e.g. runs/NAME).")
@@ -261,7 +199,7 @@ def check_resume(out: Path, settings: dict, what: str) -> None:
     import json
     import os
 
-    from diffroute.fingerprint import check_or_record
+    from diffroute.utils.fingerprint import check_or_record
 
     normal = json.loads(json.dumps(settings, default=str))  # tuples as lists, as they read back
     fix = "Rerun with the settings it was started with, or give a new --out."
@@ -295,7 +233,7 @@ def check_out_file(path) -> Path:
 
 def check_zoo_model(model: str, flag: str) -> None:
     """Refuse `flag` (which installs into the zoo) for a model that has no folder in the package's zoo."""
-    from diffroute.shipped import WEIGHTS
+    from diffroute.zoo.shipped import WEIGHTS
 
     if not (WEIGHTS / model).is_dir():
         raise ValueError(f"{flag} installs into a zoo model's folder; {model!r} has none (zoo: {WEIGHTS}).")

@@ -6,9 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffroute.io import atomic_write_json
-
-from .common import (
+from diffroute.cli.common import (
     add_model_arguments,
     add_prompt_arguments,
     call_kwargs,
@@ -19,6 +17,7 @@ from .common import (
     load,
     read_prompts,
 )
+from diffroute.utils.io import atomic_write_json
 
 HELP = "generate images with a plan and compare with full compute"
 
@@ -60,8 +59,8 @@ def _time(pipe, runs: dict, prompts: list[str], args) -> dict:
     """Medians of `args.repeats` interleaved runs of every plan (the image runs were the warm-up), with their spread
     and each plan's FLOP-ideal transformer speedup."""
     import diffroute
-    from diffroute.arch import architecture_map
-    from diffroute.eval.timing import flop_ideal_speedup, time_plans
+    from diffroute.core.arch import architecture_map
+    from diffroute.metrics.timing import flop_ideal_speedup, time_plans
     from diffroute.search.cost import measure_cost
 
     kwargs = call_kwargs(pipe, args)
@@ -91,9 +90,10 @@ def run(args) -> dict:
     check_out_dir(args.out)
     import torch
 
-    from diffroute.eval.fidelity import psnr, ssim
-    from diffroute.eval.timing import timing_warnings
-    from diffroute.imageio import grid, save_png, to_pil, to_uint8
+    from diffroute.metrics.fidelity import psnr, ssim
+    from diffroute.metrics.timing import timing_warnings
+    from diffroute.utils.imageio import grid, save_png, to_pil, to_uint8
+
     pipe = load(args)
     check_plans(pipe, plans, args.steps)
     pipe.set_progress_bar_config(disable=False, file=sys.stderr, leave=False)

@@ -8,10 +8,9 @@ import os
 import sys
 import warnings
 
+from diffroute.cli import app, bench, calibrate, generate, search, train
+from diffroute.cli import eval as eval_cli
 from diffroute.errors import NonFiniteImagesError
-from diffroute.eval import cli as eval_cli
-
-from . import app, bench, calibrate, generate, search, train
 
 # Subcommand name -> module with add_arguments(parser) and run(args) -> dict (None: nothing to print on this
 # process); later issues add search and app.

@@ -11,7 +11,7 @@ HELP = "search compute schedules with a genetic algorithm (ECAD, NSGA-II)"
 
 
 def add_arguments(p) -> None:
-    from .common import COUNT, FRACTION, add_model_arguments, add_prompt_arguments, int_in
+    from diffroute.cli.common import COUNT, FRACTION, add_model_arguments, add_prompt_arguments, int_in
 
     add_model_arguments(p)
     add_prompt_arguments(p, "calibration", 32, " (default for emoji: training captions, never held-out)")
@@ -65,14 +65,13 @@ def run(args) -> dict | None:
     from accelerate import PartialState
 
     import diffroute
+    from diffroute.cli.calibrate import calibration_prompts
+    from diffroute.cli.common import call_kwargs, check_run_dir, load, read_prompts
     from diffroute.search.cost import measure_cost
     from diffroute.search.evaluate import ScheduleEvaluator
     from diffroute.search.front import pareto_front, pick, plot_front, save_front
     from diffroute.search.genome import GenomeSpace
     from diffroute.search.nsga import Search, SearchConfig
-
-    from .calibrate import calibration_prompts
-    from .common import call_kwargs, check_run_dir, load, read_prompts
 
     if args.pop < 4 or args.generations < 1 or args.n < 2:
         raise ValueError("need --pop >= 4, --generations >= 1 and --n >= 2.")
@@ -91,7 +90,7 @@ def run(args) -> dict | None:
     kwargs = call_kwargs(pipe, args)
     feature = None
     if args.quality == "fd":
-        from diffroute.eval.features import feature_extractor
+        from diffroute.metrics.features import feature_extractor
 
         feature = feature_extractor(args.features)
     _check_resume(args, pipe, prompts, kwargs, out, state)
@@ -161,7 +160,7 @@ def run(args) -> dict | None:
         i = pick(front, args.max_cost, args.quality, args.cost)
         result["picked"] = None if i is None else str(paths[i])
     if ship:
-        from diffroute.shipped import install_schedule
+        from diffroute.zoo.shipped import install_schedule
 
         result["shipped"] = {}
         for name, max_cost in ship.items():
@@ -179,7 +178,7 @@ def run(args) -> dict | None:
 
 
 def _calls(pipe, prompts, kwargs, seed):
-    from diffroute.seeding import sample_generators
+    from diffroute.utils.seeding import sample_generators
 
     def call():
         gens = sample_generators(seed, range(len(prompts)), pipe.device)
@@ -191,7 +190,7 @@ def _calls(pipe, prompts, kwargs, seed):
 def _latency_model(pipe, arch, prompts, kwargs, args, state):
     """Measure the latency table on this device and check it: predicted vs measured transformer speedups of FORA-2,
     FORA-3 and TaylorSeer-3 (printed; the issue's bar is agreement within 10%)."""
-    from diffroute.schedule import Schedule
+    from diffroute.core.schedule import Schedule
     from diffroute.search.cost import measure_latency, transformer_times
 
     call = _calls(pipe, prompts, kwargs, args.seed)
@@ -229,8 +228,8 @@ def _bac_seeds(pipe, arch, prompts, kwargs, args):
 def _router_seeds(model: str, arch, steps: int) -> list:
     """The schedules of the model's shipped L2C routers trained for this step count (a router is a static schedule;
     one trained for another step count or another model is left out)."""
-    from diffroute.routing import load_router
-    from diffroute.shipped import shipped_routers
+    from diffroute.routers import load_router
+    from diffroute.zoo.shipped import shipped_routers
 
     seeds = []
     for name, folder in shipped_routers().items():
@@ -257,9 +256,8 @@ def _minutes(text: str) -> float:
 
 def _parse_ship(spec: str, model: str, replace: bool = False) -> dict[str, float]:
     """'fast=0.7,faster=0.5' -> {'fast': 0.7, 'faster': 0.5}, checked before the search starts."""
-    from diffroute.shipped import check_ship
-
-    from .common import check_zoo_model
+    from diffroute.cli.common import check_zoo_model
+    from diffroute.zoo.shipped import check_ship
 
     check_zoo_model(model, "--ship")
     out = {}
@@ -281,7 +279,7 @@ def _check_resume(args, pipe, prompts, kwargs, out: Path, state) -> None:
     import shutil
 
     import diffroute
-    from diffroute.fingerprint import check_or_record_all, digest, weights_digest
+    from diffroute.utils.fingerprint import check_or_record_all, digest, weights_digest
 
     if args.overwrite and state.is_main_process:
         for child in out.iterdir():  # everything but the lock this run holds on the folder

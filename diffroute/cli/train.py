@@ -12,7 +12,7 @@ HELP = (
 
 
 def add_arguments(p) -> None:
-    from .common import COUNT, FRACTION, NONNEGATIVE, POSITIVE, float_in
+    from diffroute.cli.common import COUNT, FRACTION, NONNEGATIVE, POSITIVE, float_in
 
     sub = p.add_subparsers(dest="method", required=True, metavar="METHOD")
     l2c = sub.add_parser("l2c", help="Learning-to-Cache: per-step logits deciding which components may reuse")
@@ -50,13 +50,13 @@ def add_arguments(p) -> None:
     elastic.add_argument("--r-noisy", type=FRACTION, default=0.5, help="blocks kept at the noisiest t (default 0.5)")
     elastic.add_argument("--width-target", type=FRACTION, default=0.75, help="mean MLP width of kept blocks (0.75)")
 
-    from . import train_data
+    from diffroute.cli import train_data
 
     train_data.add_parsers(sub)
 
 
 def _add_common(p) -> None:
-    from .common import COUNT, add_model_arguments, add_prompt_arguments
+    from diffroute.cli.common import COUNT, add_model_arguments, add_prompt_arguments
 
     add_model_arguments(p)
     add_prompt_arguments(p, "training", 64, " (default for emoji: training captions, never held-out)")
@@ -74,15 +74,14 @@ def run(args) -> dict | None:
     import torch
     from accelerate import Accelerator
 
-    from diffroute.fingerprint import digest
-    from diffroute.routing.train_elastic import ElasticConfig
-    from diffroute.routing.train_l2c import L2CConfig
-
-    from .calibrate import calibration_prompts
-    from .common import call_kwargs, check_resume, check_run_dir, load, read_prompts
+    from diffroute.cli.calibrate import calibration_prompts
+    from diffroute.cli.common import call_kwargs, check_resume, check_run_dir, load, read_prompts
+    from diffroute.training.elastic import ElasticConfig
+    from diffroute.training.l2c import L2CConfig
+    from diffroute.utils.fingerprint import digest
 
     if args.method in ("moe", "dar", "dtr", "plain", "fera", "lora"):
-        from . import train_data
+        from diffroute.cli import train_data
 
         return train_data.run(args)
     # every number was checked by its argparse type (common.COUNT, POSITIVE, FRACTION, ...)
@@ -104,7 +103,7 @@ def run(args) -> dict | None:
     summary = train(pipe, prompts, call_kwargs(pipe, args), cfg, out, accelerator)
     summary["out"] = str(out)
     if ship and accelerator.is_main_process:
-        from diffroute.shipped import install_model_variant, install_router
+        from diffroute.zoo.shipped import install_model_variant, install_router
 
         model = args.model
         if getattr(args, "finetune", False):  # the router needs its fine-tuned backbone: a zoo variant MODEL-NAME
@@ -121,7 +120,7 @@ def _config_of(config_class, args):
 
 
 def _train_elastic(pipe, prompts, kwargs, cfg, out, accelerator) -> dict:
-    from diffroute.routing.train_elastic import train_elastic
+    from diffroute.training.elastic import train_elastic
 
     summary = train_elastic(pipe, prompts, kwargs, cfg, out, accelerator)
     if accelerator.is_main_process:
@@ -130,7 +129,7 @@ def _train_elastic(pipe, prompts, kwargs, cfg, out, accelerator) -> dict:
 
 
 def _train_l2c(pipe, prompts, kwargs, cfg, out, accelerator) -> dict:
-    from diffroute.routing.train_l2c import train_l2c
+    from diffroute.training.l2c import train_l2c
 
     summary = train_l2c(pipe, prompts, kwargs, cfg, out, accelerator)
     if accelerator.is_main_process:
@@ -144,9 +143,8 @@ def _train_l2c(pipe, prompts, kwargs, cfg, out, accelerator) -> dict:
 
 def _check_ship(args) -> str:
     """--ship NAME (and, for a fine-tuned Elastic backbone, the zoo variant MODEL-NAME it needs), before any work."""
-    from diffroute.shipped import check_ship
-
-    from .common import check_zoo_model
+    from diffroute.cli.common import check_zoo_model
+    from diffroute.zoo.shipped import check_ship
 
     check_zoo_model(args.model, "--ship")
     model = args.model

@@ -1,5 +1,5 @@
 """`diffroute train moe|dar|dtr|plain|fera|lora`: variants of the emoji transformer trained on its data (thin
-parsing; the training lives in `diffroute.routing`)."""
+parsing; the training lives in `diffroute.routers`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ADAPTERS = ("fera", "lora")
 
 
 def add_parsers(sub) -> None:
-    from .common import COUNT, FRACTION, NONNEGATIVE, POSITIVE, add_model_arguments, float_in, int_in
+    from diffroute.cli.common import COUNT, FRACTION, NONNEGATIVE, POSITIVE, add_model_arguments, float_in, int_in
 
     for method, text in HELPS.items():
         p = sub.add_parser(method, help=text)
@@ -91,7 +91,7 @@ def add_parsers(sub) -> None:
 
 
 def _moe_arguments(p) -> None:
-    from .common import NONNEGATIVE, float_in, int_in
+    from diffroute.cli.common import NONNEGATIVE, float_in, int_in
 
     p.add_argument(
         "--variant",
@@ -126,7 +126,7 @@ def run(args) -> dict | None:
     import torch
     from accelerate import Accelerator
 
-    from .common import check_resume, check_run_dir, check_zoo_model, load
+    from diffroute.cli.common import check_resume, check_run_dir, check_zoo_model, load
 
     if not 0 <= args.snapshots <= args.iters:
         raise ValueError(f"--snapshots must be between 0 and --iters ({args.iters}); got {args.snapshots}.")
@@ -135,7 +135,7 @@ def run(args) -> dict | None:
     cfg, train = _config_and_trainer(args)
     ship = getattr(args, "ship", None)
     if ship is not None:
-        from diffroute.shipped import check_ship
+        from diffroute.zoo.shipped import check_ship
 
         check_zoo_model(args.model, "--ship")
         if args.variant != "moe" or not ship.startswith(f"{args.model}-"):
@@ -154,7 +154,7 @@ def run(args) -> dict | None:
     if accelerator.is_main_process:
         print(f"{args.method}: model in {out / 'model'}", file=sys.stderr)
         if ship:
-            from diffroute.shipped import install_model_variant
+            from diffroute.zoo.shipped import install_model_variant
 
             summary["shipped_as"] = install_model_variant(out / "model", ship, method="moe")
     return summary if accelerator.is_main_process else None
@@ -168,19 +168,19 @@ def _config_and_trainer(args):
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in extra}, **extra)
 
     if args.method == "moe":
-        from diffroute.routing.moe import parse_capacity
-        from diffroute.routing.moe.train_moe import MoEConfig, train_moe
+        from diffroute.surgery.moe import parse_capacity
+        from diffroute.training.moe import MoEConfig, train_moe
 
         if not 0 <= args.dense_until <= args.sparse_from <= 1:
             raise ValueError("need 0 <= --dense-until <= --sparse-from <= 1.")
         parse_capacity(args.capacity).check(args.num_experts)
         return config_of(MoEConfig), train_moe
     if args.method in ADAPTERS:
-        from diffroute.routing.train_fera import AdapterConfig, train_adapter
+        from diffroute.training.adapters import AdapterConfig, train_adapter
 
         extra = {"num_experts": 1, "fecl": 0.0, "balance": 0.0} if args.method == "lora" else {}
         return config_of(AdapterConfig, method=args.method, **extra), train_adapter
-    from diffroute.routing.train_streams import StreamConfig, check, train_streams
+    from diffroute.training.streams import StreamConfig, check, train_streams
 
     defaults = {"mode": "retrofit", "query": "static+t", "beta": 0.8, "alpha": 4.0}
     extra = {k: v for k, v in defaults.items() if not hasattr(args, k)}

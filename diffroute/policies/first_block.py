@@ -18,13 +18,12 @@ import re
 
 import torch
 
-from diffroute.arch import ArchitectureMap
-from diffroute.deciders import Decider
+from diffroute.core.arch import ArchitectureMap
+from diffroute.core.deciders import Decider
+from diffroute.core.schedule import MAX_BLOCKS
 from diffroute.errors import PlanError
 from diffroute.plans import Plan, register_plan
-from diffroute.schedule import MAX_BLOCKS
-
-from .common import block_hidden_input, main_tensor, rel_l1
+from diffroute.policies.common import block_hidden_input, main_tensor, rel_l1
 
 
 class FirstBlockDecider(Decider):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
+from diffroute.core.schedule import Schedule
 from diffroute.plans import RulePlan, interval_arg, register_plan, warmup_arg
-from diffroute.schedule import Schedule
 
 
 def _taylor(m: re.Match) -> RulePlan:

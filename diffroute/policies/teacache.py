@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from diffroute.arch import ArchitectureMap
-from diffroute.deciders import Decider
+from diffroute.core.arch import ArchitectureMap
+from diffroute.core.deciders import Decider
 from diffroute.plans import Plan, register_plan
-
-from .common import rel_l1
+from diffroute.policies.common import rel_l1
 
 CALIBRATION_FILE = "teacache.json"
 
@@ -79,7 +78,7 @@ def find_calibration(arch: ArchitectureMap) -> Path | None:
 
 def load_coefficients(path: Path, arch: ArchitectureMap) -> list[float]:
     from diffroute.errors import InputError
-    from diffroute.io import read_json
+    from diffroute.utils.io import read_json
 
     d = read_json(path, "TeaCache calibration", max_bytes=2**20)
     if not isinstance(d, dict):
@@ -148,7 +147,7 @@ class TeaCachePlan(Plan):
         return (0,)
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
-        from diffroute.fingerprint import file_digest
+        from diffroute.utils.fingerprint import file_digest
 
         path = Path(self.calibration) if self.calibration else (find_calibration(arch) if arch else None)
         return {"plan": self.name, "calibration": file_digest(path) if path and path.is_file() else None}
@@ -173,7 +172,7 @@ register_plan(
 
 
 def save_calibration(path: Path, model_class: str, coefficients, extra: dict) -> None:
-    from diffroute.io import atomic_write_json
+    from diffroute.utils.io import atomic_write_json
 
     atomic_write_json(
         path,

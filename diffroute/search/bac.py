@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from diffroute.arch import ArchitectureMap
-from diffroute.cache import tensors_of
-from diffroute.schedule import Schedule
+from diffroute.core.arch import ArchitectureMap
+from diffroute.core.cache import tensors_of
+from diffroute.core.schedule import Schedule
 
 
 @torch.no_grad()

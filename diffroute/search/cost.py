@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffroute.arch import ArchitectureMap
-from diffroute.schedule import Schedule
+from diffroute.core.arch import ArchitectureMap
+from diffroute.core.schedule import Schedule
 
 
 @dataclass
@@ -99,7 +99,7 @@ class LatencyModel:
 
 def transformer_times(pipe, plans: dict, call, after=None) -> dict[str, float]:
     """Median transformer seconds of `call()` under each plan (interleaved, 3 repeats after a warm-up)."""
-    from diffroute.eval.timing import time_plans
+    from diffroute.metrics.timing import time_plans
 
     res = time_plans(pipe, plans, call, repeats=3, after=after)
     return {name: r["transformer_median_s"] for name, r in res.items()}
@@ -109,7 +109,7 @@ def transformer_times(pipe, plans: dict, call, after=None) -> dict[str, float]:
 def measure_latency(pipe, arch: ArchitectureMap, call, num_steps: int) -> LatencyModel:
     """Fit the latency table on the device: per-component times from forward timers during `full`, then the cost of
     a reused and of a forecast cell from runs that compute step 0 only (reuse) or steps 0-1 only (forecast)."""
-    from diffroute.eval.timing import ForwardTimer
+    from diffroute.metrics.timing import ForwardTimer
 
     timers = [[None if m is None else ForwardTimer(m) for m in row] for row in arch.modules]
     flat = [t for row in timers for t in row if t is not None]

@@ -7,12 +7,11 @@ import warnings
 import numpy as np
 
 import diffroute
-from diffroute.eval import frechet
-from diffroute.eval.fidelity import per_image_psnr, psnr
-from diffroute.imageio import to_uint8
-from diffroute.seeding import sample_generators
-
-from .cost import CostModel
+from diffroute.metrics import frechet
+from diffroute.metrics.fidelity import per_image_psnr, psnr
+from diffroute.search.cost import CostModel
+from diffroute.utils.imageio import to_uint8
+from diffroute.utils.seeding import sample_generators
 
 
 class ScheduleEvaluator:

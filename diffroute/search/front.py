@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
-from diffroute.io import atomic_write_bytes, atomic_write_json
-
-from .genome import GenomeSpace
+from diffroute.search.genome import GenomeSpace
+from diffroute.utils.io import atomic_write_bytes, atomic_write_json
 
 
 def pareto_front(records: list[dict], quality: str, cost: str = "cost") -> list[dict]:
     """Non-dominated records by (cost, quality objective), sorted by cost."""
-    from .nsga import quality_value
+    from diffroute.search.nsga import quality_value
 
     F = np.array([[r[cost], quality_value(r, quality)] for r in records])
     idx = NonDominatedSorting().do(F, only_non_dominated_front=True)
@@ -23,7 +22,7 @@ def pareto_front(records: list[dict], quality: str, cost: str = "cost") -> list[
 
 
 def save_front(front: list[dict], space: GenomeSpace, out: Path, settings: dict) -> list[Path]:
-    from .nsga import _str_to_bits
+    from diffroute.search.nsga import _str_to_bits
 
     paths = []
     for i, r in enumerate(front):
@@ -51,7 +50,7 @@ def save_front(front: list[dict], space: GenomeSpace, out: Path, settings: dict)
 
 def pick(front: list[dict], max_cost: float, quality: str, cost: str = "cost") -> int | None:
     """Index of the best-quality front member within the cost budget."""
-    from .nsga import quality_value
+    from diffroute.search.nsga import quality_value
 
     ok = [i for i, r in enumerate(front) if r[cost] <= max_cost]
     return min(ok, key=lambda i: quality_value(front[i], quality)) if ok else None

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from pymoo.core.mutation import Mutation
 
-from diffroute.arch import ArchitectureMap
-from diffroute.schedule import Schedule
+from diffroute.core.arch import ArchitectureMap
+from diffroute.core.schedule import Schedule
 
 
 class GenomeSpace:

@@ -28,9 +28,8 @@ from pymoo.operators.crossover.pntx import TwoPointCrossover
 from pymoo.problems.static import StaticProblem
 from tqdm.auto import tqdm
 
-from diffroute.io import atomic_write_json, read_json
-
-from .genome import GenomeSpace, StructuredMutation
+from diffroute.search.genome import GenomeSpace, StructuredMutation
+from diffroute.utils.io import atomic_write_json, read_json
 
 
 @dataclass

@@ -15,7 +15,7 @@ def _require(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: the emoji model ships with diffroute; rebuild it with "
-            "`python -m diffroute.zoo.emoji_data && python -m diffroute.zoo.train_emoji` (see README)."
+            "`python -m diffroute.data.emoji && python -m diffroute.zoo.train_emoji` (see README)."
         )
     return path
 
@@ -23,10 +23,9 @@ def _require(path: Path) -> Path:
 def load_emoji_pipeline():
     """RoutedPixArtAlphaPipeline with the shipped transformer/VAE (fp16 on disk, fp32 in memory), MiniLM and the
     call defaults the model was trained for (32x32, no resolution binning; see weights/emoji/diffroute.json)."""
+    from diffroute.metrics.text import load_text_encoder
     from diffroute.pipelines import RoutedPixArtAlphaPipeline
-    from diffroute.quiet import quiet_loading
-
-    from .text import load_text_encoder
+    from diffroute.utils.quiet import quiet_loading
 
     text_encoder, tokenizer = load_text_encoder()
     with quiet_loading():  # MiniLM instead of T5 is deliberate; diffusers would warn about the type
@@ -37,17 +36,10 @@ def load_emoji_pipeline():
 
 
 @lru_cache(maxsize=1)
-def load_emoji_clip():
-    """The emoji-CLIP image tower (fp32, eval mode)."""
-    from .emoji_clip import EmojiCLIP
-
-    return EmojiCLIP.from_pretrained(_require(WEIGHTS / "emoji-clip")).float().eval()
-
-
 def heldout_captions(n: int | None = None, spread: bool = False) -> list[str]:
     """Captions of the fixed held-out split (never trained on): all, the first n, or n spread over the list
     (the data set is sorted by code point, so the first ones are all keycaps and symbols)."""
-    from .emoji_data import load
+    from diffroute.data.emoji import load
 
     data = load()
     caps = [str(c) for c in data["captions"][data["held_out"]]]

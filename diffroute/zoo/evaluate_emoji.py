@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffroute.imageio import grid, save_png, to_pil, to_uint8
-from diffroute.io import atomic_write_json
-from diffroute.seeding import sample_generators
+from diffroute.utils.imageio import grid, save_png, to_pil, to_uint8
+from diffroute.utils.io import atomic_write_json
+from diffroute.utils.seeding import sample_generators
 
 
 def generate(pipe, captions: list[str], steps: int = 20, seed: int = 0, batch: int = 64, **kwargs) -> np.ndarray:
     """Float images [N, 32, 32, 3]; caption i uses a generator seeded with seed + i (batch-independent)."""
-    from .emoji import CALL_DEFAULTS
+    from diffroute.zoo.emoji import CALL_DEFAULTS
 
     call = {**CALL_DEFAULTS, **kwargs, "num_inference_steps": steps, "output_type": "np"}
     pipe.set_progress_bar_config(disable=True)
@@ -62,7 +62,7 @@ def own_nearest_fraction(fake: torch.Tensor, rows: np.ndarray, all_real: torch.T
 
 def load_checkpoint_transformer(pipe, checkpoint_dir: Path) -> None:
     """Put a training run's EMA weights (trainer checkpoint folder) into the pipeline's transformer."""
-    from .checkpoint import load_ema
+    from diffroute.training.checkpoint import load_ema
 
     pipe.transformer.load_state_dict(load_ema(checkpoint_dir))
 
@@ -76,12 +76,12 @@ def evaluate(
     checkpoint: Path | None = None,
     n_heldout: int | None = None,
 ) -> dict:
-    from diffroute.eval.clipscore import emoji_clip_scores
-    from diffroute.eval.features import EmojiClipFeatures
-    from diffroute.eval.frechet import frechet_distance
-
-    from .emoji import CALL_DEFAULTS, load_emoji_clip, load_emoji_pipeline
-    from .emoji_data import load
+    from diffroute.data.emoji import load
+    from diffroute.metrics.clipscore import emoji_clip_scores
+    from diffroute.metrics.emoji_clip import load_emoji_clip
+    from diffroute.metrics.features import EmojiClipFeatures
+    from diffroute.metrics.frechet import frechet_distance
+    from diffroute.zoo.emoji import CALL_DEFAULTS, load_emoji_pipeline
 
     data = load()
     held = np.flatnonzero(data["held_out"])

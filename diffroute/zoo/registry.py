@@ -6,9 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffroute.zoo.emoji as emoji
 from diffroute.errors import InputError
-
-from . import emoji
 
 
 @dataclass
@@ -33,7 +32,7 @@ class ModelEntry:
 
 
 def _tiny_pixart_demo():
-    from .tiny import tiny_pixart_demo
+    from diffroute.zoo.tiny import tiny_pixart_demo
 
     return tiny_pixart_demo()
 
@@ -63,7 +62,7 @@ def load_transformer(folder: Path, dtype=None):
 
     import diffusers
 
-    from diffroute.routing.surgery import from_pretrained, is_modified_folder
+    from diffroute.surgery.loader import from_pretrained, is_modified_folder
 
     if is_modified_folder(folder):
         return from_pretrained(folder, dtype=dtype)
@@ -92,7 +91,7 @@ def _register_variants() -> None:
     """Zoo variants shipped beside the base models: `weights/NAME/variant.json` names the base (e.g. emoji-moe)."""
     import json
 
-    from .emoji import WEIGHTS
+    from diffroute.zoo.emoji import WEIGHTS
 
     for spec in sorted(WEIGHTS.glob("*/variant.json")):
         try:
@@ -116,7 +115,7 @@ def _register_variants() -> None:
 
 
 def _emoji_clip_scores(images, captions):
-    from diffroute.eval.clipscore import emoji_clip_scores
+    from diffroute.metrics.clipscore import emoji_clip_scores
 
     return emoji_clip_scores(images, captions)
 
@@ -176,10 +175,10 @@ def load_pipeline(name: str = DEFAULT_MODEL, device=None, dtype=None):
                 f"Unknown model {name!r}: not a zoo name ({', '.join(MODELS)}), not a local folder, not a hub id."
             )
         from diffroute.pipelines.routed import read_call_defaults
-        from diffroute.quiet import loading_bars_off
+        from diffroute.utils.quiet import loading_bars_off
 
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        from diffroute.routing.surgery import from_pretrained, is_modified_folder
+        from diffroute.surgery.loader import from_pretrained, is_modified_folder
 
         if Path(name).is_dir() and is_modified_folder(Path(name) / "transformer"):  # diffusers would drop the experts
             kwargs["transformer"] = from_pretrained(Path(name) / "transformer", dtype=dtype)
@@ -199,7 +198,7 @@ def load_pipeline(name: str = DEFAULT_MODEL, device=None, dtype=None):
         dtype = None  # loaded in it
     pipe._diffroute_model_name = name
     if dtype is not None:
-        from diffroute.runtime import cast_pipeline
+        from diffroute.utils.quiet import cast_pipeline
 
         cast_pipeline(pipe, dtype)
     if device is not None:

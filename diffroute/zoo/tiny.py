@@ -6,7 +6,7 @@ import string
 
 import torch
 
-from .builders import kl_vae, pixart_transformer
+from diffroute.zoo.builders import kl_vae, pixart_transformer
 
 
 def _t5_tokenizer():

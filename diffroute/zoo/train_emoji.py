@@ -15,16 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import DDPMScheduler
 
-from . import emoji_data
-from .builders import kl_vae, pixart_transformer
-from .emoji_clip import EmojiCLIP
-from .text import sentence_embeddings, token_embeddings
-from .trainer import TrainConfig, train
+from diffroute.data import emoji as emoji_data
+from diffroute.metrics.emoji_clip import EmojiCLIP
+from diffroute.metrics.text import sentence_embeddings
+from diffroute.training.eps import BETAS, EpsBatches, images_of
+from diffroute.training.trainer import TrainConfig, train
+from diffroute.zoo.builders import kl_vae, pixart_transformer
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BETAS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000)
 
 
 def make_vae():
@@ -35,16 +34,12 @@ def make_transformer(hidden: int = 192, layers: int = 6):
     return pixart_transformer(layers, hidden, 64, caption_channels=384, out_channels=4)
 
 
-def _images(data, idx) -> torch.Tensor:
-    return torch.from_numpy(data["images"][idx.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 def stage_vae(data, train_idx, out: Path, acc: Accelerator, steps: int):
     torch.manual_seed(0)
     vae = make_vae()
 
     def loss_fn(model, idx, gen):
-        x = _images(data, train_idx[idx]).to(acc.device)
+        x = images_of(data, train_idx[idx]).to(acc.device)
         post = model.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(acc.device)
         rec = model.decode(z).sample
@@ -53,49 +48,9 @@ def stage_vae(data, train_idx, out: Path, acc: Accelerator, steps: int):
     train("vae", vae, loss_fn, len(train_idx), TrainConfig(steps=steps, lr=5e-4, warmup=100), out / "vae", acc)
     vae = acc.unwrap_model(vae).eval()
     with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's scaling_factor does
-        post = vae.encode(_images(data, train_idx[:1024]).to(acc.device)).latent_dist
+        post = vae.encode(images_of(data, train_idx[:1024]).to(acc.device)).latent_dist
         vae.register_to_config(scaling_factor=float(1.0 / post.mean.std()))
     return vae
-
-
-class EpsBatches:
-    """Noised training batches of the emoji data (epsilon prediction, 10% caption dropout): the VAE posterior
-    moments of the training images and their caption embeddings, computed once."""
-
-    def __init__(self, data, train_idx, vae, device):
-        captions = [str(c) for c in data["captions"][train_idx.numpy()]]
-        self.emb, self.mask = token_embeddings(captions)
-        self.null_emb, self.null_mask = token_embeddings([""])  # what the pipeline uses for the unconditional branch
-        with torch.no_grad():
-            moments = []
-            for i in range(0, len(train_idx), 256):
-                post = vae.encode(_images(data, train_idx[i : i + 256]).to(device)).latent_dist
-                moments.append(torch.cat([post.mean, post.std], 1).cpu())
-        self.moments, self.scale, self.device = torch.cat(moments), vae.config.scaling_factor, device
-        self.noise_sched = DDPMScheduler(**BETAS)
-
-    def __len__(self) -> int:
-        return len(self.moments)
-
-    def __call__(self, idx, gen) -> tuple[dict, torch.Tensor]:
-        """(the transformer's keyword arguments, the noise to predict) for the items `idx`."""
-        mean, std = self.moments[idx].chunk(2, 1)
-        x0 = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scale
-        t = torch.randint(0, 1000, (len(idx),), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        xt = self.noise_sched.add_noise(x0, eps, t)
-        drop = torch.rand(len(idx), generator=gen) < 0.1  # caption dropout for classifier-free guidance
-        e = torch.where(drop[:, None, None], self.null_emb, self.emb[idx])
-        am = torch.where(drop[:, None], self.null_mask, self.mask[idx])
-        dev = self.device
-        kwargs = dict(
-            hidden_states=xt.to(dev),
-            encoder_hidden_states=e.to(dev),
-            encoder_attention_mask=am.to(dev),
-            timestep=t.to(dev),
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        )
-        return kwargs, eps.to(dev)
 
 
 def stage_transformer(data, train_idx, vae, out: Path, acc: Accelerator, cfg: TrainConfig, model, name="transformer"):
@@ -187,7 +142,7 @@ def export(vae, transformer, clip, dest: Path = WEIGHTS_DIR) -> None:
         d = json.loads(config.read_text())
         d.pop("_name_or_path", None)
         config.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
-    from .emoji import CALL_DEFAULTS
+    from diffroute.zoo.emoji import CALL_DEFAULTS
 
     (tmp / "emoji" / "diffroute.json").write_text(json.dumps({"call_defaults": CALL_DEFAULTS}, indent=2) + "\n")
     clip.to(torch.float16).save_pretrained(tmp / "emoji-clip")

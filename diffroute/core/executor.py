@@ -1,0 +1,489 @@
+"""The executor: diffusers hooks on a transformer and its components that carry out a plan's decisions.
+
+Compile-friendly by construction: everything the executor does in Python (step tracking, decisions, the cache,
+stats) sits in methods marked `torch.compiler.disable`, so a compiled transformer (`transformer.compile()` or
+diffusers' `compile_repeated_blocks()`) breaks its graph around them instead of tracing them and recompiling at
+every step. The component hook's own frame is skipped by dynamo (`recursive=False`): it stays Python, and the
+component's forward it calls compiles as a graph of its own. One opaque call per component call (`stand_in`), two
+when the output must be kept (`keep`). Components a plan computes at every step and never stores (all of them under
+`full`) get no hook at all, so `full` compiles to vanilla's graph with two breaks (the step hook's start and end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from diffroute.core import blocks, width
+from diffroute.core.arch import ArchitectureMap, architecture_map
+from diffroute.core.cache import FeatureCache, rebuild, tensors_of
+from diffroute.core.call_context import rows_of, sub_batch
+from diffroute.core.context import StepContext, StepTracker, scheduler_step_source
+from diffroute.core.deciders import FORECAST, SKIP, SkipRows, SoftWidth, Width
+from diffroute.core.stats import CallStats, StatsRecorder
+from diffroute.errors import PlanError
+
+STEP_HOOK = "diffroute_step"
+BLOCK_HOOK = "diffroute_block"
+COMPONENT_HOOK = "diffroute_component"
+BLOCK_REUSE_HOOK = "diffroute_block_reuse"
+
+# diffusers' own caches (and layer skipping) decide, like a plan, what each block computes; stacked with a plan, each
+# corrupts the other's state (PAB's counter does not advance on reused steps, FasterCache finds our hook where it
+# looks for its own). So the combination is refused, in either order, and the other cache is left as it was.
+FOREIGN_CACHE_HOOKS = (
+    "faster_cache",
+    "fbc_",
+    "mag_cache",
+    "pyramid_attention_broadcast",
+    "sea_cache",
+    "taylorseer_cache",
+    "layer_skip",
+)
+
+
+def foreign_cache_hooks(transformer: torch.nn.Module) -> list[str]:
+    """Names of diffusers cache hooks registered anywhere in `transformer` (sorted, each once)."""
+    found = set()
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name in getattr(registry, "hooks", {}) if registry is not None else ():
+            if name.startswith(FOREIGN_CACHE_HOOKS):
+                found.add(name)
+    return sorted(found)
+
+
+def refuse_foreign_caches(transformer: torch.nn.Module) -> None:
+    """PlanError if a diffusers cache is on: a plan and such a cache cannot be stacked."""
+    found = foreign_cache_hooks(transformer)
+    if found:
+        raise PlanError(
+            f"a diffusers cache is enabled on this transformer ({', '.join(found)}): diffroute plans and diffusers' "
+            "caches both decide what each block computes and cannot be stacked. Disable one of them "
+            "(`pipe.transformer.disable_cache()`, or `pipe.disable_cache()` for the plan)."
+        )
+
+
+# What `stand_in` answers when the component must compute and its output be kept for later steps.
+KEEP = "keep"
+# Keyword arguments of component forwards that carry one row per sample (sliced when only some samples compute).
+BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_attention_mask", "temb")
+
+
+class _StepHook(ModelHook):
+    """On the transformer: advances the step context and times each forward."""
+
+    def __init__(self, executor: Executor):
+        super().__init__()
+        self.executor = executor
+
+    def pre_forward(self, module, *args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        self.executor.on_transformer_start(kwargs.get("timestep"), hidden)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.executor.on_transformer_end()
+        return output
+
+
+class _BlockHook(ModelHook):
+    """On a block a decider watches (dynamic policies): shows it the block's inputs and output."""
+
+    def __init__(self, executor: Executor, block: int):
+        super().__init__()
+        self.executor, self.block = executor, block
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.executor.on_block_start(self.block, module, args, kwargs)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.executor.on_block_end(self.block, output)
+        return output
+
+
+class _ComponentHook(ModelHook):
+    """On one component of one block: compute it, or stand in for it (the block's gates still apply)."""
+
+    def __init__(self, executor: Executor, block: int, comp: int):
+        super().__init__()
+        self.executor, self.block, self.comp = executor, block, comp
+
+    @torch.compiler.disable(recursive=False)  # this frame stays Python; the component's forward may still compile
+    def new_forward(self, module, *args, **kwargs):
+        out = self.executor.stand_in(self.fn_ref.original_forward, self.block, self.comp, args, kwargs)
+        if out is None or out is KEEP:
+            keep = out is KEEP
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if keep:
+                self.executor.keep(self.block, self.comp, out)
+        return out
+
+
+class _BlockReuseHook(ModelHook):
+    """On a block a plan decides as a whole (`Plan.block_level`): compute it, or stand in with its input plus the
+    residual it added at its last computation. Its components carry no hooks."""
+
+    def __init__(self, executor: Executor, block: int):
+        super().__init__()
+        self.executor, self.block = executor, block
+
+    @torch.compiler.disable(recursive=False)  # as _ComponentHook: this frame stays Python, the block may compile
+    def new_forward(self, module, *args, **kwargs):
+        out = self.executor.block_stand_in(self.fn_ref.original_forward, self.block, module, args, kwargs)
+        if out is None or out is KEEP:
+            keep = out is KEEP
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if keep:
+                self.executor.keep_block(self.block, module, args, kwargs, out)
+        return out
+
+
+class Executor:
+    """Attaches to one transformer, owns the step tracker, the feature cache and per-call stats."""
+
+    def __init__(self, transformer: torch.nn.Module, plan, scheduler=None, num_inference_steps: int | None = None):
+        self.transformer = transformer
+        self.arch: ArchitectureMap = architecture_map(transformer)
+        if not hasattr(plan, "decider"):
+            raise TypeError(f"Executor needs a resolved Plan (diffroute.resolve_plan(...)); got {type(plan).__name__}.")
+        self.plan = plan  # a diffroute.plans.Plan: plans build on core, core never imports them
+        self.plan.check(self.arch)  # refuse a schedule that does not fit, before any work
+        self.plan.check_model(transformer)
+        refuse_foreign_caches(transformer)
+        source = scheduler_step_source(scheduler) if scheduler is not None else None
+        default_steps = num_inference_steps or self.plan.default_num_steps
+        if scheduler is None and default_steps is None:
+            raise ValueError(
+                f"Plan {self.plan.name!r} needs to know the step count: apply it to a pipeline, or pass "
+                "num_inference_steps=... when applying it to a bare transformer."
+            )
+        self.scheduler = scheduler
+        self.tracker = StepTracker(source, default_steps)
+        self.default_num_steps = default_steps
+        self.cache = FeatureCache(history=self.plan.cache_history)
+        self.present = self.arch.present()
+        # Computed at every step and never stored: no hook needed (stats count them once per transformer call).
+        self.always = self.plan.always_computed(self.arch) & self.present
+        # Blocks decided as a whole (their components get no hooks; stats count them per block call).
+        self.block_level = self.plan.block_level(self.arch)
+        if not self.plan.decides_components_in_blocks:  # (else `always` means: computed whenever the block runs)
+            self.block_level &= ~self.always.all(1)
+        self.decider = None
+        self._block_forms: dict[int, tuple[bool, bool]] = {}  # per block: its output's form (see blocks.form_of)
+        self.stats: StatsRecorder | None = None
+        self.last_stats: CallStats | None = None
+        self._attached = False
+
+    # ---- attaching ------------------------------------------------------------------------------------------------
+    def attach(self) -> Executor:
+        HookRegistry.check_if_exists_or_initialize(self.transformer).register_hook(_StepHook(self), STEP_HOOK)
+        self._observed = sorted(self.plan.observed_blocks(self.arch))
+        for b in self._observed:
+            HookRegistry.check_if_exists_or_initialize(self.arch.blocks[b]).register_hook(
+                _BlockHook(self, b), BLOCK_HOOK
+            )
+        for b in self.block_level.nonzero().flatten().tolist():
+            HookRegistry.check_if_exists_or_initialize(self.arch.blocks[b]).register_hook(
+                _BlockReuseHook(self, b), BLOCK_REUSE_HOOK
+            )
+        for b, row in enumerate(self.arch.modules):
+            for c, module in enumerate(row):
+                in_block = self.block_level[b] and not self.plan.decides_components_in_blocks
+                if module is not None and not self.always[b, c] and not in_block:
+                    registry = HookRegistry.check_if_exists_or_initialize(module)
+                    registry.register_hook(_ComponentHook(self, b, c), COMPONENT_HOOK)
+        self._invalidate()
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        self.end_call()
+        HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(STEP_HOOK, recurse=False)
+        for b in self._observed:
+            self.arch.blocks[b]._diffusers_hook.remove_hook(BLOCK_HOOK, recurse=False)
+        for b in self.block_level.nonzero().flatten().tolist():
+            self.arch.blocks[b]._diffusers_hook.remove_hook(BLOCK_REUSE_HOOK, recurse=False)
+        for row in self.arch.modules:
+            for module in row:
+                if module is not None and hasattr(module, "_diffusers_hook"):
+                    module._diffusers_hook.remove_hook(COMPONENT_HOOK, recurse=False)
+        self._invalidate()
+        self._attached = False
+
+    def _invalidate(self) -> None:
+        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+
+    # ---- the call lifecycle -----------------------------------------------------------------------------------------
+    @property
+    def ctx(self) -> StepContext:
+        return self.tracker.ctx
+
+    @torch.compiler.disable
+    def on_transformer_start(self, timestep, hidden: torch.Tensor) -> None:
+        ctx, new_call = self.tracker.advance(timestep, hidden.shape[0])
+        if new_call or self.stats is None:
+            self._start_call(ctx.num_steps or self.default_num_steps, hidden.device)
+        self.stats.transformer_start(ctx.step, hidden.device)
+        self.stats.record_always(ctx.step, ctx.batch_size)
+
+    @torch.compiler.disable
+    def on_transformer_end(self) -> None:
+        if self.stats is not None:
+            self.stats.transformer_stop()
+
+    def _start_call(self, num_steps: int, device: torch.device) -> None:
+        self.end_call(reset_tracker=False)
+        refuse_foreign_caches(self.transformer)  # enabled after the plan: refused at its first call, nothing changed
+        self.decider = self.plan.decider(self.arch, num_steps)
+        # inside blocks decided as a whole, the block's record counts its components (`always` there means "whenever
+        # the block runs"), so only the other always-computed components are counted once per call
+        counted_always = self.always & ~self.block_level[:, None]
+        self.stats = StatsRecorder(num_steps, self.present, counted_always, device)
+        self.cache.reset_peak()
+
+    def end_call(self, reset_tracker: bool = True) -> None:
+        """Close the current pipeline call: publish its stats and free the cache."""
+        if self.stats is not None:
+            info = dict(self.decider.info(), plan=self.plan.name)
+            self.last_stats = self.stats.finish(
+                self.plan.name,
+                self.arch.block_names,
+                self.arch.components,
+                self.cache.peak_bytes,
+                info,
+                cache_bound_bytes=self.cache.bound_bytes(),
+            )
+        self.stats, self.decider = None, None
+        self.cache.clear()
+        if reset_tracker:
+            self.tracker.reset()
+
+    # ---- one block / component call ------------------------------------------------------------------------------
+    @torch.compiler.disable
+    def on_block_start(self, b: int, module, args: tuple, kwargs: dict) -> None:
+        if self.decider is not None:
+            self.decider.on_block_start(self.ctx, b, module, args, kwargs)
+
+    @torch.compiler.disable
+    def on_block_end(self, b: int, output) -> None:
+        if self.decider is not None:
+            self.decider.on_block_end(self.ctx, b, output)
+
+    @torch.compiler.disable
+    def stand_in(self, forward, b: int, c: int, args: tuple, kwargs: dict):
+        """Carry out the decider's decision where it is not a plain compute: the cached or forecast output, or the
+        cached output with some samples computed afresh. None: compute (also outside a transformer forward, where
+        there is nothing to decide); KEEP: compute, then hand the output to `keep` (a later step reuses it)."""
+        if self.decider is None:
+            return None
+        ctx, cache = self.ctx, self.cache
+        key, n = (ctx.branch, b, c), ctx.batch_size
+        decision = self.decider.decide(ctx, b, c)
+        if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft weight
+            return self._blend(forward, key, decision, args, kwargs)
+        # (inside a block decided as a whole the block's own record counts its components)
+        if isinstance(decision, SoftWidth):  # training: the FFN's hidden units masked, gradients through the mask
+            self._record_component(b, c, n, n)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return width.masked_ffn(self.arch.modules[b][c], hidden, decision.mask)
+        if isinstance(decision, Width):  # the FFN at a fraction of its hidden units, really sliced
+            self._record_component(b, c, n, n)
+            hidden, fraction = args[0] if args else kwargs["hidden_states"], decision.fraction
+            if isinstance(fraction, torch.Tensor):
+                fraction = rows_of(fraction)  # the block may run for some samples only
+            rows = hidden.shape[0]
+            done = float(fraction.float().sum()) if isinstance(fraction, torch.Tensor) else fraction * rows
+            self.stats.discount(ctx.step, b, c, rows - done)  # a sliced FFN counts as the share of units it ran
+            return width.sliced_ffn_rows(self.arch.modules[b][c], hidden, fraction)
+        if isinstance(decision, torch.Tensor):  # per-sample: True rows compute, the others reuse
+            if bool(decision.all()):
+                decision = True
+            elif not bool(decision.any()):
+                decision = False
+            else:
+                mixed = self._compute_rows(forward, key, decision, args, kwargs)
+                if mixed is not None:
+                    self._record_component(b, c, int(decision.sum()), n)
+                    return mixed
+                decision = True
+        if decision is False or decision is FORECAST:
+            out = cache.forecast(key, ctx.step, n) if decision is FORECAST else None
+            forecast = n if out is not None else 0
+            out = out if out is not None else cache.get(key, n)  # one output so far: reuse it
+            if out is not None:
+                self._record_component(b, c, 0, n, forecast)
+                return out
+        self._record_component(b, c, n, n)  # compute (also when nothing usable is cached)
+        return KEEP if self.decider.must_store(ctx, b, c) else None
+
+    def _record_component(self, b: int, c: int, n_computed: int, n: int, n_forecast: int = 0) -> None:
+        """Count a component call, except inside a block decided as a whole: the block's own record counts its
+        components (a second count here inflated `computed_fraction` of per-sample block routers)."""
+        if not self.block_level[b]:
+            self.stats.record(self.ctx.step, b, c, n_computed, n, n_forecast)
+
+    @torch.compiler.disable
+    def keep(self, b: int, c: int, out) -> None:
+        """Store a computed output that a later step may reuse."""
+        self.cache.put((self.ctx.branch, b, c), out, self.ctx.step)
+
+    def _blend(self, forward, key, weight: torch.Tensor, args: tuple, kwargs: dict):
+        """Training mode: `w * fresh + (1 - w) * cached` with gradients through `w` (a scalar, or one weight per
+        sample). The inference cache detaches and copies in place, which is right for inference only; here the cached
+        side is what earlier computed steps stored, and the blend itself is not stored."""
+        fresh = forward(*args, **kwargs)
+        cached = self.cache.get(key, self.ctx.batch_size)
+        self.stats.record(self.ctx.step, key[1], key[2], self.ctx.batch_size, self.ctx.batch_size)
+        if cached is None:  # nothing computed before: the component is its fresh output
+            return fresh
+
+        mixed = [None if f is None else blocks.mix(weight, f, c) for f, c in zip(tensors_of(fresh), tensors_of(cached))]
+        return rebuild(type(cached), mixed)
+
+    def _compute_rows(self, forward, key, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
+        """Compute the component for the masked samples only and merge them into the cached output."""
+        cached = self.cache.get(key, self.ctx.batch_size)
+        if cached is None:
+            return None
+        rows = rows_mask.nonzero().squeeze(1)
+        n = self.ctx.batch_size
+
+        def take(x):
+            return x.index_select(0, rows) if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == n else x
+
+        args = (take(args[0]), *args[1:]) if args else args
+        kwargs = {k: take(v) if k in BATCHED_KWARGS else v for k, v in kwargs.items()}
+        with sub_batch(rows, n):
+            fresh = tensors_of(forward(*args, **kwargs))
+        merged = [None if c is None else c.clone().index_copy_(0, rows, f) for c, f in zip(tensors_of(cached), fresh)]
+        out = rebuild(type(cached), merged)
+        self.cache.put(key, out, self.ctx.step)
+        return out
+
+    # ---- one block decided as a whole -----------------------------------------------------------------------------
+    @torch.compiler.disable
+    def block_stand_in(self, forward, b: int, module, args: tuple, kwargs: dict):
+        """`stand_in` for a whole block: input plus cached residual (reuse), the block computed for some samples
+        and reused for the others, None (compute) or KEEP (compute, then `keep_block`)."""
+        if self.decider is None:
+            return None
+        ctx, n = self.ctx, self.ctx.batch_size
+        key = (ctx.branch, b, "block")
+        if self.decider.reads_block_inputs:  # a router that decides from the block's tokens
+            self.decider.block_inputs(ctx, b, blocks.bind(module, args, kwargs).arguments)
+        decision = self.decider.decide_block(ctx, b)
+        if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft gate
+            bound = blocks.bind(module, args, kwargs)
+            out = blocks.call(forward, bound)
+            self._block_forms[b] = blocks.form_of(out)
+            self._record_block(b, n, n)
+            return blocks.gate(bound.arguments, out, decision)
+        if isinstance(decision, SkipRows):  # per sample: compute or skip
+            if bool(decision.compute.all()):
+                decision = True
+            elif not bool(decision.compute.any()):
+                decision = SKIP
+            else:
+                self._record_block(b, int(decision.compute.sum()), n)
+                return self._skip_rows(forward, b, module, decision.compute, args, kwargs)
+        if decision is SKIP:
+            if b not in self._block_forms:  # its output's form, once per executor, from one sample (discarded;
+                # a zero-row batch would break PixArt's modulation reshape)
+                bound = blocks.bind(module, args, kwargs)
+                first = torch.zeros(1, dtype=torch.long, device=bound.arguments["hidden_states"].device)
+                self._block_forms[b] = blocks.form_of(self._call_rows(forward, b, bound, first))
+            self._record_block(b, 0, n)
+            return blocks.identity(blocks.bind(module, args, kwargs).arguments, self._block_forms[b])
+        if isinstance(decision, torch.Tensor):
+            if bool(decision.all()):
+                decision = True
+            elif not bool(decision.any()):
+                decision = False
+            else:
+                mixed = self._block_rows(forward, key, module, decision, args, kwargs)
+                if mixed is not None:
+                    self._record_block(b, int(decision.sum()), n)
+                    return mixed
+                decision = True
+        if decision is False:
+            res = self.cache.get(key, n)
+            if res is not None:
+                self._record_block(b, 0, n)
+                return blocks.add_residual(blocks.bind(module, args, kwargs).arguments, res)
+        self._record_block(b, n, n)
+        return KEEP if self.decider.must_store_block(ctx, b) else None
+
+    @torch.compiler.disable
+    def keep_block(self, b: int, module, args: tuple, kwargs: dict, out) -> None:
+        """Store what a computed block added to its input, for later steps to reuse."""
+        res = blocks.residual(blocks.bind(module, args, kwargs).arguments, out)
+        self.cache.put((self.ctx.branch, b, "block"), res, self.ctx.step)
+
+    def _record_block(self, b: int, n_computed: int, n: int) -> None:
+        for c, present in enumerate(self.present[b].tolist()):
+            if present:
+                self.stats.record(self.ctx.step, b, c, n_computed, n)
+
+    def _block_rows(self, forward, key, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
+        """Compute the block for the masked samples only; the others get input plus cached residual. The computed
+        samples' outputs are the block's own (not input + residual, which rounds differently)."""
+        cached = self.cache.get(key, self.ctx.batch_size)
+        if cached is None:
+            return None
+        rows, n = rows_mask.nonzero().squeeze(1), self.ctx.batch_size
+        bound = blocks.bind(module, args, kwargs)
+        part = blocks.rows_of(bound, rows, n)
+        with sub_batch(rows, n):
+            fresh = blocks.call(forward, part)
+        fresh_res = tensors_of(blocks.residual(part.arguments, fresh))
+        merged = [
+            None if c is None else c.clone().index_copy_(0, rows, f) for c, f in zip(tensors_of(cached), fresh_res)
+        ]
+        res = rebuild(type(cached), merged)
+        self.cache.put(key, res, self.ctx.step)
+        out = tensors_of(blocks.add_residual(bound.arguments, res))
+        out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
+        return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)
+
+    def _call_rows(self, forward, b: int, bound, rows: torch.Tensor):
+        """The block run for `rows` only; per-sample component decisions inside it select these rows."""
+        with sub_batch(rows, self.ctx.batch_size):
+            return blocks.call(forward, blocks.rows_of(bound, rows, self.ctx.batch_size))
+
+    def _skip_rows(self, forward, b: int, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
+        """Run the block for the masked samples only; the others return their input."""
+        rows = rows_mask.nonzero().squeeze(1)
+        bound = blocks.bind(module, args, kwargs)
+        fresh = self._call_rows(forward, b, bound, rows)
+        self._block_forms[b] = blocks.form_of(fresh)
+        skipped = blocks.identity(bound.arguments, self._block_forms[b])
+        out = [None if x is None else x.clone() for x in tensors_of(skipped)]
+        out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
+        return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)
+
+    def check_call(self, num_steps: int | None) -> None:
+        """Raise before a pipeline call starts if the plan cannot run it (a router trained for another step count)."""
+        self.plan.check_call(num_steps, self.scheduler)
+
+    @contextlib.contextmanager
+    def at_step(self, step: int, branch: int = 0):
+        """Run the transformer calls inside as step `step` (and CFG branch `branch`) of one call: for training and
+        calibration, which replay recorded steps out of order. `end_call()` starts a fresh call (empty cache)."""
+        self.tracker.pin(step, branch)
+        try:
+            yield self
+        finally:
+            self.tracker.unpin()
+
+    @contextlib.contextmanager
+    def pipeline_call(self):
+        """Bracket one pipeline call: fresh state at entry, stats and a clean slate at exit, even on error."""
+        self.end_call()
+        try:
+            yield self
+        finally:
+            self.end_call()

@@ -1,0 +1,254 @@
+"""Compute schedules: per (step, block, component) compute, reuse or forecast, with metadata and JSON I/O.
+
+A schedule is a boolean `compute` tensor [steps x blocks x components] (True = compute) and a boolean `forecast`
+tensor of the same shape (True = a skipped cell is extrapolated from the component's last two computed outputs
+instead of reusing the last one). In JSON each cell is one character: 1 compute, 0 reuse, f forecast."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from diffroute.core.arch import ArchitectureMap
+from diffroute.errors import InputError
+from diffroute.utils.io import atomic_write_json, read_json
+from diffroute.utils.limits import MAX_BLOCKS, MAX_STEPS
+
+FORMAT = "diffroute.schedule/v1"
+MAX_FILE_BYTES = 8 * 2**20  # 1000 steps x 1000 blocks x 3 components is ~4 MB of rows
+
+
+class ScheduleMismatchError(InputError):
+    """Raised before any work when a schedule is malformed or does not fit the model it is applied to."""
+
+
+@dataclass
+class Schedule:
+    """Which component of which block runs at which denoising step; a reused component returns its cached output."""
+
+    compute: torch.Tensor  # bool [steps, blocks, components]
+    model_class: str
+    components: tuple[str, ...]
+    provenance: dict = field(default_factory=dict)
+    forecast: torch.Tensor | None = None  # bool, same shape; only where compute is False. None: no forecasts
+
+    def __post_init__(self):
+        self.compute = torch.as_tensor(self.compute, dtype=torch.bool).cpu()
+        self.forecast = (
+            torch.zeros_like(self.compute)
+            if self.forecast is None
+            else torch.as_tensor(self.forecast, dtype=torch.bool).cpu()
+        )
+        if self.forecast.shape != self.compute.shape:
+            raise ScheduleMismatchError(f"forecast must have compute's shape {tuple(self.compute.shape)}.")
+        if bool((self.forecast & self.compute).any()):
+            raise ScheduleMismatchError("a cell cannot both compute and forecast: forecast marks skipped cells.")
+        self.components = tuple(self.components)
+        if self.compute.ndim != 3 or self.compute.shape[2] != len(self.components):
+            raise ScheduleMismatchError(
+                f"compute must be [steps, blocks, {len(self.components)} components]; got {tuple(self.compute.shape)}."
+            )
+        if self.compute.shape[0] < 1:
+            raise ScheduleMismatchError("a schedule needs at least one step.")
+        if not bool(self.compute[0].all()):
+            raise ScheduleMismatchError(
+                "step 0 of a schedule must compute every component: nothing is cached before the first step."
+            )
+
+    @property
+    def num_steps(self) -> int:
+        return self.compute.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.compute.shape[1]
+
+    # ---- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def full(cls, arch: ArchitectureMap, num_steps: int) -> Schedule:
+        """Compute everything (the vanilla model)."""
+        return cls._filled(arch, num_steps, {"rule": "full"})
+
+    @classmethod
+    def fora(cls, arch: ArchitectureMap, num_steps: int, n: int, warmup: int = 0) -> Schedule:
+        """FORA: every component of every block computes every `n`-th step and is reused in between; with a warm-up,
+        the first `warmup` steps all compute and the cycle counts from the last of them."""
+        rule = f"fora-{n}" + (f"-w{warmup}" if warmup else "")
+        return cls.intervals(arch, num_steps, {c: n for c in arch.components}, rule=rule, warmup=warmup)
+
+    @classmethod
+    def intervals(
+        cls,
+        arch: ArchitectureMap,
+        num_steps: int,
+        every: Mapping[str, int],
+        rule: str | None = None,
+        warmup: int = 0,
+    ) -> Schedule:
+        """Per-component intervals, e.g. {"attn1": 2, "attn2": 4, "ff": 2}; components not named compute always.
+        Steps before `warmup` compute everything (a forecast needs two computed outputs: TaylorSeer computes its
+        first two steps); after it, a component computes when (step - warmup + 1) is a multiple of its interval."""
+        unknown = set(every) - set(arch.components)
+        if unknown:
+            raise ScheduleMismatchError(
+                f"unknown components {sorted(unknown)}; {arch.model_class} has {arch.components}."
+            )
+        if not 0 <= int(warmup) <= num_steps:
+            raise ValueError(f"warm-up must be 0 to {num_steps} steps, got {warmup}.")
+        provenance = {"rule": rule or "intervals", "every": dict(every)}
+        if warmup:
+            provenance["warmup"] = int(warmup)
+        s = cls._filled(arch, num_steps, provenance)
+        steps = torch.arange(num_steps)
+        phase = max(int(warmup) - 1, 0)
+        for name, n in every.items():
+            if int(n) < 1:
+                raise ValueError(f"interval for {name!r} must be >= 1, got {n}.")
+            s.compute[:, :, arch.components.index(name)] = ((steps < warmup) | ((steps - phase) % int(n) == 0))[:, None]
+        return s
+
+    @classmethod
+    def ranges(cls, arch: ArchitectureMap, num_steps: int, rules: Iterable[Mapping]) -> Schedule:
+        """Explicit ranges: each rule {"blocks": [a, b), "steps": [c, d), "components": [...], "every": n} makes those
+        cells compute only every n-th step (default: never, i.e. reuse the last computed output)."""
+        rules = [{k: list(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in rules]  # JSON-ready
+        s = cls._filled(arch, num_steps, {"rule": "ranges", "ranges": rules})
+        for r in rules:
+            b0, b1 = r.get("blocks", (0, arch.num_blocks))
+            t0, t1 = r.get("steps", (1, num_steps))
+            comps = r.get("components", arch.components)
+            every = int(r.get("every", 0))
+            if not (0 <= b0 < b1 <= arch.num_blocks) or not (0 <= t0 < t1 <= num_steps):
+                raise ScheduleMismatchError(
+                    f"range {r} is outside the model ({arch.num_blocks} blocks) or the steps ({num_steps})."
+                )
+            for name in comps:
+                if name not in arch.components:
+                    raise ScheduleMismatchError(
+                        f"unknown component {name!r}; {arch.model_class} has {arch.components}."
+                    )
+                steps = torch.arange(t0, t1)
+                keep = (steps % every == 0) if every > 0 else torch.zeros_like(steps, dtype=torch.bool)
+                s.compute[t0:t1, b0:b1, arch.components.index(name)] = keep[:, None]
+        s.compute[0] = True
+        return s
+
+    @classmethod
+    def _filled(cls, arch: ArchitectureMap, num_steps: int, provenance: dict) -> Schedule:
+        if int(num_steps) < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        compute = torch.ones(int(num_steps), arch.num_blocks, len(arch.components), dtype=torch.bool)
+        return cls(compute, arch.model_class, arch.components, provenance)
+
+    # ---- fitting a model and a step count -----------------------------------------------------------------------
+    def check_fits(self, arch: ArchitectureMap) -> None:
+        """Raise ScheduleMismatchError, saying what does not fit, unless this schedule fits `arch`."""
+        problems = []
+        if self.model_class != arch.model_class:
+            problems.append(f"it was made for {self.model_class}, the model is {arch.model_class}")
+        if self.num_blocks != arch.num_blocks:
+            problems.append(f"it has {self.num_blocks} blocks, the model has {arch.num_blocks}")
+        if self.components != arch.components:
+            problems.append(f"its components are {list(self.components)}, the model's are {list(arch.components)}")
+        if problems:
+            raise ScheduleMismatchError(
+                "This schedule does not fit the model: " + "; ".join(problems) + ". Build one for this model "
+                "(e.g. diffroute.Schedule.fora(diffroute.architecture_map(pipe.transformer), steps, 3)) or search "
+                "one with `diffroute search`."
+            )
+
+    def resample(self, num_steps: int) -> Schedule:
+        """The same schedule for another step count, by nearest normalised time (step i -> i/(n-1))."""
+        if num_steps == self.num_steps:
+            return self
+        src = [round(i * (self.num_steps - 1) / max(num_steps - 1, 1)) for i in range(num_steps)]
+        prov = dict(self.provenance, resampled_from=self.num_steps)
+        return Schedule(self.compute[src].clone(), self.model_class, self.components, prov, self.forecast[src].clone())
+
+    @property
+    def has_forecasts(self) -> bool:
+        return bool(self.forecast.any())
+
+    def with_forecasts(self) -> Schedule:
+        """The same compute cells, every skipped cell forecast (TaylorSeer-style) instead of reused."""
+        return Schedule(self.compute, self.model_class, self.components, dict(self.provenance), ~self.compute)
+
+    def computed_fraction(self, present: torch.Tensor | None = None) -> float:
+        """Executed component calls / all component calls (only components the blocks have, when `present` given)."""
+        mask = torch.ones_like(self.compute[0]) if present is None else present
+        return float(self.compute[:, mask].float().mean())
+
+    # ---- JSON ---------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        cells = self.compute.to(torch.uint8) + 2 * self.forecast.to(torch.uint8)  # 0 reuse, 1 compute, 2 forecast
+        rows = [" ".join("".join("01f"[c] for c in block) for block in step) for step in cells.tolist()]
+        return {
+            "format": FORMAT,
+            "model_class": self.model_class,
+            "num_steps": self.num_steps,
+            "num_blocks": self.num_blocks,
+            "components": list(self.components),
+            "provenance": self.provenance,
+            "compute": rows,
+        }
+
+    @classmethod
+    def from_dict(cls, d, source: str = "schedule") -> Schedule:
+        """Validate a schedule's JSON object field by field (see README, "schedule files") and build it."""
+
+        def bad(msg: str) -> ScheduleMismatchError:
+            return ScheduleMismatchError(f"{source}: {msg}")
+
+        if not isinstance(d, Mapping):
+            raise bad(f"must be a JSON object with the fields of {FORMAT}, got {type(d).__name__}.")
+        if d.get("format") != FORMAT:
+            raise ScheduleMismatchError(
+                f"{source} is not a diffroute schedule (format {d.get('format')!r}, want {FORMAT!r})."
+            )
+        model_class, components, provenance = d.get("model_class"), d.get("components"), d.get("provenance", {})
+        if not isinstance(model_class, str) or not model_class:
+            raise bad(
+                "'model_class' must be a non-empty string (the transformer class, e.g. PixArtTransformer2DModel)."
+            )
+        if (
+            not isinstance(components, list)
+            or not components
+            or not all(isinstance(c, str) and c for c in components)
+            or len(set(components)) != len(components)
+        ):
+            raise bad('\'components\' must be a list of distinct component names, e.g. ["attn1", "attn2", "ff"].')
+        if not isinstance(provenance, Mapping):
+            raise bad("'provenance' must be an object (or left out).")
+        limits = {"num_steps": MAX_STEPS, "num_blocks": MAX_BLOCKS}
+        for key, top in limits.items():
+            v = d.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+                raise bad(f"'{key}' must be an integer from 1 to {top}, got {v!r}.")
+        rows = d.get("compute")
+        if not isinstance(rows, list) or len(rows) != d["num_steps"]:
+            got = len(rows) if isinstance(rows, list) else type(rows).__name__
+            raise bad(f"'compute' must be a list of num_steps={d['num_steps']} rows, got {got}.")
+        width, bits, fcast = len(components), [], []
+        for i, row in enumerate(rows):
+            blocks = row.split() if isinstance(row, str) else None
+            if blocks is None or len(blocks) != d["num_blocks"]:
+                raise bad(f"compute row {i} must be a string of num_blocks={d['num_blocks']} space-separated groups.")
+            for j, block in enumerate(blocks):
+                if len(block) != width or set(block) - {"0", "1", "f"}:
+                    raise bad(
+                        f"compute row {i}, block {j}: {block[:20]!r} must be {width} characters of 0/1/f "
+                        "(reuse, compute, forecast)."
+                    )
+            bits.append([[ch == "1" for ch in block] for block in blocks])
+            fcast.append([[ch == "f" for ch in block] for block in blocks])
+        compute, forecast = torch.tensor(bits, dtype=torch.bool), torch.tensor(fcast, dtype=torch.bool)
+        return cls(compute, model_class, tuple(components), dict(provenance), forecast)
+
+    def save(self, path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> Schedule:
+        return cls.from_dict(read_json(path, "schedule", MAX_FILE_BYTES), source=f"schedule {str(path)!r}")

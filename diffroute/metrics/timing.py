@@ -1,0 +1,173 @@
+"""Side-by-side wall-clock timing of plans on one pipeline: warm-up, then interleaved repeats, medians."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from diffroute.api import apply, last_stats, remove
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ForwardTimer:
+    """Sums a module's forward time with plain torch hooks, the same way for vanilla and routed runs."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.total, self._t0 = module, 0.0, None
+        self._handles = [
+            module.register_forward_pre_hook(self._pre, prepend=True),
+            module.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def _pre(self, module, args):
+        _sync(self._device())
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, output):
+        _sync(self._device())
+        self.total += time.perf_counter() - self._t0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class CallTimer:
+    """Sums a module's call time from *outside* torch.compile: wraps the module's call (compiled or not) instead of
+    adding forward hooks, which a compiled module would trace (a timer inside the graph breaks it, and breaks
+    vanilla's graph too). Uses `Module._compiled_call_impl`, the slot `Module.compile()` fills, since torch has no
+    public hook that runs around a compiled call. `inner` is the compiled call in use (None: eager)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.total = module, 0.0
+        self.inner = self._saved = module._compiled_call_impl
+
+        def timed(*args, **kwargs):
+            _sync(self._device())
+            t0 = time.perf_counter()
+            try:
+                return (self.inner or module._call_impl)(*args, **kwargs)
+            finally:
+                _sync(self._device())
+                self.total += time.perf_counter() - t0
+
+        module._compiled_call_impl = timed
+
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def remove(self) -> None:
+        self.module._compiled_call_impl = self._saved
+
+
+def time_plans(
+    pipe,
+    plans: dict[str, object | None],
+    call: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    before: Callable[[str], None] | None = None,
+    after: Callable[[str, bool], None] | None = None,
+    timer=None,
+    activate: Callable | None = None,
+    deactivate: Callable | None = None,
+    fraction: Callable | None = None,
+) -> dict[str, dict]:
+    """Time `call()` under each plan (None = vanilla, no hooks at all), interleaving plans within every repeat so
+    that drifts in machine speed hit all plans alike. Returns per plan: the end-to-end and transformer times of each
+    repeat, their medians, and the computed fraction of the last routed call. `before(name)` runs before each call
+    (e.g. to switch compilation), `after(name, timed)` after it; `timer` sums transformer time (default
+    ForwardTimer). `activate(pipe, plan)`, `deactivate(pipe)` and `fraction(pipe)` (the computed fraction of the
+    last call) default to diffroute's own plans; the eval suite passes versions that also run peers' caches."""
+    activate = activate or apply
+    deactivate = deactivate or remove
+    fraction = fraction or (lambda p: last_stats(p).computed_fraction)
+    device = pipe.transformer.device
+    results = {name: {"e2e_s": [], "transformer_s": [], "computed_fraction": 1.0} for name in plans}
+    own_timer = timer is None  # a timer passed in belongs to the caller, who removes it
+    timer = ForwardTimer(pipe.transformer) if own_timer else timer
+    names = list(plans)
+    try:
+        for r in range(warmup + repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no plan always runs first
+            for name in order:
+                plan = plans[name]
+                if plan is None:
+                    deactivate(pipe)
+                else:
+                    activate(pipe, plan)
+                if before is not None:
+                    before(name)
+                timer.total = 0.0
+                _sync(device)
+                t0 = time.perf_counter()
+                call()
+                _sync(device)
+                e2e = time.perf_counter() - t0
+                if after is not None:
+                    after(name, r >= warmup)
+                if r >= warmup:
+                    results[name]["e2e_s"].append(e2e)
+                    results[name]["transformer_s"].append(timer.total)
+                    if plan is not None:
+                        results[name]["computed_fraction"] = fraction(pipe)
+                        results[name]["stats"] = last_stats(pipe)  # None for peers' caches
+    finally:
+        if own_timer:
+            timer.remove()
+        deactivate(pipe)
+    for res in results.values():
+        res["e2e_median_s"] = statistics.median(res["e2e_s"])
+        res["transformer_median_s"] = statistics.median(res["transformer_s"])
+        res["e2e_spread"] = spread(res["e2e_s"])
+        res["transformer_spread"] = spread(res["transformer_s"])
+    return results
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median of repeated timings: 0 on a quiet machine, large on a busy one."""
+    mid = statistics.median(values)
+    return (max(values) - min(values)) / mid if mid > 0 else 0.0
+
+
+def flop_ideal_speedup(cost, stats) -> float | None:
+    """Transformer speedup a plan would reach if time followed FLOPs: all FLOPs of full compute over the FLOPs of
+    what `stats` (a CallStats) says was computed (components by their measured share, the rest at every step).
+    `cost`: a search.cost.CostModel of the same model and call size. None without stats."""
+    if stats is None:
+        return None
+    shares = stats.compute_tensor().double().nan_to_num(0.0)  # [steps, blocks, components]
+    steps = shares.shape[0]
+    computed = float((shares * cost.component_flops.double()).sum()) + cost.other_flops * steps
+    return cost.step_flops * steps / computed if computed > 0 else None
+
+
+SPREAD_LIMIT = 0.15  # timings varying more than this between repeats make a ratio noise
+
+
+def timing_warnings(name: str, res: dict, speedup: float | None, ideal: float | None) -> list[str]:
+    """Why a measured speedup should not be trusted: timings that vary between repeats, or a speedup above what
+    the plan's FLOPs allow (no cache beats the FLOP-ideal; only a busy machine makes it look so)."""
+    notes = []
+    worst = max(res["e2e_spread"], res["transformer_spread"])
+    if worst > SPREAD_LIMIT:
+        notes.append(
+            f"{name}: timings varied by {100 * worst:.0f}% between repeats (the machine is busy?): its speedup is "
+            "noise at this level; rerun with more --repeats on a quiet machine"
+        )
+    if speedup is not None and ideal is not None and speedup > 1.05 * ideal:
+        notes.append(
+            f"{name}: measured transformer speedup {speedup:.2f}x is above its FLOP-ideal {ideal:.2f}x, which no "
+            "cache can reach: the figure is noise (busy machine or too few repeats)"
+        )
+    return notes

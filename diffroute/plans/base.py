@@ -1,0 +1,225 @@
+"""Plan specs: a Schedule, a schedule JSON path, or a short name ("full", "fora-N"), resolved to a Plan."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from diffroute.core.arch import ArchitectureMap
+from diffroute.core.deciders import Decider, ScheduleDecider
+from diffroute.core.schedule import MAX_STEPS, Schedule
+from diffroute.errors import InputError, PlanError
+
+
+class Plan:
+    """A recipe for deciders: checked against the model once, then asked for a decider at each pipeline call."""
+
+    name: str = "plan"
+    default_num_steps: int | None = None
+    cache_history: int = 1  # outputs kept per component (2 for Taylor forecasts)
+
+    def observed_blocks(self, arch: ArchitectureMap) -> tuple[int, ...]:
+        """Blocks whose inputs/outputs the deciders watch (dynamic policies); none for static schedules."""
+        return ()
+
+    def check(self, arch: ArchitectureMap) -> None:
+        """Raise before any work if this plan cannot drive `arch`."""
+
+    def check_model(self, transformer: torch.nn.Module) -> None:
+        """Raise before any work if this plan cannot drive these weights (a trained router on another backbone)."""
+
+    def check_call(self, num_steps: int | None, scheduler=None) -> None:
+        """Raise before a pipeline call if this plan cannot run `num_steps` steps of `scheduler` (trained routers)."""
+
+    def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
+        """Bool [blocks, components]: components computed at every step of every call, never stored, never watched
+        (the executor leaves them unhooked, so they cost nothing and compile as in vanilla). None by default."""
+        return torch.zeros(arch.num_blocks, len(arch.components), dtype=torch.bool)
+
+    def block_level(self, arch: ArchitectureMap) -> torch.Tensor:
+        """Bool [blocks]: blocks decided as a whole (`Decider.decide_block`: compute, or input plus the block's cached
+        residual) instead of per component. None by default."""
+        return torch.zeros(arch.num_blocks, dtype=torch.bool)
+
+    # Whether the components of block-level blocks are decided too (a router that picks an FFN width inside the
+    # blocks it may skip); by default a block decided as a whole has no component hooks.
+    decides_components_in_blocks: bool = False
+
+    def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
+        raise NotImplementedError
+
+    def content(self, arch: ArchitectureMap | None = None) -> dict:
+        """What this plan means (for fingerprints of resumable results): its name, plus the content of any schedule
+        or calibration it reads, so that a changed file makes a different fingerprint."""
+        return {"plan": self.name}
+
+
+class RulePlan(Plan):
+    """A schedule rule that fits any step count (full, FORA-N, intervals): built afresh for each step count."""
+
+    def __init__(
+        self,
+        name: str,
+        build: Callable[[ArchitectureMap, int], Schedule],
+        computes_all: bool = False,
+        forecasts: bool = False,
+    ):
+        self.name, self._build, self._built = name, build, {}
+        self.computes_all = computes_all  # the rule computes every cell at any step count (`full`)
+        self.cache_history = 2 if forecasts else 1  # the rule's schedules forecast skipped cells
+
+    def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
+        return arch.present() if self.computes_all else super().always_computed(arch)
+
+    def schedule(self, arch: ArchitectureMap, num_steps: int) -> Schedule:
+        key = (arch.model_class, arch.num_blocks, num_steps)
+        if key not in self._built:
+            self._built[key] = self._build(arch, num_steps)
+        return self._built[key]
+
+    def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
+        return ScheduleDecider(self.schedule(arch, num_steps))
+
+
+class SchedulePlan(Plan):
+    """A fixed schedule; resampled by normalised time when the call uses another step count."""
+
+    def __init__(self, schedule: Schedule, name: str | None = None):
+        self.schedule = schedule
+        self.name = name or schedule.provenance.get("name") or schedule.provenance.get("rule") or "schedule"
+        self.default_num_steps = schedule.num_steps
+        self.cache_history = 2 if schedule.has_forecasts else 1
+
+    def check(self, arch: ArchitectureMap) -> None:
+        self.schedule.check_fits(arch)
+
+    def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
+        return self.schedule.compute.all(dim=0)  # resampling picks cells of these columns: still all computed
+
+    def content(self, arch: ArchitectureMap | None = None) -> dict:
+        from diffroute.utils.fingerprint import digest
+
+        return {"plan": self.name, "schedule": digest(self.schedule.to_dict())}
+
+    def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
+        return ScheduleDecider(self.schedule.resample(num_steps))
+
+
+def interval_arg(text: str, name: str) -> int:
+    """The N of a plan name like fora-N: an integer from 1 to MAX_STEPS."""
+    n = int(text)
+    if not 1 <= n <= MAX_STEPS:
+        raise PlanError(f"{name} needs N from 1 to {MAX_STEPS}, got {text}.")
+    return n
+
+
+def warmup_arg(text: str | None) -> int:
+    """The K of a `-wK` suffix (steps that all compute before a cycle starts); 0 without one."""
+    return 0 if text is None else interval_arg(text, "-wK")
+
+
+def _fora(m: re.Match) -> Plan:
+    n, w = interval_arg(m.group(1), "fora-N"), warmup_arg(m.group(2))
+    name = f"fora-{n}" + (f"-w{w}" if w else "")
+    return RulePlan(name, lambda arch, steps: Schedule.fora(arch, steps, n, warmup=min(w, steps)))
+
+
+# Name patterns -> plan factories. Later features register more (dynamic policies, shipped schedules).
+PLAN_NAMES: dict[str, Callable[[re.Match], Plan]] = {
+    r"full": lambda m: RulePlan("full", Schedule.full, computes_all=True),
+    r"fora-(\d+)(?:-w(\d+))?": _fora,
+}
+PLAN_HELP: dict[str, str] = {
+    "full": "compute everything",
+    "fora-N[-wK]": "compute every N-th step, reuse in between (-wK: the first K steps all compute)",
+}
+# How a folder given as a plan becomes one (the routers plugin puts its loader here).
+FOLDER_PLAN: list[Callable] = []
+# Concrete names a user interface offers in its plan picker (read them with plan_examples(): plugins add theirs).
+PLAN_EXAMPLES: list[str] = ["full", "fora-2", "fora-3", "fora-4"]
+
+
+def register_plan(pattern: str, factory: Callable[[re.Match], Plan], display: str, help: str = "", examples=()) -> None:
+    """Make a plan name (a regular expression matched whole) resolvable everywhere plans are accepted;
+    `display` is how help texts show it (e.g. "fbcache-T")."""
+    PLAN_NAMES[pattern] = factory
+    PLAN_HELP[display] = help
+    PLAN_EXAMPLES.extend(e for e in examples if e not in PLAN_EXAMPLES)
+
+
+def known_plan_names() -> list[str]:
+    load_plugins()
+    return list(PLAN_HELP)
+
+
+def resolve_plan(spec, allow_files: bool = True) -> Plan:
+    """Turn a Plan, Schedule, plan name or schedule JSON path into a Plan, or raise PlanError saying why not.
+
+    Names are matched first (so `teacache-0.3@calib.json` is a policy with a calibration file, not a schedule).
+    With allow_files=False (specs from untrusted clients) no file is ever opened: names that name a file are
+    refused with the same message whether or not the file exists.
+    """
+    if isinstance(spec, Plan):
+        return spec
+    load_plugins()
+    if isinstance(spec, Schedule):
+        return SchedulePlan(spec)
+    if isinstance(spec, str):
+        text = spec.strip()
+        if len(text) > 1000:
+            raise PlanError(f"a plan name of {len(text)} characters is too long to be one.")
+        for pattern, factory in PLAN_NAMES.items():
+            m = re.fullmatch(pattern, text)
+            if m:
+                if not allow_files and "@" in text:  # a policy's calibration file
+                    break
+                try:
+                    return factory(m)
+                except InputError:
+                    raise
+                except (ValueError, FileNotFoundError) as e:
+                    raise PlanError(f"plan {text!r}: {e}") from e
+    if allow_files and (isinstance(spec, Path) or (isinstance(spec, str) and spec.strip())):
+        path = Path(spec)
+        if path.is_dir() and (path / "config.json").is_file() and FOLDER_PLAN:  # a trained router's folder
+            return FOLDER_PLAN[0](path, path.name)
+        if path.suffix == ".json" or path.is_file():
+            if not path.is_file():
+                raise PlanError(f"schedule file {str(path)!r} does not exist.")
+            return SchedulePlan(Schedule.load(path), name=path.stem)
+    if isinstance(spec, (str, Path)):
+        names = ", ".join(f"{k} ({v})" if v else k for k, v in PLAN_HELP.items())
+        files = "; or give a path to a schedule JSON file or a router folder" if allow_files else ""
+        raise PlanError(f"Unknown plan {str(spec)[:100]!r}. Known plans: {names}{files}.")
+    raise PlanError(f"A plan must be a name, a schedule JSON path, a Schedule or a Plan; got {type(spec).__name__}.")
+
+
+# Where plan names come from besides the two above: modules that call register_plan when imported. Third parties
+# add theirs to the entry-point group; the built-in ones are listed by name here too, for a source checkout that
+# was never installed. Loaded on first use, so importing this module imports no plugin (no import circle).
+ENTRY_POINT_GROUP = "diffroute.plans"
+BUILTIN_PLUGINS = ("diffroute.policies", "diffroute.routers", "diffroute.zoo.shipped")
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every plan plugin once (idempotent)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import importlib
+    from importlib.metadata import entry_points
+
+    names = [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    for name in dict.fromkeys([*BUILTIN_PLUGINS, *names]):
+        importlib.import_module(name)
+
+
+def plan_examples() -> list[str]:
+    """Concrete names a user interface offers in its plan picker (built-ins, policies, shipped plans)."""
+    load_plugins()
+    return list(PLAN_EXAMPLES)

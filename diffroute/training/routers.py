@@ -1,0 +1,37 @@
+"""What every router's training shares: the batch split check, the trainer settings, a frozen (or not) backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffroute.training.trainer import TrainConfig, train
+
+
+def check_batch_split(batch: int, accelerator) -> None:
+    """Refuse, before any work, a global batch that the processes cannot share evenly."""
+    if batch % accelerator.num_processes:
+        raise ValueError(f"--batch {batch} must be a multiple of the {accelerator.num_processes} processes.")
+
+
+def train_router(name: str, model, loss, cfg, transformer, out: Path, accelerator, backbone_trains: bool = False):
+    """Run the shared trainer on `model` with `loss` (closed afterwards). The transformer's parameters train only
+    with `backbone_trains`; their requires_grad flags are restored after: a flag can select another kernel (Sana's
+    outputs move by ~1e-6), and `full` must stay bitwise vanilla."""
+    tcfg = TrainConfig(
+        steps=cfg.iters,
+        batch_size=cfg.batch,
+        lr=cfg.lr,
+        warmup=max(cfg.iters // 20, 1),
+        checkpoint_every=max(cfg.iters // 4, 1),
+        log_every=max(cfg.iters // 30, 1),
+        seed=cfg.seed,
+        bf16=cfg.bf16,
+    )
+    flags = [(p, p.requires_grad) for p in transformer.parameters()]
+    transformer.requires_grad_(backbone_trains)
+    try:
+        train(name, model, loss, len(loss.items), tcfg, out, accelerator)
+    finally:
+        loss.close()
+        for p, flag in flags:
+            p.requires_grad_(flag)
