@@ -67,3 +67,28 @@ def test_routing_modules_share_one_hook_and_leave_with_their_listener():
     assert _hook(t) is None
     with torch.no_grad():
         run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1], steps=2)  # still runs with no hook left
+
+
+def test_the_step_context_and_the_call_context_speak_the_schedulers_timestep_units():
+    """FLUX is called with t / 1000: its ArchSpec's timestep_scale brings both contexts to the scheduler's units, so
+    a router embeds the same timestep an MoE capacity reads."""
+    from conftest import fresh_pipe
+
+    import diffroute
+    from diffroute.core.arch import spec_of
+
+    pipe = fresh_pipe("flux")
+    assert spec_of(pipe.transformer).timestep_scale == 1000.0
+    diffroute.apply(pipe, "full")
+    seen = []
+    executor = diffroute.get_executor(pipe)
+    start = executor.on_transformer_start
+
+    def spy(timestep, hidden):
+        start(timestep, hidden)
+        seen.append(float(torch.as_tensor(executor.ctx.timestep).reshape(-1)[0]))
+
+    executor.on_transformer_start = spy
+    run(pipe, "flux", prompts("flux"), [0, 1], steps=3)
+    expected = [float(t) for t in pipe.scheduler.timesteps]
+    assert seen[::2] == pytest.approx(expected, rel=1e-5)  # two calls per step (true CFG)

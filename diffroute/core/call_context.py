@@ -17,9 +17,9 @@ from typing import Protocol
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from diffroute.core.arch import spec_of
+
 HOOK = "diffroute_call_context"
-# FLUX passes t / 1000; the others pass the scheduler's timestep in [0, 1000).
-TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0}
 
 
 @dataclass
@@ -101,7 +101,8 @@ def add_call_listener(transformer, name: str, listener: CallListener) -> None:
     """Tell `listener` about every call of `transformer` from now on (installs the shared hook on first use)."""
     hook = _hook(transformer)
     if hook is None:
-        scale = TIMESTEP_SCALE.get(type(transformer).__name__, 1.0)
+        spec = spec_of(transformer)  # FLUX is called with t / 1000, the others with the scheduler's timestep
+        scale = spec.timestep_scale if spec is not None else 1.0
         hook = _CallContextHook(scale)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK)
     if name in hook.listeners:

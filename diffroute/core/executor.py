@@ -224,6 +224,9 @@ class Executor:
 
     @torch.compiler.disable
     def on_transformer_start(self, timestep, hidden: torch.Tensor) -> None:
+        scale = self.arch.spec.timestep_scale if self.arch.spec is not None else 1.0
+        if timestep is not None and scale != 1.0:  # the step context speaks the scheduler's units, as the call context
+            timestep = timestep * scale
         ctx, new_call = self.tracker.advance(timestep, hidden.shape[0])
         if new_call or self.stats is None:
             self._start_call(ctx.num_steps or self.default_num_steps, hidden.device)

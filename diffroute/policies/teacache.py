@@ -10,10 +10,8 @@ and last steps always compute."""
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,44 +24,10 @@ from diffroute.policies.common import rel_l1
 CALIBRATION_FILE = "teacache.json"
 
 
-def _bind(block, args, kwargs) -> dict:
-    return inspect.signature(type(block).forward).bind(block, *args, **kwargs).arguments
-
-
-def _ada_single(block, args, kwargs):
-    """PixArt and Sana: LayerNorm, then shift/scale from scale_shift_table + the block's timestep embedding."""
-    a = _bind(block, args, kwargs)
-    h, t = a["hidden_states"], a["timestep"]
-    shift, scale = (block.scale_shift_table[None] + t.reshape(h.shape[0], 6, -1))[:, :2].chunk(2, dim=1)
-    return block.norm1(h) * (1 + scale) + shift
-
-
-def _ada_zero_dit(block, args, kwargs):
-    a = _bind(block, args, kwargs)
-    h = a["hidden_states"]
-    return block.norm1(h, a["timestep"], a["class_labels"], hidden_dtype=h.dtype)[0]
-
-
-def _ada_zero_temb(block, args, kwargs):
-    """SD3 and FLUX: AdaLayerNormZero(hidden_states, emb=temb)."""
-    a = _bind(block, args, kwargs)
-    return block.norm1(a["hidden_states"], emb=a["temb"])[0]
-
-
-# Model class -> the modulated input of its first block, as TeaCache measures it. Extensible for new models.
-MODULATED_INPUT: dict[str, Callable] = {
-    "PixArtTransformer2DModel": _ada_single,
-    "SanaTransformer2DModel": _ada_single,
-    "DiTTransformer2DModel": _ada_zero_dit,
-    "SD3Transformer2DModel": _ada_zero_temb,
-    "FluxTransformer2DModel": _ada_zero_temb,
-}
-
-
 def modulated_input(arch: ArchitectureMap, args, kwargs) -> torch.Tensor:
-    fn = MODULATED_INPUT.get(arch.model_class)
+    fn = arch.spec.modulated_input if arch.spec is not None else None
     if fn is None:
-        raise ValueError(f"TeaCache has no modulated-input rule for {arch.model_class}; add one to MODULATED_INPUT.")
+        raise ValueError(f"TeaCache has no modulated-input rule for {arch.model_class}: give its ArchSpec one.")
     return fn(arch.blocks[0], args, kwargs)
 
 
@@ -138,8 +102,8 @@ class TeaCachePlan(Plan):
         self.threshold, self.name, self.calibration = threshold, name, calibration
 
     def check(self, arch: ArchitectureMap) -> None:
-        if arch.model_class not in MODULATED_INPUT:
-            raise ValueError(f"TeaCache has no modulated-input rule for {arch.model_class}.")
+        if arch.spec is None or arch.spec.modulated_input is None:
+            raise ValueError(f"TeaCache has no modulated-input rule for {arch.model_class}: give its ArchSpec one.")
         if self.calibration:
             load_coefficients(Path(self.calibration), arch)
 

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffroute.core.arch import architecture_map
 from diffroute.surgery.moe.capacity import parse_capacity
-from diffroute.surgery.moe.upcycle import SITES, upcycle_moe
+from diffroute.surgery.moe.upcycle import upcycle_moe
 
 
 def _time(fn, repeats: int) -> float:
@@ -46,7 +46,7 @@ def bench_ffn(
     """Rows of {ffn, k, flops, seconds, flops_ratio, time_ratio} for `block`'s FFN of a copy of `transformer`."""
     model = copy.deepcopy(transformer).eval()
     arch = architecture_map(model)
-    site = SITES[arch.model_class][arch.block_names[block].split(".")[0]]
+    site = arch.spec.ffn_sites[arch.block_names[block].split(".")[0]]
     if site.form == "flux-single":
         raise ValueError("bench moe times a block with a stand-alone FFN module; pick a double-stream block.")
     dense = getattr(arch.blocks[block], site.ffn)

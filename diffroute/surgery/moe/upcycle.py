@@ -13,41 +13,15 @@ with its own `save_pretrained` (the MoE settings go into its config under `diffr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers.models.activations import GELU, LinearActivation
 from diffusers.models.attention import FeedForward
 
-from diffroute.core.arch import ArchitectureMap, architecture_map
-from diffroute.core.call_context import TIMESTEP_SCALE
+from diffroute.core.arch import ARCHITECTURES, ArchitectureMap, FfnSite, architecture_map
 from diffroute.errors import PlanError
 from diffroute.surgery.config import drop_config_key
 from diffroute.surgery.moe.hooks import install_moe_hooks, remove_moe_hooks
 from diffroute.surgery.moe.layer import ExpertChoiceFFN
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where a block keeps a dense FFN: its attribute, the norm whose output is LN(h) before the modulation, and
-    how the FFN is built (`ff`: a FeedForward; `glumb`: Sana's GLUMBConv; `flux-single`: proj_mlp + proj_out)."""
-
-    ffn: str
-    norm: str
-    form: str
-
-
-# Per transformer class and block list: the image-token FFN of each block (text-stream FFNs stay dense).
-SITES: dict[str, dict[str, Site]] = {
-    "PixArtTransformer2DModel": {"transformer_blocks": Site("ff", "norm2", "ff")},
-    "DiTTransformer2DModel": {"transformer_blocks": Site("ff", "norm3", "ff")},
-    "SD3Transformer2DModel": {"transformer_blocks": Site("ff", "norm2", "ff")},
-    "FluxTransformer2DModel": {
-        "transformer_blocks": Site("ff", "norm2", "ff"),
-        "single_transformer_blocks": Site("proj_mlp", "norm.norm", "flux-single"),
-    },
-    "SanaTransformer2DModel": {"transformer_blocks": Site("ff", "norm2", "glumb")},
-}
 
 
 class SplitProjection(torch.nn.Module):
@@ -65,7 +39,7 @@ class SplitProjection(torch.nn.Module):
         return torch.nn.functional.linear(a, self.weight, self.bias) + m
 
 
-def _dense_parts(block, site: Site):
+def _dense_parts(block, site: FfnSite):
     """(up weight [P, H, d], up bias [P, H] | None, depth weight [P, H, 3, 3] | None, depth bias, down [d, H],
     down bias [d] | None, activation) of a block's dense FFN."""
     module = _get(block, site.ffn)
@@ -132,9 +106,10 @@ def upcycle_moe(
     if getattr(transformer, "_diffroute_moe", None):
         raise PlanError("this transformer is upcycled already; call remove_moe(transformer) first.")
     arch = architecture_map(transformer)
-    sites = SITES.get(arch.model_class)
-    if sites is None:
-        raise PlanError(f"no MoE sites are known for {arch.model_class}; supported: {', '.join(SITES)}")
+    sites = arch.spec.ffn_sites if arch.spec is not None else {}
+    if not sites:
+        supported = ", ".join(k for k, v in ARCHITECTURES.items() if v.ffn_sites)
+        raise PlanError(f"no MoE sites are known for {arch.model_class}; supported: {supported}")
     blocks = list(range(1, arch.num_blocks)) if blocks is None else list(blocks)
     bad = [b for b in blocks if not 0 <= b < arch.num_blocks]
     if bad:
@@ -182,7 +157,7 @@ def upcycle_moe(
             capacity=str(capacity),
             time_dim=time_dim,
             router_init_std=router_init_std,
-            timestep_scale=TIMESTEP_SCALE.get(arch.model_class, 1.0),
+            timestep_scale=arch.spec.timestep_scale,
             dense_hidden=H,
         )
         torch.nn.Module.to(layer, device=up.device, dtype=up.dtype)  # ModelMixin.to warns about fp32 modules it has not
@@ -219,7 +194,7 @@ def _list_of(arch: ArchitectureMap, b: int) -> str:
     return arch.block_names[b].split(".")[0]
 
 
-def _swap_in(block, site: Site, layer: ExpertChoiceFFN) -> dict:
+def _swap_in(block, site: FfnSite, layer: ExpertChoiceFFN) -> dict:
     """Put the MoE layer where the dense FFN was; returns what it replaced (for remove_moe)."""
     if site.form == "flux-single":
         old = {"proj_mlp": block.proj_mlp, "act_mlp": block.act_mlp, "proj_out": block.proj_out}
@@ -249,7 +224,7 @@ def remove_moe(transformer: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def _fold(layer: ExpertChoiceFFN, site: Site, old: dict, block) -> None:
+def _fold(layer: ExpertChoiceFFN, site: FfnSite, old: dict, block) -> None:
     """Write the layer's units back to their dense positions (`unit_order`); pruned units become zero."""
     E, P, he, d = layer.experts_up.shape
     order = layer.unit_order
