@@ -114,7 +114,8 @@ def test_elastic_trains_on_every_family_and_loads_by_folder(tiny_pipes, name, tm
     from accelerate import Accelerator
 
     from diffroute.routers import load_router
-    from diffroute.training.elastic import ElasticConfig, train_elastic
+    from diffroute.training.configs import ElasticConfig
+    from diffroute.training.elastic import train_elastic
 
     pipe = tiny_pipes(name)
     ps = prompts(name)
@@ -137,7 +138,8 @@ def test_elastic_trains_on_every_family_and_loads_by_folder(tiny_pipes, name, tm
 def test_elastic_finetune_saves_a_loadable_model_variant(tmp_path):
     from accelerate import Accelerator
 
-    from diffroute.training.elastic import ElasticConfig, train_elastic
+    from diffroute.training.configs import ElasticConfig
+    from diffroute.training.elastic import train_elastic
     from diffroute.zoo.tiny import TINY_PIPELINES
 
     pipe = TINY_PIPELINES["pixart-alpha"]()  # its own copy: fine-tuning changes the weights

@@ -13,7 +13,8 @@ from conftest import CALL_KWARGS, NAMES, prompts, run
 import diffroute
 from diffroute.errors import PlanError
 from diffroute.routers import L2CRouter, RouterPlan, load_router
-from diffroute.training.l2c import L2CConfig, L2CLoss, train_l2c
+from diffroute.training.configs import L2CConfig
+from diffroute.training.l2c import L2CLoss, train_l2c
 from diffroute.training.trajectories import record_calls
 
 STEPS = 5

@@ -132,3 +132,18 @@ def test_modules_form_no_circle():
         if module not in index and module not in ENTRY:
             strong(module)
     assert not circles, f"import circles: {circles}"
+
+
+def test_every_training_method_is_one_registration_whose_config_holds_the_cli_defaults():
+    from dataclasses import fields
+
+    from diffroute.cli.main import build_parser
+    from diffroute.training.methods import METHODS
+
+    assert set(METHODS) == {"l2c", "elastic", "moe", "dar", "dtr", "plain", "fera", "lora"}
+    for name, method in METHODS.items():
+        args = build_parser().parse_args(["train", name, "--out", "x"])
+        for f in fields(method.config):
+            if hasattr(args, f.name) and f.name not in method.fixed:  # the CLI's default is the config's
+                assert getattr(args, f.name) == method.defaults()[f.name], (name, f.name)
+        assert method.make_config(args).__class__ is method.config

@@ -110,7 +110,8 @@ def test_train_dar_from_the_cli_and_load_back_with_snapshots(tmp_path):
 
 
 def test_from_scratch_starts_from_fresh_seeded_weights_with_the_rewrite():
-    from diffroute.training.streams import StreamConfig, prepare
+    from diffroute.training.configs import StreamConfig
+    from diffroute.training.streams import prepare
     from diffroute.zoo.registry import load_pipeline
 
     shipped = load_pipeline("emoji").transformer.pos_embed.proj.weight

@@ -14,7 +14,7 @@ the batch mean, so a sample (a timestep) may still pick its experts sharply.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,17 +30,8 @@ from diffroute.surgery.fera import (
     frequency_bands,
     last_routing_weights,
 )
-from diffroute.training.finetune import DataTrainConfig, Student, train_on_data
-
-
-@dataclass
-class AdapterConfig(DataTrainConfig):
-    method: str = "fera"  # fera | lora
-    num_experts: int = 3
-    rank: int = 4
-    fecl: float = 0.1  # FeRA's consistency loss weight
-    balance: float = 0.0  # FeRA's load-balancing weight (not in the paper)
-    alpha: float | None = None  # LoRA alpha; None: FeRA 1 (the paper's), LoRA rank / 4 (FeRA's alpha / r)
+from diffroute.training.configs import AdapterConfig
+from diffroute.training.finetune import Student, train_on_data
 
 
 def fecl_loss(pred: torch.Tensor, base: torch.Tensor, target: torch.Tensor, sigmas) -> torch.Tensor:

@@ -10,7 +10,7 @@ noisiest timestep (more blocks near the clean end), and `(mean width over kept b
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,25 +18,11 @@ import torch
 from diffroute.core.executor import Executor
 from diffroute.routers.backbone import backbone_probe
 from diffroute.routers.elastic import ElasticPlan, ElasticRouter
+from diffroute.training.configs import ElasticConfig
 from diffroute.training.routers import check_batch_split, train_router
 from diffroute.training.trajectories import output_of, record_calls
 from diffroute.utils.checked_load import require_finite
 from diffroute.utils.io import atomic_write_json, readable_by_others
-
-
-@dataclass
-class ElasticConfig:
-    iters: int = 1500
-    batch: int = 1  # recorded batches per iteration (split across processes)
-    lr: float = 1e-3  # the router's learning rate
-    backbone_lr: float = 3e-5  # the transformer's, when fine-tuned
-    finetune: bool = False
-    r_clean: float = 0.9  # fraction of blocks kept at t = 0
-    r_noisy: float = 0.5  # ... at the noisiest timestep
-    width_target: float = 0.75
-    prompts_per_batch: int = 16
-    seed: int = 0
-    bf16: bool = False
 
 
 class _Trainable(torch.nn.Module):

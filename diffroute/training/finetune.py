@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from diffroute.data import emoji as emoji_data
+from diffroute.training.configs import DataTrainConfig
 from diffroute.training.eps import EpsBatches
 from diffroute.training.trainer import TrainConfig, batch_indices, train
 from diffroute.utils.checked_load import require_finite
 from diffroute.utils.io import atomic_write_json, readable_by_others
-
-
-@dataclass
-class DataTrainConfig:
-    """What every variant's training shares."""
-
-    iters: int = 1000  # training steps
-    batch_size: int = 64
-    lr: float = 1e-4
-    ema_decay: float = 0.999
-    train_images: int = 0  # the first N training images only (0: all; small N for smoke tests)
-    seed: int = 0
-    bf16: bool = True
-    domain: str = "emoji"  # emoji (Noto, the model's own) or symbola (the adaptation target)
-    snapshots: int = 0  # also save the (EMA) model this many times, evenly spaced, as out/snapshots/step-N
 
 
 class Student(torch.nn.Module):

@@ -9,7 +9,6 @@ reference code's `router_training_losses`; only the router's logits train, the t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,23 +19,11 @@ from diffroute.core.executor import Executor
 from diffroute.plans import Plan
 from diffroute.routers.backbone import backbone_probe
 from diffroute.routers.l2c import L2CRouter
+from diffroute.training.configs import L2CConfig
 from diffroute.training.routers import check_batch_split, train_router
 from diffroute.training.trajectories import output_of, record_calls
 from diffroute.utils.checked_load import require_finite
 from diffroute.utils.io import atomic_write_json, readable_by_others
-
-
-@dataclass
-class L2CConfig:
-    lam: float = 1e-3  # weight of sum(beta) (the paper's 1e-6..5e-6 is for DiT-XL's loss scale: retune per model)
-    threshold: float = 0.1  # compute where beta > threshold (the paper's DiT value)
-    alternate: bool = True  # route odd steps only, as the paper (see l2c.py)
-    iters: int = 400
-    batch: int = 1  # recorded batches per iteration (split across processes)
-    lr: float = 0.1  # 10x the reference code's 1e-2: an iteration trains one step's logits only
-    prompts_per_batch: int = 16
-    seed: int = 0
-    bf16: bool = False
 
 
 class _ReplayPlan(Plan):

@@ -14,27 +14,24 @@ variant (`emoji-moe`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from diffroute.surgery.moe.upcycle import moe_layers, upcycle_moe
-from diffroute.training.finetune import DataTrainConfig, Student, train_on_data
+from diffroute.training.configs import MoEConfig
+from diffroute.training.finetune import Student, train_on_data
 
 VARIANTS = ("moe", "dense", "pruned")
 
 
-@dataclass
-class MoEConfig(DataTrainConfig):
-    variant: str = "moe"
-    num_experts: int = 6
-    shared: int = 2
-    capacity: str = "static:2"
-    dense_until: float = 0.2  # fraction of the steps run dense (k = E)
-    sparse_from: float = 0.6  # ... by which k has decayed to the schedule
-    z_loss: float = 1e-3
-    pruned_slices: int = 4  # of num_experts + shared slices, dropped by the `pruned` variant
+def check(cfg: MoEConfig) -> None:
+    """Refuse settings that cannot train, before any work."""
+    from diffroute.surgery.moe import parse_capacity
+
+    if not 0 <= cfg.dense_until <= cfg.sparse_from <= 1:
+        raise ValueError("need 0 <= --dense-until <= --sparse-from <= 1.")
+    parse_capacity(cfg.capacity).check(cfg.num_experts)
 
 
 def prepare(transformer, cfg: MoEConfig):

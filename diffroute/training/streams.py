@@ -4,7 +4,6 @@ emoji architecture freshly initialised, the same way for every method and seed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,19 +11,10 @@ import torch
 from diffroute.errors import PlanError
 from diffroute.surgery.dar import MODES, QUERIES, apply_dar
 from diffroute.surgery.dtr import apply_dtr
-from diffroute.training.finetune import DataTrainConfig, Student, train_on_data
+from diffroute.training.configs import StreamConfig
+from diffroute.training.finetune import Student, train_on_data
 
 METHODS = ("dar", "dtr", "plain")
-
-
-@dataclass
-class StreamConfig(DataTrainConfig):
-    method: str = "dar"
-    init: str = "shipped"  # shipped | scratch
-    mode: str = "retrofit"  # DAR: retrofit | scratch
-    query: str = "static+t"  # DAR: static | static+t | dynamic
-    beta: float = 0.8  # DTR: share of channels active
-    alpha: float = 4.0  # DTR: how the window slides with t
 
 
 def check(cfg: StreamConfig) -> None:
