@@ -260,3 +260,17 @@ def test_histogram_refuses_plans_without_per_image_compute_before_work(tmp_path,
     proc = _cli("eval", "histogram", "--model", "emoji", "--plan", plan, "--n", "4", "--out", tmp_path / "h")
     _refused(proc, "is not one (it gives every image the same compute map)")
     assert "it/s" not in proc.stderr and not (tmp_path / "h").exists()
+
+
+def test_generate_into_a_folder_another_run_is_writing_is_refused(tmp_path):
+    import fcntl
+    import os
+
+    out = tmp_path / "gen"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        _refused(_cli(*GEN, "--out", out), "is being written by another run right now")
+    finally:
+        os.close(fd)

@@ -163,6 +163,9 @@ def check_out_dir(path) -> Path:
         raise ValueError(f"--out {str(path)!r} cannot be created ({e.strerror}).") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"--out {str(path)!r} is not writable.")
+    from diffroute.utils.io import hold_folder
+
+    hold_folder(path)  # one command at a time writes a folder: a second one is refused, not interleaved
     return path
 
 

@@ -81,6 +81,7 @@ def read_prompt_lines(path: str | os.PathLike) -> list[str]:
 
 
 _HELD: list = []  # open lock files of the folders this process writes (released when the process ends)
+_HELD_PATHS: set[str] = set()
 
 
 def hold_folder(path: str | os.PathLike, flag: str = "--out") -> None:
@@ -92,6 +93,9 @@ def hold_folder(path: str | os.PathLike, flag: str = "--out") -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     path = Path(path)
+    key = str(path.resolve())
+    if key in _HELD_PATHS:  # already ours (flock would refuse a second descriptor of this very process)
+        return
     fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -102,3 +106,4 @@ def hold_folder(path: str | os.PathLike, flag: str = "--out") -> None:
             "another folder."
         ) from None
     _HELD.append(fd)
+    _HELD_PATHS.add(key)
