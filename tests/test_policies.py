@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, prompts, run
+from conftest import NAMES, fresh_pipe, prompts, run
 
 import diffroute
 from diffroute.core.arch import ARCHITECTURES
@@ -184,3 +184,20 @@ def test_policy_names():
     assert diffroute.resolve_plan("taylor-2").name == "taylor-2"
     with pytest.raises(ValueError, match="Fn >= 1"):
         diffroute.resolve_plan("dbcache-F0B0-0.1")
+
+
+def test_teacache_calibration_has_a_python_entry_point_whose_file_the_policy_reads(tmp_path):
+    import diffroute
+    from diffroute.policies.calibration import calibrate_teacache
+
+    pipe = fresh_pipe("pixart-alpha")
+
+    def full_run():
+        run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1], steps=6)
+
+    result = calibrate_teacache(pipe, full_run, tmp_path / "teacache.json", degree=2, prompts=2)
+    assert len(result["coefficients"]) == 3 and result["points"] > 0 and result["r2"] <= 1
+    plan = diffroute.resolve_plan(f"teacache-0.3@{tmp_path / 'teacache.json'}")
+    diffroute.apply(pipe, plan)
+    images = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1], steps=6)
+    assert np.isfinite(images).all() and pipe.last_stats.computed_fraction <= 1

@@ -50,12 +50,8 @@ def calibration_prompts(model: str, n: int) -> list[str]:
 
 
 def run(args) -> dict:
-    import numpy as np
-    import torch
-
     import diffroute
-    from diffroute.policies.common import rel_l1
-    from diffroute.policies.teacache import modulated_input, save_calibration
+    from diffroute.policies.calibration import calibrate_teacache
     from diffroute.zoo.registry import model_family
 
     default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
@@ -78,31 +74,12 @@ def run(args) -> dict:
 
     if args.method == "magcache":
         return _magcache(args, pipe, arch, prompts, out, full_run)
-    mods, outs = [], []
-
-    def on_block0(module, a, kw):
-        mods.append(modulated_input(arch, a, kw).detach().float())
-
-    def on_out(module, a, kw, output):
-        outs.append((output[0] if isinstance(output, tuple) else output.sample).detach().float())
-
-    h1 = arch.blocks[0].register_forward_pre_hook(on_block0, with_kwargs=True)
-    h2 = pipe.transformer.register_forward_hook(on_out, with_kwargs=True)
-    try:
-        full_run()
-    finally:
-        h1.remove()
-        h2.remove()
-    x = torch.cat([rel_l1(b, a) for a, b in zip(mods[:-1], mods[1:])]).cpu().numpy()
-    y = torch.cat([rel_l1(b, a) for a, b in zip(outs[:-1], outs[1:])]).cpu().numpy()
-    coeffs = np.polyfit(x, y, args.degree)
-    fit = np.polyval(coeffs, x)
-    r2 = 1 - ((y - fit) ** 2).sum() / ((y - y.mean()) ** 2).sum()
-    extra = {"prompts": len(prompts), "steps": args.steps, "points": len(x), "r2": float(r2)}
-    save_calibration(out, arch.model_class, coeffs, extra)
-    result = {"out": str(out), "coefficients": [float(c) for c in coeffs], **extra}
+    result = calibrate_teacache(pipe, full_run, out, args.degree, prompts=len(prompts), steps=args.steps)
     if not args.json:
-        print(f"wrote {out}: degree-{args.degree} fit on {len(x)} points, R^2 {r2:.3f}", file=sys.stderr)
+        print(
+            f"wrote {out}: degree-{args.degree} fit on {result['points']} points, R^2 {result['r2']:.3f}",
+            file=sys.stderr,
+        )
     return result
 
 
