@@ -17,6 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
 import diffroute
+from diffroute.core.call_context import hidden_states_of
 from diffroute.core.context import StepTracker, scheduler_step_source
 
 CONTEXT_HOOK, COUNT_HOOK = "diffroute_peer_context", "diffroute_peer_count"
@@ -31,9 +32,7 @@ class _Context(ModelHook):
         self.run = run
 
     def pre_forward(self, module, *args, **kwargs):
-        ctx, new_call = self.run.tracker.advance(
-            kwargs.get("timestep"), (args[0] if args else kwargs["hidden_states"]).shape[0]
-        )
+        ctx, new_call = self.run.tracker.advance(kwargs.get("timestep"), (hidden_states_of(args, kwargs)).shape[0])
         if new_call:
             registry = HookRegistry.check_if_exists_or_initialize(module)
             if self.run.per_call is not None:  # caches that must know the step count are (re)applied here
@@ -58,7 +57,7 @@ class _Count(ModelHook):
         self.run = run
 
     def pre_forward(self, module, *args, **kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states")
+        hidden = hidden_states_of(args, kwargs)
         rows = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.ndim else self.run.batch
         self.run.executed += rows / self.run.batch if self.run.batch else 1
         return args, kwargs

@@ -44,7 +44,7 @@ class _CallContextHook(ModelHook):
         self.listeners: dict[str, CallListener] = {}
 
     def pre_forward(self, module, *args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = hidden_states_of(args, kwargs)
         raw = kwargs.get("timestep")
         n = hidden.shape[0]
         if raw is None:
@@ -61,6 +61,12 @@ class _CallContextHook(ModelHook):
         for listener in reversed(list(self.listeners.values())):
             listener.end()
         return output
+
+
+def hidden_states_of(args: tuple, kwargs: dict, name: str = "hidden_states"):
+    """The hidden states a module was called with: its first positional argument, or the keyword `name` (None if
+    neither). Every hook that reads a call's input uses this one rule."""
+    return args[0] if args else kwargs.get(name)
 
 
 # (call batch, rows) while a block or component runs for some of the call's samples only (a per-sample plan).

@@ -19,7 +19,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffroute.core import blocks, width
 from diffroute.core.arch import ArchitectureMap, architecture_map
 from diffroute.core.cache import FeatureCache, rebuild, tensors_of
-from diffroute.core.call_context import rows_of, sub_batch
+from diffroute.core.call_context import hidden_states_of, rows_of, sub_batch
 from diffroute.core.context import StepContext, StepTracker, scheduler_step_source
 from diffroute.core.deciders import FORECAST, SKIP, SkipRows, SoftWidth, Width
 from diffroute.core.stats import CallStats, StatsRecorder
@@ -80,7 +80,7 @@ class _StepHook(ModelHook):
         self.executor = executor
 
     def pre_forward(self, module, *args, **kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states")
+        hidden = hidden_states_of(args, kwargs)
         self.executor.on_transformer_start(kwargs.get("timestep"), hidden)
         return args, kwargs
 
@@ -291,11 +291,11 @@ class Executor:
         # (inside a block decided as a whole the block's own record counts its components)
         if isinstance(decision, SoftWidth):  # training: the FFN's hidden units masked, gradients through the mask
             self._record_component(b, c, n, n)
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden_states_of(args, kwargs)
             return width.masked_ffn(self.arch.modules[b][c], hidden, decision.mask)
         if isinstance(decision, Width):  # the FFN at a fraction of its hidden units, really sliced
             self._record_component(b, c, n, n)
-            hidden, fraction = args[0] if args else kwargs["hidden_states"], decision.fraction
+            hidden, fraction = hidden_states_of(args, kwargs), decision.fraction
             if isinstance(fraction, torch.Tensor):
                 fraction = rows_of(fraction)  # the block may run for some samples only
             rows = hidden.shape[0]

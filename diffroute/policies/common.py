@@ -13,10 +13,6 @@ def main_tensor(x) -> torch.Tensor:
     return [t for t in x if isinstance(t, torch.Tensor)][-1]
 
 
-def block_hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample relative L1 distance mean|a - b| / mean|b| (one value per row)."""
     dims = tuple(range(1, a.ndim))

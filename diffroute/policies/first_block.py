@@ -19,11 +19,12 @@ import re
 import torch
 
 from diffroute.core.arch import ArchitectureMap
+from diffroute.core.call_context import hidden_states_of
 from diffroute.core.deciders import Decider
 from diffroute.core.schedule import MAX_BLOCKS
 from diffroute.errors import PlanError
 from diffroute.plans import Plan, register_plan
-from diffroute.policies.common import block_hidden_input, main_tensor, rel_l1
+from diffroute.policies.common import main_tensor, rel_l1
 
 
 class FirstBlockDecider(Decider):
@@ -37,7 +38,7 @@ class FirstBlockDecider(Decider):
 
     def on_block_start(self, ctx, block, module, args, kwargs) -> None:
         if block == 0:
-            self._x0[ctx.branch] = main_tensor(block_hidden_input(args, kwargs)).detach()
+            self._x0[ctx.branch] = main_tensor(hidden_states_of(args, kwargs)).detach()
 
     def on_block_end(self, ctx, block, output) -> None:
         if block != self.fn - 1:

@@ -26,7 +26,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.hooks import HookRegistry, ModelHook
 
-from diffroute.core.call_context import CallInfo, add_call_listener, remove_call_listener
+from diffroute.core.call_context import CallInfo, add_call_listener, hidden_states_of, remove_call_listener
 from diffroute.errors import PlanError
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -112,7 +112,7 @@ class _MixHook(ModelHook):
         self.state, self.names = state, names
 
     def pre_forward(self, module, *args, **kwargs):
-        self._x = args[0] if args else kwargs["x"]
+        self._x = hidden_states_of(args, kwargs, "x")
         return args, kwargs
 
     def post_forward(self, module, output):

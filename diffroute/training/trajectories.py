@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from diffroute.core.call_context import hidden_states_of
 from diffroute.core.context import StepTracker, scheduler_step_source
 from diffroute.utils.seeding import sample_generators
 
@@ -34,7 +35,7 @@ def record_calls(
         copies: dict[int, tuple] = {}  # the prompt embeddings are one tensor at every step: copy it once
 
         def hook(module, args, kwargs, tracker=tracker, steps=steps, copies=copies):
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden_states_of(args, kwargs)
             ctx, _ = tracker.advance(kwargs.get("timestep"), hidden.shape[0])
             while len(steps) <= ctx.step:
                 steps.append([])
