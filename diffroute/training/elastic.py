@@ -100,7 +100,17 @@ def train_elastic(pipe, prompts: list[str], call_kwargs: dict, cfg: ElasticConfi
     router = ElasticRouter.for_model(transformer, num_steps, pipe.scheduler).to(transformer.device)
     model = _Trainable(router, transformer, cfg)
     loss = ElasticLoss(transformer, recordings, router, cfg)
-    train_router("elastic", model, loss, cfg, transformer, out, accelerator, backbone_trains=cfg.finetune)
+    train_router(
+        "elastic",
+        model,
+        loss,
+        cfg,
+        transformer,
+        out,
+        accelerator,
+        backbone_trains=cfg.finetune,
+        param_groups=model.param_groups,
+    )
     summary = {"method": "elastic", **asdict(cfg), "num_steps": num_steps, "seconds": time.time() - t0}
     summary["processes"] = accelerator.num_processes
     if accelerator.is_main_process:

@@ -32,11 +32,14 @@ from diffroute.utils.io import atomic_write_json, readable_by_others
 class Student(torch.nn.Module):
     """The transformer, and a hook the trainer calls before each step (a schedule that follows training)."""
 
-    def __init__(self, transformer, on_step: Callable[[int, int], None] | None = None):
+    def __init__(
+        self,
+        transformer,
+        on_step: Callable[[int, int], None] | None = None,
+        groups: Callable[[float], list[dict]] | None = None,  # what trains, when not every parameter
+    ):
         super().__init__()
-        self.transformer, self.on_step, self.step = transformer, on_step, 0
-
-    groups: Callable[[float], list[dict]] | None = None  # what trains, when not every parameter
+        self.transformer, self.on_step, self.step, self.groups = transformer, on_step, 0, groups
 
     def param_groups(self, lr: float) -> list[dict]:
         """The trainer's optimizer groups: `groups(lr)` when set, else every parameter at `lr`."""
@@ -101,12 +104,23 @@ def train_on_data(
         snapshot_every=max(cfg.iters // cfg.snapshots, 1) if cfg.snapshots else 0,
         checkpoint_every=max(min(250, cfg.iters // 10), 1),  # short runs too lose at most a tenth when stopped
     )
-    student.groups = param_groups
+    student.groups = param_groups  # the method's choice of what trains (given to train() below)
 
     def snapshot(step: int, ema: dict | None) -> None:
         save_model(pipe, accelerator.unwrap_model(student), ema, cfg, out / "snapshots" / f"step-{step:06d}")
 
-    ema = train(name, student, loss_fn, len(train_idx), tcfg, out / "train", accelerator, snapshot)
+    ema = train(
+        name,
+        student,
+        loss_fn,
+        len(train_idx),
+        tcfg,
+        out / "train",
+        accelerator,
+        snapshot,
+        param_groups=student.param_groups,
+        before_step=student.before_step,
+    )
     student = accelerator.unwrap_model(student)
     if ema is not None:
         student.load_state_dict(ema)

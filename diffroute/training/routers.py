@@ -13,7 +13,17 @@ def check_batch_split(batch: int, accelerator) -> None:
         raise ValueError(f"--batch {batch} must be a multiple of the {accelerator.num_processes} processes.")
 
 
-def train_router(name: str, model, loss, cfg, transformer, out: Path, accelerator, backbone_trains: bool = False):
+def train_router(
+    name: str,
+    model,
+    loss,
+    cfg,
+    transformer,
+    out: Path,
+    accelerator,
+    backbone_trains: bool = False,
+    param_groups=None,
+):
     """Run the shared trainer on `model` with `loss` (closed afterwards). The transformer's parameters train only
     with `backbone_trains`; their requires_grad flags are restored after: a flag can select another kernel (Sana's
     outputs move by ~1e-6), and `full` must stay bitwise vanilla."""
@@ -30,7 +40,7 @@ def train_router(name: str, model, loss, cfg, transformer, out: Path, accelerato
     flags = [(p, p.requires_grad) for p in transformer.parameters()]
     transformer.requires_grad_(backbone_trains)
     try:
-        train(name, model, loss, len(loss.items), tcfg, out, accelerator)
+        train(name, model, loss, len(loss.items), tcfg, out, accelerator, param_groups=param_groups)
     finally:
         loss.close()
         for p, flag in flags:

@@ -49,6 +49,8 @@ def train(
     out_dir: Path,
     accelerator: Accelerator,
     on_snapshot: Callable[[int, dict | None], None] | None = None,
+    param_groups: Callable[[float], list[dict]] | None = None,
+    before_step: Callable[[int, int], None] | None = None,
 ) -> dict | None:
     """Train `model` for cfg.steps; returns EMA weights (or None). Resumes from out_dir's checkpoint if present.
     `on_snapshot(step, ema)` runs on the main process every `cfg.snapshot_every` steps, before that step's checkpoint
@@ -58,10 +60,13 @@ def train(
     (seed, step, rank) for its noise, so that the run is reproducible and resumable. It returns the loss, or
     `(loss, metrics)` with a dict of scalars (a router's mean weights, a loss term) that the log averages like the
     loss (rank 0's share).
+
+    What trains is declared, never discovered: `param_groups(lr)` gives the optimizer's groups (a router and its
+    fine-tuned backbone at their own rates; default every parameter of `model` at cfg.lr), and `before_step(step,
+    steps)` runs before each step (a capacity schedule that sparsifies as training goes on).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A model may give parameter groups with their own learning rates (a router and its fine-tuned backbone).
-    params = model.param_groups(cfg.lr) if hasattr(model, "param_groups") else model.parameters()
+    params = param_groups(cfg.lr) if param_groups is not None else model.parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.ema_decay else None
     start = load_checkpoint(out_dir, model, ema, optimizer)
@@ -75,8 +80,6 @@ def train(
     log_path = out_dir / "log.jsonl"
     t0, running, metrics = time.time(), 0.0, {}
     model.train()
-    # A model may follow the training's progress (a capacity schedule that sparsifies as training goes on).
-    before_step = getattr(accelerator.unwrap_model(model), "before_step", None)
     for step in range(start, cfg.steps):
         if before_step is not None:
             before_step(step, cfg.steps)
