@@ -47,7 +47,8 @@ def _unit(module: str) -> str:
     return parts[1] if len(parts) > 1 else parts[0]
 
 
-def _graph() -> dict[str, set[str]]:
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the diffroute modules it imports (the public entry points left out)."""
     modules = _modules()
     graph = defaultdict(set)
     for module, path in modules.items():
@@ -55,8 +56,16 @@ def _graph() -> dict[str, set[str]]:
             continue
         for name in _imports(path):
             target = next((m for m in (name, name.rsplit(".", 1)[0]) if m in modules), None)
-            if target is not None and target not in ENTRY and _unit(target) != _unit(module):
-                graph[_unit(module)].add(_unit(target))
+            if target is not None and target != module and target not in ENTRY:
+                graph[module].add(target)
+    return graph
+
+
+def _graph() -> dict[str, set[str]]:
+    """The module graph seen from above: subpackage -> the other subpackages it imports."""
+    graph = defaultdict(set)
+    for module, targets in _module_graph().items():
+        graph[_unit(module)].update(_unit(t) for t in targets if _unit(t) != _unit(module))
     return graph
 
 
@@ -96,15 +105,7 @@ def test_the_checker_sees_imports_inside_functions():
 
 def test_modules_form_no_circle():
     """Within subpackages too: no module imports one that (through others) imports it back."""
-    modules = _modules()
-    graph = defaultdict(set)
-    for module, path in modules.items():
-        if module in ENTRY:
-            continue
-        for name in _imports(path):
-            target = next((m for m in (name, name.rsplit(".", 1)[0]) if m in modules), None)
-            if target is not None and target != module and target not in ENTRY:
-                graph[module].add(target)
+    graph, modules = _module_graph(), _modules()
     index, low, stack, on_stack, circles = {}, {}, [], set(), []
 
     def strong(v):  # Tarjan's strongly connected components

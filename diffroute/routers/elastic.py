@@ -26,6 +26,7 @@ from diffroute.core.deciders import Decider, SkipRows, SoftWidth, Width
 from diffroute.core.width import hidden_units
 from diffroute.errors import PlanError
 from diffroute.plans import Plan
+from diffroute.routers.fit import TrainedRouterChecks
 
 
 class RouteGate(torch.nn.Module):
@@ -108,7 +109,7 @@ def straight_through_one_hot(logits: torch.Tensor) -> torch.Tensor:
     return hard + soft - soft.detach()
 
 
-class ElasticPlan(Plan):
+class ElasticPlan(TrainedRouterChecks, Plan):
     """Every block decided as a whole by the router, and the FFN inside a kept block at the router's width.
 
     `training=True`: soft gates (straight-through) through the executor's soft block gate and masked FFN, and each
@@ -129,22 +130,9 @@ class ElasticPlan(Plan):
                 f"{arch.model_class} with {arch.num_blocks}. Train one for this model."
             )
 
-    def check_model(self, transformer) -> None:
-        from diffroute.routers.backbone import check_backbone
-
-        check_backbone(self.name, self.router.config.backbone_probe, self.router.config.backbone_dtype, transformer)
-
-    def check_call(self, num_steps: int | None, scheduler=None) -> None:
-        from diffroute.routers.fit import check_trained_call
-
+    def retrain_hint(self, num_steps: int | None) -> str:
         # Its budget r(t) and gates were trained on this sampler's timesteps; other step counts are untested.
-        check_trained_call(
-            self.name,
-            self.router.config,
-            num_steps,
-            scheduler,
-            f"train one for {num_steps} steps (`diffroute train elastic --steps {num_steps}`).",
-        )
+        return f"train one for {num_steps} steps (`diffroute train elastic --steps {num_steps}`)."
 
     def block_level(self, arch: ArchitectureMap) -> torch.Tensor:
         return torch.ones(arch.num_blocks, dtype=torch.bool)

@@ -19,6 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from diffroute.core.arch import ArchitectureMap
 from diffroute.core.schedule import Schedule
 from diffroute.plans import SchedulePlan
+from diffroute.routers.fit import TrainedRouterChecks
 
 
 class L2CRouter(ModelMixin, ConfigMixin):
@@ -66,7 +67,7 @@ class L2CRouter(ModelMixin, ConfigMixin):
         return Schedule(compute, self.config.model_class, tuple(self.config.components), prov)
 
 
-class RouterPlan(SchedulePlan):
+class RouterPlan(TrainedRouterChecks, SchedulePlan):
     """A trained router as a plan: its schedule, refused at any other step count or scheduler than it was trained
     for (a router learns one trajectory's steps; resample its schedule explicitly to use it elsewhere)."""
 
@@ -74,21 +75,10 @@ class RouterPlan(SchedulePlan):
         super().__init__(router.schedule(), name=name)
         self.router = router
 
-    def check_model(self, transformer) -> None:
-        from diffroute.routers.backbone import check_backbone
-
-        check_backbone(self.name, self.router.config.backbone_probe, self.router.config.backbone_dtype, transformer)
-
-    def check_call(self, num_steps: int | None, scheduler=None) -> None:
-        from diffroute.routers.fit import check_trained_call
-
-        check_trained_call(
-            self.name,
-            self.router.config,
-            num_steps,
-            scheduler,
+    def retrain_hint(self, num_steps: int | None) -> str:
+        return (
             f"train one for {num_steps} steps (`diffroute train l2c --steps {num_steps}`), or run its schedule "
-            f"resampled (`diffroute.routers.load_router(...).schedule().resample({num_steps})`).",
+            f"resampled (`diffroute.routers.load_router(...).schedule().resample({num_steps})`)."
         )
 
     def decider(self, arch: ArchitectureMap, num_steps: int):
