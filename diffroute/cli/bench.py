@@ -40,7 +40,7 @@ def run(args) -> dict:
     import torch
 
     from diffroute.core.arch import architecture_map
-    from diffroute.metrics.timing import flop_ideal_speedup, time_plans, timing_warnings
+    from diffroute.metrics.timing import time_plans, timing_warnings
     from diffroute.search.cost import measure_cost
 
     names = [p.strip() for p in args.plans.split(",") if p.strip()]
@@ -68,15 +68,13 @@ def run(args) -> dict:
         return bench_compile.run(args, pipe, names, call)
 
     plans = {"vanilla": None, **{n: n for n in names}}
-    cost = measure_cost(
-        pipe, architecture_map(pipe.transformer), {k: v for k, v in kwargs.items() if k != "num_inference_steps"}
-    )
+    cost = measure_cost(pipe, architecture_map(pipe.transformer), kwargs)
     print(f"timing {list(plans)} x {args.repeats} repeats (+1 warm-up), interleaved...", file=sys.stderr)
-    res = time_plans(pipe, plans, call, repeats=args.repeats)
+    res = time_plans(pipe, plans, call, repeats=args.repeats, cost=cost)
     base = res["vanilla"]
     rows, warnings = {}, []
     for name, r in res.items():
-        ideal = flop_ideal_speedup(cost, r.get("stats")) if name != "vanilla" else 1.0
+        ideal = r["flop_ideal"]
         rows[name] = {
             "end_to_end_median_s": r["e2e_median_s"],
             "transformer_median_s": r["transformer_median_s"],

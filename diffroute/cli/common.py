@@ -173,8 +173,6 @@ def check_run_dir(path, flag: str = "--out") -> Path:
     """The folder of a training run or search (resumable): refused when empty, inside the installed diffroute package,
     or holding a model or router that no diffroute run made (it would be replaced); created, writable, and held by
     this run alone (a second run into it at the same time is refused)."""
-    from diffroute.utils.io import hold_folder
-
     if not str(path).strip():
         raise ValueError(f"{flag} is empty: give a folder for the run (e.g. runs/NAME).")
     path = Path(path)
@@ -191,9 +189,7 @@ def check_run_dir(path, flag: str = "--out") -> Path:
                 f"{flag} {str(path)!r} already holds a {product}/ that no diffroute run there made; it would be "
                 "replaced. Give a new folder."
             )
-    path = check_out_dir(path)
-    hold_folder(path, flag)
-    return path
+    return check_out_dir(path)  # created, writable and held by this run
 
 
 def check_resume(out: Path, settings: dict, what: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from diffroute.cli.common import (
@@ -42,7 +41,7 @@ def add_arguments(p) -> None:
 
 
 def generate(pipe, plan, prompts: list[str], args, steps: int | None = None):
-    """Run `plan` on `prompts` (sample i seeded by args.seed + i); returns (images, seconds, stats)."""
+    """Run `plan` on `prompts` (sample i seeded by args.seed + i); returns (images, stats). Timing is `_time`'s."""
     import diffroute
 
     diffroute.apply(pipe, plan)
@@ -50,9 +49,8 @@ def generate(pipe, plan, prompts: list[str], args, steps: int | None = None):
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     gens = generators(args.seed, len(prompts), pipe.device)
-    t0 = time.perf_counter()
     images = pipe(prompts, generator=gens, output_type="np", **kwargs).images
-    return images, time.perf_counter() - t0, pipe.last_stats
+    return images, pipe.last_stats
 
 
 def _time(pipe, runs: dict, prompts: list[str], args) -> dict:
@@ -60,24 +58,20 @@ def _time(pipe, runs: dict, prompts: list[str], args) -> dict:
     and each plan's FLOP-ideal transformer speedup."""
     import diffroute
     from diffroute.core.arch import architecture_map
-    from diffroute.metrics.timing import flop_ideal_speedup, time_plans
+    from diffroute.metrics.timing import time_plans
     from diffroute.search.cost import measure_cost
 
     kwargs = call_kwargs(pipe, args)
     diffroute.remove(pipe)  # FLOPs of the plain model (a plan fixed to --steps would refuse this 2-step call)
-    cost = measure_cost(
-        pipe, architecture_map(pipe.transformer), {k: v for k, v in kwargs.items() if k != "num_inference_steps"}
-    )
+    cost = measure_cost(pipe, architecture_map(pipe.transformer), kwargs)
     pipe.set_progress_bar_config(disable=True)
 
     def call():
         pipe(prompts, generator=generators(args.seed, len(prompts), pipe.device), output_type="np", **kwargs)
 
     print(f"timing {list(runs)} x {args.repeats} repeats, interleaved...", file=sys.stderr)
-    timing = time_plans(pipe, {n: r["plan"] for n, r in runs.items()}, call, repeats=args.repeats, warmup=0)
-    for t in timing.values():
-        t["flop_ideal"] = flop_ideal_speedup(cost, t.get("stats"))
-    return timing
+    plans = {n: r["plan"] for n, r in runs.items()}
+    return time_plans(pipe, plans, call, repeats=args.repeats, warmup=0, cost=cost)
 
 
 def run(args) -> dict:
@@ -101,7 +95,7 @@ def run(args) -> dict:
     out = Path(args.out)
     runs = {}
     for plan in plans:
-        images, _, stats = generate(pipe, plan, prompts, args)
+        images, stats = generate(pipe, plan, prompts, args)
         name = Path(plan).stem if plan.endswith(".json") else plan
         runs[name] = {"plan": plan, "images": images, "pil": to_pil(images), "stats": stats}
         for i, img in enumerate(runs[name]["pil"]):

@@ -94,7 +94,7 @@ def run(args) -> dict | None:
 
         feature = feature_extractor(args.features)
     _check_resume(args, pipe, prompts, kwargs, out, state)
-    cost = measure_cost(pipe, arch, {k: v for k, v in kwargs.items() if k != "num_inference_steps"})
+    cost = measure_cost(pipe, arch, kwargs)
     scorer = None
     if args.quality == "clip":
         from diffroute.zoo import MODELS

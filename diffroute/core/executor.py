@@ -148,6 +148,7 @@ class Executor:
     def __init__(self, transformer: torch.nn.Module, plan, scheduler=None, num_inference_steps: int | None = None):
         self.transformer = transformer
         self.arch: ArchitectureMap = architecture_map(transformer)
+        self._timestep_scale = self.arch.spec.timestep_scale if self.arch.spec is not None else 1.0
         if not hasattr(plan, "decider"):
             raise TypeError(f"Executor needs a resolved Plan (diffroute.resolve_plan(...)); got {type(plan).__name__}.")
         self.plan = plan  # a diffroute.plans.Plan: plans build on core, core never imports them
@@ -224,9 +225,8 @@ class Executor:
 
     @torch.compiler.disable
     def on_transformer_start(self, timestep, hidden: torch.Tensor) -> None:
-        scale = self.arch.spec.timestep_scale if self.arch.spec is not None else 1.0
-        if timestep is not None and scale != 1.0:  # the step context speaks the scheduler's units, as the call context
-            timestep = timestep * scale
+        if timestep is not None and self._timestep_scale != 1.0:  # the scheduler's units, as in the call context
+            timestep = timestep * self._timestep_scale
         ctx, new_call = self.tracker.advance(timestep, hidden.shape[0])
         if new_call or self.stats is None:
             self._start_call(ctx.num_steps or self.default_num_steps, hidden.device)

@@ -82,13 +82,15 @@ def time_plans(
     activate: Callable | None = None,
     deactivate: Callable | None = None,
     fraction: Callable | None = None,
+    cost=None,
 ) -> dict[str, dict]:
     """Time `call()` under each plan (None = vanilla, no hooks at all), interleaving plans within every repeat so
     that drifts in machine speed hit all plans alike. Returns per plan: the end-to-end and transformer times of each
     repeat, their medians, and the computed fraction of the last routed call. `before(name)` runs before each call
     (e.g. to switch compilation), `after(name, timed)` after it; `timer` sums transformer time (default
     ForwardTimer). `activate(pipe, plan)`, `deactivate(pipe)` and `fraction(pipe)` (the computed fraction of the
-    last call) default to diffroute's own plans; the eval suite passes versions that also run peers' caches."""
+    last call) default to diffroute's own plans; the eval suite passes versions that also run peers' caches. With
+    `cost` (a search.cost.CostModel), each plan also gets `flop_ideal`: 1 for vanilla, None for peers' caches."""
     activate = activate or apply
     deactivate = deactivate or remove
     fraction = fraction or (lambda p: last_stats(p).computed_fraction)
@@ -131,6 +133,9 @@ def time_plans(
         res["transformer_median_s"] = statistics.median(res["transformer_s"])
         res["e2e_spread"] = spread(res["e2e_s"])
         res["transformer_spread"] = spread(res["transformer_s"])
+    if cost is not None:
+        for name, res in results.items():
+            res["flop_ideal"] = 1.0 if plans[name] is None else flop_ideal_speedup(cost, res.get("stats"))
     return results
 
 

@@ -32,7 +32,9 @@ class CostModel:
 
 @torch.no_grad()
 def measure_cost(pipe, arch: ArchitectureMap, call_kwargs: dict) -> CostModel:
-    """Count one transformer forward of a one-prompt call."""
+    """Count one transformer forward of a one-prompt, two-step call (`call_kwargs` may hold the caller's own
+    num_inference_steps: the count does not depend on it, and this call sets its own)."""
+    call_kwargs = {k: v for k, v in call_kwargs.items() if k != "num_inference_steps"}
     names = {id(m): (b, c) for b, row in enumerate(arch.modules) for c, m in enumerate(row) if m is not None}
     fqn = {n: names[id(m)] for n, m in pipe.transformer.named_modules() if id(m) in names}
     captured = {}
