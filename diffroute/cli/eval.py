@@ -225,9 +225,9 @@ def _compare(args) -> dict:
     from diffroute.zoo.registry import model_family
 
     plans = [p.strip() for p in args.plans.split(",") if p.strip()]
-    for p in plans:  # names and step counts before the data or the model load
+    for p in filter(is_peer, plans):  # names and step counts before the data or the model load
         check_spec(p)
-    check_plans(None, [p for p in plans if not is_peer(p)], args.steps)
+    check_plans(None, [p for p in plans if not is_peer(p)], args.steps)  # ours: resolved once, steps checked
     reference = None
     emoji = model_family(args.model) == "emoji"  # emoji and its variants share its data and metrics
     if args.prompts == "heldout":
