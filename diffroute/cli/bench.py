@@ -1,5 +1,6 @@
 """Benchmarks (not tests), side by side in one run: `bench overhead` times vanilla diffusers against plans;
-`bench compile` times eager against torch.compile for vanilla and plans, per dtype, with dynamo's graph counts."""
+`bench compile` times eager against torch.compile for vanilla and plans, per dtype, with dynamo's graph counts;
+`bench reuse` what a reused step costs; `bench scale` plans on the published configurations of the real models."""
 
 from __future__ import annotations
 
@@ -9,24 +10,42 @@ from diffroute.cli.common import add_model_arguments, call_kwargs, check_plans, 
 
 HELP = (
     "benchmarks: hook overhead and plan speedups (overhead); torch.compile and dtypes (compile); one block's FFN "
-    "dense against its expert-choice MoE per capacity (moe)"
+    "dense against its expert-choice MoE per capacity (moe); the cost of a reused step (reuse); plans on "
+    "random-weight transformers of the real models' configurations (scale)"
 )
 
 
 def add_arguments(p) -> None:
     p.add_argument(
         "which",
-        choices=["overhead", "compile", "moe"],
+        choices=["overhead", "compile", "moe", "reuse", "scale"],
         help="overhead: vanilla vs full vs --plans; compile: eager vs compiled, vanilla and --plans, per --dtypes; "
-        "moe: FFN FLOPs and wall-clock, dense vs MoE at --ks",
+        "moe: FFN FLOPs and wall-clock, dense vs MoE at --ks; reuse: an all-reuse and an all-block-reuse step "
+        "against a full step, per --dtypes and --models; scale: --families at their published configurations",
     )
     add_model_arguments(p)
+    p.set_defaults(steps=None)  # (each benchmark has its own default: 20, or 6 for reuse and scale)
     p.add_argument("--plans", default="full,fora-2,fora-3", help="comma-separated plans (default full,fora-2,fora-3)")
     p.add_argument("--batch", type=int_in(1, 1024), default=8, help="images per call (default 8)")
     p.add_argument(
-        "--repeats", type=int_in(1, 1000), default=7, help="timed repeats per plan after a warm-up (default 7)"
+        "--repeats",
+        type=int_in(1, 1000),
+        default=None,
+        help="timed repeats per plan after a warm-up (default 7; reuse 3, scale 2)",
     )
-    p.add_argument("--dtypes", default="float32,bfloat16", help="compile: dtypes to time, in turn (default both)")
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="compile, reuse, scale: dtypes to time, in turn (default float32,bfloat16; scale: bfloat16)",
+    )
+    p.add_argument("--families", default=None, help="scale: comma-separated families (default all; see --help)")
+    p.add_argument(
+        "--depth",
+        choices=["reduced", "full"],
+        default=None,
+        help="scale: blocks built (default full on CUDA, reduced on a CPU: per-block figures extrapolate)",
+    )
+    p.add_argument("--models", default="tiny-pixart,emoji", help="reuse: zoo models (default tiny-pixart,emoji)")
     p.add_argument("--compile-mode", choices=["whole", "regional"], default="whole", help="compile: what to compile")
     p.add_argument("--backend", default="inductor", help="compile: torch.compile back-end (default inductor)")
     p.add_argument("--ks", default="1,2,3,4,6", help="moe: routed experts per token to time (default 1,2,3,4,6)")
@@ -35,6 +54,17 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
+    if args.which == "scale":
+        from diffroute.cli import bench_scale
+
+        return bench_scale.run(args)
+    if args.which == "reuse":
+        from diffroute.cli import bench_reuse
+
+        return bench_reuse.run(args)
+    args.steps = args.steps or 20
+    args.repeats = args.repeats or 7
+    args.dtypes = args.dtypes or "float32,bfloat16"
     if args.which == "moe":
         return _moe(args)
     import torch

@@ -24,9 +24,16 @@ BATCHED_BLOCK_ARGS = (
 )
 
 
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
 def bind(block: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     """The block's forward arguments by name (positional ones too: Sana's blocks are called positionally)."""
-    return inspect.signature(type(block).forward).bind(block, *args, **kwargs)
+    kind = type(block)
+    sig = _SIGNATURES.get(kind)
+    if sig is None:  # (reading a signature costs more than a reused block's whole work on a GPU: once per class)
+        sig = _SIGNATURES[kind] = inspect.signature(kind.forward)
+    return sig.bind(block, *args, **kwargs)
 
 
 def call(forward, bound: inspect.BoundArguments):

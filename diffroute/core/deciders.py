@@ -84,16 +84,22 @@ class ScheduleDecider(Decider):
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
-        c, f = schedule.compute, schedule.forecast
-        reused_next = torch.cat([~c[1:], torch.zeros_like(c[:1])])
-        # Keep an output if the very next step reuses it; in a column that forecasts, keep every computed output
+        c, f, whole = schedule.compute, schedule.forecast, schedule.block_reuse
+        # A component's next call is at the next step its block runs (a block reused whole calls no component).
+        later = _next_run(whole)  # [steps, blocks]: the next step at which each block runs (steps: none)
+        padded = torch.cat([c, torch.ones_like(c[:1])])  # past the last step nothing is reused
+        nxt = padded.gather(0, later[..., None].expand_as(c))  # each cell's value at its block's next run
+        # Keep an output if the block's next run reuses it; in a column that forecasts, keep every computed output
         # (a forecast extrapolates from the last two).
-        store = c & (reused_next | f.any(dim=0, keepdim=True))
+        store = c & (~nxt | f.any(dim=0, keepdim=True))
         self._decision = [
             [[True if cc else (FORECAST if ff else False) for cc, ff in zip(cb, fb)] for cb, fb in zip(cs, fs)]
             for cs, fs in zip(c.tolist(), f.tolist())
         ]
         self._store = store.tolist()
+        self._block = (~whole).tolist()  # True: the block runs (its components decide), False: reused whole
+        # keep a block's residual when the very next step reuses the block whole (consecutive reuses share it)
+        self._store_block = (~whole & torch.cat([whole[1:], torch.zeros_like(whole[:1])])).tolist()
 
     def decide(self, ctx: StepContext, block: int, comp: int):
         return True if ctx.step >= len(self._decision) else self._decision[ctx.step][block][comp]
@@ -101,5 +107,22 @@ class ScheduleDecider(Decider):
     def must_store(self, ctx: StepContext, block: int, comp: int) -> bool:
         return ctx.step < len(self._store) and self._store[ctx.step][block][comp]
 
+    def decide_block(self, ctx: StepContext, block: int):
+        return True if ctx.step >= len(self._block) else self._block[ctx.step][block]
+
+    def must_store_block(self, ctx: StepContext, block: int) -> bool:
+        return ctx.step < len(self._store_block) and self._store_block[ctx.step][block]
+
     def info(self) -> dict:
         return {"schedule_provenance": self.schedule.provenance, "planned_fraction": self.schedule.computed_fraction()}
+
+
+def _next_run(whole: torch.Tensor) -> torch.Tensor:
+    """[steps, blocks]: for each step, the first later step at which the block is not reused whole (steps: none)."""
+    steps = whole.shape[0]
+    out = torch.empty(whole.shape, dtype=torch.long)
+    nxt = torch.full(whole.shape[1:], steps, dtype=torch.long)
+    for s in range(steps - 1, -1, -1):
+        out[s] = nxt
+        nxt = torch.where(~whole[s], torch.tensor(s), nxt)
+    return out

@@ -174,6 +174,11 @@ class Executor:
         if not self.plan.decides_components_in_blocks:  # (else `always` means: computed whenever the block runs)
             self.block_level &= ~self.always.all(1)
         self.decider = None
+        # components with a hook of their own (they count their own calls when their block computes in full)
+        self._hooked = self.present & ~self.always
+        if not self.plan.decides_components_in_blocks:
+            self._hooked &= ~self.block_level[:, None]
+        self._quiet_components = False  # True while a block runs for some rows under its own record
         self._block_forms: dict[int, tuple[bool, bool]] = {}  # per block: its output's form (see blocks.form_of)
         self.stats: StatsRecorder | None = None
         self.last_stats: CallStats | None = None
@@ -193,8 +198,7 @@ class Executor:
             )
         for b, row in enumerate(self.arch.modules):
             for c, module in enumerate(row):
-                in_block = self.block_level[b] and not self.plan.decides_components_in_blocks
-                if module is not None and not self.always[b, c] and not in_block:
+                if module is not None and self._hooked[b, c]:
                     registry = HookRegistry.check_if_exists_or_initialize(module)
                     registry.register_hook(_ComponentHook(self, b, c), COMPONENT_HOOK)
         self._invalidate()
@@ -324,9 +328,9 @@ class Executor:
         return KEEP if self.decider.must_store(ctx, b, c) else None
 
     def _record_component(self, b: int, c: int, n_computed: int, n: int, n_forecast: int = 0) -> None:
-        """Count a component call, except inside a block decided as a whole: the block's own record counts its
-        components (a second count here inflated `computed_fraction` of per-sample block routers)."""
-        if not self.block_level[b]:
+        """Count a component call, except inside a block that runs for some samples only: the block's own record
+        counts its components there (a second count inflated `computed_fraction` of per-sample block routers)."""
+        if not self._quiet_components:
             self.stats.record(self.ctx.step, b, c, n_computed, n, n_forecast)
 
     @torch.compiler.disable
@@ -383,7 +387,7 @@ class Executor:
             bound = blocks.bind(module, args, kwargs)
             out = blocks.call(forward, bound)
             self._block_forms[b] = blocks.form_of(out)
-            self._record_block(b, n, n)
+            self._record_block(b, n, n, whole=False)
             return blocks.gate(bound.arguments, out, decision)
         if isinstance(decision, SkipRows):  # per sample: compute or skip
             if bool(decision.compute.all()):
@@ -398,7 +402,8 @@ class Executor:
                 # a zero-row batch would break PixArt's modulation reshape)
                 bound = blocks.bind(module, args, kwargs)
                 first = torch.zeros(1, dtype=torch.long, device=bound.arguments["hidden_states"].device)
-                self._block_forms[b] = blocks.form_of(self._call_rows(forward, b, bound, first))
+                with self._block_record():
+                    self._block_forms[b] = blocks.form_of(self._call_rows(forward, b, bound, first))
             self._record_block(b, 0, n)
             return blocks.identity(blocks.bind(module, args, kwargs).arguments, self._block_forms[b])
         if isinstance(decision, torch.Tensor):
@@ -417,7 +422,7 @@ class Executor:
             if res is not None:
                 self._record_block(b, 0, n)
                 return blocks.add_residual(blocks.bind(module, args, kwargs).arguments, res)
-        self._record_block(b, n, n)
+        self._record_block(b, n, n, whole=False)
         return KEEP if self.decider.must_store_block(ctx, b) else None
 
     @torch.compiler.disable
@@ -426,10 +431,22 @@ class Executor:
         res = blocks.residual(blocks.bind(module, args, kwargs).arguments, out)
         self.cache.put((self.ctx.branch, b, "block"), res, self.ctx.step)
 
-    def _record_block(self, b: int, n_computed: int, n: int) -> None:
-        for c, present in enumerate(self.present[b].tolist()):
-            if present:
+    def _record_block(self, b: int, n_computed: int, n: int, whole: bool = True) -> None:
+        """Count a block's components: all of them (`whole`: reused, skipped, or run for some rows), or, when the
+        block runs for every row, those without a hook of their own (the others count themselves)."""
+        counted = self.present[b] if whole else self.present[b] & ~self._hooked[b]
+        for c, yes in enumerate(counted.tolist()):
+            if yes:
                 self.stats.record(self.ctx.step, b, c, n_computed, n)
+
+    @contextlib.contextmanager
+    def _block_record(self):
+        """Inside: the block runs for some rows only and its record counts its components (theirs stay quiet)."""
+        self._quiet_components = True
+        try:
+            yield
+        finally:
+            self._quiet_components = False
 
     def _block_rows(self, forward, key, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
         """Compute the block for the masked samples only; the others get input plus cached residual. The computed
@@ -440,7 +457,7 @@ class Executor:
         rows, n = rows_mask.nonzero().squeeze(1), self.ctx.batch_size
         bound = blocks.bind(module, args, kwargs)
         part = blocks.rows_of(bound, rows, n)
-        with sub_batch(rows, n):
+        with sub_batch(rows, n), self._block_record():
             fresh = blocks.call(forward, part)
         fresh_res = tensors_of(blocks.residual(part.arguments, fresh))
         merged = [
@@ -461,7 +478,8 @@ class Executor:
         """Run the block for the masked samples only; the others return their input."""
         rows = rows_mask.nonzero().squeeze(1)
         bound = blocks.bind(module, args, kwargs)
-        fresh = self._call_rows(forward, b, bound, rows)
+        with self._block_record():
+            fresh = self._call_rows(forward, b, bound, rows)
         self._block_forms[b] = blocks.form_of(fresh)
         skipped = blocks.identity(bound.arguments, self._block_forms[b])
         out = [None if x is None else x.clone() for x in tensors_of(skipped)]

@@ -2,7 +2,10 @@
 
 A schedule is a boolean `compute` tensor [steps x blocks x components] (True = compute) and a boolean `forecast`
 tensor of the same shape (True = a skipped cell is extrapolated from the component's last two computed outputs
-instead of reusing the last one). In JSON each cell is one character: 1 compute, 0 reuse, f forecast."""
+instead of reusing the last one), and a boolean `block_reuse` [steps x blocks] (True = at that step the block is not
+run at all: it returns its input plus the residual it added at its last computation, as FBCache/DBCache reuse
+blocks; only where every component of the block is reused). In JSON each cell is one character: 1 compute, 0 reuse,
+f forecast, r the block reused as a whole (all of a block's cells at that step)."""
 
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ class Schedule:
     components: tuple[str, ...]
     provenance: dict = field(default_factory=dict)
     forecast: torch.Tensor | None = None  # bool, same shape; only where compute is False. None: no forecasts
+    block_reuse: torch.Tensor | None = None  # bool [steps, blocks]; only where the block's cells all reuse
 
     def __post_init__(self):
         self.compute = torch.as_tensor(self.compute, dtype=torch.bool).cpu()
@@ -49,6 +53,17 @@ class Schedule:
         if self.compute.ndim != 3 or self.compute.shape[2] != len(self.components):
             raise ScheduleMismatchError(
                 f"compute must be [steps, blocks, {len(self.components)} components]; got {tuple(self.compute.shape)}."
+            )
+        self.block_reuse = (
+            torch.zeros(self.compute.shape[:2], dtype=torch.bool)
+            if self.block_reuse is None
+            else torch.as_tensor(self.block_reuse, dtype=torch.bool).cpu()
+        )
+        if self.block_reuse.shape != self.compute.shape[:2]:
+            raise ScheduleMismatchError(f"block_reuse must be [steps, blocks] = {tuple(self.compute.shape[:2])}.")
+        if bool((self.block_reuse & (self.compute | self.forecast).any(2)).any()):
+            raise ScheduleMismatchError(
+                "a block reused as a whole cannot compute or forecast any of its components at that step."
             )
         if self.compute.shape[0] < 1:
             raise ScheduleMismatchError("a schedule needs at least one step.")
@@ -165,15 +180,42 @@ class Schedule:
             return self
         src = [round(i * (self.num_steps - 1) / max(num_steps - 1, 1)) for i in range(num_steps)]
         prov = dict(self.provenance, resampled_from=self.num_steps)
-        return Schedule(self.compute[src].clone(), self.model_class, self.components, prov, self.forecast[src].clone())
+        return Schedule(
+            self.compute[src].clone(),
+            self.model_class,
+            self.components,
+            prov,
+            self.forecast[src].clone(),
+            self.block_reuse[src].clone(),
+        )
 
     @property
     def has_forecasts(self) -> bool:
         return bool(self.forecast.any())
 
+    @property
+    def has_block_reuse(self) -> bool:
+        return bool(self.block_reuse.any())
+
     def with_forecasts(self) -> Schedule:
         """The same compute cells, every skipped cell forecast (TaylorSeer-style) instead of reused."""
         return Schedule(self.compute, self.model_class, self.components, dict(self.provenance), ~self.compute)
+
+    def with_block_reuse(self, present: torch.Tensor | None = None) -> Schedule:
+        """The same decisions, with every block whose (present) components all reuse at a step reused as a whole:
+        the block is not run, it returns its input plus its cached residual (no norms, modulation or gating run)."""
+        mask = torch.ones_like(self.compute[0]) if present is None else present
+        reused = ~(self.compute | self.forecast)
+        whole = (reused | ~mask).all(2) & mask.any(1)
+        compute = self.compute & ~whole[..., None]  # (absent components' cells say nothing)
+        prov = dict(self.provenance, block_reuse=True)
+        return Schedule(compute, self.model_class, self.components, prov, self.forecast, whole)
+
+    def block_pure(self, present: torch.Tensor | None = None) -> bool:
+        """Whether every block, at every step, either computes all its (present) components or is reused whole."""
+        mask = torch.ones_like(self.compute[0]) if present is None else present
+        full = (self.compute | ~mask).all(2)
+        return bool((full | self.block_reuse).all())
 
     def computed_fraction(self, present: torch.Tensor | None = None) -> float:
         """Executed component calls / all component calls (only components the blocks have, when `present` given)."""
@@ -182,8 +224,9 @@ class Schedule:
 
     # ---- JSON ---------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        cells = self.compute.to(torch.uint8) + 2 * self.forecast.to(torch.uint8)  # 0 reuse, 1 compute, 2 forecast
-        rows = [" ".join("".join("01f"[c] for c in block) for block in step) for step in cells.tolist()]
+        # 0 reuse, 1 compute, 2 forecast, 3 block reused whole
+        cells = self.compute.to(torch.uint8) + 2 * self.forecast.to(torch.uint8) + 3 * self.block_reuse[..., None]
+        rows = [" ".join("".join("01fr"[c] for c in block) for block in step) for step in cells.tolist()]
         return {
             "format": FORMAT,
             "model_class": self.model_class,
@@ -230,21 +273,25 @@ class Schedule:
         if not isinstance(rows, list) or len(rows) != d["num_steps"]:
             got = len(rows) if isinstance(rows, list) else type(rows).__name__
             raise bad(f"'compute' must be a list of num_steps={d['num_steps']} rows, got {got}.")
-        width, bits, fcast = len(components), [], []
+        width, bits, fcast, whole = len(components), [], [], []
         for i, row in enumerate(rows):
             blocks = row.split() if isinstance(row, str) else None
             if blocks is None or len(blocks) != d["num_blocks"]:
                 raise bad(f"compute row {i} must be a string of num_blocks={d['num_blocks']} space-separated groups.")
             for j, block in enumerate(blocks):
-                if len(block) != width or set(block) - {"0", "1", "f"}:
+                if len(block) != width or set(block) - {"0", "1", "f", "r"}:
                     raise bad(
                         f"compute row {i}, block {j}: {block[:20]!r} must be {width} characters of 0/1/f "
-                        "(reuse, compute, forecast)."
+                        "(reuse, compute, forecast), or all r (the block reused whole)."
                     )
+                if "r" in block and set(block) != {"r"}:
+                    raise bad(f"compute row {i}, block {j}: {block!r} mixes r with other cells; r marks a whole block.")
             bits.append([[ch == "1" for ch in block] for block in blocks])
             fcast.append([[ch == "f" for ch in block] for block in blocks])
+            whole.append([block[0] == "r" for block in blocks])
         compute, forecast = torch.tensor(bits, dtype=torch.bool), torch.tensor(fcast, dtype=torch.bool)
-        return cls(compute, model_class, tuple(components), dict(provenance), forecast)
+        block_reuse = torch.tensor(whole, dtype=torch.bool)
+        return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse)
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())

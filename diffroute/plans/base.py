@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,13 @@ class Plan:
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
         raise NotImplementedError
 
+    def with_block_reuse(self) -> Plan:
+        """This plan with every block whose components all reuse at a step reused whole (`name+blocks`)."""
+        raise PlanError(
+            f"plan {self.name!r} does not take {BLOCKS_SUFFIX}: only schedule plans (full, fora-N, schedule files, "
+            "searched and shipped schedules) can reuse whole blocks; policies and routers decide blocks themselves."
+        )
+
     def content(self, arch: ArchitectureMap | None = None) -> dict:
         """What this plan means (for fingerprints of resumable results): its name, plus the content of any schedule
         or calibration it reads, so that a changed file makes a different fingerprint."""
@@ -66,13 +74,35 @@ class RulePlan(Plan):
         build: Callable[[ArchitectureMap, int], Schedule],
         computes_all: bool = False,
         forecasts: bool = False,
+        whole_blocks: bool = False,
     ):
         self.name, self._build, self._built = name, build, {}
         self.computes_all = computes_all  # the rule computes every cell at any step count (`full`)
+        self.forecasts = forecasts
         self.cache_history = 2 if forecasts else 1  # the rule's schedules forecast skipped cells
+        # Whole-block reuse of a rule whose steps compute all or nothing (FORA): blocks decided as a whole, no
+        # component hooks (so a reused step runs no norm, modulation or gate, and copies nothing).
+        self.whole_blocks = whole_blocks
 
     def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
         return arch.present() if self.computes_all else super().always_computed(arch)
+
+    def block_level(self, arch: ArchitectureMap) -> torch.Tensor:
+        if self.whole_blocks and not self.computes_all:
+            return arch.present().any(1)
+        return super().block_level(arch)
+
+    def with_block_reuse(self) -> Plan:
+        if self.forecasts:
+            raise PlanError(f"plan {self.name!r} forecasts every skipped cell: no block is reused whole.")
+
+        def build(arch: ArchitectureMap, steps: int) -> Schedule:
+            s = self._build(arch, steps).with_block_reuse(arch.present())
+            if not s.block_pure(arch.present()):  # (full and FORA rules are: all of a step computes or reuses)
+                raise PlanError(f"{self.name}{BLOCKS_SUFFIX}: the rule mixes computed and reused cells in a block.")
+            return s
+
+        return RulePlan(self.name + BLOCKS_SUFFIX, build, self.computes_all, whole_blocks=True)
 
     def schedule(self, arch: ArchitectureMap, num_steps: int) -> Schedule:
         key = (arch.model_class, arch.num_blocks, num_steps)
@@ -87,25 +117,53 @@ class RulePlan(Plan):
 class SchedulePlan(Plan):
     """A fixed schedule; resampled by normalised time when the call uses another step count."""
 
-    def __init__(self, schedule: Schedule, name: str | None = None):
+    def __init__(self, schedule: Schedule, name: str | None = None, whole_blocks: bool = False):
         self.schedule = schedule
         self.name = name or schedule.provenance.get("name") or schedule.provenance.get("rule") or "schedule"
         self.default_num_steps = schedule.num_steps
         self.cache_history = 2 if schedule.has_forecasts else 1
+        self.whole_blocks = whole_blocks  # reuse whole every block whose cells all reuse (`+blocks`)
+        self._fitted: dict = {}
 
     def check(self, arch: ArchitectureMap) -> None:
         self.schedule.check_fits(arch)
 
+    def fitted(self, arch: ArchitectureMap) -> Schedule:
+        """The schedule as it runs on `arch` (with `+blocks`, whole-block reuse marked where the present components
+        of a block all reuse)."""
+        key = (arch.model_class, arch.num_blocks, tuple(arch.present().flatten().tolist()))
+        if key not in self._fitted:
+            self._fitted[key] = self.schedule.with_block_reuse(arch.present()) if self.whole_blocks else self.schedule
+        return self._fitted[key]
+
+    @property
+    def decides_components_in_blocks(self) -> bool:  # a block that runs still decides its components
+        return True
+
     def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
-        return self.schedule.compute.all(dim=0)  # resampling picks cells of these columns: still all computed
+        s = self.fitted(arch)  # computed whenever the block runs (resampling picks rows: still so)
+        return (s.compute | s.block_reuse[..., None]).all(dim=0) & arch.present()
+
+    def block_level(self, arch: ArchitectureMap) -> torch.Tensor:
+        return self.fitted(arch).block_reuse.any(dim=0)
+
+    def with_block_reuse(self) -> Plan:
+        plan = copy.copy(self)  # (a subclass keeps its checks: an L2C router's schedule stays refused off its model)
+        plan.name, plan.whole_blocks, plan._fitted = self.name + BLOCKS_SUFFIX, True, {}
+        return plan
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
         from diffroute.utils.fingerprint import digest
 
-        return {"plan": self.name, "schedule": digest(self.schedule.to_dict())}
+        whole = {"whole_blocks": True} if self.whole_blocks else {}  # (fingerprints of earlier results unchanged)
+        return {"plan": self.name, "schedule": digest(self.schedule.to_dict()), **whole}
 
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
-        return ScheduleDecider(self.schedule.resample(num_steps))
+        return ScheduleDecider(self.fitted(arch).resample(num_steps))
+
+
+# A plan-name suffix: the schedule with every block whose components all reuse at a step reused whole.
+BLOCKS_SUFFIX = "+blocks"
 
 
 def interval_arg(text: str, name: str) -> int:
@@ -135,6 +193,8 @@ PLAN_NAMES: dict[str, Callable[[re.Match], Plan]] = {
 PLAN_HELP: dict[str, str] = {
     "full": "compute everything",
     "fora-N[-wK]": "compute every N-th step, reuse in between (-wK: the first K steps all compute)",
+    f"<schedule plan>{BLOCKS_SUFFIX}": "blocks whose components all reuse at a step are reused whole, from their "
+    "residual (e.g. fora-3+blocks, emoji:fast+blocks)",
 }
 # How a folder given as a plan becomes one (the routers plugin puts its loader here).
 FOLDER_PLAN: list[Callable] = []
@@ -171,6 +231,8 @@ def resolve_plan(spec, allow_files: bool = True) -> Plan:
         text = spec.strip()
         if len(text) > 1000:
             raise PlanError(f"a plan name of {len(text)} characters is too long to be one.")
+        if text.endswith(BLOCKS_SUFFIX) and len(text) > len(BLOCKS_SUFFIX):
+            return resolve_plan(text[: -len(BLOCKS_SUFFIX)], allow_files).with_block_reuse()
         for pattern, factory in PLAN_NAMES.items():
             m = re.fullmatch(pattern, text)
             if m:

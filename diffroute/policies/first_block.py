@@ -30,8 +30,9 @@ from diffroute.policies.common import main_tensor, rel_l1
 class FirstBlockDecider(Decider):
     """Per-sample reuse of the middle blocks when the first blocks' residual barely changed."""
 
-    def __init__(self, arch: ArchitectureMap, fn: int, bn: int, threshold: float):
+    def __init__(self, arch: ArchitectureMap, fn: int, bn: int, threshold: float, every: int | None = None):
         self.nb, self.fn, self.bn, self.threshold = arch.num_blocks, fn, bn, threshold
+        self.every = every  # benchmarks: measure as usual, but compute the middle blocks every `every`-th step
         self._x0: dict[int, torch.Tensor] = {}
         self._prev: dict[int, torch.Tensor] = {}  # residual at each sample's last full computation, per branch
         self._compute: dict[int, torch.Tensor | bool] = {}
@@ -50,6 +51,8 @@ class FirstBlockDecider(Decider):
             self._prev[ctx.branch] = residual
         else:
             compute = rel_l1(residual, prev) >= self.threshold
+            if self.every:  # (random weights decide nothing meaningful: the pattern is fixed, the work is the same)
+                compute = torch.full_like(compute, ctx.step % self.every == 0)
             self._prev[ctx.branch] = torch.where(compute.view(-1, *[1] * (residual.ndim - 1)), residual, prev)
         n = int(compute.sum())  # one read per step; the components then get a plain bool when all rows agree
         self._compute[ctx.branch] = True if n == compute.numel() else False if n == 0 else compute
@@ -71,10 +74,13 @@ class FirstBlockDecider(Decider):
 
 
 class FirstBlockPlan(Plan):
-    def __init__(self, fn: int, bn: int, threshold: float, name: str):
+    """FBCache (Fn=1, Bn=0) or DBCache; `every=N` fixes the decisions to every N-th step (for timing its mechanics
+    on random weights, where the measured change means nothing)."""
+
+    def __init__(self, fn: int, bn: int, threshold: float, name: str, every: int | None = None):
         if fn < 1 or bn < 0 or threshold < 0:
             raise ValueError(f"{name}: need Fn >= 1, Bn >= 0 and a threshold >= 0.")
-        self.fn, self.bn, self.threshold, self.name = fn, bn, threshold, name
+        self.fn, self.bn, self.threshold, self.name, self.every = fn, bn, threshold, name, every
 
     def check(self, arch: ArchitectureMap) -> None:
         if self.fn + self.bn >= arch.num_blocks:
@@ -102,7 +108,7 @@ class FirstBlockPlan(Plan):
         return middle
 
     def decider(self, arch, num_steps):
-        return FirstBlockDecider(arch, self.fn, self.bn, self.threshold)
+        return FirstBlockDecider(arch, self.fn, self.bn, self.threshold, self.every)
 
 
 def _fbcache(m: re.Match) -> Plan:

@@ -34,26 +34,22 @@ class CostModel:
 def measure_cost(pipe, arch: ArchitectureMap, call_kwargs: dict) -> CostModel:
     """Count one transformer forward of a one-prompt, two-step call (`call_kwargs` may hold the caller's own
     num_inference_steps: the count does not depend on it, and this call sets its own)."""
-    call_kwargs = {k: v for k, v in call_kwargs.items() if k != "num_inference_steps"}
+    from diffroute.metrics.step_timing import capture_call
+
+    args, kwargs = capture_call(pipe, ["calibration"], call_kwargs)
+    return count_flops(pipe.transformer, arch, args, kwargs)
+
+
+@torch.no_grad()
+def count_flops(transformer, arch: ArchitectureMap, args: tuple, kwargs: dict) -> CostModel:
+    """Count one forward of `transformer` with these inputs, per (block, component) and the rest."""
     names = {id(m): (b, c) for b, row in enumerate(arch.modules) for c, m in enumerate(row) if m is not None}
-    fqn = {n: names[id(m)] for n, m in pipe.transformer.named_modules() if id(m) in names}
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured.setdefault("call", (args, kwargs))
-
-    h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        pipe.set_progress_bar_config(disable=True)
-        pipe(["calibration"], num_inference_steps=2, output_type="latent", **call_kwargs)
-    finally:
-        h.remove()
-    args, kwargs = captured["call"]
+    fqn = {n: names[id(m)] for n, m in transformer.named_modules() if id(m) in names}
     with FlopCounterMode(display=False) as counter:
-        pipe.transformer(*args, **kwargs)
+        transformer(*args, **kwargs)
     flops = torch.zeros(arch.num_blocks, len(arch.components), dtype=torch.float64)
     for name, ops in counter.get_flop_counts().items():
-        name = name.removeprefix("Global.").removeprefix(type(pipe.transformer).__name__ + ".")
+        name = name.removeprefix("Global.").removeprefix(type(transformer).__name__ + ".")
         if name in fqn:
             flops[fqn[name]] = float(sum(ops.values()))
     other = float(counter.get_total_flops()) - float(flops.sum())

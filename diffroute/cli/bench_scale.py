@@ -1,0 +1,160 @@
+"""`diffroute bench scale`: plans timed on random-weight transformers built from the published configurations of the
+models users run (PixArt-alpha/Sigma XL, SD3-medium, Sana 1.6B, FLUX.1-dev, DiT-XL), at their real resolution.
+
+Static plans cost the same whatever the weights, so their speedups, the executor's overhead and the cache's size are
+those of the real models. Dynamic plans decide from the weights' outputs: here the first-block policy follows a
+fixed pattern (compute every third step) while doing all its usual work, so only its mechanics are timed. On a CPU
+the default is a reduced depth per family (stated in the output); a step's cost is its embeddings and final layer
+plus depth times one block, so per-block figures extrapolate linearly. On CUDA every family runs at full depth.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Blocks per block list on a CPU (the whole bench in about 15 minutes on 2 cores); CUDA runs the real depth.
+CPU_BLOCKS = {
+    "pixart-alpha-xl": (28,),
+    "pixart-sigma-xl": (2,),
+    "sd3-medium": (2,),
+    "sana-1.6b": (2,),
+    "flux-dev": (1, 1),
+    "dit-xl": (28,),
+}
+STEPS = 6  # enough for every plan's pattern (FORA-3 computes steps 0 and 3); cost per step is what matters
+
+
+def plans() -> dict:
+    """The plans timed, by label (None: vanilla diffusers, no hooks)."""
+    from diffroute.policies.first_block import FirstBlockPlan
+
+    return {
+        "vanilla": None,
+        "full": "full",
+        "fora-2": "fora-2",
+        "fora-3": "fora-3",
+        "fora-3+blocks": "fora-3+blocks",
+        "fbcache@3": FirstBlockPlan(1, 0, 0.1, "fbcache@3", every=3),
+        "taylor-3": "taylor-3",
+    }
+
+
+CACHE_KIND = {"fora-2": "components", "fora-3": "components", "fora-3+blocks": "blocks", "taylor-3": "history"}
+
+
+def run_family(name: str, device: str, dtype, blocks=None, steps: int = STEPS, repeats: int = 2, progress=None):
+    """Time every plan on one family; returns its rows and what was built."""
+    import torch
+
+    from diffroute.core.arch import architecture_map
+    from diffroute.metrics.step_timing import summarize, time_steps
+    from diffroute.search.cost import count_flops
+    from diffroute.zoo.real_configs import REAL_CONFIGS
+
+    rc = REAL_CONFIGS[name]
+    model = rc.build(blocks, device=device, dtype=dtype)
+    inputs = rc.call_inputs(1, device=device, dtype=dtype)
+    rows = rc.rows(1)
+    times = torch.linspace(999, 0, steps).tolist()
+
+    def call_step(i: int) -> None:
+        model(**inputs, timestep=rc.timestep(times[i], rows, device), return_dict=False)
+
+    cost = count_flops(model, architecture_map(model), (), dict(inputs, timestep=rc.timestep(500, rows, device)))
+    results = time_steps(model, plans(), call_step, steps, repeats=repeats, progress=progress)
+    table = summarize(results, cost)
+    element = torch.finfo(dtype).bits // 8
+    for label, row in table.items():
+        kind = CACHE_KIND.get(label)
+        row["cache_formula_bytes"] = None if kind is None else rc.cache_bytes(kind, 1, element, blocks)
+    used = blocks or rc.depth()
+    return {
+        "family": name,
+        "hub_config": rc.hub_id,
+        "model_class": rc.model_class,
+        "blocks": list(used),
+        "full_depth": list(rc.depth()),
+        "resolution": rc.resolution,
+        "image_tokens": rc.image_tokens(),
+        "text_tokens": rc.text_tokens,
+        "rows_per_call": rows,
+        "steps": steps,
+        "repeats": repeats,
+        "gflops_per_step": cost.step_flops / 1e9,
+        "cache_formula_full_depth_bytes": {k: rc.cache_bytes(k, 1, element) for k in ("components", "blocks")},
+        "plans": table,
+    }
+
+
+def run(args) -> dict:
+    import torch
+
+    from diffroute.runtime import set_threads
+    from diffroute.zoo.real_configs import REAL_CONFIGS
+
+    names = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else list(REAL_CONFIGS)
+    unknown = [n for n in names if n not in REAL_CONFIGS]
+    if unknown:
+        raise ValueError(f"--families: unknown {unknown}; known: {', '.join(REAL_CONFIGS)}")
+    dtypes = [d.strip() for d in (args.dtypes or "bfloat16").split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        raise ValueError(f"--dtypes: {bad} are not float32, bfloat16 or float16")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    set_threads(args.threads)
+    depth = args.depth or ("full" if device.startswith("cuda") else "reduced")
+    repeats = args.repeats or 2
+    steps = args.steps or STEPS
+    out = {"device": device, "threads": torch.get_num_threads(), "depth": depth, "families": []}
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(device)
+    for dtype_name in dtypes:
+        for name in names:
+            blocks = CPU_BLOCKS[name] if depth == "reduced" else None
+            print(f"[{dtype_name}] {name}: building and timing {len(plans())} plans...", file=sys.stderr, flush=True)
+            res = run_family(name, device, getattr(torch, dtype_name), blocks, steps, repeats)
+            res["dtype"] = dtype_name
+            out["families"].append(res)
+            if not args.json:
+                print_family(res)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return out
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def print_family(res: dict) -> None:
+    blocks = "+".join(map(str, res["blocks"]))
+    full = "+".join(map(str, res["full_depth"]))
+    print(
+        f"\n{res['family']} ({res['model_class']}, {res['hub_config']} config) {res['dtype']}: {blocks} of {full} "
+        f"blocks, {res['resolution']} px = {res['image_tokens']} image + {res['text_tokens']} text tokens, "
+        f"{res['rows_per_call']} rows per call, {res['gflops_per_step']:.0f} GFLOP per step, {res['steps']} steps, "
+        f"median of {res['repeats']}"
+    )
+    print(
+        "| plan | transformer s | speedup | FLOP-ideal | of ideal | reuse step / full step | cache (measured) | "
+        "cache (formula) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for label, r in res["plans"].items():
+        ideal = r["flop_ideal_speedup"]
+        cache, formula = r["cache_bound_bytes"], r["cache_formula_bytes"]
+        print(
+            f"| {label} | {r['transformer_s']:.3f} | {r['speedup']:.2f}x | {ideal:.2f}x | {_pct(r['of_ideal'])} | "
+            f"{_pct(r['reuse_step_vs_full'])} | {'-' if not cache else f'{cache / 2**20:.1f} MiB'} | "
+            f"{'-' if formula is None else f'{formula / 2**20:.1f} MiB'} |"
+        )
+
+
+if __name__ == "__main__":  # `python -m diffroute.cli.bench_scale RESULTS.json`: the tables of a saved --json run
+    import json
+    from pathlib import Path
+
+    saved = json.loads(Path(sys.argv[1]).read_text())
+    print(f"device {saved['device']} {saved.get('gpu', '')}, depth {saved['depth']}, {saved['threads']} threads")
+    for family in saved["families"]:
+        print_family(family)
