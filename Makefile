@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= outputs/demo
 
-.PHONY: install browser demo test lint bench clean
+.PHONY: install browser demo test lint bench bench-scale gpu-check clean
 
 # torch 2.13.0 first: its CPU build is on this machine's index, and with it in place pip pulls no CUDA wheels.
 $(STAMP): pyproject.toml Makefile
@@ -42,6 +42,17 @@ lint: install
 
 bench: install
 	$(BIN)/diffroute bench overhead --model tiny-pixart
+
+# The README's "at the scale users run" figures on this CPU (~16 min on 2 cores), written to docs/bench/.
+bench-scale: install
+	mkdir -p docs/bench
+	$(BIN)/diffroute bench scale --json > docs/bench/scale-cpu.json.tmp && mv docs/bench/scale-cpu.json.tmp docs/bench/scale-cpu.json
+	$(BIN)/python -m diffroute.cli.bench_scale docs/bench/scale-cpu.json > docs/bench/scale-cpu.md
+	$(BIN)/diffroute bench reuse --json > docs/bench/reuse-cpu.json.tmp && mv docs/bench/reuse-cpu.json.tmp docs/bench/reuse-cpu.json
+
+# On a machine with a CUDA GPU (see docs/gpus.md): the CUDA tests and `bench scale` on CUDA, results in gpu-results/.
+gpu-check:
+	bash .ci/gpu-check
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

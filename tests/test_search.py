@@ -104,6 +104,28 @@ def test_three_valued_genome_round_trip_and_seeds(setup):
     assert two.n_var == space.n_cells and not two.to_schedule(two.from_schedule(taylor)).has_forecasts
 
 
+def test_whole_block_genes_round_trip_and_apply_only_where_a_block_reuses_everything(setup):
+    from diffroute.search.genome import StructuredMutation
+
+    arch, cost, _ = setup
+    space = GenomeSpace(arch, STEPS, whole_blocks=True)
+    assert space.n_var == 2 * space.n_cells + (STEPS - 1) * arch.num_blocks
+    whole = diffroute.Schedule.fora(arch, STEPS, 3).with_block_reuse(arch.present())
+    back = space.to_schedule(space.from_schedule(whole))
+    assert torch.equal(back.block_reuse, whole.block_reuse) and back.block_reuse.sum() == 4 * arch.num_blocks
+    bits = space.from_schedule(diffroute.Schedule.fora(arch, STEPS, 2))
+    bits[space.n_var - space.n_whole :] = True  # every whole gene on: only the all-reuse (step, block)s take it
+    s = space.to_schedule(bits)
+    assert s.block_reuse[1::2].all() and not s.block_reuse[0::2].any()
+    assert cost.relative_cost(s) <= cost.relative_cost(diffroute.Schedule.fora(arch, STEPS, 2))  # glue saved too
+    seeds = [space.to_schedule(x) for x in space.seeds(np.random.default_rng(0), 24)]
+    assert any(x.has_block_reuse for x in seeds)
+    moved = StructuredMutation(space, prob_var=0.0, structured=1.0)._do(
+        None, np.ones((32, space.n_var), dtype=bool), random_state=np.random.default_rng(1)
+    )
+    assert any(space.to_schedule(y).has_block_reuse for y in moved)  # moves that skip a group may reuse it whole
+
+
 def test_structured_mutation_moves_whole_groups(setup):
     from diffroute.search.genome import StructuredMutation
 
@@ -170,6 +192,8 @@ def test_latency_model_arithmetic(setup):
     expect = 2 * cells * 0.01 + STEPS * 0.005 + 4 * cells * 0.0001
     assert model.seconds(fora) == pytest.approx(expect)
     assert model.seconds(fora.with_forecasts()) == pytest.approx(expect + 4 * cells * 0.0001)
+    model.whole_block_s = -0.002  # each block reused whole saves its norms and stand-ins
+    assert model.seconds(fora.with_block_reuse(present)) == pytest.approx(expect - 4 * arch.num_blocks * 0.002)
 
 
 def test_time_budget_stops_at_a_generation_boundary_and_counts_across_resumes(setup, tmp_path):

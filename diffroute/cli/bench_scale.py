@@ -42,45 +42,66 @@ def plans() -> dict:
 CACHE_KIND = {"fora-2": "components", "fora-3": "components", "fora-3+blocks": "blocks", "taylor-3": "history"}
 
 
-def run_family(name: str, device: str, dtype, blocks=None, steps: int = STEPS, repeats: int = 2, progress=None):
+class ScaleCase:
+    """One family built for the bench: its random-weight transformer, one call's inputs and its FLOP count."""
+
+    def __init__(self, name: str, device: str, dtype, blocks=None, steps: int = STEPS, resolution: int | None = None):
+        import torch
+
+        from diffroute.core.arch import architecture_map
+        from diffroute.search.cost import count_flops
+        from diffroute.zoo.real_configs import REAL_CONFIGS
+
+        self.name, self.config, self.blocks, self.steps = name, REAL_CONFIGS[name], blocks, steps
+        self.resolution = resolution or self.config.resolution
+        self.dtype, self.device = dtype, device
+        self.model = self.config.build(blocks, device=device, dtype=dtype)
+        self.inputs = self.config.call_inputs(1, self.resolution, device=device, dtype=dtype)
+        self.rows = self.config.rows(1)
+        self._times = torch.linspace(999, 0, steps).tolist()
+        one = dict(self.inputs, timestep=self.config.timestep(500, self.rows, device))
+        self.cost = count_flops(self.model, architecture_map(self.model), (), one)
+
+    def call_step(self, i: int) -> None:
+        """Step `i` of a denoising run: one transformer call, as the family's pipeline makes it."""
+        t = self.config.timestep(self._times[i], self.rows, self.device)
+        self.model(**self.inputs, timestep=t, return_dict=False)
+
+    def cache_formula(self, label: str) -> int | None:
+        import torch
+
+        kind = CACHE_KIND.get(label)
+        element = torch.finfo(self.dtype).bits // 8
+        return None if kind is None else self.config.cache_bytes(kind, 1, element, self.blocks, self.resolution)
+
+
+def run_family(name: str, device: str, dtype, blocks=None, steps: int = STEPS, repeats: int = 2, resolution=None):
     """Time every plan on one family; returns its rows and what was built."""
     import torch
 
-    from diffroute.core.arch import architecture_map
     from diffroute.metrics.step_timing import summarize, time_steps
-    from diffroute.search.cost import count_flops
-    from diffroute.zoo.real_configs import REAL_CONFIGS
 
-    rc = REAL_CONFIGS[name]
-    model = rc.build(blocks, device=device, dtype=dtype)
-    inputs = rc.call_inputs(1, device=device, dtype=dtype)
-    rows = rc.rows(1)
-    times = torch.linspace(999, 0, steps).tolist()
-
-    def call_step(i: int) -> None:
-        model(**inputs, timestep=rc.timestep(times[i], rows, device), return_dict=False)
-
-    cost = count_flops(model, architecture_map(model), (), dict(inputs, timestep=rc.timestep(500, rows, device)))
-    results = time_steps(model, plans(), call_step, steps, repeats=repeats, progress=progress)
-    table = summarize(results, cost)
-    element = torch.finfo(dtype).bits // 8
+    case = ScaleCase(name, device, dtype, blocks, steps, resolution)
+    rc = case.config
+    case.call_step(0)  # warm-up: one call per shape (allocator, kernel choices); no plan needs more
+    results = time_steps(case.model, plans(), case.call_step, steps, repeats=repeats, warmup=0)
+    table = summarize(results, case.cost)
     for label, row in table.items():
-        kind = CACHE_KIND.get(label)
-        row["cache_formula_bytes"] = None if kind is None else rc.cache_bytes(kind, 1, element, blocks)
-    used = blocks or rc.depth()
+        row["cache_formula_bytes"] = case.cache_formula(label)
+    element = torch.finfo(dtype).bits // 8
     return {
         "family": name,
         "hub_config": rc.hub_id,
         "model_class": rc.model_class,
-        "blocks": list(used),
+        "blocks": list(blocks or rc.depth()),
         "full_depth": list(rc.depth()),
-        "resolution": rc.resolution,
-        "image_tokens": rc.image_tokens(),
+        "resolution": case.resolution,
+        "image_tokens": rc.image_tokens(case.resolution),
         "text_tokens": rc.text_tokens,
-        "rows_per_call": rows,
+        "rows_per_call": case.rows,
         "steps": steps,
         "repeats": repeats,
-        "gflops_per_step": cost.step_flops / 1e9,
+        "gflops_per_step": case.cost.step_flops / 1e9,
         "cache_formula_full_depth_bytes": {k: rc.cache_bytes(k, 1, element) for k in ("components", "blocks")},
         "plans": table,
     }

@@ -32,6 +32,11 @@ def add_arguments(p) -> None:
         "predicts wall-clock; prints predicted vs measured speedups), or latency (measured per candidate, noisy)",
     )
     p.add_argument("--no-forecast", action="store_true", help="two-valued genome: compute or reuse, no forecasts")
+    p.add_argument(
+        "--whole-blocks",
+        action="store_true",
+        help="one more gene per (step, block): a block whose cells all reuse is reused whole from its residual",
+    )
     p.add_argument("--no-bac", action="store_true", help="do not seed the population with BAC schedules")
     p.add_argument(
         "--patience",
@@ -108,7 +113,7 @@ def run(args) -> dict | None:
     evaluator = ScheduleEvaluator(
         pipe, prompts, args.seed, kwargs, cost, feature, clip_scorer=scorer, latency_model=latency_model
     )
-    space = GenomeSpace(arch, args.steps, forecast=not args.no_forecast)
+    space = GenomeSpace(arch, args.steps, forecast=not args.no_forecast, whole_blocks=args.whole_blocks)
     cfg = SearchConfig(
         pop_size=args.pop,
         generations=args.generations,
@@ -297,6 +302,7 @@ def _check_resume(args, pipe, prompts, kwargs, out: Path, state) -> None:
         "quality": args.quality,
         "cost": args.cost,
         "forecast": not args.no_forecast,
+        **({"whole_blocks": True} if args.whole_blocks else {}),  # (settings of earlier runs unchanged)
         "bac": not args.no_bac,
         "features": args.features if args.quality == "fd" else None,
         "pop": args.pop,

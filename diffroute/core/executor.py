@@ -438,6 +438,7 @@ class Executor:
         for c, yes in enumerate(counted.tolist()):
             if yes:
                 self.stats.record(self.ctx.step, b, c, n_computed, n)
+        self.stats.record_block_run(self.ctx.step, b, n_computed, n)
 
     @contextlib.contextmanager
     def _block_record(self):

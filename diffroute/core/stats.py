@@ -34,6 +34,9 @@ class CallStats:
     forecast_map: list[list[list[float | None]]] | None = None
     # CUDA only (None elsewhere): torch.cuda.max_memory_allocated over the call (the peak is reset at its start).
     max_memory_allocated_bytes: int | None = None
+    # [step][block]: the share of samples for which the block ran at all (0 where it was reused or skipped whole,
+    # so that its norms and modulation did not run either); 1 for blocks never decided as a whole.
+    block_run_map: list[list[float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +50,12 @@ class CallStats:
         if self.forecast_map is None:
             return self.compute_tensor() * 0
         return _tensor(self.forecast_map)
+
+    def block_run_tensor(self) -> torch.Tensor:
+        """The block-run map as a float tensor [steps, blocks] (ones if not recorded)."""
+        if self.block_run_map is None:
+            return torch.ones(len(self.compute_map), len(self.compute_map[0]))
+        return torch.tensor(self.block_run_map, dtype=torch.float32)
 
 
 def _tensor(cells) -> torch.Tensor:
@@ -66,6 +75,8 @@ class StatsRecorder:
         self.computed = [0] * size
         self.total = [0] * size
         self.forecast = [0] * size
+        self.block_ran = [0] * (num_steps * self.nb)  # per (step, block) decided as a whole: rows that ran it
+        self.block_total = [0] * (num_steps * self.nb)
         # Unhooked components (computed at every step): counted once per transformer call by `record_always`.
         self._always = [] if always is None else [b * self.nc + c for b, c in always.nonzero().tolist()]
         self.transformer_calls = 0
@@ -80,6 +91,12 @@ class StatsRecorder:
         self.computed[i] += n_computed
         self.total[i] += n_total
         self.forecast[i] += n_forecast
+
+    def record_block_run(self, step: int, block: int, n_ran: int, n_total: int) -> None:
+        """A block decided as a whole ran for `n_ran` of `n_total` rows (the others reused or skipped it)."""
+        i = step * self.nb + block
+        self.block_ran[i] += n_ran
+        self.block_total[i] += n_total
 
     def discount(self, step: int, block: int, comp: int, amount: float) -> None:
         """Part of a computed component's work was not done: an FFN run at a fraction of its hidden units counts as
@@ -133,6 +150,13 @@ class StatsRecorder:
             completed=self.steps_seen >= self.num_steps,
             plan_info=plan_info,
             forecast_map=shares(self.forecast),
+            block_run_map=[
+                [
+                    self.block_ran[s * self.nb + b] / t if (t := self.block_total[s * self.nb + b]) else 1.0
+                    for b in range(self.nb)
+                ]
+                for s in range(self.num_steps)
+            ],
             max_memory_allocated_bytes=(
                 torch.cuda.max_memory_allocated(self.device)
                 if self.device is not None and self.device.type == "cuda"

@@ -58,14 +58,17 @@ class PlanSteps:
         if self.stats is None:
             return [1.0] * len(self.step_s[0])
         shares = self.stats.compute_tensor().double().nan_to_num(0.0)
-        done = (shares * cost.component_flops.double()).sum(dim=(1, 2)) + cost.other_flops
-        return (done / cost.step_flops).tolist()
+        runs = self.stats.block_run_tensor()
+        return [cost.computed_flops(shares[s : s + 1], runs[s : s + 1]) / cost.step_flops for s in range(len(shares))]
 
     def steps_where(self, cost, reused: bool) -> list[int]:
-        """Steps that computed every component (`reused=False`) or none (`reused=True`)."""
-        share, other = self.flop_share(cost), cost.other_flops / cost.step_flops
-        target = other if reused else 1.0
-        return [s for s, v in enumerate(share) if abs(v - target) < 1e-9]
+        """Steps that computed every component (`reused=False`) or none (`reused=True`: what runs is outside the
+        components, and inside the blocks only where they ran)."""
+        share = self.flop_share(cost)
+        if not reused:
+            return [s for s, v in enumerate(share) if abs(v - 1.0) < 1e-9]
+        shares = self.stats.compute_tensor().nan_to_num(0.0) if self.stats is not None else None
+        return [] if shares is None else [s for s in range(len(share)) if float(shares[s].sum()) == 0.0]
 
 
 @torch.no_grad()

@@ -152,9 +152,8 @@ def flop_ideal_speedup(cost, stats) -> float | None:
     if stats is None:
         return None
     shares = stats.compute_tensor().double().nan_to_num(0.0)  # [steps, blocks, components]
-    steps = shares.shape[0]
-    computed = float((shares * cost.component_flops.double()).sum()) + cost.other_flops * steps
-    return cost.step_flops * steps / computed if computed > 0 else None
+    computed = cost.computed_flops(shares, stats.block_run_tensor())
+    return cost.step_flops * shares.shape[0] / computed if computed > 0 else None
 
 
 SPREAD_LIMIT = 0.15  # timings varying more than this between repeats make a ratio noise

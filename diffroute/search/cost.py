@@ -15,19 +15,38 @@ from diffroute.core.schedule import Schedule
 @dataclass
 class CostModel:
     component_flops: torch.Tensor  # [blocks, components], 0 where absent
-    other_flops: float  # per transformer call, not in any component
+    other_flops: float  # per transformer call, outside every block (embeddings, final layer)
+    # [blocks]: FLOPs inside each block but outside its components (norms, modulation), which run whenever the
+    # block runs and not when it is reused whole. None: counted in other_flops (models measured before this split).
+    block_flops: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.block_flops is None:
+            self.block_flops = torch.zeros(self.component_flops.shape[0], dtype=torch.float64)
 
     @property
     def step_flops(self) -> float:
-        return float(self.component_flops.sum()) + self.other_flops
+        return float(self.component_flops.sum()) + float(self.block_flops.sum()) + self.other_flops
+
+    def computed_flops(self, compute: torch.Tensor, block_run: torch.Tensor | None = None) -> float:
+        """FLOPs of a run: `compute` [steps, blocks, components] the share of each cell computed, `block_run`
+        [steps, blocks] the share of each block that ran at all (default: all of them, at every step)."""
+        steps = compute.shape[0]
+        done = float((compute.double() * self.component_flops.double()).sum())
+        runs = torch.ones(steps, self.block_flops.shape[0]) if block_run is None else block_run
+        return done + float((runs.double() * self.block_flops.double()).sum()) + self.other_flops * steps
 
     def relative_cost(self, schedule: Schedule) -> float:
         """FLOPs of the schedule / FLOPs of computing everything (1.0 = no saving)."""
-        computed = (schedule.compute.double() * self.component_flops.double()).sum()
-        return float((computed + self.other_flops * schedule.num_steps) / (self.step_flops * schedule.num_steps))
+        computed = self.computed_flops(schedule.compute, ~schedule.block_reuse)
+        return computed / (self.step_flops * schedule.num_steps)
 
     def to_dict(self) -> dict:
-        return {"component_flops": self.component_flops.tolist(), "other_flops": self.other_flops}
+        return {
+            "component_flops": self.component_flops.tolist(),
+            "other_flops": self.other_flops,
+            "block_flops": self.block_flops.tolist(),
+        }
 
 
 @torch.no_grad()
@@ -45,15 +64,21 @@ def count_flops(transformer, arch: ArchitectureMap, args: tuple, kwargs: dict) -
     """Count one forward of `transformer` with these inputs, per (block, component) and the rest."""
     names = {id(m): (b, c) for b, row in enumerate(arch.modules) for c, m in enumerate(row) if m is not None}
     fqn = {n: names[id(m)] for n, m in transformer.named_modules() if id(m) in names}
+    block_ids = {id(m): b for b, m in enumerate(arch.blocks)}
+    block_fqn = {n: block_ids[id(m)] for n, m in transformer.named_modules() if id(m) in block_ids}
     with FlopCounterMode(display=False) as counter:
         transformer(*args, **kwargs)
     flops = torch.zeros(arch.num_blocks, len(arch.components), dtype=torch.float64)
+    blocks = torch.zeros(arch.num_blocks, dtype=torch.float64)  # each block's total, components included
     for name, ops in counter.get_flop_counts().items():
         name = name.removeprefix("Global.").removeprefix(type(transformer).__name__ + ".")
         if name in fqn:
             flops[fqn[name]] = float(sum(ops.values()))
-    other = float(counter.get_total_flops()) - float(flops.sum())
-    return CostModel(flops, max(other, 0.0))
+        if name in block_fqn:
+            blocks[block_fqn[name]] = float(sum(ops.values()))
+    glue = (blocks - flops.sum(dim=1)).clamp(min=0.0)
+    other = float(counter.get_total_flops()) - float(flops.sum()) - float(glue.sum())
+    return CostModel(flops, max(other, 0.0), glue)
 
 
 @dataclass
@@ -67,6 +92,9 @@ class LatencyModel:
     step_s: float  # per transformer call, outside the components
     reuse_s: float  # per reused cell
     forecast_s: float  # per forecast cell
+    # per (step, block) reused whole, against reusing its components inside it (negative: its norms, modulation
+    # and per-component stand-ins no longer run)
+    whole_block_s: float = 0.0
 
     def seconds(self, schedule: Schedule) -> float:
         present = self.present
@@ -78,6 +106,7 @@ class LatencyModel:
             + schedule.num_steps * self.step_s
             + reuse.sum() * self.reuse_s
             + f.sum() * self.forecast_s
+            + schedule.block_reuse.sum() * self.whole_block_s
         )
 
     def relative(self, schedule: Schedule) -> float:
@@ -92,6 +121,7 @@ class LatencyModel:
             "step_s": self.step_s,
             "reuse_s": self.reuse_s,
             "forecast_s": self.forecast_s,
+            "whole_block_s": self.whole_block_s,
         }
 
 
@@ -130,7 +160,11 @@ def measure_latency(pipe, arch: ArchitectureMap, call, num_steps: int) -> Latenc
     cells, component_s = int(present.sum()), float(per_call.sum())
     only0 = Schedule.fora(arch, num_steps, num_steps)  # step 0 computes, every later cell reuses
     only01 = Schedule.fora(arch, num_steps, num_steps, warmup=min(2, num_steps)).with_forecasts()
-    times = transformer_times(pipe, {"reuse": only0, "forecast": only01}, call)
+    whole0 = only0.with_block_reuse(present)  # step 0 computes, every later block is reused whole
+    times = transformer_times(pipe, {"reuse": only0, "forecast": only01, "whole": whole0}, call)
     reuse_s = (times["reuse"] - component_s - num_steps * step_s) / ((num_steps - 1) * cells)
     forecast_s = (times["forecast"] - 2 * component_s - num_steps * step_s) / (max(num_steps - 2, 1) * cells)
-    return LatencyModel(per_call.float(), present, step_s, max(reuse_s, 0.0), max(forecast_s, 0.0))
+    whole_block_s = (times["whole"] - times["reuse"]) / max(int(whole0.block_reuse.sum()), 1)
+    return LatencyModel(
+        per_call.float(), present, step_s, max(reuse_s, 0.0), max(forecast_s, 0.0), min(whole_block_s, 0.0)
+    )

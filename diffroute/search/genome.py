@@ -2,7 +2,9 @@
 
 A genome has two bits per searchable cell (step >= 1, block, present component): a compute bit and, read only where
 the cell does not compute, a forecast bit (forecast from the last two computed outputs instead of reusing the last).
-So each cell is compute, reuse or forecast: hybrids no fixed policy expresses. Step 0 always computes.
+So each cell is compute, reuse or forecast: hybrids no fixed policy expresses. Step 0 always computes. With
+`whole_blocks`, one more bit per (step >= 1, block), read only where every cell of that block reuses: reuse the block
+whole from its residual (nothing of it runs) instead of reusing its components inside it.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from diffroute.core.schedule import Schedule
 class GenomeSpace:
     """Compute bits for every (step >= 1, block, present component), then as many forecast bits (if `forecast`)."""
 
-    def __init__(self, arch: ArchitectureMap, num_steps: int, forecast: bool = True):
-        self.arch, self.num_steps, self.forecast = arch, num_steps, forecast
+    def __init__(self, arch: ArchitectureMap, num_steps: int, forecast: bool = True, whole_blocks: bool = False):
+        self.arch, self.num_steps, self.forecast, self.whole_blocks = arch, num_steps, forecast, whole_blocks
         self.present = arch.present()
         self.n_cells = (num_steps - 1) * int(self.present.sum())
-        self.n_var = self.n_cells * (2 if forecast else 1)
+        self.n_whole = (num_steps - 1) * arch.num_blocks if whole_blocks else 0
+        self.n_var = self.n_cells * (2 if forecast else 1) + self.n_whole
 
     def _cells(self, bits: np.ndarray) -> torch.Tensor:
         full = torch.zeros(self.num_steps, *self.present.shape, dtype=torch.bool)
@@ -36,15 +39,23 @@ class GenomeSpace:
         compute = self._cells(bits[: self.n_cells])
         compute[0] = True
         compute[:, ~self.present] = True  # absent components: nothing to decide
-        forecast = self._cells(bits[self.n_cells :]) & ~compute if self.forecast else None
-        return Schedule(compute, self.arch.model_class, self.arch.components, dict(provenance or {}), forecast)
+        forecast = self._cells(bits[self.n_cells : 2 * self.n_cells]) & ~compute if self.forecast else None
+        s = Schedule(compute, self.arch.model_class, self.arch.components, dict(provenance or {}), forecast)
+        if not self.whole_blocks:
+            return s
+        wanted = torch.zeros(self.num_steps, self.arch.num_blocks, dtype=torch.bool)
+        wanted[1:] = torch.from_numpy(bits[self.n_var - self.n_whole :].reshape(self.num_steps - 1, -1))
+        whole = s.with_block_reuse(self.present)  # where every cell of a block reuses: may be reused whole
+        keep = whole.block_reuse & wanted
+        return Schedule(s.compute & ~keep[..., None], s.model_class, s.components, s.provenance, s.forecast, keep)
 
     def from_schedule(self, schedule: Schedule) -> np.ndarray:
-        compute = schedule.compute[1:][:, self.present].reshape(-1).numpy().astype(bool)
-        if not self.forecast:
-            return compute
-        forecast = schedule.forecast[1:][:, self.present].reshape(-1).numpy().astype(bool)
-        return np.concatenate([compute, forecast])
+        parts = [schedule.compute[1:][:, self.present].reshape(-1).numpy().astype(bool)]
+        if self.forecast:
+            parts.append(schedule.forecast[1:][:, self.present].reshape(-1).numpy().astype(bool))
+        if self.whole_blocks:
+            parts.append(schedule.block_reuse[1:].reshape(-1).numpy().astype(bool))
+        return np.concatenate(parts)
 
     @staticmethod
     def key(bits: np.ndarray) -> str:
@@ -70,6 +81,8 @@ class GenomeSpace:
         if s > 4:  # the middle steps of inner blocks (needs steps left at both ends)
             rule = {"blocks": (1, max(nb - 1, 2)), "steps": (2, s - 2)}
             made += [Schedule.ranges(a, s, [dict(rule, every=n)]) for n in (2, 3)]
+        if self.whole_blocks:  # FORA with whole blocks reused (FBCache's mechanism on a fixed rhythm)
+            made += [Schedule.fora(a, s, n).with_block_reuse(self.present) for n in (2, 3, 4, 5)]
         made += [x for x in extra if x.num_steps == s]
         return [m for m in made if m.num_blocks == nb]
 
@@ -125,4 +138,8 @@ class StructuredMutation(Mutation):
                 row[cells] = rng.random() < 0.5  # the whole group computes, or the whole group skips
                 if self.space.forecast and not row[cells[0]]:
                     row[self.space.n_cells + cells] = rng.random() < 0.5  # ... by reuse or by forecast
+                if self.space.whole_blocks and not row[cells[0]]:  # ... and the blocks touched reused whole or not
+                    steps_blocks = np.argwhere(np.isin(self.index, cells))[:, :2]
+                    flags = self.space.n_var - self.space.n_whole + steps_blocks[:, 0] * self.index.shape[1]
+                    row[np.unique(flags + steps_blocks[:, 1])] = rng.random() < 0.5
         return X
