@@ -39,11 +39,11 @@ def _syncs(pipe) -> int:
 
 def test_static_plan_adds_no_host_sync():
     pipe = _pipe()
-    run(pipe, NAME, prompts(NAME), [0, 1])  # a first call syncs more (one-time set-up): seen on an H200, 10 vs 9
+    run(pipe, NAME, prompts(NAME), [0, 1])  # warm-up: one-time set-up may sync
     vanilla = _syncs(pipe)  # diffusers' own loop syncs a few times; the executor must add none
     for plan in ("full", "fora-2", "fora-2+blocks", "taylor-3"):
         diffroute.apply(pipe, plan)
-        assert _syncs(pipe) == vanilla, plan
+        assert _syncs(pipe) <= vanilla, plan  # (on an H200: 10 vanilla, 9 under `full`; none is added)
 
 
 def test_cuda_event_timing_memory_and_a_device_resident_cache():
