@@ -171,11 +171,35 @@ def print_family(res: dict) -> None:
         )
 
 
-if __name__ == "__main__":  # `python -m diffroute.cli.bench_scale RESULTS.json`: the tables of a saved --json run
+def print_summary(saved: dict) -> None:
+    """One row per family and dtype: the README's table "at the scale users run"."""
+    print(
+        "| family | dtype | blocks | tokens (image + text) | full / vanilla | FORA-3 (of FLOP-ideal) | "
+        "FORA-3+blocks (of ideal) | FBCache@3 | reuse step: components / whole blocks | cache = formula |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for f in saved["families"]:
+        p = f["plans"]
+        exact = all(r["cache_bound_bytes"] == r["cache_formula_bytes"] for r in p.values() if r["cache_formula_bytes"])
+        blocks = "+".join(map(str, f["blocks"])) + ("" if f["blocks"] == f["full_depth"] else " (reduced)")
+        print(
+            f"| {f['family']} | {f['dtype']} | {blocks} | {f['image_tokens']} + {f['text_tokens']} | "
+            f"{p['full']['transformer_s'] / p['vanilla']['transformer_s']:.3f} | "
+            f"{p['fora-3']['speedup']:.2f}x ({_pct(p['fora-3']['of_ideal'])}) | "
+            f"{p['fora-3+blocks']['speedup']:.2f}x ({_pct(p['fora-3+blocks']['of_ideal'])}) | "
+            f"{p['fbcache@3']['speedup']:.2f}x | {_pct(p['fora-3']['reuse_step_vs_full'])} / "
+            f"{_pct(p['fora-3+blocks']['reuse_step_vs_full'])} | {'yes' if exact else 'NO'} |"
+        )
+
+
+if __name__ == "__main__":  # `python -m diffroute.cli.bench_scale [--summary] RESULTS.json`: tables of a --json run
     import json
     from pathlib import Path
 
-    saved = json.loads(Path(sys.argv[1]).read_text())
-    print(f"device {saved['device']} {saved.get('gpu', '')}, depth {saved['depth']}, {saved['threads']} threads")
-    for family in saved["families"]:
-        print_family(family)
+    saved = json.loads(Path(sys.argv[-1]).read_text())
+    if "--summary" in sys.argv:
+        print_summary(saved)
+    else:
+        print(f"device {saved['device']} {saved.get('gpu', '')}, depth {saved['depth']}, {saved['threads']} threads")
+        for family in saved["families"]:
+            print_family(family)
