@@ -186,7 +186,7 @@ def _zoo_listing():
         (("train", "moe", "--lr", "0"), "argument --lr: 0 is out of range"),
         (("train", "fera", "--iters", "0"), "argument --iters: 0 is out of range"),
         (("train", "dtr", "--beta", "1.5"), "argument --beta"),
-        (("train", "moe", "--z-loss", "inf"), "argument --z-loss"),
+        (("train", "moe", "--router-loss", "inf"), "argument --router-loss"),
         (("train", "lora", "--rank", "200000"), "argument --rank"),
         (("train", "l2c", "--prompts-per-batch", "0"), "argument --prompts-per-batch"),
         (("search", "--pop", "1"), "argument --pop"),

@@ -91,6 +91,26 @@ def test_training_mode_sends_gradients_to_the_gates_and_collects_the_budget_term
         assert gate.width.weight.grad is not None and bool(gate.width.weight.grad.abs().sum() > 0)
 
 
+def test_width_budget_averages_soft_widths_over_the_blocks_the_hard_mask_opens():
+    """Elastic-DiT's width term: a closed block's width (keep probability 0.3, hard 0) takes no part; the widths are
+    the soft expectations, so the width logits get a gradient through every open block."""
+    from diffroute.routers.elastic import straight_through
+    from diffroute.training.elastic import budget_loss
+
+    prob = torch.tensor([[0.3], [0.9]], requires_grad=True)  # one sample, two blocks: [block][sample]
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 2.0]], [[0.0, 0.0, 2.0, 0.0]]], requires_grad=True)
+    widths = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    aux = [
+        {"keep": prob[b], "open": straight_through(prob[b]), "width": (logits[b].softmax(-1) * widths).sum(-1)}
+        for b in range(2)
+    ]
+    loss = budget_loss(aux, torch.tensor([0.6]), 0.75)
+    soft1 = float((logits[1].softmax(-1) * widths).sum())
+    assert float(loss) == pytest.approx((0.6 - 0.6) ** 2 + (soft1 - 0.75) ** 2)  # block 0 is closed: left out
+    loss.backward()
+    assert logits.grad[1].abs().sum() > 0 and logits.grad[0].abs().sum() == 0
+
+
 def test_router_refuses_another_model_or_step_count(tiny_pipes):
     pipe = tiny_pipes("pixart-alpha")
     plan = ElasticPlan(_router(pipe))

@@ -56,6 +56,28 @@ def test_full_capacity_equals_dense_and_remove_restores_bitwise(fresh, name):
     assert np.array_equal(run(pipe, name, prompts(name), [0, 1]), ref)
 
 
+def test_training_starts_from_the_dense_model(fresh):
+    """With the configuration that trains (MoEConfig's defaults), the upcycled model at step 0 (dense_mix 1, full
+    capacity) gives the dense model's images; the router penalty is 0 there and pulls towards it."""
+    from diffroute.training.configs import MoEConfig
+    from diffroute.training.moe import dense_mix, prepare
+
+    name = "pixart-alpha"
+    pipe = fresh(name)
+    ref = run(pipe, name, prompts(name), [0, 1])
+    cfg = MoEConfig()
+    layers = moe_layers(prepare(pipe.transformer, cfg))
+    assert layers and dense_mix(cfg, 0, 100) == 1.0
+    for layer in layers:
+        layer.dense_mix = dense_mix(cfg, 0, 100)
+    np.testing.assert_allclose(run(pipe, name, prompts(name), [0, 1]), ref, atol=2e-5)
+    layer = layers[0]
+    layer.train()
+    layer.set_timestep(torch.tensor([500.0]))
+    layer(torch.randn(1, 16, layer.config.dim))
+    assert float(layer.last_router_loss) == 0.0  # minimal at the dense gates (a softmax z-loss would not be)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_samples_output_does_not_depend_on_its_batch_mates(fresh, name):
     pipe = fresh(name)
@@ -109,7 +131,7 @@ def test_router_gets_a_gradient_from_tokens_picked_by_one_expert(fresh):
     x = torch.randn(2, 16, layer.config.dim)
     layer(x).square().mean().backward()
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
-    assert layer.last_z_loss is not None and layer.last_z_loss > 0
+    assert layer.last_router_loss is not None and layer.last_router_loss > 0
 
 
 def test_save_pretrained_and_load_back(fresh, tmp_path):

@@ -89,7 +89,11 @@ def _moe_arguments(p) -> None:
     )
     p.add_argument("--dense-until", type=float_in(0, 1), help="share of steps trained dense (default %(default)s)")
     p.add_argument("--sparse-from", type=float_in(0, 1), help="share of steps by which k reaches the target")
-    p.add_argument("--z-loss", type=NONNEGATIVE, help="router z-loss weight (default %(default)s)")
+    p.add_argument(
+        "--router-loss",
+        type=NONNEGATIVE,
+        help="weight of the routers' logit penalty mean(z^2), holding the sigmoid gates near 1 (default %(default)s)",
+    )
     p.add_argument("--pruned-slices", type=int_in(0, 64), help="pruned variant: slices dropped (default %(default)s)")
     p.add_argument("--ship", default=None, metavar="NAME", help="the MoE only: install the model as zoo variant NAME")
     p.add_argument("--replace", action="store_true", help="with --ship: replace a MoE variant shipped before")

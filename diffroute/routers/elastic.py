@@ -186,8 +186,10 @@ class _ElasticDecider(Decider):
             self._keep[block] = straight_through(prob)
             self._width[block] = straight_through_one_hot(width_logits.float())
             widths = self.widths.to(prob.device)
-            expected = (self._width[block] * widths).sum(-1)
-            self.plan.aux.append({"step": ctx.step, "block": block, "keep": prob, "width": expected})
+            expected = (width_logits.float().softmax(dim=-1) * widths).sum(-1)  # soft expected width, as the reference
+            self.plan.aux.append(
+                {"step": ctx.step, "block": block, "keep": prob, "open": self._keep[block], "width": expected}
+            )
         else:
             self._keep[block] = prob > 0.5
             self._width[block] = self.widths.to(prob.device)[width_logits.argmax(dim=-1)]

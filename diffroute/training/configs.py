@@ -57,7 +57,8 @@ class MoEConfig(DataTrainConfig):
     capacity: str = "static:2"
     dense_until: float = 0.2  # fraction of the steps run dense (k = E)
     sparse_from: float = 0.6  # ... by which k has decayed to the schedule
-    z_loss: float = 1e-3
+    router_loss: float = 1e-3  # weight of the routers' logit penalty mean(z^2) (holds the gates near the dense 1)
+    router_init_std: float = 0.0  # 0: the upcycled model is the dense one when training starts
     pruned_slices: int = 4  # of num_experts + shared slices, dropped by the `pruned` variant
 
 

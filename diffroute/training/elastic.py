@@ -4,7 +4,11 @@ Loss per item (one recorded batch at one step): `MSE(routed prediction, full pre
 output on that input recorded before training (self-distillation: works for any supported model without its
 training data; the reference trains on data with its flow-matching target instead), plus the budget terms
 `(mean over blocks of keep probability - r(t))^2` with r(t) linear from `r_clean` at t = 0 to `r_noisy` at the
-noisiest timestep (more blocks near the clean end), and `(mean width over kept blocks - width_target)^2`.
+noisiest timestep (more blocks near the clean end), and `(mean width over open blocks - width_target)^2`, as the
+reference computes them: soft keep probabilities in the block budget; in the width budget the soft expected widths
+(softmax over the width logits times the widths) averaged over the blocks the hard mask opens. Both budgets are
+per sample (each row must meet r(t) and the width target by itself), which is what limits how far two samples'
+compute can differ: only as far as the MSE term gains from it.
 """
 
 from __future__ import annotations
@@ -76,15 +80,23 @@ class ElasticLoss:
             pred = output_of(model(*args, **kwargs)).float()
         mse = torch.nn.functional.mse_loss(pred, target.float())
         keep = torch.stack([a["keep"] for a in self.plan.aux], dim=1)  # [samples, blocks]
-        width = torch.stack([a["width"] for a in self.plan.aux], dim=1)
         t = torch.as_tensor(kwargs["timestep"], device=keep.device).float().reshape(-1).expand(keep.shape[0])
         r = self.cfg.r_clean + (self.cfg.r_noisy - self.cfg.r_clean) * t / self.t_max
-        budget = ((keep.mean(dim=1) - r) ** 2).mean()
-        mean_width = (width * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1e-6)
-        return mse + budget + ((mean_width - self.cfg.width_target) ** 2).mean()
+        return mse + budget_loss(self.plan.aux, r, self.cfg.width_target)
 
     def close(self) -> None:
         self.executor.detach()
+
+
+def budget_loss(aux: list[dict], r: torch.Tensor, width_target: float) -> torch.Tensor:
+    """Elastic-DiT's budget terms for one call, per sample then averaged: `(mean over blocks of the keep probability
+    - r(t))^2 + (mean soft expected width over the blocks the hard mask opens - width_target)^2`."""
+    keep = torch.stack([a["keep"] for a in aux], dim=1)  # [samples, blocks], soft
+    opened = torch.stack([a["open"] for a in aux], dim=1)  # hard 0/1 (straight-through)
+    width = torch.stack([a["width"] for a in aux], dim=1)  # soft expected widths
+    blocks = ((keep.mean(dim=1) - r) ** 2).mean()
+    mean_width = (width * opened).sum(dim=1) / opened.sum(dim=1).clamp_min(1e-6)
+    return blocks + ((mean_width - width_target) ** 2).mean()
 
 
 def train_elastic(pipe, prompts: list[str], call_kwargs: dict, cfg: ElasticConfig, out: Path, accelerator) -> dict:

@@ -1,10 +1,11 @@
-"""Fine-tuning an upcycled (or a baseline) emoji transformer on the emoji data: epsilon-MSE + z-loss, progressive
-sparsification.
+"""Fine-tuning an upcycled (or a baseline) emoji transformer on the emoji data: epsilon-MSE + a router logit penalty,
+progressive sparsification.
 
 Variants, trained by the same loop (`routing/finetune.py`) on the same batches and seeds so that they compare:
 - `moe`: slice-upcycled expert-choice MoE at the target capacity schedule. Progressive sparsification (Nucleus /
   DiffMoE): dense (k = E) for the first `dense_until` of the steps, then k decays linearly to the schedule by
-  `sparse_from`; router z-loss `z_loss * mean(logsumexp(z)^2)` (EC-DLM's 1e-3);
+  `sparse_from`; router logit penalty `router_loss * mean(z^2)` (weighted as EC-DLM's z-loss, 1e-3; a softmax
+  z-loss does not fit sigmoid gates, see surgery/moe/layer.py); routers start at zero, so step 0 is the dense model;
 - `dense`: the dense model fine-tuned for the same steps (the quality ceiling);
 - `pruned`: the FFNs cut to their strongest hidden units by magnitude (`pruned_slices` of the
   `num_experts + shared` slices dropped: 4 of 8 = the MoE's 50% FFN FLOPs at k = 2), fine-tuned the same.
@@ -38,7 +39,8 @@ def prepare(transformer, cfg: MoEConfig):
     """Apply the variant's swap to the emoji transformer (blocks 1..5; block 0 stays dense)."""
     torch.manual_seed(cfg.seed)  # the routers' initialisation, the same in every process and every run
     if cfg.variant == "moe":
-        upcycle_moe(transformer, cfg.num_experts, cfg.shared, capacity=cfg.capacity)
+        init = cfg.router_init_std
+        upcycle_moe(transformer, cfg.num_experts, cfg.shared, capacity=cfg.capacity, router_init_std=init)
     elif cfg.variant == "pruned":
         kept = cfg.num_experts + cfg.shared - cfg.pruned_slices
         upcycle_moe(transformer, 0, kept, prune=cfg.pruned_slices)
@@ -62,12 +64,12 @@ def train_moe(pipe, cfg: MoEConfig, out: Path, accelerator) -> dict:
         for layer in layers:
             layer.dense_mix = dense_mix(cfg, step, steps)
 
-    def z_loss():
-        z = [layer.last_z_loss for layer in layers if layer.last_z_loss is not None]
+    def router_loss():
+        z = [layer.last_router_loss for layer in layers if layer.last_router_loss is not None]
         for layer in layers:
-            layer.last_z_loss = None  # this step's graph only
-        return cfg.z_loss * torch.stack(z).mean() if z and cfg.z_loss else None
+            layer.last_router_loss = None  # this step's graph only
+        return cfg.router_loss * torch.stack(z).mean() if z and cfg.router_loss else None
 
     student = Student(transformer, on_step)
-    summary = train_on_data(pipe, student, cfg, out, accelerator, f"moe:{cfg.variant}", z_loss)
+    summary = train_on_data(pipe, student, cfg, out, accelerator, f"moe:{cfg.variant}", router_loss)
     return {"variant": cfg.variant, **summary}

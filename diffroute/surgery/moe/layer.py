@@ -6,7 +6,11 @@ Mechanism (ROUTING.md §1; Nucleus-Image's decoupled routing, EC-DLM's timestep 
 - each routed expert takes the top-C tokens of its column **per sample** (a sample's output never depends on its
   batch-mates), `C = ceil(k(t) S / E)` from the capacity schedule;
 - gates `g = 2 sigmoid(z)`, not renormalised per token (renormalising gives a token picked by one expert a weight of
-  exactly 1 and kills its router gradient; see the pitfalls), so a zero router gives g = 1;
+  exactly 1 and kills its router gradient; see the pitfalls), so a zero router gives g = 1: the router starts at zero,
+  and the upcycled FFN at full capacity is the dense FFN exactly when training starts;
+- the router's auxiliary loss is a logit penalty `mean(z^2)`, minimal at z = 0, i.e. at the dense gates g = 1. (A
+  softmax router's z-loss `mean(logsumexp(z)^2)` is minimal at logsumexp(z) = 0, which for sigmoid gates pulls every
+  logit to -log E and every gate to 2 sigmoid(-log E), 0.29 for E = 6: a pull away from the dense model.)
 - the tokens of every expert are gathered into one batched matmul and scatter-added back: FLOPs follow C, and the
   shapes are known ahead (no host sync in the dispatch).
 
@@ -55,7 +59,7 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
         with_down_bias: bool = True,
         capacity: str = "static:2",
         time_dim: int = 64,
-        router_init_std: float = 0.02,
+        router_init_std: float = 0.0,
         timestep_scale: float = 1.0,
         dense_hidden: int = 0,  # the dense FFN's hidden units before any pruning (0: shared + routed ones)
     ):
@@ -85,14 +89,14 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
         self.time_proj = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_mlp = torch.nn.Linear(time_dim, time_dim)
         self.router = torch.nn.Linear(time_dim + dim, E, bias=False)
-        torch.nn.init.normal_(self.router.weight, std=router_init_std)
+        torch.nn.init.normal_(self.router.weight, std=router_init_std)  # (std 0: zeros, gates 1, the dense FFN)
         self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         # Set per call by the transformer's capacity hook (hooks.py) and the block's norm hook.
         self._timestep: torch.Tensor | None = None  # [B], the model's units (0..1000)
         self._t_frac: list[float] | None = None  # [B] on the host, t / T
         self._route_input: torch.Tensor | None = None  # LN(h) before the modulation, [B, S, d]
         self.dense_mix = 0.0  # progressive sparsification: k -> k + dense_mix * (E - k)
-        self.last_z_loss: torch.Tensor | None = None
+        self.last_router_loss: torch.Tensor | None = None  # mean(z^2) of the last training forward
         self.record = False  # keep per-call routing statistics in `stats`
         self.stats: list[dict] = []
 
@@ -185,7 +189,7 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
             limit = torch.tensor(taken, device=x.device)[:, None, None]
             gates = gates * (torch.arange(C, device=x.device) < limit)
         if self.training and torch.is_grad_enabled():
-            self.last_z_loss = (torch.logsumexp(z, dim=-1) ** 2).mean()
+            self.last_router_loss = z.square().mean()
         if self.record:
             self._record(idx, taken, S)
         if self.config.kind == "mlp":

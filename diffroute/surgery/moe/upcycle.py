@@ -94,7 +94,7 @@ def upcycle_moe(
     shared: int = 2,
     blocks: list[int] | None = None,
     capacity: str = "static:2",
-    router_init_std: float = 0.02,
+    router_init_std: float = 0.0,
     time_dim: int = 64,
     prune: int = 0,
 ) -> list[ExpertChoiceFFN]:
