@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 HELP = (
-    "train a router (l2c: Learning-to-Cache; elastic: per-sample block skip + MLP width) on the model's trajectories, "
+    "train a router (l2c: Learning-to-Cache; gates: per-image LazyDiT gates; elastic: per-sample block skip + MLP "
+    "width) on the model's trajectories, "
     "or a changed model on its data (moe: expert-choice MoE; dar, dtr: residual-stream routing; plain: baseline; "
     "fera, lora: domain adapters)"
 )
@@ -37,6 +38,21 @@ def add_arguments(p) -> None:
         help="AdamW learning rate (default %(default)s) start in 300 iterations)",
     )
 
+    gates = sub.add_parser("gates", help=METHODS["gates"].help)
+    _add_common(gates)
+    gates.add_argument(
+        "--rho", type=NONNEGATIVE, help="weight of the FLOP share the gated components compute (default %(default)s)"
+    )
+    gates.add_argument(
+        "--threshold", type=float_in(0, 1, True, True), help="compute where m >= this (default %(default)s)"
+    )
+    gates.add_argument(
+        "--per-prompt", action="store_true", help="decide both CFG rows of a sample together (default: per row)"
+    )
+    gates.add_argument("--iters", type=COUNT, help="trajectories rolled out in training (default %(default)s)")
+    gates.add_argument("--batch", type=COUNT, help="recorded batches per iteration (default %(default)s)")
+    gates.add_argument("--lr", type=POSITIVE, help="AdamW learning rate (default %(default)s)")
+
     elastic = sub.add_parser("elastic", help=METHODS["elastic"].help)
     _add_common(elastic)
     elastic.add_argument("--iters", type=COUNT, help="training iterations (default %(default)s)")
@@ -48,7 +64,7 @@ def add_arguments(p) -> None:
     elastic.add_argument("--r-noisy", type=FRACTION, help="blocks kept at the noisiest t (default %(default)s)")
     elastic.add_argument("--width-target", type=FRACTION, help="mean MLP width of kept blocks (0.75)")
 
-    for name, parser in (("l2c", l2c), ("elastic", elastic)):
+    for name, parser in (("l2c", l2c), ("gates", gates), ("elastic", elastic)):
         parser.set_defaults(**METHODS[name].defaults())  # the config dataclass holds every default
     from diffroute.cli import train_data
 

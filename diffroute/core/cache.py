@@ -68,6 +68,13 @@ class FeatureCache:
                 dst.copy_(src)
         entry.steps[0] = step
 
+    def replace(self, key: Hashable, out: Any, step: int = 0) -> None:
+        """Store `out` in fresh buffers, leaving the old ones untouched (training: autograd may still read them)."""
+        entry = self._store.pop(key, None)
+        if entry is not None:
+            self.bytes -= sum(_nbytes(s) for s in entry.slots)
+        self.put(key, out, step)
+
     def _grow(self, n: int) -> None:
         self.bytes += n
         self.peak_bytes = max(self.peak_bytes, self.bytes)

@@ -43,9 +43,14 @@ class Decider:
 
     # Deciders that read a block-level block's inputs before deciding it (`block_inputs`) set this.
     reads_block_inputs: bool = False
+    # Deciders that read a component's input before deciding it (`component_inputs`: per-image gates) set this.
+    reads_component_inputs: bool = False
 
     def block_inputs(self, ctx: StepContext, block: int, arguments: dict) -> None:
         """Called before `decide_block` with the block's forward arguments by name, when `reads_block_inputs`."""
+
+    def component_inputs(self, ctx: StepContext, block: int, comp: int, hidden: torch.Tensor) -> None:
+        """Called before `decide` with the component's input hidden states, when `reads_component_inputs`."""
 
     def decide(self, ctx: StepContext, block: int, comp: int):
         """True to compute, False to reuse the cached output, FORECAST to extrapolate it, or a bool tensor with
@@ -61,7 +66,9 @@ class Decider:
         """Called after each block the plan observes."""
 
     def must_store(self, ctx: StepContext, block: int, comp: int) -> bool:
-        """Whether a computed output may be reused later (so the executor keeps a copy)."""
+        """Whether a computed output may be reused later (so the executor keeps a copy). Under a soft (training)
+        decision: whether the blended output, detached, becomes the cached one (the cache a rolled-out student
+        would have at inference)."""
         return True
 
     def decide_block(self, ctx: StepContext, block: int):

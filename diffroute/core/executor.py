@@ -293,6 +293,8 @@ class Executor:
             return None
         ctx, cache = self.ctx, self.cache
         key, n = (ctx.branch, b, c), ctx.batch_size
+        if self.decider.reads_component_inputs:  # per-image gates read what the component is about to read
+            self.decider.component_inputs(ctx, b, c, hidden_states_of(args, kwargs))
         decision = self.decider.decide(ctx, b, c)
         if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft weight
             return self._blend(forward, key, decision, args, kwargs)
@@ -344,16 +346,22 @@ class Executor:
 
     def _blend(self, forward, key, weight: torch.Tensor, args: tuple, kwargs: dict):
         """Training mode: `w * fresh + (1 - w) * cached` with gradients through `w` (a scalar, or one weight per
-        sample). The inference cache detaches and copies in place, which is right for inference only; here the cached
-        side is what earlier computed steps stored, and the blend itself is not stored."""
+        sample). The cached side is what earlier steps stored; where the decider says so (`must_store`), the blend,
+        detached, becomes the cached output (a student rolled through a trajectory keeps the cache it would have)."""
         fresh = forward(*args, **kwargs)
         cached = self.cache.get(key, self.ctx.batch_size)
         self.stats.record(self.ctx.step, key[1], key[2], self.ctx.batch_size, self.ctx.batch_size)
         if cached is None:  # nothing computed before: the component is its fresh output
-            return fresh
-
-        mixed = [None if f is None else blocks.mix(weight, f, c) for f, c in zip(tensors_of(fresh), tensors_of(cached))]
-        return rebuild(type(cached), mixed)
+            out = fresh
+        else:
+            mixed = [
+                None if f is None else blocks.mix(weight, f, c) for f, c in zip(tensors_of(fresh), tensors_of(cached))
+            ]
+            out = rebuild(type(cached), mixed)
+        if self.decider.must_store(self.ctx, key[1], key[2]):  # (fresh buffers: the blend's graph reads the old)
+            detached = [None if t is None else t.detach() for t in tensors_of(out)]
+            self.cache.replace(key, rebuild(type(out), detached), self.ctx.step)
+        return out
 
     def _compute_rows(self, forward, key, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
         """Compute the component for the masked samples only and merge them into the cached output."""

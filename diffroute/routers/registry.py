@@ -11,10 +11,15 @@ from diffroute.utils.checked_load import check_against_weights, check_config_val
 
 def _classes() -> dict:
     from diffroute.routers.elastic import ElasticPlan, ElasticRouter
+    from diffroute.routers.gates import GatePlan, GateRouter
     from diffroute.routers.l2c import L2CRouter, RouterPlan
 
     # config `_class_name` -> (router class, plan class)
-    return {"L2CRouter": (L2CRouter, RouterPlan), "ElasticRouter": (ElasticRouter, ElasticPlan)}
+    return {
+        "L2CRouter": (L2CRouter, RouterPlan),
+        "ElasticRouter": (ElasticRouter, ElasticPlan),
+        "GateRouter": (GateRouter, GatePlan),
+    }
 
 
 def load_router(folder):

@@ -20,6 +20,19 @@ class L2CConfig:
 
 
 @dataclass
+class GateConfig:
+    rho: float = 1.0  # weight of the FLOP share the gated components compute (retune per model: it sets the ratio)
+    threshold: float = 0.5  # compute where m >= threshold (LazyDiT's 0.5)
+    per_prompt: bool = False  # decide both CFG rows of a sample together
+    iters: int = 60  # trajectories rolled out (each covers every step)
+    batch: int = 1  # recorded batches per iteration (split across processes)
+    lr: float = 1e-3
+    prompts_per_batch: int = 8
+    seed: int = 0
+    bf16: bool = False
+
+
+@dataclass
 class ElasticConfig:
     iters: int = 1500
     batch: int = 1  # recorded batches per iteration (split across processes)

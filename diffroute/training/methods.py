@@ -67,6 +67,13 @@ for _method in (
         "router",
     ),
     Method(
+        "gates",
+        "LazyDiT-style per-image gates: per step, block and component, from that sample's input (per sample)",
+        configs.GateConfig,
+        "diffroute.training.gates:train_gates",
+        "router",
+    ),
+    Method(
         "elastic",
         "Elastic-DiT-style per-sample block skip and MLP-width router",
         configs.ElasticConfig,

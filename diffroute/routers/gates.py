@@ -1,0 +1,165 @@
+"""Per-image learned gates (LazyDiT, Shen et al. AAAI 2025): per step, block and gated component, one weight vector
+`w` reading that sample's input to the component; the sample recomputes the component, or reuses its own cached
+output, from what its image is doing at that step.
+
+Mechanism as in LazyDiT's code (ROUTING.md §7): `s = sigmoid(sum over tokens and channels of w * Z)` with `Z` the
+component's input (for PixArt and DiT: the adaLN-modulated norm, LazyDiT's gate input), `m = 1 - s` the probability
+of computing, compute iff `m >= threshold` (0.5); zero-initialised, so m = 0.5 and everything computes at first
+(bitwise the plain model). A skipped component returns that sample's cached output, written only when it computes;
+the block's own gates and residuals still apply. Decisions are per sample (each CFG row its own), or per prompt
+(`per_prompt`: both CFG rows of a sample together, computing where their mean m passes the threshold; the batch is
+taken to be diffusers' `[unconditional rows, conditional rows]`). Cross-attention (`attn2`) has no adaLN gate and
+always computes, as LazyDiT gates only attention and MLP.
+
+Deviations: the weights are indexed by the sampler's step (one router per step count and scheduler, refused
+elsewhere), and training (training/gates.py) rolls the student through whole trajectories with the cache it would
+hold at inference (HarmoniCa's step-wise training) rather than LazyDiT's one-step pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from diffroute.core.arch import ArchitectureMap
+from diffroute.core.deciders import Decider
+from diffroute.plans import Plan
+from diffroute.routers.fit import TrainedRouterChecks
+
+UNGATED = ("attn2",)  # cross-attention: no adaLN modulation to read; always computed (LazyDiT gates attn and MLP)
+
+
+class GateRouter(ModelMixin, ConfigMixin):
+    """One weight vector per (step, block, gated component); `compute_probability(step, block, g, Z)` is m."""
+
+    @register_to_config
+    def __init__(
+        self,
+        num_steps: int,
+        num_blocks: int,
+        components: tuple[str, ...],
+        gated: tuple[str, ...],
+        dims: tuple[int, ...],  # per gated component: the channels of its input
+        model_class: str,
+        scheduler: str = "",
+        threshold: float = 0.5,
+        per_prompt: bool = False,
+        rho: float = 0.0,
+        backbone_probe: list[float] | None = None,
+        backbone_dtype: str = "",
+    ):
+        super().__init__()
+        if len(dims) != len(gated):
+            raise ValueError(f"one input width per gated component: {len(gated)} components, {len(dims)} widths")
+        self.weight = torch.nn.Parameter(torch.zeros(num_steps, num_blocks, len(gated), max(dims)))  # LazyDiT: zeros
+
+    @classmethod
+    def for_model(cls, arch: ArchitectureMap, num_steps: int, dims: dict, scheduler=None, **kwargs) -> GateRouter:
+        """Gates for `arch` at `num_steps` steps; `dims` maps each gated component to its input's channel count."""
+        gated = tuple(c for c in arch.components if c not in UNGATED and c in dims)
+        name = "" if scheduler is None else type(scheduler).__name__
+        widths = tuple(int(dims[c]) for c in gated)
+        return cls(num_steps, arch.num_blocks, tuple(arch.components), gated, widths, arch.model_class, name, **kwargs)
+
+    def compute_probability(self, step: int, block: int, g: int, z: torch.Tensor, weight=None) -> torch.Tensor:
+        """m per sample: 1 - sigmoid(sum of w * Z over tokens and channels). Z is [rows, tokens, dim] or, for
+        convolutional FFNs, [rows, dim, H, W]. `weight`: the weights as a (DDP-wrapped) forward returned them."""
+        w = (self.weight if weight is None else weight)[step, block, g, : self.config.dims[g]].to(z.dtype)
+        logit = (z * w).sum(dim=(1, 2)) if z.ndim == 3 else torch.einsum("bchw,c->b", z, w)
+        return 1 - torch.sigmoid(logit.float())
+
+    def forward(self) -> torch.Tensor:  # (the trainer's DDP wrapper calls forward: the weights themselves)
+        return self.weight
+
+
+def pair_rows(m: torch.Tensor) -> torch.Tensor:
+    """Per prompt: both CFG rows (row i and row i + n/2) take their mean; an odd batch is left per row."""
+    n = m.shape[0]
+    if n % 2:
+        return m
+    mean = (m[: n // 2] + m[n // 2 :]) / 2
+    return torch.cat([mean, mean])
+
+
+class GatePlan(TrainedRouterChecks, Plan):
+    """Runs a GateRouter: the ungated components carry no hooks; each gated one decides per sample (or prompt)."""
+
+    cache_history = 1
+
+    def __init__(self, router: GateRouter, name: str = "gates", training: bool = False):
+        self.router, self.name, self.training = router, name, training
+        self.default_num_steps = router.config.num_steps
+        self.mode = "route"  # "target": the full model (no decisions, cache untouched)
+        self.weight: torch.Tensor | None = None  # training: the weights as this iteration's forward returned them
+        self.aux: list[tuple[int, int, torch.Tensor]] = []  # training: (block, component, m) of this call
+
+    def check(self, arch: ArchitectureMap) -> None:
+        from diffroute.errors import PlanError
+
+        c = self.router.config
+        fits = arch.model_class == c.model_class and arch.num_blocks == c.num_blocks
+        if not fits or arch.components != tuple(c.components):
+            raise PlanError(
+                f"gates {self.name!r} were trained for {c.model_class} with {c.num_blocks} blocks, not "
+                f"{arch.model_class} with {arch.num_blocks}: train gates for this model (`diffroute train gates`)."
+            )
+
+    def retrain_hint(self, num_steps: int | None) -> str:
+        return f"train gates for {num_steps} steps (`diffroute train gates --steps {num_steps}`)."
+
+    def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
+        mask = arch.present().clone()
+        for c, name in enumerate(arch.components):
+            if name in self.router.config.gated:
+                mask[:, c] = False
+        return mask
+
+    def content(self, arch: ArchitectureMap | None = None) -> dict:
+        from diffroute.utils.fingerprint import digest
+
+        return {"plan": self.name, "router": digest([float(self.router.weight.detach().double().sum())])}
+
+    def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
+        if not self.training:
+            self.check_call(num_steps)
+        return _GateDecider(self, arch)
+
+
+class _GateDecider(Decider):
+    reads_component_inputs = True
+
+    def __init__(self, plan: GatePlan, arch: ArchitectureMap):
+        self.plan, self.router = plan, plan.router
+        cfg = self.router.config
+        self.gate_of = {arch.components.index(name): g for g, name in enumerate(cfg.gated)}
+        self.m: dict[tuple[int, int], torch.Tensor] = {}
+        self.skipped = self.calls = 0
+
+    def component_inputs(self, ctx, block, comp, hidden) -> None:
+        g = self.gate_of.get(comp)
+        # step 0 computes everything: nothing is cached before it
+        if g is None or self.plan.mode == "target" or not 0 < ctx.step < self.router.config.num_steps:
+            return
+        m = self.router.compute_probability(ctx.step, block, g, hidden, self.plan.weight)
+        m = pair_rows(m) if self.router.config.per_prompt else m
+        self.m[(block, comp)] = m
+        if self.plan.training:
+            self.plan.aux.append((block, comp, m))
+
+    def decide(self, ctx, block, comp):
+        m = self.m.pop((block, comp), None)
+        if m is None or self.plan.mode == "target":
+            return True
+        if self.plan.training:
+            return m  # soft: m * fresh + (1 - m) * cached, with gradients through m
+        compute = m >= self.router.config.threshold
+        self.calls += compute.numel()
+        self.skipped += int((~compute).sum())
+        return compute
+
+    def must_store(self, ctx, block, comp) -> bool:
+        return self.plan.mode != "target"
+
+    def info(self) -> dict:
+        return {"gated_calls": self.calls, "gated_skipped": self.skipped}
