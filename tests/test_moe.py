@@ -125,7 +125,7 @@ def test_capacity_follows_the_timestep_and_is_recorded(fresh, name):
 
 def test_router_gets_a_gradient_from_tokens_picked_by_one_expert(fresh):
     pipe = fresh("pixart-alpha")
-    (layer,) = upcycle_moe(pipe.transformer, 6, 2, blocks=[1], capacity="static:1")
+    (layer,) = upcycle_moe(pipe.transformer, 6, 2, blocks=[1], capacity="static:1", router_init_std=0.3)
     layer.train()
     layer.set_timestep(torch.tensor([300.0, 700.0]))
     x = torch.randn(2, 16, layer.config.dim)
