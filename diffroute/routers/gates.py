@@ -12,8 +12,10 @@ taken to be diffusers' `[unconditional rows, conditional rows]`). Cross-attentio
 always computes, as LazyDiT gates only attention and MLP.
 
 Deviations: the weights are indexed by the sampler's step (one router per step count and scheduler, refused
-elsewhere), and training (training/gates.py) rolls the student through whole trajectories with the cache it would
-hold at inference (HarmoniCa's step-wise training) rather than LazyDiT's one-step pairs.
+elsewhere); training (training/gates.py) rolls the student through whole trajectories with the cache it would hold
+at inference (HarmoniCa's step-wise training) rather than LazyDiT's one-step pairs, and its decisions are
+straight-through (hard in the forward, the gradient of m backward) where LazyDiT trains soft blends and thresholds
+at inference: soft blends of 0.5 taught gates a cache inference never has.
 """
 
 from __future__ import annotations
@@ -151,8 +153,10 @@ class _GateDecider(Decider):
         m = self.m.pop((block, comp), None)
         if m is None or self.plan.mode == "target":
             return True
-        if self.plan.training:
-            return m  # soft: m * fresh + (1 - m) * cached, with gradients through m
+        if self.plan.training:  # straight-through: the forward computes or reuses exactly as inference will, so
+            # the rolled-out cache is inference's; gradients flow through m (w * fresh + (1 - w) * cached)
+            hard = (m >= self.router.config.threshold).to(m.dtype)
+            return hard + m - m.detach()
         compute = m >= self.router.config.threshold
         self.calls += compute.numel()
         self.skipped += int((~compute).sum())

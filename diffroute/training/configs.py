@@ -26,7 +26,7 @@ class GateConfig:
     per_prompt: bool = False  # decide both CFG rows of a sample together
     iters: int = 60  # trajectories rolled out (each covers every step)
     batch: int = 1  # recorded batches per iteration (split across processes)
-    lr: float = 1e-3
+    lr: float = 1e-4  # LazyDiT's: a logit sums tokens x channels of w * Z, so a step of lr moves it by ~lr * |Z|_1
     prompts_per_batch: int = 8
     seed: int = 0
     bf16: bool = False
