@@ -25,8 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import Timesteps
 
 from diffroute.errors import PlanError
-from diffroute.surgery.config import drop_config_key
-from diffroute.surgery.streams import StreamRewrite, stream_dim
+from diffroute.surgery.streams import StreamRewrite, install, refuse_twice, stream_dim, uninstall
 
 CONFIG_KEY = "diffroute_dar"
 QUERIES = ("static", "static+t", "dynamic")
@@ -112,8 +111,7 @@ def apply_dar(
 ) -> DARAggregator:
     """Attach DAR to `transformer`; its aggregator becomes the submodule `dar` (saved with the transformer's
     weights, its settings in the config), so `routing.surgery.from_pretrained` restores it."""
-    if getattr(transformer, "_diffroute_dar", None) is not None:
-        raise PlanError("DAR is applied to this transformer already; remove_dar(transformer) first.")
+    refuse_twice(transformer, "DAR")
     from diffroute.core.arch import architecture_map
 
     arch = architecture_map(transformer)
@@ -121,18 +119,12 @@ def apply_dar(
         aggregator = DARAggregator(stream_dim(transformer), arch.num_blocks, mode, query)
         param = next(transformer.parameters())
         torch.nn.Module.to(aggregator, device=param.device, dtype=param.dtype)
-    rewrite = DAR(aggregator).attach(transformer)  # refuses before anything changes if DTR holds the stream
+    settings = {"mode": aggregator.config.mode, "query": aggregator.config.query}
+    install(transformer, "DAR", DAR(aggregator), CONFIG_KEY, settings)  # refused, nothing changed, if DTR is on
     transformer.dar = aggregator
-    transformer._diffroute_dar = rewrite
-    transformer.register_to_config(**{CONFIG_KEY: {"mode": aggregator.config.mode, "query": aggregator.config.query}})
     return aggregator
 
 
 def remove_dar(transformer: torch.nn.Module) -> None:
-    rewrite = getattr(transformer, "_diffroute_dar", None)
-    if rewrite is None:
-        raise PlanError("this transformer has no DAR to remove.")
-    rewrite.detach()
-    transformer._diffroute_dar = None
+    uninstall(transformer, "DAR", CONFIG_KEY)
     del transformer.dar
-    drop_config_key(transformer, CONFIG_KEY)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from diffroute.errors import PlanError
-from diffroute.surgery.config import drop_config_key
-from diffroute.surgery.streams import StreamRewrite, stream_dim
+from diffroute.surgery.streams import StreamRewrite, install, stream_dim, uninstall
 
 CONFIG_KEY = "diffroute_dtr"
 
@@ -54,18 +53,10 @@ class DTR(StreamRewrite):
 
 def apply_dtr(transformer: torch.nn.Module, beta: float = 0.8, alpha: float = 4.0) -> DTR:
     """Attach DTR to `transformer` (recorded in its config, so a model trained with it saves and loads with it)."""
-    if getattr(transformer, "_diffroute_dtr", None) is not None:
-        raise PlanError("DTR is applied to this transformer already; remove_dtr(transformer) first.")
-    dtr = DTR(stream_dim(transformer), beta, alpha).attach(transformer)
-    transformer._diffroute_dtr = dtr
-    transformer.register_to_config(**{CONFIG_KEY: {"beta": beta, "alpha": alpha}})
-    return dtr
+    return install(
+        transformer, "DTR", DTR(stream_dim(transformer), beta, alpha), CONFIG_KEY, {"beta": beta, "alpha": alpha}
+    )
 
 
 def remove_dtr(transformer: torch.nn.Module) -> None:
-    dtr = getattr(transformer, "_diffroute_dtr", None)
-    if dtr is None:
-        raise PlanError("this transformer has no DTR to remove.")
-    dtr.detach()
-    transformer._diffroute_dtr = None
-    drop_config_key(transformer, CONFIG_KEY)
+    uninstall(transformer, "DTR", CONFIG_KEY)

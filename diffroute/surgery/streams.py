@@ -16,6 +16,7 @@ from diffroute.core.arch import architecture_map
 from diffroute.core.blocks import bind
 from diffroute.core.call_context import CallInfo, add_call_listener, has_call_listener, remove_call_listener
 from diffroute.errors import PlanError
+from diffroute.surgery.config import drop_config_key
 
 CALL_LISTENER = "diffroute_stream"
 BLOCK_HOOK = "diffroute_stream_block"
@@ -63,6 +64,34 @@ class StreamRewrite:
         for block in blocks:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(BLOCK_HOOK, recurse=False)
         self._attached = None
+
+
+def refuse_twice(transformer: torch.nn.Module, name: str) -> None:
+    """PlanError if the rewrite `name` (DAR, DTR) is applied to `transformer` already."""
+    if getattr(transformer, f"_diffroute_{name.lower()}", None) is not None:
+        raise PlanError(f"{name} is applied to this transformer already; remove_{name.lower()}(transformer) first.")
+
+
+def install(transformer: torch.nn.Module, name: str, rewrite: StreamRewrite, config_key: str, settings: dict):
+    """Attach `rewrite` as the transformer's `name` and record its settings in the transformer's config, so that a
+    saved model loads with it (`surgery.loader`). Refused before anything changes if a rewrite holds the stream."""
+    refuse_twice(transformer, name)
+    rewrite.attach(transformer)
+    setattr(transformer, f"_diffroute_{name.lower()}", rewrite)
+    transformer.register_to_config(**{config_key: settings})
+    return rewrite
+
+
+def uninstall(transformer: torch.nn.Module, name: str, config_key: str) -> StreamRewrite:
+    """Detach the rewrite `name`: the transformer computes as before it was applied; its config forgets it."""
+    attr = f"_diffroute_{name.lower()}"
+    rewrite = getattr(transformer, attr, None)
+    if rewrite is None:
+        raise PlanError(f"this transformer has no {name} to remove.")
+    rewrite.detach()
+    setattr(transformer, attr, None)
+    drop_config_key(transformer, config_key)
+    return rewrite
 
 
 class _CallListener:
