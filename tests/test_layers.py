@@ -141,7 +141,7 @@ def test_every_training_method_is_one_registration_whose_config_holds_the_cli_de
     from diffroute.cli.main import build_parser
     from diffroute.training.methods import METHODS
 
-    assert set(METHODS) == {"l2c", "elastic", "moe", "dar", "dtr", "plain", "fera", "lora"}
+    assert set(METHODS) == {"l2c", "gates", "elastic", "moe", "dar", "dtr", "plain", "fera", "lora"}
     for name, method in METHODS.items():
         args = build_parser().parse_args(["train", name, "--out", "x"])
         for f in fields(method.config):

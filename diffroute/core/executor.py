@@ -14,135 +14,36 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import HookRegistry
 
 from diffroute.core import blocks, width
 from diffroute.core.arch import ArchitectureMap, architecture_map
+from diffroute.core.block_level import BlockDecisions
 from diffroute.core.cache import FeatureCache, rebuild, tensors_of
 from diffroute.core.call_context import hidden_states_of, rows_of, sub_batch
 from diffroute.core.context import StepContext, StepTracker, scheduler_step_source
-from diffroute.core.deciders import FORECAST, SKIP, SkipRows, SoftWidth, Width
-from diffroute.core.stats import CallStats, StatsRecorder
-from diffroute.errors import PlanError
-
-STEP_HOOK = "diffroute_step"
-BLOCK_HOOK = "diffroute_block"
-COMPONENT_HOOK = "diffroute_component"
-BLOCK_REUSE_HOOK = "diffroute_block_reuse"
-
-# diffusers' own caches (and layer skipping) decide, like a plan, what each block computes; stacked with a plan, each
-# corrupts the other's state (PAB's counter does not advance on reused steps, FasterCache finds our hook where it
-# looks for its own). So the combination is refused, in either order, and the other cache is left as it was.
-FOREIGN_CACHE_HOOKS = (
-    "faster_cache",
-    "fbc_",
-    "mag_cache",
-    "pyramid_attention_broadcast",
-    "sea_cache",
-    "taylorseer_cache",
-    "layer_skip",
+from diffroute.core.deciders import FORECAST, SoftWidth, Width
+from diffroute.core.foreign import foreign_cache_hooks, refuse_foreign_caches
+from diffroute.core.hooks import (
+    BLOCK_HOOK,
+    BLOCK_REUSE_HOOK,
+    COMPONENT_HOOK,
+    KEEP,
+    STEP_HOOK,
+    BlockHook,
+    BlockReuseHook,
+    ComponentHook,
+    StepHook,
 )
+from diffroute.core.stats import CallStats, StatsRecorder
 
-
-def foreign_cache_hooks(transformer: torch.nn.Module, modules=None) -> list[str]:
-    """Names of diffusers cache hooks registered anywhere in `transformer`, or on `modules` only (sorted, each once)."""
-    found = set()
-    for module in transformer.modules() if modules is None else modules:
-        registry = getattr(module, "_diffusers_hook", None)
-        for name in getattr(registry, "hooks", {}) if registry is not None else ():
-            if name.startswith(FOREIGN_CACHE_HOOKS):
-                found.add(name)
-    return sorted(found)
-
-
-def refuse_foreign_caches(transformer: torch.nn.Module, modules=None) -> None:
-    """PlanError if a diffusers cache is on: a plan and such a cache cannot be stacked. `modules`: look only there."""
-    found = foreign_cache_hooks(transformer, modules)
-    if found:
-        raise PlanError(
-            f"a diffusers cache is enabled on this transformer ({', '.join(found)}): diffroute plans and diffusers' "
-            "caches both decide what each block computes and cannot be stacked. Disable one of them "
-            "(`pipe.transformer.disable_cache()`, or `pipe.disable_cache()` for the plan)."
-        )
-
-
-# What `stand_in` answers when the component must compute and its output be kept for later steps.
-KEEP = "keep"
 # Keyword arguments of component forwards that carry one row per sample (sliced when only some samples compute).
 BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_attention_mask", "temb")
 
-
-class _StepHook(ModelHook):
-    """On the transformer: advances the step context and times each forward."""
-
-    def __init__(self, executor: Executor):
-        super().__init__()
-        self.executor = executor
-
-    def pre_forward(self, module, *args, **kwargs):
-        hidden = hidden_states_of(args, kwargs)
-        self.executor.on_transformer_start(kwargs.get("timestep"), hidden)
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        self.executor.on_transformer_end()
-        return output
+__all__ = ["Executor", "foreign_cache_hooks", "refuse_foreign_caches"]
 
 
-class _BlockHook(ModelHook):
-    """On a block a decider watches (dynamic policies): shows it the block's inputs and output."""
-
-    def __init__(self, executor: Executor, block: int):
-        super().__init__()
-        self.executor, self.block = executor, block
-
-    def pre_forward(self, module, *args, **kwargs):
-        self.executor.on_block_start(self.block, module, args, kwargs)
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        self.executor.on_block_end(self.block, output)
-        return output
-
-
-class _ComponentHook(ModelHook):
-    """On one component of one block: compute it, or stand in for it (the block's gates still apply)."""
-
-    def __init__(self, executor: Executor, block: int, comp: int):
-        super().__init__()
-        self.executor, self.block, self.comp = executor, block, comp
-
-    @torch.compiler.disable(recursive=False)  # this frame stays Python; the component's forward may still compile
-    def new_forward(self, module, *args, **kwargs):
-        out = self.executor.stand_in(self.fn_ref.original_forward, self.block, self.comp, args, kwargs)
-        if out is None or out is KEEP:
-            keep = out is KEEP
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            if keep:
-                self.executor.keep(self.block, self.comp, out)
-        return out
-
-
-class _BlockReuseHook(ModelHook):
-    """On a block a plan decides as a whole (`Plan.block_level`): compute it, or stand in with its input plus the
-    residual it added at its last computation. Its components carry no hooks."""
-
-    def __init__(self, executor: Executor, block: int):
-        super().__init__()
-        self.executor, self.block = executor, block
-
-    @torch.compiler.disable(recursive=False)  # as _ComponentHook: this frame stays Python, the block may compile
-    def new_forward(self, module, *args, **kwargs):
-        out = self.executor.block_stand_in(self.fn_ref.original_forward, self.block, module, args, kwargs)
-        if out is None or out is KEEP:
-            keep = out is KEEP
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            if keep:
-                self.executor.keep_block(self.block, module, args, kwargs, out)
-        return out
-
-
-class Executor:
+class Executor(BlockDecisions):
     """Attaches to one transformer, owns the step tracker, the feature cache and per-call stats."""
 
     def __init__(self, transformer: torch.nn.Module, plan, scheduler=None, num_inference_steps: int | None = None):
@@ -188,21 +89,21 @@ class Executor:
 
     # ---- attaching ------------------------------------------------------------------------------------------------
     def attach(self) -> Executor:
-        HookRegistry.check_if_exists_or_initialize(self.transformer).register_hook(_StepHook(self), STEP_HOOK)
+        HookRegistry.check_if_exists_or_initialize(self.transformer).register_hook(StepHook(self), STEP_HOOK)
         self._observed = sorted(self.plan.observed_blocks(self.arch))
         for b in self._observed:
             HookRegistry.check_if_exists_or_initialize(self.arch.blocks[b]).register_hook(
-                _BlockHook(self, b), BLOCK_HOOK
+                BlockHook(self, b), BLOCK_HOOK
             )
         for b in self.block_level.nonzero().flatten().tolist():
             HookRegistry.check_if_exists_or_initialize(self.arch.blocks[b]).register_hook(
-                _BlockReuseHook(self, b), BLOCK_REUSE_HOOK
+                BlockReuseHook(self, b), BLOCK_REUSE_HOOK
             )
         for b, row in enumerate(self.arch.modules):
             for c, module in enumerate(row):
                 if module is not None and self._hooked[b, c]:
                     registry = HookRegistry.check_if_exists_or_initialize(module)
-                    registry.register_hook(_ComponentHook(self, b, c), COMPONENT_HOOK)
+                    registry.register_hook(ComponentHook(self, b, c), COMPONENT_HOOK)
         self._invalidate()
         self._attached = True
         return self
@@ -382,122 +283,6 @@ class Executor:
         out = rebuild(type(cached), merged)
         self.cache.put(key, out, self.ctx.step)
         return out
-
-    # ---- one block decided as a whole -----------------------------------------------------------------------------
-    @torch.compiler.disable
-    def block_stand_in(self, forward, b: int, module, args: tuple, kwargs: dict):
-        """`stand_in` for a whole block: input plus cached residual (reuse), the block computed for some samples
-        and reused for the others, None (compute) or KEEP (compute, then `keep_block`)."""
-        if self.decider is None:
-            return None
-        ctx, n = self.ctx, self.ctx.batch_size
-        key = (ctx.branch, b, "block")
-        if self.decider.reads_block_inputs:  # a router that decides from the block's tokens
-            self.decider.block_inputs(ctx, b, blocks.bind(module, args, kwargs).arguments)
-        decision = self.decider.decide_block(ctx, b)
-        if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft gate
-            bound = blocks.bind(module, args, kwargs)
-            out = blocks.call(forward, bound)
-            self._block_forms[b] = blocks.form_of(out)
-            self._record_block(b, n, n, whole=False)
-            return blocks.gate(bound.arguments, out, decision)
-        if isinstance(decision, SkipRows):  # per sample: compute or skip
-            if bool(decision.compute.all()):
-                decision = True
-            elif not bool(decision.compute.any()):
-                decision = SKIP
-            else:
-                self._record_block(b, int(decision.compute.sum()), n)
-                return self._skip_rows(forward, b, module, decision.compute, args, kwargs)
-        if decision is SKIP:
-            if b not in self._block_forms:  # its output's form, once per executor, from one sample (discarded;
-                # a zero-row batch would break PixArt's modulation reshape)
-                bound = blocks.bind(module, args, kwargs)
-                first = torch.zeros(1, dtype=torch.long, device=bound.arguments["hidden_states"].device)
-                with self._block_record():
-                    self._block_forms[b] = blocks.form_of(self._call_rows(forward, b, bound, first))
-            self._record_block(b, 0, n)
-            return blocks.identity(blocks.bind(module, args, kwargs).arguments, self._block_forms[b])
-        if isinstance(decision, torch.Tensor):
-            if bool(decision.all()):
-                decision = True
-            elif not bool(decision.any()):
-                decision = False
-            else:
-                mixed = self._block_rows(forward, key, module, decision, args, kwargs)
-                if mixed is not None:
-                    self._record_block(b, int(decision.sum()), n)
-                    return mixed
-                decision = True
-        if decision is False:
-            res = self.cache.get(key, n)
-            if res is not None:
-                self._record_block(b, 0, n)
-                return blocks.add_residual(blocks.bind(module, args, kwargs).arguments, res)
-        self._record_block(b, n, n, whole=False)
-        return KEEP if self.decider.must_store_block(ctx, b) else None
-
-    @torch.compiler.disable
-    def keep_block(self, b: int, module, args: tuple, kwargs: dict, out) -> None:
-        """Store what a computed block added to its input, for later steps to reuse."""
-        res = blocks.residual(blocks.bind(module, args, kwargs).arguments, out)
-        self.cache.put((self.ctx.branch, b, "block"), res, self.ctx.step)
-
-    def _record_block(self, b: int, n_computed: int, n: int, whole: bool = True) -> None:
-        """Count a block's components: all of them (`whole`: reused, skipped, or run for some rows), or, when the
-        block runs for every row, those without a hook of their own (the others count themselves)."""
-        counted = self.present[b] if whole else self.present[b] & ~self._hooked[b]
-        for c, yes in enumerate(counted.tolist()):
-            if yes:
-                self.stats.record(self.ctx.step, b, c, n_computed, n)
-        self.stats.record_block_run(self.ctx.step, b, n_computed, n)
-
-    @contextlib.contextmanager
-    def _block_record(self):
-        """Inside: the block runs for some rows only and its record counts its components (theirs stay quiet)."""
-        self._quiet_components = True
-        try:
-            yield
-        finally:
-            self._quiet_components = False
-
-    def _block_rows(self, forward, key, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
-        """Compute the block for the masked samples only; the others get input plus cached residual. The computed
-        samples' outputs are the block's own (not input + residual, which rounds differently)."""
-        cached = self.cache.get(key, self.ctx.batch_size)
-        if cached is None:
-            return None
-        rows, n = rows_mask.nonzero().squeeze(1), self.ctx.batch_size
-        bound = blocks.bind(module, args, kwargs)
-        part = blocks.rows_of(bound, rows, n)
-        with sub_batch(rows, n), self._block_record():
-            fresh = blocks.call(forward, part)
-        fresh_res = tensors_of(blocks.residual(part.arguments, fresh))
-        merged = [
-            None if c is None else c.clone().index_copy_(0, rows, f) for c, f in zip(tensors_of(cached), fresh_res)
-        ]
-        res = rebuild(type(cached), merged)
-        self.cache.put(key, res, self.ctx.step)
-        out = tensors_of(blocks.add_residual(bound.arguments, res))
-        out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
-        return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)
-
-    def _call_rows(self, forward, b: int, bound, rows: torch.Tensor):
-        """The block run for `rows` only; per-sample component decisions inside it select these rows."""
-        with sub_batch(rows, self.ctx.batch_size):
-            return blocks.call(forward, blocks.rows_of(bound, rows, self.ctx.batch_size))
-
-    def _skip_rows(self, forward, b: int, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
-        """Run the block for the masked samples only; the others return their input."""
-        rows = rows_mask.nonzero().squeeze(1)
-        bound = blocks.bind(module, args, kwargs)
-        with self._block_record():
-            fresh = self._call_rows(forward, b, bound, rows)
-        self._block_forms[b] = blocks.form_of(fresh)
-        skipped = blocks.identity(bound.arguments, self._block_forms[b])
-        out = [None if x is None else x.clone() for x in tensors_of(skipped)]
-        out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
-        return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)
 
     def check_call(self, num_steps: int | None) -> None:
         """Raise before a pipeline call starts if the plan cannot run it (a router trained for another step count)."""
