@@ -178,6 +178,35 @@ def test_teacache_rescaled_change_is_clamped_at_zero(tiny_pipes):
     assert seen[-1].max() == 0  # every clamped change was 0: nothing accumulated
 
 
+def test_per_prompt_first_block_keeps_both_cfg_rows_of_a_sample_together(tiny_pipes):
+    """`-prompt`: both CFG rows of a sample (rows i and i + n/2) decide on their mean change, so they compute or
+    reuse together; per row they disagree somewhere at the same threshold."""
+    from diffroute.policies.first_block import FirstBlockDecider
+
+    name, pipe = "pixart-alpha", tiny_pipes("pixart-alpha")
+    p = ["a red apple", "a smiling cat", "flag: japan", "blue car"]
+    seen = {"": [], "-prompt": []}
+    original = FirstBlockDecider.on_block_end
+    for suffix in seen:
+
+        def spy(self, ctx, block, output, suffix=suffix):
+            original(self, ctx, block, output)
+            decision = self._compute.get(ctx.branch)
+            if block == self.fn - 1 and isinstance(decision, torch.Tensor):
+                seen[suffix].append(decision.clone())
+
+        FirstBlockDecider.on_block_end = spy
+        try:
+            for threshold in (0.02, 0.05, 0.1, 0.2):
+                pipe.enable_cache(f"fbcache-{threshold}{suffix}")
+                run(pipe, name, p, [5, 6, 7, 8], steps=10)
+        finally:
+            FirstBlockDecider.on_block_end = original
+    assert diffroute.resolve_plan("fbcache-0.1-prompt").prompt and not diffroute.resolve_plan("fbcache-0.1").prompt
+    assert any(not torch.equal(d[:4], d[4:]) for d in seen[""])  # per row: the two rows of a sample can differ
+    assert seen["-prompt"] and all(torch.equal(d[:4], d[4:]) for d in seen["-prompt"])  # per prompt: never
+
+
 def test_policy_names():
     assert diffroute.resolve_plan("dbcache-F2B1-0.05").fn == 2
     assert diffroute.resolve_plan("teacache-0.2").threshold == 0.2

@@ -38,6 +38,17 @@ class SkipRows:
     compute: torch.Tensor
 
 
+def per_prompt(values: torch.Tensor) -> torch.Tensor:
+    """Per-row values (a decider's measure or probability) made one per prompt: rows i and i + n/2 (diffusers batches
+    CFG as [unconditional rows, conditional rows]) both take their mean, so both rows of a sample decide alike and a
+    batch splits half as often. An odd batch (no CFG pair) is left per row."""
+    n = values.shape[0]
+    if n % 2:
+        return values
+    mean = (values[: n // 2] + values[n // 2 :]) / 2
+    return torch.cat([mean, mean])
+
+
 class Decider:
     """Base class. A decider lives for one pipeline call; the executor asks it once per component call."""
 

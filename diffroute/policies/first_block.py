@@ -20,7 +20,7 @@ import torch
 
 from diffroute.core.arch import ArchitectureMap
 from diffroute.core.call_context import hidden_states_of
-from diffroute.core.deciders import Decider
+from diffroute.core.deciders import Decider, per_prompt
 from diffroute.core.schedule import MAX_BLOCKS
 from diffroute.errors import PlanError
 from diffroute.plans import Plan, register_plan
@@ -30,8 +30,10 @@ from diffroute.policies.common import main_tensor, rel_l1
 class FirstBlockDecider(Decider):
     """Per-sample reuse of the middle blocks when the first blocks' residual barely changed."""
 
-    def __init__(self, arch: ArchitectureMap, fn: int, bn: int, threshold: float, every: int | None = None):
-        self.nb, self.fn, self.bn, self.threshold = arch.num_blocks, fn, bn, threshold
+    def __init__(
+        self, arch: ArchitectureMap, fn: int, bn: int, threshold: float, every: int | None = None, prompt=False
+    ):
+        self.nb, self.fn, self.bn, self.threshold, self.prompt = arch.num_blocks, fn, bn, threshold, prompt
         self.every = every  # benchmarks: measure as usual, but compute the middle blocks every `every`-th step
         self._x0: dict[int, torch.Tensor] = {}
         self._prev: dict[int, torch.Tensor] = {}  # residual at each sample's last full computation, per branch
@@ -50,7 +52,8 @@ class FirstBlockDecider(Decider):
             compute = torch.ones(residual.shape[0], dtype=torch.bool, device=residual.device)
             self._prev[ctx.branch] = residual
         else:
-            compute = rel_l1(residual, prev) >= self.threshold
+            change = rel_l1(residual, prev)
+            compute = (per_prompt(change) if self.prompt else change) >= self.threshold
             if self.every:  # (random weights decide nothing meaningful: the pattern is fixed, the work is the same)
                 compute = torch.full_like(compute, ctx.step % self.every == 0)
             self._prev[ctx.branch] = torch.where(compute.view(-1, *[1] * (residual.ndim - 1)), residual, prev)
@@ -77,10 +80,11 @@ class FirstBlockPlan(Plan):
     """FBCache (Fn=1, Bn=0) or DBCache; `every=N` fixes the decisions to every N-th step (for timing its mechanics
     on random weights, where the measured change means nothing)."""
 
-    def __init__(self, fn: int, bn: int, threshold: float, name: str, every: int | None = None):
+    def __init__(self, fn: int, bn: int, threshold: float, name: str, every: int | None = None, prompt=False):
         if fn < 1 or bn < 0 or threshold < 0:
             raise ValueError(f"{name}: need Fn >= 1, Bn >= 0 and a threshold >= 0.")
         self.fn, self.bn, self.threshold, self.name, self.every = fn, bn, threshold, name, every
+        self.prompt = prompt  # decide both CFG rows of a sample together (their mean change)
 
     def check(self, arch: ArchitectureMap) -> None:
         if self.fn + self.bn >= arch.num_blocks:
@@ -108,25 +112,31 @@ class FirstBlockPlan(Plan):
         return middle
 
     def decider(self, arch, num_steps):
-        return FirstBlockDecider(arch, self.fn, self.bn, self.threshold, self.every)
+        return FirstBlockDecider(arch, self.fn, self.bn, self.threshold, self.every, self.prompt)
 
 
 def _fbcache(m: re.Match) -> Plan:
-    return FirstBlockPlan(1, 0, float(m.group(1)), m.group(0))
+    return FirstBlockPlan(1, 0, float(m.group(1)), m.group(0), prompt=bool(m.group(2)))
 
 
 def _dbcache(m: re.Match) -> Plan:
     fn, bn = int(m.group(1)), int(m.group(2))
     if max(fn, bn) > MAX_BLOCKS:
         raise PlanError(f"{m.group(0)}: Fn and Bn count blocks; at most {MAX_BLOCKS}.")
-    return FirstBlockPlan(fn, bn, float(m.group(3)), m.group(0))
+    return FirstBlockPlan(fn, bn, float(m.group(3)), m.group(0), prompt=bool(m.group(4)))
 
 
-register_plan(r"fbcache-([0-9]*\.?[0-9]+)", _fbcache, "fbcache-T", "first-block residual cache", ["fbcache-0.1"])
 register_plan(
-    r"dbcache-F(\d+)B(\d+)-([0-9]*\.?[0-9]+)",
+    r"fbcache-([0-9]*\.?[0-9]+)(-prompt)?",
+    _fbcache,
+    "fbcache-T[-prompt]",
+    "first-block residual cache, decided per sample (-prompt: both CFG rows of a sample together)",
+    ["fbcache-0.1"],
+)
+register_plan(
+    r"dbcache-F(\d+)B(\d+)-([0-9]*\.?[0-9]+)(-prompt)?",
     _dbcache,
-    "dbcache-F<n>B<n>-T",
+    "dbcache-F<n>B<n>-T[-prompt]",
     "Fn/Bn computed blocks",
     ["dbcache-F1B1-0.1"],
 )

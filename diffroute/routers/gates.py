@@ -25,7 +25,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from diffroute.core.arch import ArchitectureMap
-from diffroute.core.deciders import Decider
+from diffroute.core.deciders import Decider, per_prompt
 from diffroute.plans import Plan
 from diffroute.routers.fit import TrainedRouterChecks
 
@@ -73,15 +73,6 @@ class GateRouter(ModelMixin, ConfigMixin):
 
     def forward(self) -> torch.Tensor:  # (the trainer's DDP wrapper calls forward: the weights themselves)
         return self.weight
-
-
-def pair_rows(m: torch.Tensor) -> torch.Tensor:
-    """Per prompt: both CFG rows (row i and row i + n/2) take their mean; an odd batch is left per row."""
-    n = m.shape[0]
-    if n % 2:
-        return m
-    mean = (m[: n // 2] + m[n // 2 :]) / 2
-    return torch.cat([mean, mean])
 
 
 class GatePlan(TrainedRouterChecks, Plan):
@@ -144,7 +135,7 @@ class _GateDecider(Decider):
         if g is None or self.plan.mode == "target" or not 0 < ctx.step < self.router.config.num_steps:
             return
         m = self.router.compute_probability(ctx.step, block, g, hidden, self.plan.weight)
-        m = pair_rows(m) if self.router.config.per_prompt else m
+        m = per_prompt(m) if self.router.config.per_prompt else m
         self.m[(block, comp)] = m
         if self.plan.training:
             self.plan.aux.append((block, comp, m))
