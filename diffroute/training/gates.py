@@ -17,14 +17,12 @@ import torch
 
 from diffroute.core.arch import architecture_map
 from diffroute.core.executor import Executor
-from diffroute.routers.backbone import backbone_probe
 from diffroute.routers.gates import UNGATED, GatePlan, GateRouter
 from diffroute.search.cost import count_flops
 from diffroute.training.configs import GateConfig
-from diffroute.training.routers import check_batch_split, train_router
+from diffroute.training.routers import check_batch_split, save_router, train_router
 from diffroute.training.trajectories import output_of, record_calls
-from diffroute.utils.checked_load import require_finite
-from diffroute.utils.io import atomic_write_json, readable_by_others
+from diffroute.utils.io import atomic_write_json
 
 
 class GateLoss:
@@ -130,11 +128,7 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         "processes": accelerator.num_processes,
     }
     if accelerator.is_main_process:
-        require_finite(router.state_dict(), "the gates")
-        probe, dtype = backbone_probe(transformer)
-        router.register_to_config(backbone_probe=probe, backbone_dtype=dtype)
-        router.save_pretrained(out / "router")
-        readable_by_others(out / "router")  # diffusers writes its weights private (0600)
+        save_router(router, transformer, out, "the gates")
         atomic_write_json(out / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary

@@ -17,13 +17,11 @@ from diffroute.core.arch import architecture_map
 from diffroute.core.deciders import Decider
 from diffroute.core.executor import Executor
 from diffroute.plans import Plan
-from diffroute.routers.backbone import backbone_probe
 from diffroute.routers.l2c import L2CRouter
 from diffroute.training.configs import L2CConfig
-from diffroute.training.routers import check_batch_split, train_router
+from diffroute.training.routers import check_batch_split, save_router, train_router
 from diffroute.training.trajectories import output_of, record_calls
-from diffroute.utils.checked_load import require_finite
-from diffroute.utils.io import atomic_write_json, readable_by_others
+from diffroute.utils.io import atomic_write_json
 
 
 class _ReplayPlan(Plan):
@@ -129,11 +127,7 @@ def train_l2c(pipe, prompts: list[str], call_kwargs: dict, cfg: L2CConfig, out: 
         "processes": accelerator.num_processes,
     }
     if accelerator.is_main_process:
-        require_finite(router.state_dict(), "the L2C router")
-        probe, dtype = backbone_probe(transformer)
-        router.register_to_config(backbone_probe=probe, backbone_dtype=dtype)
-        router.save_pretrained(out / "router")
-        readable_by_others(out / "router")  # diffusers writes its weights private (0600)
+        save_router(router, transformer, out, "the L2C router")
         schedule.provenance.update(name=out.name, method="l2c")
         schedule.save(out / "schedule.json")
         atomic_write_json(out / "summary.json", summary)

@@ -7,6 +7,20 @@ from pathlib import Path
 from diffroute.training.trainer import TrainConfig, train
 
 
+def save_router(router, transformer, out, what: str) -> None:
+    """Save a trained router as `out/router`: refused if not finite, stamped with its backbone's probe and dtype (so
+    it is refused on other weights), readable by others (diffusers writes its weights 0600)."""
+    from diffroute.routers.backbone import backbone_probe
+    from diffroute.utils.checked_load import require_finite
+    from diffroute.utils.io import readable_by_others
+
+    require_finite(router.state_dict(), what)
+    probe, dtype = backbone_probe(transformer)
+    router.register_to_config(backbone_probe=probe, backbone_dtype=dtype)
+    router.save_pretrained(out / "router")
+    readable_by_others(out / "router")
+
+
 def check_batch_split(batch: int, accelerator) -> None:
     """Refuse, before any work, a global batch that the processes cannot share evenly."""
     if batch % accelerator.num_processes:
