@@ -66,7 +66,7 @@ L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search compare demo-grid artifacts
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search compare demo-grid artifacts experts
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -188,3 +188,21 @@ artifacts: install
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done
+
+# Decentralized experts (DDM): a partition per K, K experts trained in isolation (each batch / K, so that together
+# they see exactly the dense fine-tune's images), their router, the ensemble; then the FLOP-matched table.
+# Every step resumes from its folder; about 45 minutes here.
+EXPERT_FLAGS ?= --model emoji --iters 1000 --lr 1e-4 --ema-decay 0.995 --seed 0
+EXPERT_KS ?= 4 2
+experts: install
+	$(BIN)/diffroute train plain $(EXPERT_FLAGS) --batch-size 64 --out runs/experts/dense
+	for k in $(EXPERT_KS); do \
+		$(BIN)/diffroute train partition --k $$k --out runs/experts/k$$k/partition || exit 1; \
+		for i in $$(seq 0 $$((k - 1))); do $(BIN)/diffroute train expert $(EXPERT_FLAGS) --batch-size $$((64 / k)) \
+			--partition runs/experts/k$$k/partition --cluster $$i --out runs/experts/k$$k/expert-$$i || exit 1; done; \
+		$(BIN)/diffroute train experts-router --model emoji --partition runs/experts/k$$k/partition \
+			--experts $$(seq -s, -f "runs/experts/k$$k/expert-%g/model" 0 $$((k - 1))) \
+			--out runs/experts/k$$k/ensemble || exit 1; \
+	done
+	$(BIN)/diffroute eval experts --dense runs/experts/dense/model \
+		$(foreach k,$(EXPERT_KS),runs/experts/k$(k)/ensemble) --out docs/experts

@@ -34,6 +34,8 @@ _EXPORTS = {
     "CallStats": "core.stats",
     "load_pipeline": "zoo",
     "MODELS": "zoo",
+    "ExpertEnsemble": "experts.ensemble",
+    "ExpertRouter": "experts.router",
     "InputError": "errors",
     "PlanError": "errors",
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffroute.core.executor import Executor
+from diffroute.core.parts import PartsExecutor
 from diffroute.core.stats import CallStats
 from diffroute.plans import resolve_plan
 
@@ -31,7 +32,9 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 def apply(target, plan="full", num_inference_steps: int | None = None) -> Executor:
     """Route `target` (pipeline or transformer) by `plan`; replaces any plan already applied. Returns the executor."""
     transformer, scheduler = _split(target)
-    executor = Executor(transformer, resolve_plan(plan), scheduler=scheduler, num_inference_steps=num_inference_steps)
+    # a transformer made of whole transformers (an expert ensemble) gets one executor per part
+    kind = PartsExecutor if hasattr(transformer, "diffroute_parts") else Executor
+    executor = kind(transformer, resolve_plan(plan), scheduler=scheduler, num_inference_steps=num_inference_steps)
     remove(target)
     setattr(transformer, _ATTR, executor.attach())
     return executor

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from diffroute.api import apply, get_executor, last_stats, remove
+from diffroute.core.call_context import guidance_pairs
 from diffroute.core.executor import Executor
 from diffroute.core.stats import CallStats
 from diffroute.errors import InputError
@@ -41,6 +42,10 @@ class RoutedPipelineMixin:
     """
 
     call_defaults: dict = {}
+    # Classifier-free guidance batches [unconditional rows; conditional rows] in one transformer call when the
+    # guidance scale exceeds 1 (False: the pipeline has no batched CFG of that order, e.g. FLUX, or DiT's [cond;
+    # uncond]); per-sample modules read it through `core.call_context.paired_rows`.
+    batched_guidance: bool = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -131,7 +136,14 @@ def _routed_call(vanilla_call):
         executor = get_executor(self)
         if executor is not None:
             executor.check_call(steps)
+        paired = False
+        if self.batched_guidance and "guidance_scale" in signature.parameters:
+            scale = kwargs.get(
+                "guidance_scale", given.get("guidance_scale", signature.parameters["guidance_scale"].default)
+            )
+            paired = isinstance(scale, (int, float)) and scale > 1
         with contextlib.ExitStack() as stack:
+            stack.enter_context(guidance_pairs(paired))
             if steps == 1:
                 stack.enter_context(self._one_step_call())
             if executor is not None:
@@ -201,6 +213,8 @@ class RoutedPixArtSigmaPipeline(RoutedPipelineMixin, PixArtSigmaPipeline):
 class RoutedDiTPipeline(RoutedPipelineMixin, DiTPipeline):
     """DiT (class-conditional) with compute plans."""
 
+    batched_guidance = False  # DiT batches [conditional; unconditional]
+
 
 class RoutedStableDiffusion3Pipeline(RoutedPipelineMixin, StableDiffusion3Pipeline):
     """Stable Diffusion 3 with compute plans."""
@@ -208,6 +222,8 @@ class RoutedStableDiffusion3Pipeline(RoutedPipelineMixin, StableDiffusion3Pipeli
 
 class RoutedFluxPipeline(RoutedPipelineMixin, FluxPipeline):
     """FLUX.1 with compute plans."""
+
+    batched_guidance = False  # guidance-distilled; true CFG runs as separate calls
 
 
 class RoutedSanaPipeline(RoutedPipelineMixin, SanaPipeline):

@@ -56,9 +56,18 @@ def add_arguments(p) -> None:
     r.add_argument("--load-runs", default=None, help="comma-separated runs whose load is plotted (default: MoE runs)")
     r.add_argument("--n", type=COUNT, default=32, help="held-out captions for the load plot (default 32)")
     r.add_argument("--out", required=True, help="output folder (table.md/json, load.png/json)")
+    x = _subcommand(sub, "experts", "the decentralized-experts experiment: FD vs the FLOP-matched dense model")
+    x.add_argument("ensembles", nargs="+", help="`diffroute train experts-router` run folders (one per K)")
+    x.add_argument("--dense", required=True, help="the dense fine-tune's model folder (same images, same start)")
+    x.add_argument("--n", type=COUNT, default=356, help="held-out captions (default 356: all)")
+    x.add_argument("--batch", type=COUNT, default=32, help="images per call (default 32)")
+    x.add_argument("--steps", type=COUNT, default=20, help="denoising steps (default 20)")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--extra", action="store_true", help="also top-2 and the full ensemble (K times the compute)")
+    x.add_argument("--out", required=True, help="output folder (table.md/json, routing.png, clusters, accuracy)")
     from diffroute.cli.eval_inblock import add_parsers
 
-    for q in (f, s, c, m, h, r, *add_parsers(sub, _subcommand)):
+    for q in (f, s, c, m, h, r, x, *add_parsers(sub, _subcommand)):
         q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
@@ -102,6 +111,7 @@ def run(args) -> dict:
         "compare": _compare,
         "histogram": _histogram,
         "moe": _moe,
+        "experts": _experts,
         "adapt": inblock_cli.adapt,
         "streams": inblock_cli.streams,
     }
@@ -113,6 +123,23 @@ def _heldout(n: int) -> list[str]:
 
     data = load_data()
     return [str(c) for c in data["captions"][data["held_out"]]][:n]
+
+
+def _experts(args) -> dict:
+    from diffroute.eval.experts_report import evaluate
+
+    report = evaluate(
+        Path(args.dense),
+        [Path(e) for e in args.ensembles],
+        Path(args.out),
+        args.n,
+        args.steps,
+        args.batch,
+        args.seed,
+        args.extra,
+    )
+    print(Path(args.out) / "table.md", file=sys.stderr)
+    return report
 
 
 def _histogram(args) -> dict:

@@ -69,6 +69,7 @@ def add_arguments(p) -> None:
     from diffroute.cli import train_data
 
     train_data.add_parsers(sub)
+    train_data.add_partition_parser(sub)
 
 
 def _add_common(p) -> None:
@@ -95,6 +96,10 @@ def run(args) -> dict | None:
     from diffroute.training.methods import METHODS
     from diffroute.utils.fingerprint import digest
 
+    if args.method == "partition":
+        from diffroute.cli import train_data
+
+        return train_data.run_partition(args)
     method = METHODS[args.method]
     if method.kind == "data":
         from diffroute.cli import train_data

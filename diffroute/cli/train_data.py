@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 ADAPTERS = ("fera", "lora")
+EXPERTS = ("expert", "experts-router")
 
 
 def add_parsers(sub) -> None:
@@ -37,6 +38,8 @@ def add_parsers(sub) -> None:
         p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
         if method == "moe":
             _moe_arguments(p)
+        elif method in EXPERTS:
+            _expert_arguments(p, method)
         elif method in ADAPTERS:
             note = "per expert" if method == "fera" else "the parameters of 3 FeRA experts of rank 4"
             p.add_argument("--rank", type=int_in(1, 1024), help=f"LoRA rank (default %(default)s: {note})")
@@ -71,6 +74,60 @@ def add_parsers(sub) -> None:
             p.add_argument("--beta", type=FRACTION, help="share of channels active (default %(default)s)")
             p.add_argument("--alpha", type=POSITIVE, help="window slide exponent (default %(default)s)")
         p.set_defaults(**METHODS[method].defaults())  # the config dataclass holds every default
+
+
+def _expert_arguments(p, method: str) -> None:
+    from diffroute.cli.common import int_in
+
+    p.add_argument("--partition", required=True, help="partition.json (or its folder) from `diffroute train partition`")
+    if method == "expert":
+        p.add_argument("--cluster", type=int_in(0, 63), required=True, help="the cluster this expert trains on")
+        return
+    p.add_argument(
+        "--experts",
+        required=True,
+        help="the experts' model folders (OUT/model of `train expert`), comma-separated, in cluster order",
+    )
+    p.add_argument("--width", type=int_in(8, 4096), help="router width (default %(default)s)")
+    p.add_argument("--layers", type=int_in(1, 64), help="router transformer blocks (default %(default)s)")
+    p.add_argument("--heads", type=int_in(1, 64), help="router attention heads (default %(default)s)")
+    p.add_argument("--patch", type=int_in(1, 64), help="router patch size on the latent (default %(default)s)")
+
+
+def add_partition_parser(sub) -> None:
+    from diffroute.cli.common import int_in
+
+    p = sub.add_parser("partition", help="cluster the emoji training images for decentralized experts (DDM)")
+    p.add_argument("--k", type=int_in(2, 64), required=True, help="clusters (experts)")
+    p.add_argument("--split", choices=("kmeans", "random"), default="kmeans", help="kmeans (default) or random shards")
+    p.add_argument("--fine", type=int_in(2, 4096), default=64, help="fine k-means centroids merged into K (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for partition.json and clusters.png")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def run_partition(args) -> dict:
+    from diffroute.cli.common import check_run_dir
+    from diffroute.data import emoji as emoji_data
+    from diffroute.experts.partition import Partition, cluster_grid, make_partition
+    from diffroute.utils.imageio import save_png
+    from diffroute.utils.io import atomic_write_json, read_json
+
+    out = check_run_dir(args.out)
+    data = emoji_data.load()
+    settings = {"k": args.k, "split": args.split, "fine": args.fine, "seed": args.seed}
+    if (out / "partition.json").is_file():  # experts trained on it name it by fingerprint: never recompute it
+        if read_json(out / "settings.json", "partition settings") != settings:
+            raise ValueError(f"{out} holds a partition made with other settings; give a new --out.")
+        partition = Partition.load(out, len(data["images"]))
+        print(f"partition: kept the one in {out}", file=sys.stderr)
+    else:
+        partition = make_partition(args.k, args.split, args.fine, args.seed, data)
+        atomic_write_json(out / "settings.json", settings)
+        partition.save(out / "partition.json")
+    save_png(cluster_grid(partition, data["images"]), out / "clusters.png")
+    print(f"partition: {args.k} clusters of {partition.sizes()} images in {out / 'partition.json'}", file=sys.stderr)
+    return {"k": args.k, "sizes": partition.sizes(), "fingerprint": partition.fingerprint(), "out": str(out)}
 
 
 def _moe_arguments(p) -> None:

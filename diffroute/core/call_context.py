@@ -99,6 +99,27 @@ def rows_of(values):
     return [values[i] for i in rows.tolist()]
 
 
+# Set by our pipelines for the length of a call: True when guidance batches each sample's rows as [unconditional
+# rows; conditional rows] (PixArt, Sana, SD3 with CFG), False when every row is a sample of its own; None outside.
+_PAIRED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("diffroute_guidance_pairs", default=None)
+
+
+@contextlib.contextmanager
+def guidance_pairs(paired: bool | None):
+    """While a pipeline call runs: whether rows i and i + n/2 of its transformer calls are one sample's
+    unconditional and conditional rows. Modules that decide per sample (an expert ensemble's router) read it with
+    `paired_rows()` so that both rows of a sample go the same way, and samples never depend on their batch-mates."""
+    token = _PAIRED.set(paired)
+    try:
+        yield
+    finally:
+        _PAIRED.reset(token)
+
+
+def paired_rows() -> bool | None:
+    return _PAIRED.get()
+
+
 def _hook(transformer) -> _CallContextHook | None:
     return HookRegistry.check_if_exists_or_initialize(transformer).get_hook(HOOK)
 

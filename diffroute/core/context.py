@@ -60,10 +60,11 @@ class StepTracker:
         self.ctx = StepContext()
         self._last_t = None
 
-    def pin(self, step: int, branch: int = 0) -> None:
+    def pin(self, step: int, branch: int = 0, num_steps: int | None = None) -> None:
         """Fix the context of the next transformer calls (training and calibration replay recorded steps out of
-        order, which the call sequence cannot tell); `unpin` returns to tracking."""
-        self._pinned = (step, branch)
+        order, which the call sequence cannot tell; an ensemble calls each expert at the steps it routes to it);
+        `unpin` returns to tracking."""
+        self._pinned = (step, branch, num_steps)
 
     def unpin(self) -> None:
         self._pinned = None
@@ -74,7 +75,7 @@ class StepTracker:
         pinned = self._pinned
         if pinned is not None:
             new_call = prev.step < 0
-            self.ctx = StepContext(pinned[0], self.default_num_steps, pinned[1], timestep, batch_size)
+            self.ctx = StepContext(pinned[0], pinned[2] or self.default_num_steps, pinned[1], timestep, batch_size)
             return self.ctx, new_call
         step, num_steps = self.step_source() if self.step_source is not None else (None, None)
         num_steps = num_steps or self.default_num_steps

@@ -289,10 +289,12 @@ class Executor(BlockDecisions):
         self.plan.check_call(num_steps, self.scheduler)
 
     @contextlib.contextmanager
-    def at_step(self, step: int, branch: int = 0):
+    def at_step(self, step: int, branch: int = 0, num_steps: int | None = None):
         """Run the transformer calls inside as step `step` (and CFG branch `branch`) of one call: for training and
-        calibration, which replay recorded steps out of order. `end_call()` starts a fresh call (empty cache)."""
-        self.tracker.pin(step, branch)
+        calibration, which replay recorded steps out of order. `end_call()` starts a fresh call (empty cache).
+        Cached outputs and decider state are kept per branch, so a caller that runs the transformer on changing
+        subsets of its samples gives each subset a branch of its own (see `core.parts`)."""
+        self.tracker.pin(step, branch, num_steps)
         try:
             yield self
         finally:

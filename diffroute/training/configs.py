@@ -93,3 +93,27 @@ class StreamConfig(DataTrainConfig):
     query: str = "static+t"  # DAR: static | static+t | dynamic
     beta: float = 0.8  # DTR: share of channels active
     alpha: float = 4.0  # DTR: how the window slides with t
+
+
+@dataclass
+class ExpertConfig(DataTrainConfig):
+    """One decentralized expert: the emoji transformer fine-tuned on one cluster of a partition, in isolation."""
+
+    partition: str = ""  # a partition.json (or the folder holding it), from `diffroute train partition`
+    cluster: int = 0
+
+
+@dataclass
+class ExpertRouterConfig(DataTrainConfig):
+    """The router of an expert ensemble: a classifier of the clean sample's cluster from (x_t, t, caption)."""
+
+    partition: str = ""
+    experts: str = ""  # comma-separated expert model folders, in cluster order (the ensemble is assembled from them)
+    width: int = 96
+    layers: int = 2
+    heads: int = 4
+    patch: int = 2
+    iters: int = 1500
+    lr: float = 1e-3
+    ema_decay: float = 0.0
+    bf16: bool = False

@@ -65,15 +65,21 @@ def train_on_data(
     objective: Callable | None = None,
     param_groups: Callable[[float], list[dict]] | None = None,
     extra_summary: dict | None = None,
+    items: np.ndarray | None = None,
 ) -> dict:
     """Train `student` (wrapping `pipe.transformer`, already changed); saves `out/model`; returns a summary.
     `objective(model, kwargs, eps)` replaces the epsilon-MSE (+ `aux_loss()`) and may return `(loss, metrics)` for
     the log; `param_groups(lr)` limits what trains (default: every parameter of the student); `extra_summary` joins
-    the settings in `out/summary.json`."""
+    the settings in `out/summary.json`; `items` (data rows, training images only) trains on a subset, e.g. one
+    cluster of a partition (default: every training image)."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = emoji_data.domain(emoji_data.load(), cfg.domain)
     train_idx = torch.from_numpy(np.flatnonzero(~data["held_out"]))
+    if items is not None:
+        if not np.isin(items, train_idx.numpy()).all():
+            raise ValueError("training items must be training images of the data set (never held-out ones).")
+        train_idx = torch.from_numpy(np.asarray(items, dtype=np.int64))
     if cfg.train_images:
         train_idx = train_idx[: cfg.train_images]
     batches = EpsBatches(data, train_idx, pipe.vae, accelerator.device)
@@ -131,6 +137,7 @@ def train_on_data(
         **(extra_summary or {}),
         "seconds": time.time() - t0,
         "processes": accelerator.num_processes,
+        "images_seen": cfg.iters * cfg.batch_size,  # training FLOPs are proportional (same model, same images)
     }
     if accelerator.is_main_process:
         save_model(pipe, student, None, cfg, out / "model")

@@ -117,6 +117,22 @@ for _method in (
         check="diffroute.training.streams:check",
     ),
     Method(
+        "expert",
+        "one decentralized expert: the model fine-tuned on one cluster of a partition, in isolation",
+        configs.ExpertConfig,
+        "diffroute.training.experts:train_expert",
+        "data",
+        check="diffroute.training.experts:check_expert",
+    ),
+    Method(
+        "experts-router",
+        "the router of an expert ensemble (cluster of the clean sample from x_t, t, caption); saves the ensemble",
+        configs.ExpertRouterConfig,
+        "diffroute.training.experts:train_router",
+        "data",
+        check="diffroute.training.experts:check_router",
+    ),
+    Method(
         "fera",
         "FeRA: LoRA experts routed by the latent's frequency-band energies, adapting to a domain (Symbola)",
         configs.AdapterConfig,

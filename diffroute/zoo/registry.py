@@ -178,10 +178,13 @@ def load_pipeline(name: str = DEFAULT_MODEL, device=None, dtype=None):
         from diffroute.utils.quiet import loading_bars_off
 
         kwargs = {"dtype": dtype} if dtype is not None else {}
+        from diffroute.experts.ensemble import is_ensemble_folder, load_ensemble
         from diffroute.surgery.loader import from_pretrained, is_modified_folder
 
         if Path(name).is_dir() and is_modified_folder(Path(name) / "transformer"):  # diffusers would drop the experts
             kwargs["transformer"] = from_pretrained(Path(name) / "transformer", dtype=dtype)
+        elif Path(name).is_dir() and is_ensemble_folder(Path(name) / "transformer"):  # checked before it allocates
+            kwargs["transformer"] = load_ensemble(Path(name) / "transformer", dtype=dtype)
         try:
             with loading_bars_off():
                 pipe = to_routed(DiffusionPipeline.from_pretrained(name, use_safetensors=True, **kwargs))
