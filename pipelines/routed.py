@@ -253,7 +253,10 @@ def to_routed(pipe: DiffusionPipeline) -> DiffusionPipeline:
             f"No routed pipeline for {type(pipe).__name__}; routed: {sorted(ROUTED_PIPELINES)}. "
             "Any pipeline with a supported transformer still works with diffroute.apply(pipe, plan)."
         )
-    routed = cls.from_pipe(pipe)
+    # The transformer goes in by name: from_pipe drops a component whose type is not the signature's (an
+    # ExpertEnsemble stands where a PixArtTransformer2DModel is expected).
+    parts = {"transformer": pipe.transformer} if getattr(pipe, "transformer", None) is not None else {}
+    routed = cls.from_pipe(pipe, **parts)
     routed.call_defaults = dict(getattr(pipe, "call_defaults", {}) or {}) or model_call_defaults(pipe)
     return routed
 

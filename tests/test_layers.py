@@ -15,7 +15,7 @@ FOLDERS = {
 }
 # diffroute's top-level modules that are not subpackages: the public entry points, which may import anything
 ENTRY = {"diffroute", "diffroute.__main__"}
-METHODS = {"plans", "policies", "routers", "surgery", "training"}
+METHODS = {"plans", "policies", "routers", "surgery", "training", "experts"}
 ABOVE_LIBRARY = {"eval", "app", "cli"}
 
 
@@ -135,16 +135,50 @@ def test_modules_form_no_circle():
     assert not circles, f"import circles: {circles}"
 
 
-def test_every_training_method_is_one_registration_whose_config_holds_the_cli_defaults():
+def test_every_training_method_is_one_registration_whose_config_holds_the_cli_defaults(tmp_path):
     from dataclasses import fields
 
     from diffroute.cli.main import build_parser
     from diffroute.training.methods import METHODS
 
-    assert set(METHODS) == {"l2c", "gates", "elastic", "moe", "dar", "dtr", "plain", "fera", "lora"}
+    assert set(METHODS) == {
+        "l2c",
+        "gates",
+        "elastic",
+        "moe",
+        "dar",
+        "dtr",
+        "plain",
+        "fera",
+        "lora",
+        "expert",
+        "experts-router",
+    }
+    # options without a default (the user must name them) are given real files; every other keeps its default
+    import json
+
+    import numpy as np
+
+    from diffroute.experts.partition import Partition
+
+    partition = Partition(2, np.arange(4), np.array([0, 1, 0, 1]), np.zeros((2, 3), np.float32))
+    partition.save(tmp_path / "partition.json")
+    experts = []
+    for i in range(2):
+        (tmp_path / f"e{i}").mkdir()
+        (tmp_path / f"e{i}" / "expert.json").write_text(
+            json.dumps({"partition": partition.fingerprint(), "cluster": i})
+        )
+        experts.append(str(tmp_path / f"e{i}"))
+    required = {
+        "expert": {"partition": tmp_path, "cluster": 0},
+        "experts-router": {"partition": tmp_path, "experts": ",".join(experts)},
+    }
     for name, method in METHODS.items():
-        args = build_parser().parse_args(["train", name, "--out", "x"])
+        given = required.get(name, {})
+        options = [x for k, v in given.items() for x in (f"--{k}", str(v))]
+        args = build_parser().parse_args(["train", name, "--out", "x", *options])
         for f in fields(method.config):
-            if hasattr(args, f.name) and f.name not in method.fixed:  # the CLI's default is the config's
+            if hasattr(args, f.name) and f.name not in method.fixed and f.name not in given:
                 assert getattr(args, f.name) == method.defaults()[f.name], (name, f.name)
         assert method.make_config(args).__class__ is method.config

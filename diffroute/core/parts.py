@@ -94,6 +94,9 @@ class PartsExecutor:
             p.end_call()
         self.part_stats = [p.last_stats for p in self.parts]
         self.last_stats = merge_stats(self.part_stats, self._served)
+        routing = getattr(self.transformer, "last_routing", None)  # which part served each row at each step
+        if self.last_stats is not None and routing is not None:
+            self.last_stats.plan_info["experts"] = routing.experts
         self._branches.clear()
         self._served = []
 

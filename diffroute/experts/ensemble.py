@@ -123,7 +123,9 @@ class ExpertEnsemble(ModelMixin, ConfigMixin):
                 raise InputError("every expert must have the same class and configuration.")
             mine.load_state_dict(theirs.state_dict())
         ensemble.router.load_state_dict(router.state_dict())
-        return cast_model(ensemble, first.dtype)
+        # eval, as from_pretrained loads it: the router's torch encoder takes its fused path only in eval mode, and
+        # the two paths round differently
+        return cast_model(ensemble.eval(), first.dtype)
 
     def set_selection(self, selection: str, top_k: int | None = None) -> None:
         """Choose how experts are picked from now on (saved with the model)."""
