@@ -251,6 +251,8 @@ def plot_routing(pictures: dict, steps: int, path: Path) -> None:
         acc = pic["accuracy"]
         ax = axes[1][col]
         ax.plot(acc["timesteps"], acc["accuracy"], marker="o", ms=3, label="router, held-out")
+        if "accuracy_empty_caption" in acc:
+            ax.plot(acc["timesteps"], acc["accuracy_empty_caption"], marker="o", ms=3, label="empty caption")
         ax.axhline(acc["prior"], color="gray", ls="--", lw=1, label="largest cluster's share")
         ax.set_xlabel("timestep t")
         ax.set_ylabel("top-1 accuracy")

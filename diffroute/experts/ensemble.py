@@ -106,6 +106,7 @@ class ExpertEnsemble(ModelMixin, ConfigMixin):
     @classmethod
     def from_experts(cls, experts: list[torch.nn.Module], router: ExpertRouter, **kwargs) -> ExpertEnsemble:
         """An ensemble holding copies of `experts`' weights and `router`'s."""
+
         def public(config):
             return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 

@@ -168,16 +168,26 @@ def router_accuracy(router, partition: Partition, data, vae, device, bins: int =
     labels = torch.from_numpy(partition.assign(image_features(data["images"][held.numpy()])))
     batches = EpsBatches(data, held, vae, device)
     ts = np.linspace(999, 0, bins).round().astype(int).tolist()
-    acc = []
+    n = len(held)
+    captions = (batches.emb.to(device), batches.mask.to(device))
+    # the empty caption (the unconditional branch's): what the latent alone tells, near chance at pure noise
+    empty = (batches.null_emb.expand(n, -1, -1).to(device), batches.null_mask.expand(n, -1).to(device))
+    acc, acc_empty = [], []
     for i, t in enumerate(ts):
-        kwargs, _ = batches(torch.arange(len(held)), torch.Generator().manual_seed(seed * 1000 + i))
-        kwargs["timestep"] = torch.full_like(kwargs["timestep"], t)
-        # the batch drops 10% of captions as in training; routing at inference reads every caption
-        e, m = batches.emb.to(device), batches.mask.to(device)
-        logits = router(kwargs["hidden_states"], kwargs["timestep"], e, m)
-        acc.append(float((logits.argmax(-1).cpu() == labels).float().mean()))
+        kwargs, _ = batches(torch.arange(n), torch.Generator().manual_seed(seed * 1000 + i))
+        x, t_rows = kwargs["hidden_states"], torch.full_like(kwargs["timestep"], t)
+        # (the batch drops 10% of captions as in training; routing at inference reads every caption)
+        for out, (e, m) in ((acc, captions), (acc_empty, empty)):
+            logits = router(x, t_rows, e, m)
+            out.append(float((logits.argmax(-1).cpu() == labels).float().mean()))
     sizes = np.bincount(labels.numpy(), minlength=partition.k)
-    return {"timesteps": ts, "accuracy": acc, "prior": float(sizes.max() / sizes.sum()), "n_images": len(held)}
+    return {
+        "timesteps": ts,
+        "accuracy": acc,
+        "accuracy_empty_caption": acc_empty,
+        "prior": float(sizes.max() / sizes.sum()),
+        "n_images": n,
+    }
 
 
 def plot_accuracy(accuracy: dict, k: int, path: Path) -> None:
@@ -188,6 +198,8 @@ def plot_accuracy(accuracy: dict, k: int, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     ax.plot(accuracy["timesteps"], accuracy["accuracy"], marker="o", ms=3, label="router (held-out)")
+    if "accuracy_empty_caption" in accuracy:
+        ax.plot(accuracy["timesteps"], accuracy["accuracy_empty_caption"], marker="o", ms=3, label="empty caption")
     ax.axhline(accuracy["prior"], color="gray", ls="--", lw=1, label="largest cluster's share")
     ax.axhline(1 / k, color="gray", ls=":", lw=1, label=f"uniform 1/{k}")
     ax.set_xlabel("timestep t (999 = pure noise)")
