@@ -243,3 +243,31 @@ def test_search_cli_with_forecasts_latency_model_and_per_image_quality(tmp_path)
         s = diffroute.Schedule.load(member["file"])
         assert 0 < member["latency_model"] <= 1.0 + 1e-9 and 0 < member["psnr_mean"] <= 60
         assert s.provenance["psnr_mean_vs_full"] == member["psnr_mean"]
+
+
+def test_python_entry_point_searches_picks_and_ships(tiny_pipes, tmp_path, monkeypatch):
+    """`diffroute.search.run` is the search without the CLI: run, pick within a budget, install into the zoo."""
+    from conftest import CALL_KWARGS
+
+    import diffroute.zoo.shipped
+    from diffroute.errors import InputError
+    from diffroute.search.run import SearchSettings, pick_from, run_search, ship_front
+
+    pipe = tiny_pipes("pixart-alpha")
+    kwargs = dict(CALL_KWARGS["pixart-alpha"])
+    settings = SearchSettings("tiny-pixart", steps=4, pop=4, generations=1, quality="psnr", bac=False)
+    settings.call_kwargs = kwargs
+    with pytest.raises(InputError, match="2 prompts"):
+        run_search(pipe, ["one"], settings, tmp_path / "s")
+    result = run_search(pipe, ["a red apple", "a cat"], settings, tmp_path / "s")
+    costs = [m["cost"] for m in result["front"]]
+    cheapest = min(costs)
+    picked = pick_from(result, cheapest, settings)
+    assert picked in {m["file"] for m in result["front"] if m["cost"] == cheapest}
+    assert pick_from(result, cheapest / 2, settings) is None
+    monkeypatch.setattr(diffroute.zoo.shipped, "WEIGHTS", tmp_path / "zoo")
+    shipped = ship_front(result, {"cheap": cheapest}, settings)
+    installed = diffroute.Schedule.load(shipped["tiny-pixart:cheap"])
+    assert installed.provenance["shipped_as"] == "tiny-pixart:cheap"
+    with pytest.raises(InputError, match="raise the budget"):
+        ship_front(result, {"cheaper": cheapest / 2}, settings)

@@ -39,14 +39,10 @@ def add_arguments(p) -> None:
 
 
 def calibration_prompts(model: str, n: int) -> list[str]:
-    """Training captions for the emoji model: disjoint from the held-out evaluation captions."""
-    import numpy as np
+    """The emoji model's calibration captions (training captions only: see `data.emoji.calibration_captions`)."""
+    from diffroute.data.emoji import calibration_captions
 
-    from diffroute.data.emoji import load
-
-    data = load()
-    caps = [str(c) for c in data["captions"][~data["held_out"]]]
-    return [caps[i] for i in np.random.default_rng(0).choice(len(caps), n, replace=False)]
+    return calibration_captions(n)
 
 
 def run(args) -> dict:

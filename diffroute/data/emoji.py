@@ -182,6 +182,14 @@ def load(path: Path | None = None) -> dict[str, np.ndarray]:
 DOMAINS = ("emoji", "symbola")
 
 
+def calibration_captions(n: int) -> list[str]:
+    """`n` training captions (seeded draw): what searches and calibrations tune on, disjoint from the held-out
+    captions that every figure is scored on."""
+    data = load()
+    caps = [str(c) for c in data["captions"][~data["held_out"]]]
+    return [caps[i] for i in np.random.default_rng(0).choice(len(caps), n, replace=False)]
+
+
 def domain(data: dict, name: str) -> dict:
     """The arrays of one image domain: `emoji` (Noto colour, what the model was trained on) or `symbola` (the
     monochrome Symbola glyphs of the same captions, for adaptation). The held-out split is the captions' own, so a
