@@ -11,7 +11,7 @@ import torch
 from diffroute.core import blocks
 from diffroute.core.cache import rebuild, tensors_of
 from diffroute.core.call_context import sub_batch
-from diffroute.core.deciders import SKIP, SkipRows
+from diffroute.core.decisions import COMPUTE, REUSE, SKIP, Rows, SkipRows, handler, settled, typed
 from diffroute.core.hooks import KEEP
 
 
@@ -25,52 +25,58 @@ class BlockDecisions:
         and reused for the others, None (compute) or KEEP (compute, then `keep_block`)."""
         if self.decider is None:
             return None
-        ctx, n = self.ctx, self.ctx.batch_size
-        key = (ctx.branch, b, "block")
         if self.decider.reads_block_inputs:  # a router that decides from the block's tokens
-            self.decider.block_inputs(ctx, b, blocks.bind(module, args, kwargs).arguments)
-        decision = self.decider.decide_block(ctx, b)
-        if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft gate
-            bound = blocks.bind(module, args, kwargs)
-            out = blocks.call(forward, bound)
-            self._block_forms[b] = blocks.form_of(out)
-            self._record_block(b, n, n, whole=False)
-            return blocks.gate(bound.arguments, out, decision)
-        if isinstance(decision, SkipRows):  # per sample: compute or skip
-            if bool(decision.compute.all()):
-                decision = True
-            elif not bool(decision.compute.any()):
-                decision = SKIP
-            else:
-                self._record_block(b, int(decision.compute.sum()), n)
-                return self._skip_rows(forward, b, module, decision.compute, args, kwargs)
-        if decision is SKIP:
-            if b not in self._block_forms:  # its output's form, once per executor, from one sample (discarded;
-                # a zero-row batch would break PixArt's modulation reshape)
-                bound = blocks.bind(module, args, kwargs)
-                first = torch.zeros(1, dtype=torch.long, device=bound.arguments["hidden_states"].device)
-                with self._block_record():
-                    self._block_forms[b] = blocks.form_of(self._call_rows(forward, b, bound, first))
-            self._record_block(b, 0, n)
-            return blocks.identity(blocks.bind(module, args, kwargs).arguments, self._block_forms[b])
-        if isinstance(decision, torch.Tensor):
-            if bool(decision.all()):
-                decision = True
-            elif not bool(decision.any()):
-                decision = False
-            else:
-                mixed = self._block_rows(forward, key, module, decision, args, kwargs)
-                if mixed is not None:
-                    self._record_block(b, int(decision.sum()), n)
-                    return mixed
-                decision = True
-        if decision is False:
-            res = self.cache.get(key, n)
-            if res is not None:
-                self._record_block(b, 0, n)
-                return blocks.add_residual(blocks.bind(module, args, kwargs).arguments, res)
+            self.decider.block_inputs(self.ctx, b, blocks.bind(module, args, kwargs).arguments)
+        decision = typed(self.decider.decide_block(self.ctx, b))
+        # one handler per decision type (the training gate, Soft, lives in core.soft)
+        return handler(self._block_handlers, decision, "block")(self, forward, b, module, decision, args, kwargs)
+
+    def _compute_block(self, forward, b, module, decision, args, kwargs):
+        n = self.ctx.batch_size
         self._record_block(b, n, n, whole=False)
-        return KEEP if self.decider.must_store_block(ctx, b) else None
+        return KEEP if self.decider.must_store_block(self.ctx, b) else None
+
+    def _reuse_block(self, forward, b, module, decision, args, kwargs):
+        """Input plus the residual the block added at its last computation; computed when none is cached."""
+        n = self.ctx.batch_size
+        res = self.cache.get((self.ctx.branch, b, "block"), n)
+        if res is None:
+            return self._compute_block(forward, b, module, COMPUTE, args, kwargs)
+        self._record_block(b, 0, n)
+        return blocks.add_residual(blocks.bind(module, args, kwargs).arguments, res)
+
+    def _skip_block(self, forward, b, module, decision, args, kwargs):
+        """The block's input in its output's form."""
+        if b not in self._block_forms:  # its output's form, once per executor, from one sample (discarded; a
+            # zero-row batch would break PixArt's modulation reshape)
+            bound = blocks.bind(module, args, kwargs)
+            first = torch.zeros(1, dtype=torch.long, device=bound.arguments["hidden_states"].device)
+            with self._block_record():
+                self._block_forms[b] = blocks.form_of(self._call_rows(forward, b, bound, first))
+        self._record_block(b, 0, self.ctx.batch_size)
+        return blocks.identity(blocks.bind(module, args, kwargs).arguments, self._block_forms[b])
+
+    def _rows_block(self, forward, b, module, decision, args, kwargs):
+        """Per sample: the computing rows run the block as one sub-batch, the others reuse their residual."""
+        decision = settled(decision, REUSE)
+        if not isinstance(decision, Rows):
+            return handler(self._block_handlers, decision, "block")(self, forward, b, module, decision, args, kwargs)
+        key = (self.ctx.branch, b, "block")
+        mixed = self._block_rows(forward, key, module, decision.compute, args, kwargs)
+        if mixed is None:  # nothing cached yet: every row computes
+            return self._compute_block(forward, b, module, COMPUTE, args, kwargs)
+        self._record_block(b, int(decision.compute.sum()), self.ctx.batch_size)
+        return mixed
+
+    def _skip_rows_block(self, forward, b, module, decision, args, kwargs):
+        """Per sample: the computing rows run the block, the others skip it."""
+        settled_to = settled(decision, SKIP)
+        if not isinstance(settled_to, SkipRows):
+            return handler(self._block_handlers, settled_to, "block")(
+                self, forward, b, module, settled_to, args, kwargs
+            )
+        self._record_block(b, int(decision.compute.sum()), self.ctx.batch_size)
+        return self._skip_rows(forward, b, module, decision.compute, args, kwargs)
 
     @torch.compiler.disable
     def keep_block(self, b: int, module, args: tuple, kwargs: dict, out) -> None:

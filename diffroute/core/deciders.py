@@ -1,41 +1,15 @@
-"""Deciders: for each component call at each step, compute or reuse. One executor carries out any decider."""
+"""Deciders: for each component call at each step, a decision (`core.decisions`). One executor carries out any
+decider."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from diffroute.core.context import StepContext
+
+# the decision types live in core.decisions; deciders import them from here as before
+from diffroute.core.decisions import FORECAST, SKIP, SkipRows, SoftWidth, Width  # noqa: F401
 from diffroute.core.schedule import Schedule
-
-# A decision to approximate the component by a first-order forecast from its last two computed outputs.
-FORECAST = "forecast"
-# A block-level decision: the block is skipped, its output is its input (Elastic-DiT's skip).
-SKIP = "skip"
-
-
-@dataclass(frozen=True)
-class Width:
-    """A component decision: compute the FFN with only this fraction of its hidden units (`diffroute.core.width`); a
-    float, or a tensor with one fraction per sample of the call (samples are grouped by fraction; inside a block
-    that runs for some samples only, the executor picks theirs)."""
-
-    fraction: float | torch.Tensor
-
-
-@dataclass(frozen=True)
-class SoftWidth:
-    """A training decision for an FFN: its hidden units times `mask` ([samples, hidden units]), with gradients."""
-
-    mask: torch.Tensor
-
-
-@dataclass(frozen=True)
-class SkipRows:
-    """A block decision per sample: rows where `compute` is True run the block, the others skip it (output = input)."""
-
-    compute: torch.Tensor
 
 
 def per_prompt(values: torch.Tensor) -> torch.Tensor:
@@ -64,10 +38,10 @@ class Decider:
         """Called before `decide` with the component's input hidden states, when `reads_component_inputs`."""
 
     def decide(self, ctx: StepContext, block: int, comp: int):
-        """True to compute, False to reuse the cached output, FORECAST to extrapolate it, or a bool tensor with
-        one entry per sample (True: that sample computes), or Width(f) to compute an FFN at a fraction f of its
-        hidden units (not stored for reuse). Training deciders return a float tensor instead (a
-        scalar or one weight per sample): the output is `w * fresh + (1 - w) * cached`, differentiable in `w`."""
+        """A component's decision (`core.decisions`): True (COMPUTE), False (REUSE), FORECAST, a bool tensor with
+        one entry per sample (`Rows`: True computes), `Width(f)` (an FFN at a fraction f of its hidden units, not
+        stored for reuse); in training a float tensor (`Soft`: `w * fresh + (1 - w) * cached`, differentiable in
+        `w`, a scalar or one weight per sample) or `SoftWidth`."""
         raise NotImplementedError
 
     def on_block_start(self, ctx: StepContext, block: int, module, args: tuple, kwargs: dict) -> None:
@@ -83,10 +57,9 @@ class Decider:
         return True
 
     def decide_block(self, ctx: StepContext, block: int):
-        """For the blocks a plan decides as a whole (`Plan.block_level`): True to compute the block, False to reuse
-        its residual (input plus what it added at its last computation), SKIP to return its input, or a bool tensor
-        with one entry per sample (True computes, False reuses). Training deciders return a float tensor (a scalar or
-        one weight per sample): the output is `w * block(x) + (1 - w) * x`, differentiable in `w`."""
+        """For the blocks a plan decides as a whole (`Plan.block_level`): True (COMPUTE), False (REUSE: its input
+        plus what it added at its last computation), SKIP (its input), a bool tensor (`Rows`: True computes, False
+        reuses) or `SkipRows`; in training a float tensor (`Soft`: `w * block(x) + (1 - w) * x`)."""
         return True
 
     def must_store_block(self, ctx: StepContext, block: int) -> bool:

@@ -16,13 +16,29 @@ import contextlib
 import torch
 from diffusers.hooks import HookRegistry
 
-from diffroute.core import blocks, width
+from diffroute.core import width
 from diffroute.core.arch import ArchitectureMap, architecture_map
 from diffroute.core.block_level import BlockDecisions
 from diffroute.core.cache import FeatureCache, rebuild, tensors_of
 from diffroute.core.call_context import hidden_states_of, rows_of, sub_batch
 from diffroute.core.context import StepContext, StepTracker, scheduler_step_source
-from diffroute.core.deciders import FORECAST, SoftWidth, Width
+from diffroute.core.decisions import (
+    COMPUTE,
+    FORECAST,
+    REUSE,
+    Compute,
+    Forecast,
+    Reuse,
+    Rows,
+    Skip,
+    SkipRows,
+    Soft,
+    SoftWidth,
+    Width,
+    handler,
+    settled,
+    typed,
+)
 from diffroute.core.foreign import foreign_cache_hooks, refuse_foreign_caches
 from diffroute.core.hooks import (
     BLOCK_HOOK,
@@ -35,6 +51,7 @@ from diffroute.core.hooks import (
     ComponentHook,
     StepHook,
 )
+from diffroute.core.soft import SoftDecisions
 from diffroute.core.stats import CallStats, StatsRecorder
 
 # Keyword arguments of component forwards that carry one row per sample (sliced when only some samples compute).
@@ -43,7 +60,7 @@ BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "e
 __all__ = ["Executor", "foreign_cache_hooks", "refuse_foreign_caches"]
 
 
-class Executor(BlockDecisions):
+class Executor(BlockDecisions, SoftDecisions):
     """Attaches to one transformer, owns the step tracker, the feature cache and per-call stats."""
 
     def __init__(self, transformer: torch.nn.Module, plan, scheduler=None, num_inference_steps: int | None = None):
@@ -192,47 +209,50 @@ class Executor(BlockDecisions):
         there is nothing to decide); KEEP: compute, then hand the output to `keep` (a later step reuses it)."""
         if self.decider is None:
             return None
-        ctx, cache = self.ctx, self.cache
-        key, n = (ctx.branch, b, c), ctx.batch_size
         if self.decider.reads_component_inputs:  # per-image gates read what the component is about to read
-            self.decider.component_inputs(ctx, b, c, hidden_states_of(args, kwargs))
-        decision = self.decider.decide(ctx, b, c)
-        if isinstance(decision, torch.Tensor) and decision.is_floating_point():  # training: a soft weight
-            return self._blend(forward, key, decision, args, kwargs)
-        # (inside a block decided as a whole the block's own record counts its components)
-        if isinstance(decision, SoftWidth):  # training: the FFN's hidden units masked, gradients through the mask
-            self._record_component(b, c, n, n)
-            hidden = hidden_states_of(args, kwargs)
-            return width.masked_ffn(self.arch.modules[b][c], hidden, decision.mask)
-        if isinstance(decision, Width):  # the FFN at a fraction of its hidden units, really sliced
-            self._record_component(b, c, n, n)
-            hidden, fraction = hidden_states_of(args, kwargs), decision.fraction
-            if isinstance(fraction, torch.Tensor):
-                fraction = rows_of(fraction)  # the block may run for some samples only
-            rows = hidden.shape[0]
-            done = float(fraction.float().sum()) if isinstance(fraction, torch.Tensor) else fraction * rows
-            self.stats.discount(ctx.step, b, c, rows - done)  # a sliced FFN counts as the share of units it ran
-            return width.sliced_ffn_rows(self.arch.modules[b][c], hidden, fraction)
-        if isinstance(decision, torch.Tensor):  # per-sample: True rows compute, the others reuse
-            if bool(decision.all()):
-                decision = True
-            elif not bool(decision.any()):
-                decision = False
-            else:
-                mixed = self._compute_rows(forward, key, decision, args, kwargs)
-                if mixed is not None:
-                    self._record_component(b, c, int(decision.sum()), n)
-                    return mixed
-                decision = True
-        if decision is False or decision is FORECAST:
-            out = cache.forecast(key, ctx.step, n) if decision is FORECAST else None
-            forecast = n if out is not None else 0
-            out = out if out is not None else cache.get(key, n)  # one output so far: reuse it
-            if out is not None:
-                self._record_component(b, c, 0, n, forecast)
-                return out
-        self._record_component(b, c, n, n)  # compute (also when nothing usable is cached)
-        return KEEP if self.decider.must_store(ctx, b, c) else None
+            self.decider.component_inputs(self.ctx, b, c, hidden_states_of(args, kwargs))
+        decision = typed(self.decider.decide(self.ctx, b, c))
+        # one handler per decision type (the training ones, Soft and SoftWidth, live in core.soft)
+        return handler(self._component_handlers, decision, "component")(self, forward, b, c, decision, args, kwargs)
+
+    def _compute(self, forward, b, c, decision, args, kwargs):
+        n = self.ctx.batch_size
+        self._record_component(b, c, n, n)
+        return KEEP if self.decider.must_store(self.ctx, b, c) else None
+
+    def _reuse(self, forward, b, c, decision, args, kwargs):
+        """The cached output (FORECAST: extrapolated from the last two); computed when nothing usable is cached."""
+        key, n = (self.ctx.branch, b, c), self.ctx.batch_size
+        out = self.cache.forecast(key, self.ctx.step, n) if decision is FORECAST else None
+        forecast = n if out is not None else 0
+        out = out if out is not None else self.cache.get(key, n)  # one output so far: reuse it
+        if out is None:
+            return self._compute(forward, b, c, COMPUTE, args, kwargs)
+        self._record_component(b, c, 0, n, forecast)
+        return out
+
+    def _rows(self, forward, b, c, decision, args, kwargs):
+        """Per sample: the computing rows as one sub-batch, merged into the others' cached outputs."""
+        decision = settled(decision, REUSE)
+        if not isinstance(decision, Rows):
+            return handler(self._component_handlers, decision, "component")(self, forward, b, c, decision, args, kwargs)
+        mixed = self._compute_rows(forward, (self.ctx.branch, b, c), decision.compute, args, kwargs)
+        if mixed is None:  # nothing cached yet: every row computes
+            return self._compute(forward, b, c, COMPUTE, args, kwargs)
+        self._record_component(b, c, int(decision.compute.sum()), self.ctx.batch_size)
+        return mixed
+
+    def _width(self, forward, b, c, decision, args, kwargs):
+        """The FFN at a fraction of its hidden units, really sliced; counted as the share of units it ran."""
+        n = self.ctx.batch_size
+        self._record_component(b, c, n, n)
+        hidden, fraction = hidden_states_of(args, kwargs), decision.fraction
+        if isinstance(fraction, torch.Tensor):
+            fraction = rows_of(fraction)  # the block may run for some samples only
+        rows = hidden.shape[0]
+        done = float(fraction.float().sum()) if isinstance(fraction, torch.Tensor) else fraction * rows
+        self.stats.discount(self.ctx.step, b, c, rows - done)
+        return width.sliced_ffn_rows(self.arch.modules[b][c], hidden, fraction)
 
     def _record_component(self, b: int, c: int, n_computed: int, n: int, n_forecast: int = 0) -> None:
         """Count a component call, except inside a block that runs for some samples only: the block's own record
@@ -244,25 +264,6 @@ class Executor(BlockDecisions):
     def keep(self, b: int, c: int, out) -> None:
         """Store a computed output that a later step may reuse."""
         self.cache.put((self.ctx.branch, b, c), out, self.ctx.step)
-
-    def _blend(self, forward, key, weight: torch.Tensor, args: tuple, kwargs: dict):
-        """Training mode: `w * fresh + (1 - w) * cached` with gradients through `w` (a scalar, or one weight per
-        sample). The cached side is what earlier steps stored; where the decider says so (`must_store`), the blend,
-        detached, becomes the cached output (a student rolled through a trajectory keeps the cache it would have)."""
-        fresh = forward(*args, **kwargs)
-        cached = self.cache.get(key, self.ctx.batch_size)
-        self.stats.record(self.ctx.step, key[1], key[2], self.ctx.batch_size, self.ctx.batch_size)
-        if cached is None:  # nothing computed before: the component is its fresh output
-            out = fresh
-        else:
-            mixed = [
-                None if f is None else blocks.mix(weight, f, c) for f, c in zip(tensors_of(fresh), tensors_of(cached))
-            ]
-            out = rebuild(type(cached), mixed)
-        if self.decider.must_store(self.ctx, key[1], key[2]):  # (fresh buffers: the blend's graph reads the old)
-            detached = [None if t is None else t.detach() for t in tensors_of(out)]
-            self.cache.replace(key, rebuild(type(out), detached), self.ctx.step)
-        return out
 
     def _compute_rows(self, forward, key, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
         """Compute the component for the masked samples only and merge them into the cached output."""
@@ -308,3 +309,22 @@ class Executor(BlockDecisions):
             yield self
         finally:
             self.end_call()
+
+    # ---- dispatch: one handler per decision type --------------------------------------------------------------------
+    _component_handlers = {
+        Compute: _compute,
+        Reuse: _reuse,
+        Forecast: _reuse,
+        Rows: _rows,
+        Width: _width,
+        Soft: SoftDecisions._soft_component,
+        SoftWidth: SoftDecisions._soft_width,
+    }
+    _block_handlers = {
+        Compute: BlockDecisions._compute_block,
+        Reuse: BlockDecisions._reuse_block,
+        Skip: BlockDecisions._skip_block,
+        Rows: BlockDecisions._rows_block,
+        SkipRows: BlockDecisions._skip_rows_block,
+        Soft: SoftDecisions._soft_block,
+    }

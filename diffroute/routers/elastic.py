@@ -22,7 +22,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import Timesteps
 
 from diffroute.core.arch import ArchitectureMap
-from diffroute.core.deciders import Decider, SkipRows, SoftWidth, Width
+from diffroute.core.deciders import Decider
+from diffroute.core.decisions import SkipRows, SoftWidth, Width
 from diffroute.core.width import hidden_units
 from diffroute.errors import PlanError
 from diffroute.plans import Plan
