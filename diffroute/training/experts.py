@@ -30,7 +30,7 @@ from diffroute.experts.router import ExpertRouter
 from diffroute.training.configs import ExpertConfig, ExpertRouterConfig
 from diffroute.training.eps import EpsBatches
 from diffroute.training.finetune import Student, train_on_data
-from diffroute.training.trainer import TrainConfig, batch_indices, train
+from diffroute.training.trainer import Trainable, TrainConfig, batch_indices, train
 from diffroute.utils.io import atomic_write_json, readable_by_others
 
 EXPERT_FILE = "expert.json"  # beside an expert's model: its partition and cluster
@@ -137,9 +137,8 @@ def train_router(pipe, cfg: ExpertRouterConfig, out: Path, accelerator) -> dict:
         bf16=cfg.bf16,
         checkpoint_every=max(min(250, cfg.iters // 10), 1),
     )
-    ema = train(
-        "experts-router", router, loss_fn, len(items), tcfg, out / "train", accelerator, before_step=before_step
-    )
+    trainable = Trainable(router, before_step=before_step)
+    ema = train("experts-router", trainable, loss_fn, len(items), tcfg, out / "train", accelerator)
     router = accelerator.unwrap_model(router)
     if ema is not None:
         router.load_state_dict(ema)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffroute.data import emoji as emoji_data
 from diffroute.training.configs import DataTrainConfig
 from diffroute.training.eps import EpsBatches
-from diffroute.training.trainer import TrainConfig, batch_indices, train
+from diffroute.training.trainer import Trainable, TrainConfig, batch_indices, train
 from diffroute.utils.checked_load import require_finite
 from diffroute.utils.io import atomic_write_json, readable_by_others
 
@@ -115,18 +115,8 @@ def train_on_data(
     def snapshot(step: int, ema: dict | None) -> None:
         save_model(pipe, accelerator.unwrap_model(student), ema, cfg, out / "snapshots" / f"step-{step:06d}")
 
-    ema = train(
-        name,
-        student,
-        loss_fn,
-        len(train_idx),
-        tcfg,
-        out / "train",
-        accelerator,
-        snapshot,
-        param_groups=student.param_groups,
-        before_step=student.before_step,
-    )
+    trainable = Trainable(student, param_groups=student.param_groups, before_step=student.before_step)
+    ema = train(name, trainable, loss_fn, len(train_idx), tcfg, out / "train", accelerator, snapshot)
     student = accelerator.unwrap_model(student)
     if ema is not None:
         student.load_state_dict(ema)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffroute.training.trainer import TrainConfig, train
+from diffroute.training.trainer import Trainable, TrainConfig, train
 
 
 def save_router(router, transformer, out, what: str) -> None:
@@ -54,7 +54,7 @@ def train_router(
     flags = [(p, p.requires_grad) for p in transformer.parameters()]
     transformer.requires_grad_(backbone_trains)
     try:
-        train(name, model, loss, len(loss.items), tcfg, out, accelerator, param_groups=param_groups)
+        train(name, Trainable(model, param_groups=param_groups), loss, len(loss.items), tcfg, out, accelerator)
     finally:
         loss.close()
         for p, flag in flags:

@@ -40,31 +40,50 @@ def batch_indices(n_items: int, step: int, batch_size: int, seed: int) -> torch.
     return perm[k * batch_size : (k + 1) * batch_size]
 
 
+@dataclass
+class Trainable:
+    """What trains, declared (never discovered): the module, the optimizer's parameter groups `param_groups(lr)` (a
+    router and its fine-tuned backbone at their own rates; None: every parameter at the config's rate) and
+    `before_step(step, steps)`, run before each step (a capacity schedule that sparsifies as training goes on)."""
+
+    model: torch.nn.Module
+    param_groups: Callable[[float], list[dict]] | None = None
+    before_step: Callable[[int, int], None] | None = None
+
+
+# An objective: (model, this process's batch indices, a generator) -> (loss, metrics); metrics are scalars the log
+# averages like the loss (a router's mean weights, a loss term). A bare loss is read as (loss, {}).
+Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Generator], "torch.Tensor | tuple[torch.Tensor, dict]"]
+
+
+def update_ema(ema: dict, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights (buffers that are not floating point are copied)."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            ema[k].lerp_(v.detach(), 1 - decay) if v.is_floating_point() else ema[k].copy_(v)
+
+
 def train(
     name: str,
-    model: torch.nn.Module,
-    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
+    trainable: Trainable | torch.nn.Module,
+    objective: Objective,
     n_items: int,
     cfg: TrainConfig,
     out_dir: Path,
     accelerator: Accelerator,
     on_snapshot: Callable[[int, dict | None], None] | None = None,
-    param_groups: Callable[[float], list[dict]] | None = None,
-    before_step: Callable[[int, int], None] | None = None,
 ) -> dict | None:
-    """Train `model` for cfg.steps; returns EMA weights (or None). Resumes from out_dir's checkpoint if present.
-    `on_snapshot(step, ema)` runs on the main process every `cfg.snapshot_every` steps, before that step's checkpoint
-    (so a resumed run never skips one).
+    """Train `trainable` for cfg.steps with `objective`; returns EMA weights (or None). Resumes from out_dir's
+    checkpoint if present. `on_snapshot(step, ema)` runs on the main process every `cfg.snapshot_every` steps, before
+    that step's checkpoint (so a resumed run never skips one).
 
-    loss_fn(model, indices, generator) gets this process's share of the global batch and a generator seeded by
-    (seed, step, rank) for its noise, so that the run is reproducible and resumable. It returns the loss, or
-    `(loss, metrics)` with a dict of scalars (a router's mean weights, a loss term) that the log averages like the
-    loss (rank 0's share).
-
-    What trains is declared, never discovered: `param_groups(lr)` gives the optimizer's groups (a router and its
-    fine-tuned backbone at their own rates; default every parameter of `model` at cfg.lr), and `before_step(step,
-    steps)` runs before each step (a capacity schedule that sparsifies as training goes on).
+    The objective gets this process's share of the global batch and a generator seeded by (seed, step, rank) for its
+    noise, so that the run is reproducible and resumable. A bare module trains all its parameters (`Trainable`).
+    Values reach the host only at logging steps (the loss and metrics accumulate on the device).
     """
+    if not isinstance(trainable, Trainable):
+        trainable = Trainable(trainable)
+    model, param_groups, before_step = trainable.model, trainable.param_groups, trainable.before_step
     out_dir.mkdir(parents=True, exist_ok=True)
     params = param_groups(cfg.lr) if param_groups is not None else model.parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -86,11 +105,8 @@ def train(
         idx = batch_indices(n_items, step, cfg.batch_size, cfg.seed)[rank::world]
         gen = torch.Generator().manual_seed(hash((cfg.seed, step, rank)) & 0x7FFFFFFF)
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = loss_fn(model, idx, gen)
-        if isinstance(loss, tuple):
-            loss, extra = loss
-            for k, v in extra.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v)
+            result = objective(model, idx, gen)
+        loss, extra = result if isinstance(result, tuple) else (result, {})
         loss = loss.float()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -98,19 +114,19 @@ def train(
         sched.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            with torch.no_grad():
-                for k, v in accelerator.unwrap_model(model).state_dict().items():
-                    ema[k].lerp_(v.detach(), 1 - cfg.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
-        running += loss.item()
+            update_ema(ema, accelerator.unwrap_model(model), cfg.ema_decay)
+        running = running + loss.detach()
+        for k, v in extra.items():
+            metrics[k] = metrics.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 and accelerator.is_main_process:
             rec = {
                 "step": done,
-                "loss": running / cfg.log_every,
+                "loss": float(running) / cfg.log_every,
                 "lr": sched.get_last_lr()[0],
                 "elapsed_s": time.time() - t0,
-                **{k: v / cfg.log_every for k, v in metrics.items()},
+                **{k: float(v) / cfg.log_every for k, v in metrics.items()},
             }
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             with open(log_path, "a") as f:
