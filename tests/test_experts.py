@@ -222,13 +222,20 @@ def test_weighted_kmeans_follows_the_weights():
     assert one[0, 0] == pytest.approx(11 / 3, rel=1e-5) and heavy[0, 0] == pytest.approx(9.81, rel=1e-5)
 
 
-def _train_expert(cluster: int, partition: Path, out: Path) -> subprocess.Popen:
+def _expert_args(cluster: int, partition: Path, out: Path) -> list[str]:
+    args = ["train", "expert", "--model", "emoji", "--iters", "2", "--batch-size", "4", "--threads", "1"]
+    return args + ["--partition", str(partition), "--cluster", str(cluster), "--out", str(out)]
+
+
+def _python(code: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["train", "expert", "--model", "emoji", "--iters", "2", "--batch-size", "4"]
-    args += ["--partition", str(partition), "--cluster", str(cluster), "--out", str(out), "--threads", "1"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "diffroute", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _train(*runs: list[str]) -> subprocess.Popen:
+    """One process training `runs` one after the other."""
+    calls = "; ".join(f"main({run!r})" for run in runs)
+    return _python(f"from diffroute.cli.main import main; {calls}")
 
 
 def test_two_experts_trained_at_once_equal_two_trained_one_after_the_other(tmp_path):
@@ -245,14 +252,14 @@ def test_two_experts_trained_at_once_equal_two_trained_one_after_the_other(tmp_p
     def weights(folder):
         return load_file(next((folder / "model" / "transformer").glob("*.safetensors")))
 
-    at_once = [_train_expert(i, tmp_path, tmp_path / f"parallel-{i}") for i in range(2)]
+    at_once = [_train(_expert_args(i, tmp_path, tmp_path / f"parallel-{i}")) for i in range(2)]
+    in_turn = [_expert_args(i, tmp_path, tmp_path / f"serial-{i}") for i in range(2)]
     for proc in at_once:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err.decode()[-2000:]
-    for i in range(2):
-        proc = _train_expert(i, tmp_path, tmp_path / f"serial-{i}")
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err.decode()[-2000:]
+    proc = _train(*in_turn)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-2000:]
     for i in range(2):
         a, b = weights(tmp_path / f"parallel-{i}"), weights(tmp_path / f"serial-{i}")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -77,7 +77,7 @@ def add_parsers(sub) -> None:
 
 
 def _expert_arguments(p, method: str) -> None:
-    from diffroute.cli.common import int_in
+    from diffroute.cli.common import float_in, int_in
 
     p.add_argument("--partition", required=True, help="partition.json (or its folder) from `diffroute train partition`")
     if method == "expert":
@@ -92,6 +92,11 @@ def _expert_arguments(p, method: str) -> None:
     p.add_argument("--layers", type=int_in(1, 64), help="router transformer blocks (default %(default)s)")
     p.add_argument("--heads", type=int_in(1, 64), help="router attention heads (default %(default)s)")
     p.add_argument("--patch", type=int_in(1, 64), help="router patch size on the latent (default %(default)s)")
+    p.add_argument(
+        "--caption-dropout",
+        type=float_in(0, 1),
+        help="share of captions replaced by the empty one in router training (default %(default)s)",
+    )
 
 
 def add_partition_parser(sub) -> None:

@@ -112,13 +112,12 @@ def train_router(pipe, cfg: ExpertRouterConfig, out: Path, accelerator) -> dict:
         global_idx = batch_indices(len(items), step["now"], cfg.batch_size, cfg.seed)
         noise = torch.Generator().manual_seed(hash((cfg.seed, step["now"])) & 0x7FFFFFFF)
         kwargs, _ = batches(global_idx, noise)
+        text, mask = kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"]
+        drop = (torch.rand(len(global_idx), generator=noise) < cfg.caption_dropout).to(text.device)
+        text = torch.where(drop[:, None, None], batches.null_emb.to(text.device), text)
+        mask = torch.where(drop[:, None], batches.null_mask.to(mask.device), mask)
         mine = slice(rank, None, world)
-        logits = model(
-            kwargs["hidden_states"][mine],
-            kwargs["timestep"][mine],
-            kwargs["encoder_hidden_states"][mine],
-            kwargs["encoder_attention_mask"][mine],
-        )
+        logits = model(kwargs["hidden_states"][mine], kwargs["timestep"][mine], text[mine], mask[mine])
         target = labels[global_idx][mine].to(logits.device)
         loss = F.cross_entropy(logits, target)
         return loss, {"accuracy": (logits.argmax(-1) == target).float().mean()}
