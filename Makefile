@@ -204,5 +204,5 @@ experts: install
 			--experts $$(seq -s, -f "runs/experts/k$$k/expert-%g/model" 0 $$((k - 1))) \
 			--out runs/experts/k$$k/ensemble || exit 1; \
 	done
-	$(BIN)/diffroute eval experts --dense runs/experts/dense/model \
+	$(BIN)/diffroute eval experts --extra --dense runs/experts/dense/model \
 		$(foreach k,$(EXPERT_KS),runs/experts/k$(k)/ensemble) --out docs/experts
