@@ -1,13 +1,13 @@
 """`diffroute eval experts`: the decentralized-experts experiment, FLOP-matched.
 
 For each ensemble (a `train experts-router` run) and the dense fine-tune trained with the same images from the same
-start, it generates the held-out captions and reports FD vs the real held-out images (emoji-CLIP features, 95%
+start, it generates the held-out captions and reports FD vs the real held-out images (emoji-CLIP features, with
 bootstrap bands: the bias-corrected 2.5-97.5% spread of FD over resampled image sets, a measure of how much FD
 moves with the sample, not a confidence interval for the population FD), CLIP score and transformer FLOPs per
-step (FlopCounterMode, both CFG rows; the router included). Selections: top-1 (DDM's default), a random expert per step, each expert alone, and optionally top-2 and
-the full ensemble. Pictures: the routing over t (which expert served the samples at each step), the router's
-accuracy against t, each partition's clusters. Generated images are kept beside each model (`eval/`), so a rerun
-only scores.
+step (FlopCounterMode, both CFG rows; the router included). Selections: top-1 (DDM's default), a random expert per
+step, each expert alone, and optionally top-2 and the full ensemble. Pictures: the routing over t (which expert
+served the samples at each step), the router's accuracy against t, each partition's clusters. Generated images are
+kept beside each model (`eval/`), so a rerun only scores.
 """
 
 from __future__ import annotations
