@@ -256,7 +256,14 @@ def to_routed(pipe: DiffusionPipeline) -> DiffusionPipeline:
     # The transformer goes in by name: from_pipe drops a component whose type is not the signature's (an
     # ExpertEnsemble stands where a PixArtTransformer2DModel is expected).
     parts = {"transformer": pipe.transformer} if getattr(pipe, "transformer", None) is not None else {}
-    routed = cls.from_pipe(pipe, **parts)
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # (its "expected types" warning for an ensemble: intended here)
+    try:
+        routed = cls.from_pipe(pipe, **parts)
+    finally:
+        diffusers_logging.set_verbosity(level)
     routed.call_defaults = dict(getattr(pipe, "call_defaults", {}) or {}) or model_call_defaults(pipe)
     return routed
 
