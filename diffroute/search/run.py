@@ -70,6 +70,7 @@ def run_search(pipe, prompts: list[str], settings: SearchSettings, out: Path, st
         from diffroute.metrics.features import feature_extractor
 
         feature = feature_extractor(settings.features)
+    check_resume(settings, pipe, prompts, kwargs, out, state)  # (a changed setting is named first)
     scorer = None
     if settings.quality == "clip":
         from diffroute.zoo import MODELS
@@ -77,7 +78,6 @@ def run_search(pipe, prompts: list[str], settings: SearchSettings, out: Path, st
         scorer = MODELS[settings.model].clip_scorer if settings.model in MODELS else None
         if scorer is None:
             raise InputError(f"quality clip needs a model with a CLIP scorer (emoji); {settings.model!r} has none.")
-    check_resume(settings, pipe, prompts, kwargs, out, state)
     cost = measure_cost(pipe, arch, kwargs)
     latency_model, check = None, None
     if settings.cost == "latency_model":
