@@ -131,7 +131,7 @@ def test_train_cli_resumes_and_ships_nothing_without_ship(tmp_path):
 
 def test_search_is_seeded_with_shipped_routers_of_the_same_step_count(tiny_pipes, tmp_path, monkeypatch):
     import diffroute.zoo.shipped
-    from diffroute.search.run import router_seeds as _router_seeds
+    from diffroute.zoo.shipped import router_seeds as _router_seeds
 
     arch = diffroute.architecture_map(tiny_pipes("pixart-alpha").transformer)
     torch.manual_seed(0)

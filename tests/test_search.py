@@ -251,7 +251,8 @@ def test_python_entry_point_searches_picks_and_ships(tiny_pipes, tmp_path, monke
 
     import diffroute.zoo.shipped
     from diffroute.errors import InputError
-    from diffroute.search.run import SearchSettings, pick_from, run_search, ship_front
+    from diffroute.search.run import SearchSettings, pick_from, run_search
+    from diffroute.zoo.shipped import ship_front
 
     pipe = tiny_pipes("pixart-alpha")
     kwargs = dict(CALL_KWARGS["pixart-alpha"])

@@ -67,10 +67,13 @@ def add_arguments(p) -> None:
 
 def run(args) -> dict | None:
     """Parse, load, call `diffroute.search.run.run_search`, pick and ship: the search itself lives in the library."""
+    import diffroute
     from diffroute.cli.calibrate import calibration_prompts
     from diffroute.cli.common import call_kwargs, check_run_dir, load, read_prompts
-    from diffroute.search.run import SearchSettings, pick_from, run_search, ship_front
+    from diffroute.search.run import SearchSettings, pick_from, run_search
+    from diffroute.zoo import MODELS
     from diffroute.zoo.registry import model_family
+    from diffroute.zoo.shipped import router_seeds, ship_front
 
     if args.pop < 4 or args.generations < 1 or args.n < 2:
         raise ValueError("need --pop >= 4, --generations >= 1 and --n >= 2.")
@@ -97,8 +100,10 @@ def run(args) -> dict | None:
         features=args.features,
         call_kwargs=call_kwargs(pipe, args),
         overwrite=args.overwrite,
+        clip_scorer=MODELS[args.model].clip_scorer if args.model in MODELS else None,
     )
-    result = run_search(pipe, prompts, settings, out)
+    seeds = router_seeds(args.model, diffroute.architecture_map(pipe.transformer), args.steps)
+    result = run_search(pipe, prompts, settings, out, seeds=seeds)
     if result is None:  # not rank 0
         return None
     if args.max_cost is not None:

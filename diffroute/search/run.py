@@ -1,11 +1,13 @@
 """ECAD's Python entry point: `run_search(pipe, prompts, settings, out)` searches Pareto-optimal compute schedules
 for a loaded pipeline with NSGA-II (cost vs quality against full compute), checkpointed in `out` and resumable;
-`ship_front` installs front members as a zoo model's shipped schedules. The `diffroute search` command only parses
+`pick_from` picks a front member within a cost budget. The zoo seeds searches with its routers and installs front
+members as shipped schedules (`zoo.shipped.router_seeds`, `ship_front`). The `diffroute search` command only parses
 its arguments into `SearchSettings`, loads the pipeline and calls these."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ class SearchSettings:
     features: str = "emoji-clip"
     call_kwargs: dict = field(default_factory=dict)
     overwrite: bool = False
+    clip_scorer: Callable | None = None  # for quality "clip": the model's CLIP score (the zoo's emoji-CLIP)
 
     def check(self, n_prompts: int) -> None:
         """Refuse settings that cannot search, before any work."""
@@ -47,8 +50,11 @@ class SearchSettings:
             raise InputError(f"unknown cost objective {self.cost!r}; known: {', '.join(COSTS)}.")
 
 
-def run_search(pipe, prompts: list[str], settings: SearchSettings, out: Path, state=None) -> dict | None:
-    """Search, save the front (`out/front/*.json`, `out/front.png`) and return its summary (None off rank 0)."""
+def run_search(
+    pipe, prompts: list[str], settings: SearchSettings, out: Path, state=None, seeds: list = ()
+) -> dict | None:
+    """Search, save the front (`out/front/*.json`, `out/front.png`) and return its summary (None off rank 0).
+    `seeds`: schedules put into the first population (the zoo's `router_seeds` for a shipped model)."""
     import torch
     from accelerate import PartialState
 
@@ -71,13 +77,9 @@ def run_search(pipe, prompts: list[str], settings: SearchSettings, out: Path, st
 
         feature = feature_extractor(settings.features)
     check_resume(settings, pipe, prompts, kwargs, out, state)  # (a changed setting is named first)
-    scorer = None
-    if settings.quality == "clip":
-        from diffroute.zoo import MODELS
-
-        scorer = MODELS[settings.model].clip_scorer if settings.model in MODELS else None
-        if scorer is None:
-            raise InputError(f"quality clip needs a model with a CLIP scorer (emoji); {settings.model!r} has none.")
+    scorer = settings.clip_scorer
+    if settings.quality == "clip" and scorer is None:
+        raise InputError(f"quality clip needs a model with a CLIP scorer (emoji); {settings.model!r} has none.")
     cost = measure_cost(pipe, arch, kwargs)
     latency_model, check = None, None
     if settings.cost == "latency_model":
@@ -95,7 +97,7 @@ def run_search(pipe, prompts: list[str], settings: SearchSettings, out: Path, st
         patience=settings.patience,
         budget_minutes=settings.budget_minutes,
     )
-    seeds = router_seeds(settings.model, arch, settings.steps)
+    seeds = list(seeds)
     if settings.bac:
         seeds += _bac_seeds(pipe, arch, prompts, kwargs, settings)
     search = Search(space, evaluator, cfg, out, state, seeds=seeds)
@@ -135,19 +137,6 @@ def pick_from(result: dict, max_cost: float, settings: SearchSettings) -> str | 
 
     i = pick(result["front"], max_cost, settings.quality, settings.cost)
     return None if i is None else result["front"][i]["file"]
-
-
-def ship_front(result: dict, ship: dict[str, float], settings: SearchSettings) -> dict[str, str]:
-    """Install, per NAME=MAXCOST, the best front member within that cost as the zoo schedule MODEL:NAME."""
-    from diffroute.zoo.shipped import install_schedule
-
-    shipped = {}
-    for name, max_cost in ship.items():
-        file = pick_from(result, max_cost, settings)
-        if file is None:
-            raise InputError(f"ship {name}={max_cost}: no front member costs <= {max_cost}; raise the budget.")
-        shipped[f"{settings.model}:{name}"] = str(install_schedule(Path(file), settings.model, name))
-    return shipped
 
 
 def _calls(pipe, prompts, kwargs, seed):
@@ -196,24 +185,6 @@ def _bac_seeds(pipe, arch, prompts, kwargs, settings: SearchSettings):
     diffroute.remove(pipe)
     table = similarity_tables(pipe, arch, _calls(pipe, prompts[:8], kwargs, settings.seed), settings.steps)
     return bac_schedules(arch, table)
-
-
-def router_seeds(model: str, arch, steps: int) -> list:
-    """The schedules of the model's shipped L2C routers trained for this step count (a router is a static schedule;
-    one trained for another step count or another model is left out)."""
-    from diffroute.routers import load_router
-    from diffroute.zoo.shipped import shipped_routers
-
-    seeds = []
-    for name, folder in shipped_routers().items():
-        if name.split(":")[0] != model:
-            continue
-        router = load_router(folder)
-        if not hasattr(router, "schedule"):  # a per-sample router (Elastic) is no static schedule
-            continue
-        if router.config.num_steps == steps and router.config.model_class == arch.model_class:
-            seeds.append(router.schedule())
-    return seeds
 
 
 def check_resume(settings: SearchSettings, pipe, prompts, kwargs, out: Path, state) -> None:

@@ -137,6 +137,38 @@ def install_model_variant(pipeline_folder: Path, name: str, base: str = "emoji",
     return name
 
 
+def ship_front(result: dict, ship: dict[str, float], settings) -> dict[str, str]:
+    """Install, per NAME=MAXCOST, the best front member of a search (`search.run.run_search`'s result, its
+    `SearchSettings`) within that cost as the zoo schedule MODEL:NAME."""
+    from diffroute.errors import InputError
+    from diffroute.search.run import pick_from
+
+    shipped = {}
+    for name, max_cost in ship.items():
+        file = pick_from(result, max_cost, settings)
+        if file is None:
+            raise InputError(f"ship {name}={max_cost}: no front member costs <= {max_cost}; raise the budget.")
+        shipped[f"{settings.model}:{name}"] = str(install_schedule(Path(file), settings.model, name))
+    return shipped
+
+
+def router_seeds(model: str, arch, steps: int) -> list:
+    """The schedules of the model's shipped L2C routers trained for this step count (a router is a static schedule;
+    one trained for another step count or another model is left out)."""
+    from diffroute.routers import load_router
+
+    seeds = []
+    for name, folder in shipped_routers().items():
+        if name.split(":")[0] != model:
+            continue
+        router = load_router(folder)
+        if not hasattr(router, "schedule"):  # a per-sample router (Elastic) is no static schedule
+            continue
+        if router.config.num_steps == steps and router.config.model_class == arch.model_class:
+            seeds.append(router.schedule())
+    return seeds
+
+
 def _shipped(m: re.Match) -> Plan:
     name = m.group(0)
     routers = shipped_routers()
