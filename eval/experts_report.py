@@ -75,16 +75,18 @@ def step_flops(transformer, dtype) -> float:
     router = getattr(transformer, "router", None)
     if router is not None:  # torch's fused encoder path (eval mode) is invisible to FlopCounterMode: count the
         router.train()  # unfused one (same arithmetic; no dropout in the router)
-    with FlopCounterMode(display=False) as counter, guidance_pairs(True):
-        transformer(
-            x,
-            encoder_hidden_states=text,
-            timestep=torch.tensor([500, 500]),
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            encoder_attention_mask=torch.ones(2, 32),
-        )
-    if router is not None:
-        router.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, guidance_pairs(True):
+            transformer(
+                x,
+                encoder_hidden_states=text,
+                timestep=torch.tensor([500, 500]),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                encoder_attention_mask=torch.ones(2, 32),
+            )
+    finally:
+        if router is not None:
+            router.eval()
     return float(counter.get_total_flops())
 
 

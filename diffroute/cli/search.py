@@ -75,15 +75,9 @@ def run(args) -> dict | None:
     from diffroute.zoo.registry import model_family
     from diffroute.zoo.shipped import router_seeds, ship_front
 
-    if args.pop < 4 or args.generations < 1 or args.n < 2:
-        raise ValueError("need --pop >= 4, --generations >= 1 and --n >= 2.")
-    if args.steps < 2:
-        raise ValueError("--steps must be at least 2: at one step everything computes, there is nothing to search.")
     ship = _parse_ship(args.ship, args.model, args.replace) if args.ship is not None else {}
     default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
-    out = check_run_dir(args.out)
-    pipe = load(args)
     settings = SearchSettings(
         model=args.model,
         steps=args.steps,
@@ -98,10 +92,13 @@ def run(args) -> dict | None:
         patience=args.patience,
         budget_minutes=args.budget_minutes,
         features=args.features,
-        call_kwargs=call_kwargs(pipe, args),
         overwrite=args.overwrite,
-        clip_scorer=MODELS[args.model].clip_scorer if args.model in MODELS else None,
+        clip_scorer=MODELS[args.model].clip_scorer if args.quality == "clip" and args.model in MODELS else None,
     )
+    settings.check(len(prompts))  # before the model loads or the run folder is made
+    out = check_run_dir(args.out)
+    pipe = load(args)
+    settings.call_kwargs = call_kwargs(pipe, args)
     seeds = router_seeds(args.model, diffroute.architecture_map(pipe.transformer), args.steps)
     result = run_search(pipe, prompts, settings, out, seeds=seeds)
     if result is None:  # not rank 0

@@ -75,13 +75,7 @@ class PartsExecutor:
         with self.parts[part].at_step(ctx.step, branch, ctx.num_steps):
             yield
 
-    @contextlib.contextmanager
-    def pipeline_call(self):
-        self.end_call()
-        try:
-            yield self
-        finally:
-            self.end_call()
+    pipeline_call = Executor.pipeline_call  # (it only brackets the call with end_call, which both define)
 
     def end_call(self, reset_tracker: bool = True) -> None:
         if self._served:

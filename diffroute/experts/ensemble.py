@@ -17,6 +17,7 @@ experts fine-tuned from one model have.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -202,7 +203,7 @@ class ExpertEnsemble(ModelMixin, ConfigMixin):
         for e in used:
             rows = (weights[:, e] > 0).nonzero().flatten()
             args = {k: v.index_select(0, rows) if torch.is_tensor(v) else v for k, v in per_row.items()}
-            run = parts.run_part(e, tuple(rows.tolist())) if parts is not None else _nothing()
+            run = parts.run_part(e, tuple(rows.tolist())) if parts is not None else contextlib.nullcontext()
             with run:
                 y = self.experts[e](**args, **shared, return_dict=False)[0]
             if out is None:
@@ -217,14 +218,6 @@ class ExpertEnsemble(ModelMixin, ConfigMixin):
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _per_row(timestep, n: int, device) -> torch.Tensor:

@@ -41,9 +41,9 @@ class SearchSettings:
     def check(self, n_prompts: int) -> None:
         """Refuse settings that cannot search, before any work."""
         if self.pop < 4 or self.generations < 1 or n_prompts < 2:
-            raise InputError("a search needs a population of at least 4, 1 generation and 2 prompts.")
+            raise InputError("a search needs a population (--pop) of at least 4, 1 generation and 2 prompts (--n).")
         if self.steps < 2:
-            raise InputError("at least 2 steps: at one step everything computes, there is nothing to search.")
+            raise InputError("--steps must be at least 2: at one step everything computes, there is nothing to search.")
         if self.quality not in QUALITIES:
             raise InputError(f"unknown quality objective {self.quality!r}; known: {', '.join(QUALITIES)}.")
         if self.cost not in COSTS:

@@ -12,7 +12,6 @@ nearest cluster centroid); the ensemble pipeline is assembled from the experts a
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -31,7 +30,7 @@ from diffroute.training.configs import ExpertConfig, ExpertRouterConfig
 from diffroute.training.eps import EpsBatches
 from diffroute.training.finetune import Student, train_on_data
 from diffroute.training.trainer import Trainable, TrainConfig, batch_indices, train
-from diffroute.utils.io import atomic_write_json, readable_by_others
+from diffroute.utils.io import atomic_write_json, read_json, readable_by_others
 
 EXPERT_FILE = "expert.json"  # beside an expert's model: its partition and cluster
 
@@ -76,7 +75,8 @@ def check_router(cfg: ExpertRouterConfig) -> None:
         info_path = Path(folder) / EXPERT_FILE
         if not info_path.is_file():
             raise InputError(f"{folder} is not an expert's model folder (no {EXPERT_FILE}); train it first.")
-        info = json.loads(info_path.read_text())
+        info = read_json(info_path, "expert info")
+        info = info if isinstance(info, dict) else {}
         if info.get("partition") != partition.fingerprint() or info.get("cluster") != i:
             raise InputError(
                 f"{folder} was trained on cluster {info.get('cluster')} of partition {info.get('partition')}, "
