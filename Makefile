@@ -99,23 +99,34 @@ elastic: install
 	$(BIN)/diffroute eval histogram --model emoji-elastic --dtype bfloat16 --plan emoji-elastic:elastic --n 356 \
 		--out docs/elastic
 
-# The expert-choice MoE experiment (issue 11): five fine-tunes of the shipped model on the same batches and seeds
+# The expert-choice MoE experiment (issues 11, 26): five fine-tunes of the shipped model on the same batches and seeds
 # (MoE at k = 2 of 6 routed experts = 50% of the FFN's FLOPs, the dense and magnitude-pruned baselines, the
-# clean-heavy and noise-heavy capacity schedules at the same mean k), each scored on the 356 held-out captions;
-# installs the static MoE as the zoo model emoji-moe; the table, load plot and FFN benchmark go to docs/moe.
-MOE_FLAGS ?= --model emoji --iters 1000
+# clean-heavy and noise-heavy capacity schedules at the same mean k), 2,000 steps each with snapshots every 500,
+# each snapshot scored on the 356 held-out captions (the FD curve); installs the static MoE as the zoo model
+# emoji-moe; the table, curve, load plot and FFN benchmarks (emoji size and PixArt-XL width) go to docs/moe.
+# Resumable: a rerun continues the runs where they stopped (delete runs/moe to start over).
+MOE_FLAGS ?= --model emoji --iters 2000 --snapshots 4
 MOE_RUNS ?= static2 dense pruned clean13 noise13
+MOE_SNAPSHOTS ?= 000500 001000 001500
+EVAL_MOE = --dtype bfloat16 --prompts heldout --n 356 --batch 32 --repeats 1 --plans full
 moe: install
-	rm -rf $(addprefix runs/moe/,$(MOE_RUNS)) docs/moe
-	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant moe --capacity static:2 --out runs/moe/static2 --ship emoji-moe --replace
+	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant moe --capacity static:2 --out runs/moe/static2 \
+		--ship emoji-moe --replace
 	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant dense --out runs/moe/dense
-	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant pruned --out runs/moe/pruned
 	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant moe --capacity clean:1-3 --out runs/moe/clean13
+	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant pruned --out runs/moe/pruned
 	$(BIN)/diffroute train moe $(MOE_FLAGS) --variant moe --capacity noise:1-3 --out runs/moe/noise13
-	for r in $(MOE_RUNS); do $(BIN)/diffroute eval compare --model runs/moe/$$r/model --dtype bfloat16 \
-		--prompts heldout --n 356 --batch 32 --repeats 1 --plans full --out runs/moe/$$r/compare || exit 1; done
+	for r in $(MOE_RUNS); do test -f runs/moe/$$r/compare/results.json || $(BIN)/diffroute eval compare \
+		--model runs/moe/$$r/model $(EVAL_MOE) --out runs/moe/$$r/compare || exit 1; \
+		for k in $(MOE_SNAPSHOTS); do test -f runs/moe/$$r/compare-$$k/results.json || $(BIN)/diffroute eval \
+		compare --model runs/moe/$$r/snapshots/step-$$k $(EVAL_MOE) --out runs/moe/$$r/compare-$$k || exit 1; \
+		done; done
+	rm -rf docs/moe
 	$(BIN)/diffroute eval moe $(addprefix runs/moe/,$(MOE_RUNS)) --base docs/compare/results.json --out docs/moe
-	$(BIN)/diffroute bench moe --model emoji --batch 32 --repeats 30 > docs/moe/bench.md
+	for d in bfloat16 float32; do $(BIN)/diffroute bench moe --model emoji --dtype $$d --batch 32 --repeats 40 \
+		>> docs/moe/bench.md || exit 1; done
+	for d in bfloat16 float32; do $(BIN)/diffroute bench moe --family pixart-alpha-xl --dtype $$d --batch 2 \
+		--tokens 4096 --ks 1,2,3 --repeats 8 >> docs/moe/bench.md || exit 1; done
 
 # The adaptation experiment (issue 14): FeRA (3 experts of rank 4) as in the paper (alpha 1, no balancing) and matched
 # (alpha 3: at equal routing weights exactly one LoRA of rank 12; balance 0.01 against router collapse) against peft

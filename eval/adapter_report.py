@@ -55,7 +55,7 @@ def adapter_table(runs: list[Path], out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "table.json", {"rows": rows})
     lines = [
-        "| adapter | trained parameters | steps | FD vs held-out Symbola | 95% CI | CLIP score |",
+        "| adapter | trained parameters | steps | FD vs held-out Symbola | bootstrap band | CLIP score |",
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['model']} | {r['trained_parameters']:,} | {r['iters']} | {quality_cells(r)} |" for r in rows]

@@ -16,7 +16,7 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from diffroute.eval.peers import activate, call_counts, check_spec, deactivate, is_peer, peer_timing
+from diffroute.eval.peers import activate, call_counts, check_spec, deactivate, flop_counts, is_peer, peer_timing
 from diffroute.metrics import frechet
 from diffroute.metrics.clipscore import ClipScore
 from diffroute.metrics.fidelity import PerImageMSE, psnr_summary, ssim_metric, update_fidelity
@@ -119,6 +119,7 @@ def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:
     records = [(root / "run.json", run_fingerprint(pipe, cfg), "eval compare images")]
     records += [(root / slug(p) / "plan.json", plan_fingerprint(pipe, p), f"plan {p!r}") for p in cfg.plans]
     check_or_record_all(records, FIX, state)
+    cost = cost_model(pipe, cfg)
     for plan in cfg.plans:
         folder = root / slug(plan)
         activate(pipe, plan)
@@ -135,9 +136,20 @@ def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:
                 for i, img in zip(chunk, to_pil(images)):
                     save_png(img, folder / f"{i:06d}.png")
                 executed, total = call_counts(pipe)
-                atomic_write_json(meta, {"computed_calls": executed, "component_calls": total})
+                done, flops = flop_counts(pipe, cost)
+                record = {"computed_calls": executed, "component_calls": total}
+                atomic_write_json(meta, {**record, "computed_flops": done, "all_flops": flops})
     deactivate(pipe)
     state.wait_for_everyone()
+
+
+def cost_model(pipe, cfg: CompareConfig):
+    """FLOPs of each component and of the rest of the transformer, counted once on a one-prompt call."""
+    import diffroute
+    from diffroute.search.cost import measure_cost
+
+    deactivate(pipe)
+    return measure_cost(pipe, diffroute.architecture_map(pipe.transformer), cfg.call_kwargs)
 
 
 def _load(folder: Path, indices: list[int]) -> torch.Tensor:
@@ -184,7 +196,7 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
         kid_m = KernelInceptionDistance(feature, subsets=1, subset_size=cfg.n).to(device) if feature else None
         clip_m = ClipScore(scorer).to(device) if scorer is not None else None
         mse_m, ssim_m = PerImageMSE().to(device), ssim_metric().to(device)
-        computed, total = (SumMetric().set_dtype(torch.float64).to(device) for _ in range(2))
+        computed, total, done, flops = (SumMetric().set_dtype(torch.float64).to(device) for _ in range(4))
         kid_fake, kid_real = [], []
         with state.split_between_processes(chunks) as mine:
             for chunk in mine:
@@ -200,7 +212,12 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
                 meta = json.loads((folder / f"chunk-{chunk[0]:06d}.json").read_text())
                 computed.update(meta["computed_calls"])
                 total.update(meta["component_calls"])
+                done.update(meta.get("computed_flops", float("nan")))  # (chunks made before FLOPs were recorded)
+                flops.update(meta.get("all_flops", float("nan")))
         r = {"computed_fraction": float(computed.compute() / total.compute())}
+        share = float(done.compute() / flops.compute())
+        r["computed_flop_share"] = share if share == share else None
+        r["flop_ideal_speedup"] = 1.0 / share if share == share and share > 0 else None
         r.update(psnr_summary(mse_m.compute().cpu()))  # pooled and per-image mean, with bootstrap intervals
         r["ssim_vs_full"] = float(ssim_m.compute())
         if clip_m is not None:
@@ -208,7 +225,7 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
         if fd_m is not None:
             stats = frechet.stats_of(fd_m, False, feature)
             r["fd_vs_full"] = frechet.fd_from_stats(full_stats, stats)["value"]
-            feats = bank.compute().cpu()  # bootstrap 95% intervals over images (paired with full's by seed)
+            feats = bank.compute().cpu()  # bootstrap bands over images (paired with full's by seed)
             r["fd_vs_full_ci95"] = frechet.fd_interval(feats, full_feats, paired=True)
             if kid_fake:  # one update per process: torchmetrics gathers list states of equal length only
                 kid_m.update(torch.cat(kid_fake), real=False)
@@ -229,7 +246,8 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
 
 
 def time_all(pipe, cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
-    """Medians of end-to-end and transformer time per plan, on the main process, plans interleaved."""
+    """Medians of end-to-end and transformer time per plan, on the main process, plans interleaved; with the FLOPs
+    of the timed calls (the same prompts as the times)."""
     from diffroute.metrics.timing import time_plans
 
     out = {}
@@ -243,9 +261,29 @@ def time_all(pipe, cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
 
         pipe.set_progress_bar_config(disable=True)
         print(f"timing {len(cfg.plans)} plans x {cfg.repeats} repeats on a batch of {k}...", file=sys.stderr)
-        out = time_plans(pipe, {p: p for p in cfg.plans}, call, repeats=cfg.repeats, **peer_timing())
+        cost = cost_model(pipe, cfg)
+        out = time_plans(
+            pipe,
+            {p: p for p in cfg.plans},
+            call,
+            repeats=cfg.repeats,
+            flops=lambda p: flop_counts(p, cost),
+            **peer_timing(),
+        )
     state.wait_for_everyone()
     return out
+
+
+def _paired_speedups(base: list[float], plan: list[float]) -> dict:
+    """Quartiles of the per-repeat transformer speedup: plans are interleaved within each repeat, so a repeat's
+    ratio is paired (a slow spell of the machine hits both), and the quartiles show the timing noise."""
+    import statistics
+
+    ratios = [b / t for b, t in zip(base, plan) if t > 0]
+    if len(ratios) < 2:
+        return {}
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"speedup_transformer_q1": q1, "speedup_transformer_q3": q3, "speedup_transformer_quartiles": [q1, q3]}
 
 
 def run_compare(pipe, cfg: CompareConfig) -> dict | None:
@@ -267,16 +305,24 @@ def run_compare(pipe, cfg: CompareConfig) -> dict | None:
             "transformer_median_s": t["transformer_median_s"],
             "speedup_end_to_end": base["e2e_median_s"] / t["e2e_median_s"],
             "speedup_transformer": base["transformer_median_s"] / t["transformer_median_s"],
+            **_paired_speedups(base["transformer_s"], t["transformer_s"]),
             **scores[plan],
         }
-        # Skipping a fraction f of the component calls cannot make the transformer faster than 1/f: above that the
-        # measurement is timing noise, not a result.
-        ideal = 1.0 / row["computed_fraction"] if row["computed_fraction"] > 0 else float("inf")
+        if "flops" in t:  # the FLOP share of the timed calls (the first batch of prompts), beside that of all n
+            done, flops = t["flops"]
+            row["timed_flop_share"] = done / flops
+        elif plan == "full":
+            row["timed_flop_share"] = 1.0
+        # Computing a share f of the FLOPs cannot make the transformer faster than 1/f (the FLOP-ideal; the call
+        # count's 1/f where FLOPs were not recorded): above that the measurement is timing noise, not a result.
+        ideal = row.get("flop_ideal_speedup")
+        if ideal is None:
+            ideal = 1.0 / row["computed_fraction"] if row["computed_fraction"] > 0 else float("inf")
         row["speedup_above_ideal"] = row["speedup_transformer"] > ideal
         if row["speedup_above_ideal"]:
             print(
-                f"warning: {plan}: measured transformer speedup {row['speedup_transformer']:.2f}x exceeds 1/computed "
-                f"fraction = {ideal:.2f}x: timing noise; use more --repeats or a larger --batch.",
+                f"warning: {plan}: measured transformer speedup {row['speedup_transformer']:.2f}x exceeds its "
+                f"FLOP-ideal {ideal:.2f}x: timing noise; use more --repeats or a larger --batch.",
                 file=sys.stderr,
             )
     result = {

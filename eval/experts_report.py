@@ -226,7 +226,7 @@ def fmt_ci(row) -> str:
 
 
 def table_md(report: dict) -> str:
-    header = "| model | FD vs real | bootstrap 95% band | CLIP score | GFLOPs / step | vs dense |"
+    header = "| model | FD vs real | bootstrap band | CLIP score | GFLOPs / step | vs dense |"
     lines = [header, "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(

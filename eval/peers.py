@@ -18,21 +18,23 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
 import diffroute
 from diffroute.core.call_context import hidden_states_of
-from diffroute.core.context import StepTracker, scheduler_step_source
+from diffroute.core.context import NamedCallHook, StepTracker, scheduler_step_source
 
 CONTEXT_HOOK, COUNT_HOOK = "diffroute_peer_context", "diffroute_peer_count"
 PEER_PREFIXES = ("diffusers:", "cachedit:")
 
 
-class _Context(ModelHook):
-    """Sets diffusers' cache context per transformer call; resets the caches at each new pipeline call."""
+class _Context(NamedCallHook):
+    """Sets diffusers' cache context per transformer call (the pipeline's own name for the call where it gives one,
+    else "cond"); resets the caches at each new pipeline call."""
 
     def __init__(self, run: PeerRun):
         super().__init__()
         self.run = run
 
     def pre_forward(self, module, *args, **kwargs):
-        ctx, new_call = self.run.tracker.advance(kwargs.get("timestep"), (hidden_states_of(args, kwargs)).shape[0])
+        name = self.call_name.name
+        ctx, new_call = self.run.tracker.advance(kwargs.get("timestep"), hidden_states_of(args, kwargs).shape[0], name)
         if new_call:
             registry = HookRegistry.check_if_exists_or_initialize(module)
             if self.run.per_call is not None:  # caches that must know the step count are (re)applied here
@@ -44,22 +46,24 @@ class _Context(ModelHook):
         self.run.batch = ctx.batch_size
         t = kwargs.get("timestep")
         self.run.timestep = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else t
-        _set_cache_context(module, CacheContext("cond", ctx.step, ctx.num_steps, t))
+        _set_cache_context(module, CacheContext(name or "cond", ctx.step, ctx.num_steps, t))
         return args, kwargs
 
 
 class _Count(ModelHook):
-    """Counts executed *rows* (samples), as our stats do: a call on half the batch (FasterCache computing only the
-    conditional rows) counts one half, not one."""
+    """Counts executed *rows* (samples) of one (block, component), as our stats do: a call on half the batch
+    (FasterCache computing only the conditional rows) counts one half, not one."""
 
-    def __init__(self, run: PeerRun):
+    def __init__(self, run: PeerRun, block: int, comp: int):
         super().__init__()
-        self.run = run
+        self.run, self.cell = run, (block, comp)
 
     def pre_forward(self, module, *args, **kwargs):
         hidden = hidden_states_of(args, kwargs)
         rows = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.ndim else self.run.batch
-        self.run.executed += rows / self.run.batch if self.run.batch else 1
+        share = rows / self.run.batch if self.run.batch else 1
+        self.run.executed += share
+        self.run.executed_map[self.cell] += share
         return args, kwargs
 
 
@@ -71,12 +75,14 @@ class PeerRun:
         self.arch = diffroute.architecture_map(pipe.transformer)
         self.tracker = StepTracker(scheduler_step_source(pipe.scheduler))
         self.timestep, self.calls, self.executed, self.last, self.batch = None, 0, 0, None, 0
+        self.executed_map = torch.zeros(self.arch.num_blocks, len(self.arch.components), dtype=torch.float64)
         self.per_call = None  # f(num_steps), for a cache configured per pipeline call (MagCache)
 
     def new_call(self) -> None:
         if self.calls:
             self.last = self.fraction()
         self.calls = self.executed = 0
+        self.executed_map = torch.zeros_like(self.executed_map)
 
     def fraction(self) -> float:
         total = self.calls * int(self.arch.present().sum())
@@ -86,10 +92,10 @@ class PeerRun:
         t = self.pipe.transformer
         t._diffroute_peer = self  # first, so that a failed apply (e.g. a missing calibration) is undone in full
         try:
-            for row in self.arch.modules:  # counters first: innermost, they see only executions
-                for m in row:
+            for b, row in enumerate(self.arch.modules):  # counters first: innermost, they see only executions
+                for c, m in enumerate(row):
                     if m is not None:
-                        HookRegistry.check_if_exists_or_initialize(m).register_hook(_Count(self), COUNT_HOOK)
+                        HookRegistry.check_if_exists_or_initialize(m).register_hook(_Count(self, b, c), COUNT_HOOK)
             if self.name.startswith("cachedit:"):
                 self.adapter = _apply_cachedit(self.pipe, self.name)
             else:
@@ -239,6 +245,23 @@ def call_counts(pipe) -> tuple[int, int]:
         return peer.executed, peer.calls * int(peer.arch.present().sum())
     stats = diffroute.last_stats(pipe)
     return stats.computed_calls, stats.component_calls
+
+
+def flop_counts(pipe, cost) -> tuple[float, float]:
+    """(computed, all) FLOPs of the last call, by `cost` (a search.cost.CostModel of this model): each component
+    weighted by its FLOPs, not counted as one call (cross-attention is a fifth of a PixArt block's FLOPs but a third
+    of its calls). Ours: what the stats say ran, whole-block reuse skipping the block's own norms and modulation;
+    peers: what their counters saw, the rest of every block counted as run (their skips are per component)."""
+    peer = getattr(pipe.transformer, "_diffroute_peer", None)
+    if peer is not None:
+        done = float((peer.executed_map * cost.component_flops.double()).sum())
+        rest = float(cost.block_flops.sum()) + cost.other_flops
+        return done + rest * peer.calls, cost.step_flops * peer.calls
+    from diffroute.metrics.timing import flop_ideal_speedup
+
+    stats = diffroute.last_stats(pipe)
+    steps = stats.compute_tensor().shape[0]
+    return cost.step_flops * steps / flop_ideal_speedup(cost, stats), cost.step_flops * steps
 
 
 def computed_fraction(pipe) -> float:

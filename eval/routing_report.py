@@ -147,10 +147,71 @@ def moe_table(runs: list[Path], base_results: Path | None, out: Path) -> list[di
         )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "table.json", {"rows": rows})
-    lines = ["| model | FFN FLOPs vs dense | FD vs real | 95% CI | CLIP score |", "|---|---|---|---|---|"]
+    lines = ["| model | FFN FLOPs vs dense | FD vs real | bootstrap band | CLIP score |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['flop_share']:.0%} | {quality_cells(r)} |" for r in rows]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     return rows
+
+
+def evaluated_steps(run: Path) -> dict[int, Path]:
+    """The run's evaluations by training step: `compare` (the final model) and `compare-NNNNNN` (its snapshots)."""
+    iters = json.loads((run / "summary.json").read_text())["iters"]
+    found = {}
+    for folder in sorted(run.glob("compare*")):
+        if (folder / "results.json").is_file():
+            suffix = folder.name.removeprefix("compare").lstrip("-")
+            found[int(suffix) if suffix else iters] = folder / "results.json"
+    return dict(sorted(found.items()))
+
+
+def moe_curve(runs: list[Path], out: Path) -> dict:
+    """FD vs real against training steps, one line per run (its snapshots' and final model's evaluations), and the
+    issue's targets at the last common step: static MoE within 0.03 of the dense fine-tune; clean-heavy better than
+    static beyond both bootstrap bands."""
+    curves = {}
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        label = summary["variant"] + (f" {summary['capacity']}" if summary["variant"] == "moe" else "")
+        points = []
+        for step, path in evaluated_steps(run).items():
+            full = json.loads(path.read_text())["plans"]["full"]
+            points.append({"step": step, **quality_of(full)})
+        curves[label] = points
+    common = set.intersection(*({p["step"] for p in pts} for pts in curves.values())) if curves else set()
+    last = max(common) if common else None
+
+    def at(label):
+        return next((p for p in curves.get(label, []) if p["step"] == last), None)
+
+    targets = {}
+    dense, static, clean = at("dense"), at("moe static:2"), at("moe clean:1-3")
+    if dense and static:
+        gap = static["fd_vs_real"] - dense["fd_vs_real"]
+        targets["static k=2 within 0.03 FD of dense"] = {"step": last, "gap": gap, "met": gap <= 0.03}
+    if static and clean:
+        beyond = clean["fd_vs_real_ci95"][1] < static["fd_vs_real_ci95"][0]
+        targets["clean-heavy better than static beyond the bands"] = {
+            "step": last,
+            "clean": clean["fd_vs_real"],
+            "static": static["fd_vs_real"],
+            "met": beyond,
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "curve.json", {"curves": curves, "targets": targets})
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in curves.items():
+        steps = [p["step"] for p in pts]
+        ax.plot(steps, [p["fd_vs_real"] for p in pts], marker="o", label=label)
+        lo, hi = zip(*(p["fd_vs_real_ci95"] for p in pts)) if pts else ((), ())
+        ax.fill_between(steps, lo, hi, alpha=0.12)
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("FD vs real (held-out, bootstrap band)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=110)
+    plt.close(fig)
+    return {"curves": curves, "targets": targets}
 
 
 def quality_of(full: dict) -> dict:
@@ -158,7 +219,7 @@ def quality_of(full: dict) -> dict:
 
 
 def quality_cells(row: dict) -> str:
-    """A report table's quality columns for one row (`quality_of` keys): FD, its 95% interval, CLIP score."""
+    """A report table's quality columns for one row (`quality_of` keys): FD, its bootstrap band, CLIP score."""
     lo, hi = row["fd_vs_real_ci95"]
     return f"{row['fd_vs_real']:.3f} | [{lo:.3f}, {hi:.3f}] | {row['clip_score']:.2f}"
 

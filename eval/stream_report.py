@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffroute.eval.routing_report import generate, pyplot, quality_cells, quality_of
+from diffroute.eval.routing_report import evaluated_steps, generate, pyplot, quality_cells, quality_of
 from diffroute.utils.io import atomic_write_json
 
 
@@ -18,17 +18,6 @@ def run_label(summary: dict) -> str:
     if summary["method"] == "dar" and summary["init"] == "shipped":
         name += f" {summary['mode']}"
     return f"{name} ({'fine-tune' if summary['init'] == 'shipped' else 'scratch'})"
-
-
-def evaluated_steps(run: Path) -> dict[int, Path]:
-    """The run's evaluations by training step: `compare` (the final model) and `compare-NNNNNN` (its snapshots)."""
-    iters = json.loads((run / "summary.json").read_text())["iters"]
-    found = {}
-    for folder in sorted(run.glob("compare*")):
-        if (folder / "results.json").is_file():
-            suffix = folder.name.removeprefix("compare").lstrip("-")
-            found[int(suffix) if suffix else iters] = folder / "results.json"
-    return dict(sorted(found.items()))
 
 
 def stream_rows(runs: list[Path]) -> list[dict]:
@@ -84,7 +73,7 @@ def stream_table(runs: list[Path], out: Path) -> dict:
     checks = targets(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "table.json", {"rows": rows, "targets": checks})
-    lines = ["| model | seed | step | FD vs real | 95% CI | CLIP score |", "|---|---|---|---|---|---|"]
+    lines = ["| model | seed | step | FD vs real | bootstrap band | CLIP score |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['seed']} | {r['step']} / {r['iters']} | {quality_cells(r)} |" for r in rows]
     lines += ["", "| target | FD | plain FD | met |", "|---|---|---|---|"]
     for k, v in checks.items():

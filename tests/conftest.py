@@ -1,7 +1,11 @@
 """Shared fixtures: the six tiny random-weight routed pipelines and the call arguments each one takes."""
 
+import contextlib
+import io
 import os
+import traceback
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -62,3 +66,34 @@ def tiny_pipes():
         return cache[name]
 
     return get
+
+
+@dataclass
+class CliResult:
+    """What a `diffroute` command left: its exit status and what it printed (as `subprocess.run` would give)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args) -> CliResult:
+    """Run the `diffroute` command in this process: a subprocess spends ~5 s starting Python and importing torch and
+    diffusers per call. Tests that need a process of their own (signals, launchers, installed wheels) keep using
+    subprocess. An uncaught exception becomes exit status 1 with its traceback on stderr, as in a subprocess; the
+    torch thread count is restored, since `--threads` sets it for the whole process."""
+    from diffroute.cli.main import main
+
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            torch.set_num_threads(threads)
+    return CliResult(code, out.getvalue(), err.getvalue())

@@ -84,11 +84,39 @@ def test_the_step_context_and_the_call_context_speak_the_schedulers_timestep_uni
     executor = diffroute.get_executor(pipe)
     start = executor.on_transformer_start
 
-    def spy(timestep, hidden):
-        start(timestep, hidden)
+    def spy(timestep, hidden, name=None):
+        start(timestep, hidden, name)
         seen.append(float(torch.as_tensor(executor.ctx.timestep).reshape(-1)[0]))
 
     executor.on_transformer_start = spy
     run(pipe, "flux", prompts("flux"), [0, 1], steps=3)
     expected = [float(t) for t in pipe.scheduler.timesteps]
     assert seen[::2] == pytest.approx(expected, rel=1e-5)  # two calls per step (true CFG)
+
+
+def test_the_branch_is_the_name_the_pipeline_gives_the_call():
+    """FLUX's pipeline names its true-CFG calls with diffusers' `cache_context` ("cond", "uncond"): the executor's
+    step context takes the branch from that name, not from counting calls, so a step with the unconditional call
+    alone (a guidance interval, say) is still branch 1."""
+    from conftest import fresh_pipe
+
+    import diffroute
+    from diffroute.core.context import StepTracker
+
+    pipe = fresh_pipe("flux")
+    diffroute.apply(pipe, "full")
+    executor = diffroute.get_executor(pipe)
+    start, seen = executor.on_transformer_start, []
+
+    def spy(timestep, hidden, name=None):
+        start(timestep, hidden, name)
+        seen.append((name, executor.ctx.step, executor.ctx.branch))
+
+    executor.on_transformer_start = spy
+    run(pipe, "flux", prompts("flux")[:1], [0], steps=3)
+    assert seen == [(n, s, b) for s in range(3) for n, b in (("cond", 0), ("uncond", 1))]
+
+    tracker = StepTracker()  # no scheduler counter: steps from the timestep's value
+    calls = [(900.0, "cond"), (900.0, "uncond"), (600.0, "uncond"), (300.0, "cond"), (300.0, None)]
+    got = [tracker.advance(torch.tensor([t]), 2, name)[0] for t, name in calls]
+    assert [(c.step, c.branch) for c in got] == [(0, 0), (0, 1), (1, 1), (2, 0), (2, 1)]

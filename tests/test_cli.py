@@ -1,16 +1,15 @@
 """The `diffroute` command: help on every subcommand, a generation with JSON, and errors before any work."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 
 from diffroute.cli.main import COMMANDS
 
 
 def _cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=300)
+    proc = run_cli(*args)  # in this process (see conftest.run_cli)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc

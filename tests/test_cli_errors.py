@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
 from diffroute.zoo.emoji import WEIGHTS
 
 
 def _cli(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "diffroute", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
+    return run_cli(*args)  # in this process (see conftest.run_cli)
 
 
 def _refused(proc, *needles):

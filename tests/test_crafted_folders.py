@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_cli
 
 from diffroute.zoo.emoji import WEIGHTS
 
@@ -135,10 +136,10 @@ def test_user_pipeline_folders_that_cannot_load_give_one_clear_error(tmp_path, d
 def test_a_damaged_checkpoint_is_refused_on_resume(tmp_path):
     args = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
     args += ["--iters", "2", "--prompt", "a red apple", "--prompt", "a cat", "--out", str(tmp_path / "run")]
-    assert subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True).returncode == 0
+    assert run_cli(*args).returncode == 0
     (ckpt,) = (tmp_path / "run").glob("ckpt-*.safetensors")
     ckpt.write_bytes(b"garbage")
-    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=300)
+    proc = run_cli(*args)
     assert proc.returncode == 2 and "cannot be resumed" in proc.stderr and "Traceback" not in proc.stderr
 
 

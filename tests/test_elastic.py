@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, prompts, run
+from conftest import NAMES, prompts, run, run_cli
 
 import diffroute
 from diffroute.errors import PlanError
@@ -179,17 +179,15 @@ def test_elastic_finetune_saves_a_loadable_model_variant(tmp_path):
 
 def test_train_elastic_cli_runs_and_refuses_bad_budgets(tmp_path):
     import json
-    import subprocess
-    import sys
 
     args = ["train", "elastic", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
     args += ["--iters", "2", "--out", str(tmp_path / "e"), "--json", "--prompt", "a red apple", "--prompt", "a cat"]
-    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["method"] == "elastic" and (tmp_path / "e" / "router" / "config.json").is_file()
     assert [json.loads(line)["step"] for line in (tmp_path / "e" / "log.jsonl").read_text().splitlines()] == [1, 2]
-    bad = subprocess.run([sys.executable, "-m", "diffroute", *args, "--r-clean", "1.5"], capture_output=True, text=True)
+    bad = run_cli(*args, "--r-clean", "1.5")
     assert bad.returncode == 2 and "argument --r-clean: 1.5 is out of range: give a number in (0, 1]" in bad.stderr
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from diffroute.metrics import frechet
@@ -99,7 +100,10 @@ def test_folder_errors(tmp_path):
         load_folder(tmp_path / "text")
 
 
-def _cli(*args, launcher=(sys.executable, "-m", "diffroute")):
+def _cli(*args, launcher=None):
+    """In this process (see conftest.run_cli), or under `launcher` (accelerate launch) as processes of their own."""
+    if launcher is None:
+        return run_cli(*args)
     return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=600)
 
 
@@ -154,7 +158,8 @@ def test_compare_one_and_two_processes_agree(tmp_path):
         "--threads",
         "1",
     ]
-    one = _cli(*common, "--out", str(tmp_path / "one"))
+    # a process of its own, like each launched one (threads and kernel choices as theirs)
+    one = _cli(*common, "--out", str(tmp_path / "one"), launcher=(sys.executable, "-m", "diffroute"))
     assert one.returncode == 0, one.stderr
     launch = (
         sys.executable,
@@ -241,20 +246,46 @@ def test_fd_bootstrap_interval_and_feature_bank_order():
     assert torch.equal(bank.compute(), images.double())
 
 
+def test_fd_band_against_a_known_answer():
+    """Gaussians N(0, I) and N(delta, I) have FD |delta|^2 exactly. With many images per dimension the bootstrap band
+    holds that true value in most draws; with few, the plug-in FD's upward bias moves the band above it in many
+    draws: a band around the estimate, not a confidence interval for the true FD (as fd_interval's docstring says)."""
+    from diffroute.metrics.frechet import fd_interval
+
+    g = torch.Generator().manual_seed(1)
+
+    def coverage(n, d, draws=40):
+        delta = torch.full((d,), 0.3, dtype=torch.float64)
+        true, held = float(delta.square().sum()), 0
+        for r in range(draws):
+            a = torch.randn(n, d, generator=g, dtype=torch.float64)
+            b = torch.randn(n, d, generator=g, dtype=torch.float64) + delta
+            lo, hi = fd_interval(a, b, paired=False, n_boot=100, seed=r)
+            held += lo <= true <= hi
+        return held / draws
+
+    assert coverage(300, 4) >= 0.8
+    assert coverage(100, 8) <= 0.7
+
+
 def test_dominance_of_peer_settings_by_shipped_schedules():
     from diffroute.eval.reports import dominance, dominance_table, plan_kind
 
-    def row(plan, speed, fd, psnr):
-        return {"plan": plan, "speedup_transformer": speed, "fd_vs_full": fd, "psnr_vs_full_db": psnr}
+    def row(plan, speed, fd, psnr, q3=None, fd_band=None, psnr_band=None):
+        r = {"plan": plan, "speedup_transformer": speed, "fd_vs_full": fd, "psnr_mean_vs_full_db": psnr}
+        r.update(speedup_transformer_q3=q3 or speed, fd_vs_full_ci95=fd_band, psnr_mean_vs_full_ci95=psnr_band)
+        return r
 
     plans = [
         row("full", 1.0, 0.0, None),
         row("fora-2", 1.9, 0.1, 27.0),  # ours, not shipped: never counts as a dominator
-        row("emoji:fast", 1.5, 0.05, 30.0),
+        row("emoji:fast", 1.5, 0.05, 30.0, q3=1.62),
         row("emoji:fastest", 2.5, 0.3, 21.0),
-        row("diffusers:fbc-0.2", 1.4, 0.06, 29.0),  # dominated by emoji:fast in both
+        row("diffusers:fbc-0.2", 1.4, 0.06, 29.0, fd_band=[0.055, 0.07], psnr_band=[28.5, 29.5]),  # emoji:fast, both
         row("diffusers:pab-3", 2.0, 0.2, 20.0),  # by emoji:fastest in PSNR only (FD 0.3 > 0.2)
         row("cachedit:dbcache-F1B0-0.05", 1.02, 0.0, None),  # identical to full: nothing shipped is as good
+        # slower than emoji:fast's median but within its quartile; better FD, but not beyond this peer's band
+        row("diffusers:mag-0.1", 1.6, 0.052, 28.0, fd_band=[0.045, 0.06], psnr_band=[27.0, 29.0]),
     ]
     result = {"plans": {r["plan"].replace(":", "_"): r for r in plans}}
     assert [plan_kind(r["plan"]) for r in plans[:3]] == ["ours", "ours", "shipped"]
@@ -262,4 +293,5 @@ def test_dominance_of_peer_settings_by_shipped_schedules():
     assert got["diffusers:fbc-0.2"]["by_both"] == ["emoji:fast"]
     assert got["diffusers:pab-3"]["by_fd"] == [] and got["diffusers:pab-3"]["by_psnr"] == ["emoji:fastest"]
     assert not any(got["cachedit:dbcache-F1B0-0.05"][k] for k in ("by_fd", "by_psnr"))
-    assert "1 of 3 peer settings dominated in both (1 by FD, 2 by PSNR)" in dominance_table(result)
+    assert got["diffusers:mag-0.1"]["by_fd"] == [] and got["diffusers:mag-0.1"]["by_psnr"] == ["emoji:fast"]
+    assert "1 of 4 peer settings dominated in both (1 by FD, 3 by PSNR)" in dominance_table(result)

@@ -4,7 +4,7 @@ indicator that is not constant on small latents, per-call routing weights, save 
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, fresh_pipe, prompts, run
+from conftest import NAMES, fresh_pipe, prompts, run, run_cli
 
 from diffroute.errors import PlanError
 from diffroute.surgery.fera import (
@@ -188,14 +188,12 @@ def test_fecl_is_zero_when_the_update_matches_the_error_spectrum_and_positive_ot
 
 def test_train_fera_cli_adapts_only_the_adapters_on_symbola(tmp_path):
     import json
-    import subprocess
-    import sys
 
     from diffroute.zoo.registry import load_pipeline, model_domain
 
     args = ["train", "fera", "--model", "emoji", "--iters", "2", "--batch-size", "4", "--train-images", "8"]
     args += ["--ema-decay", "0", "--alpha", "3", "--balance", "0.01", "--out", str(tmp_path / "r"), "--json"]
-    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["domain"] == "symbola" and result["trained_parameters"] > 0

@@ -2,13 +2,11 @@
 prompt), a sample's image does not depend on its batch-mates, and gates train, save, load and resume like L2C."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, STEPS, fresh_pipe, prompts, run
+from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli
 
 import diffroute
 from diffroute.errors import PlanError
@@ -103,14 +101,14 @@ def test_train_gates_cli_learns_to_skip_resumes_and_loads_as_a_plan(tmp_path):
     args = ["train", "gates", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
     args += ["--iters", "6", "--rho", "5", "--lr", "0.05", "--out", str(tmp_path / "g"), "--json"]
     args += ["--prompt", "a red apple", "--prompt", "a cat"]
-    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["method"] == "gates" and 0 < result["gated_flop_share"] < 1
     log = [json.loads(line) for line in (tmp_path / "g" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 7))
     weights = (tmp_path / "g" / "router" / "diffusion_pytorch_model.safetensors").read_bytes()
-    again = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    again = run_cli(*args)
     assert again.returncode == 0, again.stderr  # done: nothing trains again, the same gates come out
     assert (tmp_path / "g" / "router" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     pipe = diffroute.load_pipeline("tiny-pixart")

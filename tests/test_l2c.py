@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import CALL_KWARGS, NAMES, prompts, run
+from conftest import CALL_KWARGS, NAMES, prompts, run, run_cli
 
 import diffroute
 from diffroute.errors import PlanError
@@ -112,20 +112,18 @@ def test_train_cli_resumes_and_ships_nothing_without_ship(tmp_path):
     args = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
     args += ["--iters", "2", "--batch", "1", "--out", str(tmp_path / "r"), "--json"]
     args += ["--prompt", "a red apple", "--prompt", "a cat"]
-    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["iters"] == 2 and 0.5 <= result["computed_fraction"] <= 1 and "shipped_as" not in result
     assert [json.loads(line)["step"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()] == [1, 2]
     weights = (tmp_path / "r" / "router" / "diffusion_pytorch_model.safetensors").read_bytes()
     # rerun: the checkpoint says it is done, so nothing trains again and the same router comes out
-    again = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    again = run_cli(*args)
     assert again.returncode == 0, again.stderr
     assert len((tmp_path / "r" / "log.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "r" / "router" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
-    bad = subprocess.run(
-        [sys.executable, "-m", "diffroute", *args[:-4], "--threshold", "1.5"], capture_output=True, text=True
-    )
+    bad = run_cli(*args[:-4], "--threshold", "1.5")
     assert bad.returncode == 2 and "argument --threshold: 1.5 is out of range" in bad.stderr
 
 

@@ -5,7 +5,7 @@ the timestep, the upcycled transformer saves and loads, and caching plans still 
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, prompts, run
+from conftest import NAMES, prompts, run, run_cli
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffroute
@@ -247,27 +247,23 @@ _SMOKE = ["train", "moe", "--model", "emoji", "--iters", "2", "--batch-size", "4
 
 def test_train_moe_cli_resumes_loads_and_refuses_bad_capacity(tmp_path):
     import json
-    import subprocess
-    import sys
 
     from diffroute.zoo.registry import load_pipeline, model_family
 
     args = [*_SMOKE, "--capacity", "clean:1-3", "--out", str(tmp_path / "r")]
-    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], **_RUN)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["variant"] == "moe" and result["capacity"] == "clean:1-3" and "shipped_as" not in result
     weights = (tmp_path / "r" / "model" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
-    again = subprocess.run([sys.executable, "-m", "diffroute", *args], **_RUN)  # done: nothing trains again
+    again = run_cli(*args)  # done: nothing trains again
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "r" / "model" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     assert model_family(str(tmp_path / "r" / "model")) == "emoji"
     pipe = load_pipeline(str(tmp_path / "r" / "model"))
     layers = moe_layers(pipe.transformer)
     assert len(layers) == 5 and str(layers[0].capacity) == "clean:1-3" and layers[0].dense_mix == 0.0
-    bad = subprocess.run(
-        [sys.executable, "-m", "diffroute", *_SMOKE, "--capacity", "static:9", "--out", str(tmp_path / "bad")], **_RUN
-    )
+    bad = run_cli(*_SMOKE, "--capacity", "static:9", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "must lie in (0, 6]" in bad.stderr and not (tmp_path / "bad").exists()
 
 

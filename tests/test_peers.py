@@ -109,3 +109,27 @@ def test_magcache_is_calibrated_on_the_model_then_skips(pipe, tmp_path, capsys):
         deactivate(model)
     assert 0 < fraction < 1 and np.array_equal(a, b) and not np.array_equal(a, full)
     assert np.array_equal(run(model, "pixart-alpha", ["a cat"], [0], steps=20), full)
+
+
+def test_a_peer_keeps_the_pipelines_cond_and_uncond_states_apart(monkeypatch):
+    """FLUX's true CFG names its two calls per step ("cond", "uncond"); the peer's cache context passes those names
+    on (it used to say "cond" for both, so the unconditional call read the conditional call's cache)."""
+    from conftest import fresh_pipe
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.hooks import StateManager
+
+    names, get_state = [], StateManager.get_state
+
+    def spy(self):
+        names.append(self.context.name)
+        return get_state(self)
+
+    monkeypatch.setattr(StateManager, "get_state", spy)
+    flux = fresh_pipe("flux")
+    activate(flux, "diffusers:fbc-0.2")
+    try:
+        run(flux, "flux", ["a cat"], [0], steps=4)
+    finally:
+        deactivate(flux)
+    assert set(names) == {"cond", "uncond"} and names.count("cond") == names.count("uncond")
+    assert HookRegistry.check_if_exists_or_initialize(flux.transformer).hooks == {}

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import PartialState
+from conftest import run_cli
 
 import diffroute
 from diffroute.search.cost import measure_cost
@@ -222,13 +223,11 @@ def test_hypervolume_grows_with_a_dominating_point_and_plateaus(setup, tmp_path)
 
 
 def test_search_cli_with_forecasts_latency_model_and_per_image_quality(tmp_path):
-    import subprocess
-    import sys
 
     args = ["search", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--pop", "6", "--generations", "2"]
     args += ["--quality", "psnr_mean", "--cost", "latency_model", "--out", str(tmp_path / "s"), "--json"]
     args += ["--prompt", "a red apple", "--prompt", "a cat"]
-    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     check = result["latency_model_check"]

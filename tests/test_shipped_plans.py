@@ -4,6 +4,7 @@ every per-sample input a module reads, such as an MoE router's timestep, must fo
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 import diffroute
 from diffroute.zoo.shipped import plans_for
@@ -66,14 +67,12 @@ def test_a_router_runs_only_on_the_backbone_it_was_trained_on(model, plan, dtype
 
 
 def test_training_records_the_backbone_probe(tmp_path):
-    import subprocess
-    import sys
 
     from diffroute.routers import load_router
 
     args = ["train", "l2c", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
     args += ["--iters", "1", "--prompt", "a red apple", "--prompt", "a cat", "--out", str(tmp_path / "run")]
-    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=300)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     router = load_router(tmp_path / "run" / "router")
     assert len(router.config.backbone_probe) == 256 and router.config.backbone_dtype == "float32"

@@ -4,7 +4,7 @@ families, both detach bitwise, DTR's windows follow the paper, and both save and
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, fresh_pipe, prompts, run
+from conftest import NAMES, fresh_pipe, prompts, run, run_cli
 
 from diffroute.errors import PlanError
 from diffroute.surgery.dar import DARAggregator, apply_dar, remove_dar
@@ -87,14 +87,12 @@ def test_dar_and_dtr_save_and_load_with_the_transformer(tmp_path, which):
 
 def test_train_dar_from_the_cli_and_load_back_with_snapshots(tmp_path):
     import json
-    import subprocess
-    import sys
 
     from diffroute.zoo.registry import load_pipeline
 
     args = ["train", "dar", "--model", "emoji", "--iters", "2", "--batch-size", "4", "--train-images", "8"]
     args += ["--ema-decay", "0", "--snapshots", "2", "--out", str(tmp_path / "r"), "--json"]
-    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=600)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["method"] == "dar" and result["init"] == "shipped" and result["mode"] == "retrofit"

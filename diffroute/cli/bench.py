@@ -51,6 +51,12 @@ def add_arguments(p) -> None:
     p.add_argument("--ks", default="1,2,3,4,6", help="moe: routed experts per token to time (default 1,2,3,4,6)")
     p.add_argument("--tokens", type=int_in(1, 65536), default=64, help="moe: tokens per sample (default 64)")
     p.add_argument("--block", type=int, default=1, help="moe: the block whose FFN is timed (default 1)")
+    p.add_argument(
+        "--family",
+        default=None,
+        help="moe: time a random-weight block of a published configuration instead of --model (e.g. "
+        "pixart-alpha-xl: d = 1152, PixArt-XL's FFN; see bench scale's families)",
+    )
 
 
 def run(args) -> dict:
@@ -145,33 +151,60 @@ def run(args) -> dict:
 
 
 def _moe(args) -> dict:
+    import torch
+
     from diffroute.surgery.moe.bench import bench_ffn
 
     try:
         ks = tuple(float(k) for k in args.ks.split(","))
     except ValueError as e:
         raise ValueError(f"--ks {args.ks!r}: give comma-separated numbers of experts per token, e.g. 1,2,4") from e
-    pipe = load(args)
-    torch_threads = __import__("torch").get_num_threads()
+    if args.family is not None:
+        from diffroute.zoo.real_configs import REAL_CONFIGS
+
+        if args.family not in REAL_CONFIGS:
+            raise ValueError(f"--family {args.family!r}: pick one of {', '.join(REAL_CONFIGS)}")
+        real = REAL_CONFIGS[args.family]
+        transformer = real.build(
+            blocks=tuple(2 for _ in real.depth_keys), dtype=getattr(torch, args.dtype or "float32")
+        )
+        source = f"{args.family} (random weights, d = {transformer.config.get('cross_attention_dim', '?')})"
+    else:
+        from argparse import Namespace
+
+        # (--compile applies to the timed FFNs only, not to the transformer they are cut from)
+        transformer, source = load(Namespace(**{**vars(args), "compile": "none"})).transformer, args.model
     rows = bench_ffn(
-        pipe.transformer,
+        transformer,
         block=args.block,
         ks=ks,
         batch=args.batch,
         tokens=args.tokens,
         repeats=args.repeats,
         seed=args.seed,
+        compile=args.compile != "none",
     )
+    dtype = str(next(transformer.parameters()).dtype).removeprefix("torch.")
     if not args.json:
         print(
-            f"FFN of block {args.block}, batch {args.batch} x {args.tokens} tokens, {torch_threads} threads, "
-            f"median of {args.repeats} after a warm-up"
+            f"FFN of block {args.block} of {source}, {dtype}, batch {args.batch} x {args.tokens} tokens, "
+            f"{torch.get_num_threads()} threads{', torch.compile' if args.compile != 'none' else ''}; "
+            f"{args.repeats} interleaved rounds after a warm-up: median wall-clock, and the per-round ratio to dense "
+            "(median [quartiles])"
         )
         print("| FFN | FLOPs | FLOPs vs dense | wall-clock (ms) | time vs dense |")
         print("|---|---|---|---|---|")
         for r in rows:
             print(
                 f"| {r['ffn']} | {r['flops'] / 1e6:.1f}M | {r['flops_ratio']:.2f} | {r['seconds'] * 1e3:.2f} | "
-                f"{r['time_ratio']:.2f} |"
+                f"{r['time_ratio']:.2f} [{r['time_ratio_q1']:.2f}, {r['time_ratio_q3']:.2f}] |"
             )
-    return {"rows": rows, "batch": args.batch, "tokens": args.tokens, "block": args.block}
+    return {
+        "rows": rows,
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "block": args.block,
+        "source": source,
+        "dtype": dtype,
+        "compile": args.compile != "none",
+    }

@@ -176,7 +176,7 @@ def _histogram(args) -> dict:
 
 def _moe(args) -> dict:
     from diffroute.cli.eval_inblock import check_runs
-    from diffroute.eval.routing_report import moe_load_plot, moe_table
+    from diffroute.eval.routing_report import moe_curve, moe_load_plot, moe_table
     from diffroute.zoo.registry import load_pipeline
 
     runs = [Path(r) for r in args.runs]
@@ -194,9 +194,13 @@ def _moe(args) -> dict:
         pipe.set_progress_bar_config(disable=True)
         models[summary["capacity"]] = pipe
     moe_load_plot(models, _heldout(args.n), Path(args.out))
+    curve = moe_curve(runs, Path(args.out))
     if not args.json:
-        print((Path(args.out) / "table.md").read_text() + f"wrote {args.out}/table.md, load.png")
-    return {"rows": rows}
+        print((Path(args.out) / "table.md").read_text())
+        for name, t in curve["targets"].items():
+            print(f"target: {name} at step {t['step']}: {'met' if t['met'] else 'missed'} ({t})")
+        print(f"wrote {args.out}/table.md, load.png, curve.png")
+    return {"rows": rows, "curve": curve}
 
 
 def _fid(args) -> dict:

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 
 # Returns (step_index or None, num_steps or None) without reading device memory.
 StepSource = Callable[[], "tuple[int | None, int | None]"]
@@ -15,8 +17,10 @@ StepSource = Callable[[], "tuple[int | None, int | None]"]
 class StepContext:
     """Where the loop is at the current transformer call.
 
-    `branch` counts the transformer calls made at the same step (pipelines that run CFG as two calls: 0 and 1);
-    pipelines that batch CFG make one call per step, and each row of the batch is its own sample to the cache.
+    `branch` tells apart the transformer calls made at the same step (pipelines that run CFG as two calls: 0 and
+    1): by the name the pipeline gives the call where it names it (diffusers' `cache_context`: "cond" 0, "uncond" 1),
+    else by counting the calls at the step. Pipelines that batch CFG make one call per step, and each row of the
+    batch is its own sample to the cache.
     """
 
     step: int = -1
@@ -41,6 +45,41 @@ def scheduler_step_source(scheduler) -> StepSource:
     return source
 
 
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+class CallName(StateManager):
+    """The name a diffusers pipeline gives each denoiser call (`with transformer.cache_context("cond"):`; FLUX's
+    true CFG names "cond" and "uncond"). diffusers hands that context to every `StateManager` that a stateful hook on
+    the transformer holds; a hook holding one of these reads the name back (None where the pipeline names none)."""
+
+    def __init__(self):
+        super().__init__(_NoState)
+
+    @property
+    def name(self) -> str | None:
+        return None if self._context is None else self._context.name
+
+
+class NamedCallHook(ModelHook):
+    """A transformer hook that learns each call's name from the pipeline (see `CallName`): `self.call_name.name`."""
+
+    _is_stateful = True  # (what makes diffusers' `cache_context` reach it)
+
+    def __init__(self):
+        super().__init__()
+        self.call_name = CallName()
+
+    def reset_state(self, module):
+        return module  # the name is the pipeline's, set per call: nothing of ours to reset
+
+
+# Branches of the names diffusers' pipelines give; other names get the next free branch on first sight.
+NAMED_BRANCHES = {"cond": 0, "uncond": 1, "cond_uncond": 0}
+
+
 class StepTracker:
     """Recovers the step context from the sequence of transformer calls.
 
@@ -55,6 +94,7 @@ class StepTracker:
         self.ctx = StepContext()
         self._last_t: float | None = None
         self._pinned: tuple[int, int] | None = None
+        self._names = dict(NAMED_BRANCHES)
 
     def reset(self) -> None:
         self.ctx = StepContext()
@@ -69,8 +109,9 @@ class StepTracker:
     def unpin(self) -> None:
         self._pinned = None
 
-    def advance(self, timestep, batch_size: int) -> tuple[StepContext, bool]:
-        """Update for one transformer call; returns (context, whether this call starts a new pipeline call)."""
+    def advance(self, timestep, batch_size: int, name: str | None = None) -> tuple[StepContext, bool]:
+        """Update for one transformer call; returns (context, whether this call starts a new pipeline call). `name`:
+        what the pipeline calls this call ("cond", "uncond"), which fixes its branch; None: the calls are counted."""
         prev = self.ctx
         pinned = self._pinned
         if pinned is not None:
@@ -94,6 +135,8 @@ class StepTracker:
         branch = prev.branch + 1 if same_step else 0
         if new_call:
             branch = 0
+        if name is not None:
+            branch = self._names.setdefault(name, max(self._names.values()) + 1)
         self.ctx = StepContext(step, num_steps, branch, timestep, batch_size)
         return self.ctx, new_call
 

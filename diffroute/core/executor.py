@@ -148,10 +148,10 @@ class Executor(BlockDecisions, SoftDecisions):
         return self.tracker.ctx
 
     @torch.compiler.disable
-    def on_transformer_start(self, timestep, hidden: torch.Tensor) -> None:
+    def on_transformer_start(self, timestep, hidden: torch.Tensor, name: str | None = None) -> None:
         if timestep is not None and self._timestep_scale != 1.0:  # the scheduler's units, as in the call context
             timestep = timestep * self._timestep_scale
-        ctx, new_call = self.tracker.advance(timestep, hidden.shape[0])
+        ctx, new_call = self.tracker.advance(timestep, hidden.shape[0], name)
         if new_call or self.stats is None:
             self._start_call(ctx.num_steps or self.default_num_steps, hidden.device)
         self.stats.transformer_start(ctx.step, hidden.device)

@@ -7,6 +7,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from diffroute.core.call_context import hidden_states_of
+from diffroute.core.context import NamedCallHook
 
 STEP_HOOK = "diffroute_step"
 BLOCK_HOOK = "diffroute_block"
@@ -17,8 +18,9 @@ BLOCK_REUSE_HOOK = "diffroute_block_reuse"
 KEEP = "keep"
 
 
-class StepHook(ModelHook):
-    """On the transformer: advances the step context and times each forward."""
+class StepHook(NamedCallHook):
+    """On the transformer: advances the step context (with the call's name where the pipeline gives one) and times
+    each forward."""
 
     def __init__(self, executor):
         super().__init__()
@@ -26,7 +28,7 @@ class StepHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         hidden = hidden_states_of(args, kwargs)
-        self.executor.on_transformer_start(kwargs.get("timestep"), hidden)
+        self.executor.on_transformer_start(kwargs.get("timestep"), hidden, self.call_name.name)
         return args, kwargs
 
     def post_forward(self, module, output):

@@ -32,7 +32,7 @@ PSNR_CAP_DB = 60.0  # per-image PSNR is capped: an identical image (infinite PSN
 class PerImageMSE(Metric):
     """Per-image mean squared error against the reference, kept per image (gathered across processes), so that the
     set's PSNR can be reported both ways papers do: pooled (one MSE over all pixels) and as the mean of per-image
-    PSNRs capped at PSNR_CAP_DB, each with a bootstrap 95% interval over images."""
+    PSNRs capped at PSNR_CAP_DB, each with a bootstrap band (2.5-97.5% percentiles over image resamples)."""
 
     full_state_update = False
 
@@ -64,7 +64,7 @@ def psnr_of_mse(mse: torch.Tensor) -> torch.Tensor:
 
 def psnr_summary(mse: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> dict:
     """Pooled PSNR (uncapped; None when every image is identical) and mean per-image PSNR (capped), with bootstrap
-    95% intervals (percentiles over `n_boot` resamples of the images, fixed seed: reproducible)."""
+    bands (2.5-97.5% percentiles over `n_boot` resamples of the images, fixed seed: reproducible)."""
     mse = mse.double().sort().values  # the order processes gathered the images in must not change the intervals
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(mse), (n_boot, len(mse)), generator=g)

@@ -83,6 +83,7 @@ def time_plans(
     deactivate: Callable | None = None,
     fraction: Callable | None = None,
     cost=None,
+    flops: Callable | None = None,
 ) -> dict[str, dict]:
     """Time `call()` under each plan (None = vanilla, no hooks at all), interleaving plans within every repeat so
     that drifts in machine speed hit all plans alike. Returns per plan: the end-to-end and transformer times of each
@@ -90,7 +91,9 @@ def time_plans(
     (e.g. to switch compilation), `after(name, timed)` after it; `timer` sums transformer time (default
     ForwardTimer). `activate(pipe, plan)`, `deactivate(pipe)` and `fraction(pipe)` (the computed fraction of the
     last call) default to diffroute's own plans; the eval suite passes versions that also run peers' caches. With
-    `cost` (a search.cost.CostModel), each plan also gets `flop_ideal`: 1 for vanilla, None for peers' caches."""
+    `cost` (a search.cost.CostModel), each plan also gets `flop_ideal`: 1 for vanilla, None for peers' caches.
+    `flops(pipe)`: (computed, all) FLOPs of the last call, recorded per plan as `flops` (of the timed calls, so that
+    a speedup and its FLOP-ideal come from the same prompts)."""
     activate = activate or apply
     deactivate = deactivate or remove
     fraction = fraction or (lambda p: last_stats(p).computed_fraction)
@@ -124,6 +127,8 @@ def time_plans(
                     if plan is not None:
                         results[name]["computed_fraction"] = fraction(pipe)
                         results[name]["stats"] = last_stats(pipe)  # None for peers' caches
+                        if flops is not None:
+                            results[name]["flops"] = flops(pipe)
     finally:
         if own_timer:
             timer.remove()

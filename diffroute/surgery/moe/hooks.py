@@ -54,8 +54,8 @@ def _get(obj, dotted: str):
 
 def install_moe_hooks(transformer, arch, blocks, norms, layers) -> None:
     def on_timestep(timestep):
-        for layer in layers:
-            layer.set_timestep(timestep, timestep_scale=1.0)  # scaled to the scheduler's units by the call context
+        for i, layer in enumerate(layers):  # scaled to the scheduler's units by the call context
+            layer.set_timestep(timestep, timestep_scale=1.0, like=layers[0] if i else None)
 
     add_call_listener(transformer, TIMESTEP_LISTENER, _TimestepListener(on_timestep))
     for b, norm, layer in zip(blocks, norms, layers, strict=True):

@@ -93,6 +93,7 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
         self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         # Set per call by the transformer's capacity hook (hooks.py) and the block's norm hook.
         self._timestep: torch.Tensor | None = None  # [B], the model's units (0..1000)
+        self._t_proj: torch.Tensor | None = None  # [B, time_dim], its sinusoidal projection
         self._t_frac: list[float] | None = None  # [B] on the host, t / T
         self._route_input: torch.Tensor | None = None  # LN(h) before the modulation, [B, S, d]
         self.dense_mix = 0.0  # progressive sparsification: k -> k + dense_mix * (E - k)
@@ -101,13 +102,18 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
         self.stats: list[dict] = []
 
     # ----- capacity -------------------------------------------------------------------------------------------
-    def set_timestep(self, timestep: torch.Tensor, timestep_scale: float | None = None) -> None:
+    def set_timestep(self, timestep: torch.Tensor, timestep_scale: float | None = None, like=None) -> None:
         """Record this call's timestep ([B] or scalar) in the model's units, times `timestep_scale` (default: the
-        config's, FLUX 1000) to the scheduler's; the capacity hook does it per call, already scaled."""
+        config's, FLUX 1000) to the scheduler's; the capacity hook does it per call, already scaled. `like`: a layer
+        set for this call already, whose reading is shared (one host read and one sinusoid per call, not per layer)."""
+        if like is not None and like.config.time_dim == self.config.time_dim:
+            self._timestep, self._t_frac, self._t_proj = like._timestep, like._t_frac, like._t_proj
+            return
         scale = self.config.timestep_scale if timestep_scale is None else timestep_scale
         t = torch.as_tensor(timestep).reshape(-1).float() * scale
         self._timestep = t
         self._t_frac = [min(max(v / 1000.0, 0.0), 1.0) for v in t.detach().cpu().tolist()]
+        self._t_proj = self.time_proj(t)  # [B or 1, time_dim]: the sinusoid has no parameters, so layers share it
 
     def tokens_per_expert(self, seq_len: int, batch: int) -> list[int]:
         if self._t_frac is None:
@@ -133,23 +139,37 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
             x = hidden_states.flatten(2).transpose(1, 2)
         else:
             x = hidden_states
-        out = self._expert(x, *self._shared_weights(), grid=(H, W) if image else None) + self._routed(
-            x, grid=(H, W) if image else None
-        )
-        if self.down_bias is not None:
-            out = out + self.down_bias.to(out.dtype)
+        if self.config.kind == "mlp":
+            out = self._mlp_forward(x)
+        else:
+            out = self._expert(x, *self._shared_weights(), grid=(H, W) if image else None) + self._routed(
+                x, grid=(H, W) if image else None
+            )
+            if self.down_bias is not None:
+                out = out + self.down_bias.to(out.dtype)
         return out.transpose(1, 2).reshape(B, d, H, W) if image else out
+
+    def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The `mlp` kind's fast path: the shared expert's down-projection carries the FFN's bias, and the routed
+        experts' gated outputs are index-added into it in place (no zero buffer, no extra sum over [B, S, d])."""
+        dt = x.dtype
+        act = ACTIVATIONS[self.config.activation]
+        up_bias = None if self.shared_up_bias is None else self.shared_up_bias[0].to(dt)
+        h = act(F.linear(x, self.shared_up[0].to(dt), up_bias))
+        out = F.linear(h, self.shared_down.to(dt), None if self.down_bias is None else self.down_bias.to(dt))
+        if self.config.num_experts == 0:
+            return out
+        rows, y = self._routed_rows(x)
+        B, S, d = out.shape
+        return out.reshape(B * S, d).index_add_(0, rows, y.to(out.dtype)).view(B, S, d)
 
     def _shared_weights(self):
         depth = (self.shared_depth, self.shared_depth_bias) if self.config.kind == "glumb" else (None, None)
         return self.shared_up, self.shared_up_bias, *depth, self.shared_down
 
     def _expert(self, x, up, up_bias, depth, depth_bias, down, grid=None, taken=None):
-        """One expert on tokens x [..., n, d]: up [P, h, d] -> activation (-> depthwise conv) -> down [d, h]."""
+        """One `glumb` expert on tokens x [..., n, d]: up [2, h, d] -> SiLU -> depthwise conv -> GLU -> down [d, h]."""
         dt = x.dtype
-        if self.config.kind == "mlp":  # one up-projection: plain linear layers (an einsum here ran 2x slower on CPU)
-            h = F.linear(x, up[0].to(dt), None if up_bias is None else up_bias[0].to(dt))
-            return F.linear(ACTIVATIONS[self.config.activation](h), down.to(dt))
         h = torch.einsum("...nd,phd->...pnh", x, up.to(dt))
         if up_bias is not None:
             h = h + up_bias.to(dt)[..., None, :]
@@ -174,16 +194,14 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
             m = m.gather(2, taken[:, None, :].expand(-1, P * hid, -1))
         return m.reshape(B, P, hid, n).permute(0, 1, 3, 2)
 
-    def _routed(self, x: torch.Tensor, grid=None) -> torch.Tensor:
-        B, S, d = x.shape
-        E = self.config.num_experts
-        if E == 0:
-            return torch.zeros_like(x)
+    def _route(self, x: torch.Tensor):
+        """Each routed expert's C best tokens per sample: indices [B, E, C] and gates [B, E, C] (slots beyond a
+        sample's own C, when the batch mixes timesteps, get gate 0)."""
+        B, S, _ = x.shape
         z = self.router_logits(x)  # [B, S, E], float32
         taken = self.tokens_per_expert(S, B)
         C = max(taken)
         top = torch.topk(z.transpose(1, 2), C, dim=-1)  # per sample, per expert: its C best tokens
-        idx = top.indices  # [B, E, C]
         gates = 2 * torch.sigmoid(top.values)
         if min(taken) < C:  # samples at different timesteps (training): mask the slots beyond each one's C
             limit = torch.tensor(taken, device=x.device)[:, None, None]
@@ -191,14 +209,29 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
         if self.training and torch.is_grad_enabled():
             self.last_router_loss = z.square().mean()
         if self.record:
-            self._record(idx, taken, S)
-        if self.config.kind == "mlp":
-            # expert-major flat token indices: one index_select in, one index_add out, no transposed copies
-            rows = (idx + torch.arange(B, device=x.device)[:, None, None] * S).transpose(0, 1).reshape(-1)
-            y = self._batched_mlp(x.reshape(B * S, d).index_select(0, rows).view(E, B * C, d))
-            y = y * gates.transpose(0, 1).reshape(E, B * C, 1).to(y.dtype)
-            y = y.reshape(E * B * C, d).to(x.dtype)  # autocast may have run the experts in bf16
-            return torch.zeros(B * S, d, dtype=x.dtype, device=x.device).index_add(0, rows, y).view(B, S, d)
+            self._record(top.indices, taken, S)
+        return top.indices, gates
+
+    def _routed_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `mlp` kind's routed experts: flat token rows [E * B * C] (expert-major) and their gated outputs
+        [E * B * C, d]; one index_select in, two batched matmuls, no transposed copies."""
+        B, S, d = x.shape
+        E = self.config.num_experts
+        idx, gates = self._route(x)
+        C = idx.shape[-1]
+        rows = (idx + torch.arange(B, device=x.device)[:, None, None] * S).transpose(0, 1).reshape(-1)
+        g = gates.transpose(0, 1).reshape(E, B * C, 1)
+        y = self._batched_mlp(x.reshape(B * S, d).index_select(0, rows).view(E, B * C, d), g)
+        return rows, y.reshape(E * B * C, d)
+
+    def _routed(self, x: torch.Tensor, grid=None) -> torch.Tensor:
+        """The routed experts' summed output [B, S, d] (the `glumb` kind; `mlp` adds its rows in place)."""
+        B, S, d = x.shape
+        E = self.config.num_experts
+        if E == 0:
+            return torch.zeros_like(x)
+        idx, gates = self._route(x)
+        C = idx.shape[-1]
         xe = x.gather(1, idx.reshape(B, E * C, 1).expand(-1, -1, d)).reshape(B, E, C, d).transpose(0, 1)
         y = torch.stack(
             [
@@ -220,15 +253,17 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
         y = y.to(x.dtype)  # autocast may have run the experts in bf16
         return torch.zeros_like(x).scatter_add(1, idx.reshape(B, E * C, 1).expand(-1, -1, d), y)
 
-    def _batched_mlp(self, xe: torch.Tensor) -> torch.Tensor:
-        """All routed experts of an `mlp` FFN in two batched matmuls: xe [E, N, d] -> [E, N, d]."""
+    def _batched_mlp(self, xe: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """All routed experts of an `mlp` FFN in two batched matmuls: xe [E, N, d] -> [E, N, d], each row scaled by
+        its gate [E, N, 1]. The gate scales the hidden units (the experts' down-projection has no bias, so that is
+        the same product on half as many numbers as the output)."""
         dt = xe.dtype
         up = self.experts_up[:, 0].to(dt).transpose(1, 2)  # [E, d, h]
         if self.experts_up_bias is not None:
             h = torch.baddbmm(self.experts_up_bias[:, 0, None, :].to(dt), xe, up)
         else:
             h = torch.bmm(xe, up)
-        h = ACTIVATIONS[self.config.activation](h)
+        h = ACTIVATIONS[self.config.activation](h) * gates.to(dt)
         return torch.bmm(h, self.experts_down.to(dt).transpose(1, 2))
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,11 +272,15 @@ class ExpertChoiceFFN(ModelMixin, ConfigMixin):
         B, S, _ = x.shape
         h = self._route_input if self._route_input is not None and self._route_input.shape[:2] == (B, S) else x
         self._route_input = None
-        t = rows_of(self._timestep) if self._timestep is not None else torch.zeros(1)
-        t = t.to(x.device).expand(B) if t.numel() == 1 else t.to(x.device)
-        temb = F.silu(self.time_mlp(self.time_proj(t).to(self.time_mlp.weight.dtype)))
-        u = torch.cat([temb[:, None, :].expand(-1, S, -1), self.norm(h.to(temb.dtype))], dim=-1)
-        return self.router(u.to(self.router.weight.dtype)).float()
+        proj = rows_of(self._t_proj) if self._t_proj is not None else self.time_proj(torch.zeros(1))
+        proj = proj.to(x.device).expand(B, -1) if len(proj) == 1 else proj.to(x.device)
+        temb = F.silu(self.time_mlp(proj.to(self.time_mlp.weight.dtype)))
+        # W_r [emb(t), LN(h)] = W_t emb(t) + W_h LN(h): the timestep part once per sample, no [B, S, t + d] concat
+        w = self.router.weight
+        td = self.config.time_dim
+        per_sample = F.linear(temb.to(w.dtype), w[:, :td])  # [B, E]
+        per_token = F.linear(self.norm(h.to(temb.dtype)).to(w.dtype), w[:, td:])  # [B, S, E]
+        return (per_token + per_sample[:, None, :]).float()
 
     def _record(self, idx: torch.Tensor, taken: list[int], S: int) -> None:
         """Per call: t, tokens per expert (C/S) and the share of tokens no routed expert picked (the drop ratio)."""
