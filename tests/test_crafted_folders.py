@@ -12,39 +12,10 @@ from conftest import run_cli
 from diffroute.zoo.emoji import WEIGHTS
 
 LOADERS = {
-    "router": "from diffroute.routers import load_router; load_router(sys.argv[1])",
-    "variant": "from diffroute.zoo.registry import load_transformer; load_transformer(sys.argv[1])",
+    "router": "from diffroute.routers import load_router as load",
+    "variant": "from diffroute.zoo.registry import load_transformer as load",
 }
-
-
-def _load_in_child(kind: str, folder) -> subprocess.CompletedProcess:
-    """Load in a fresh process and report its peak memory, so an allocation cannot hide behind this one's. The peak
-    is the process's own high-water mark (VmHWM): getrusage's ru_maxrss also keeps the forked parent's size across
-    exec, so it read 5 GB whenever this test process had grown (seen after the real-size bench tests)."""
-    code = (
-        "import sys\ntry:\n    " + LOADERS[kind] + "\n    print('LOADED')\nexcept ValueError as e:\n"
-        "    print('REFUSED', type(e).__name__, e)\n"
-        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-        "print('PEAK_MB', int(hwm) // 1024)"
-    )
-    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
-
-
-def _copy(tmp_path, source, edit=None):
-    folder = tmp_path / "crafted"
-    shutil.copytree(source, folder)
-    if edit is not None:
-        config = json.loads((folder / "config.json").read_text())
-        edit(config)
-        (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
-def _refused(proc, needle):
-    out = proc.stdout
-    assert "REFUSED" in out and needle in out, out + proc.stderr
-    peak = int(out.split("PEAK_MB")[1])
-    assert peak < 2000, f"peak memory {peak} MB: something large was allocated before the refusal"
+ROUTER, VARIANT = WEIGHTS / "emoji" / "routers" / "l2c", WEIGHTS / "emoji-moe" / "transformer"
 
 
 def _set(**values):
@@ -55,42 +26,78 @@ def _set_moe(**values):
     return lambda config: config["diffroute_moe"].update(values)
 
 
-@pytest.mark.parametrize(
-    "kind, edit, needle",
-    [
-        ("router", _set(num_blocks=100000), "does not match its weights"),
-        ("router", _set(num_steps=1e9), "out of any sane range"),
-        ("router", _set(num_steps=7), "does not match its weights"),
-        ("variant", _set(num_layers=500), "does not match its weights"),
-        ("variant", _set_moe(time_dim=1_000_000), "does not match its weights"),
-        ("variant", _set_moe(num_experts=10**9), "out of any sane range"),
-        ("variant", _set_moe(num_experts="six"), "corrupt"),
-    ],
-)
-def test_crafted_config_is_refused_before_allocating(tmp_path, kind, edit, needle):
-    source = WEIGHTS / "emoji" / "routers" / "l2c" if kind == "router" else WEIGHTS / "emoji-moe" / "transformer"
-    _refused(_load_in_child(kind, _copy(tmp_path, source, edit)), needle)
-
-
-@pytest.mark.parametrize("kind", ["router", "variant"])
-def test_corrupt_weights_file_is_refused(tmp_path, kind):
-    source = WEIGHTS / "emoji" / "routers" / "l2c" if kind == "router" else WEIGHTS / "emoji-moe" / "transformer"
-    folder = _copy(tmp_path, source)
+def _truncate_weights(folder):
     (weights,) = folder.glob("*.safetensors")
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated
-    _refused(_load_in_child(kind, folder), "not a readable safetensors file")
+    weights.write_bytes(weights.read_bytes()[:100])
 
 
-@pytest.mark.parametrize("kind", ["router", "variant"])
-def test_untouched_copies_still_load(tmp_path, kind):
-    source = WEIGHTS / "emoji" / "routers" / "l2c" if kind == "router" else WEIGHTS / "emoji-moe" / "transformer"
-    proc = _load_in_child(kind, _copy(tmp_path, source))
-    assert "LOADED" in proc.stdout, proc.stdout + proc.stderr
+# case: (kind, config edit, folder damage, what the refusal must say; None: it must load)
+CASES = {
+    "router-blocks": ("router", _set(num_blocks=100000), None, "does not match its weights"),
+    "router-steps-huge": ("router", _set(num_steps=1e9), None, "out of any sane range"),
+    "router-steps": ("router", _set(num_steps=7), None, "does not match its weights"),
+    "router-nan-threshold": ("router", _set(threshold=float("nan")), None, "out of any sane range"),
+    "router-truncated": ("router", None, _truncate_weights, "not a readable safetensors file"),
+    "router-untouched": ("router", None, None, None),
+    "variant-layers": ("variant", _set(num_layers=500), None, "does not match its weights"),
+    "variant-time-dim": ("variant", _set_moe(time_dim=1_000_000), None, "does not match its weights"),
+    "variant-experts-huge": ("variant", _set_moe(num_experts=10**9), None, "out of any sane range"),
+    "variant-experts-text": ("variant", _set_moe(num_experts="six"), None, "corrupt"),
+    "variant-truncated": ("variant", None, _truncate_weights, "not a readable safetensors file"),
+    "variant-untouched": ("variant", None, None, None),
+}
+
+# One child process loads every crafted folder in turn (a process per folder spent ~8 s each starting Python and
+# importing torch). Before each load it resets its own peak-memory mark (writing 5 to /proc/self/clear_refs resets
+# VmHWM), so each case reports the peak of its own load, and an allocation cannot hide behind this test process.
+_CHILD = """
+import json, sys
+for line in sys.stdin:
+    case, kind, folder = json.loads(line)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    try:
+        exec(LOADERS[kind]); load(folder)
+        status = "LOADED"
+    except ValueError as e:
+        status = f"REFUSED {type(e).__name__} {e}"
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    print(json.dumps([case, status, int(hwm) // 1024]), flush=True)
+"""
 
 
-def test_router_with_a_nan_threshold_is_refused(tmp_path):
-    folder = _copy(tmp_path, WEIGHTS / "emoji" / "routers" / "l2c", _set(threshold=float("nan")))
-    _refused(_load_in_child("router", folder), "out of any sane range")
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> dict[str, tuple[str, int]]:
+    """Each case's outcome in the child: (LOADED or REFUSED + the error, peak MB of that load)."""
+    lines = []
+    for case, (kind, edit, damage, _) in CASES.items():
+        folder = tmp_path_factory.mktemp(case) / "crafted"
+        shutil.copytree(ROUTER if kind == "router" else VARIANT, folder)
+        if edit is not None:
+            config = json.loads((folder / "config.json").read_text())
+            edit(config)
+            (folder / "config.json").write_text(json.dumps(config))
+        if damage is not None:
+            damage(folder)
+        lines.append(json.dumps([case, kind, str(folder)]))
+    code = f"LOADERS = {LOADERS!r}\n" + _CHILD
+    proc = subprocess.run(
+        [sys.executable, "-c", code], input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=600
+    )
+    results = {c: (status, peak) for c, status, peak in map(json.loads, proc.stdout.splitlines())}
+    assert set(results) == set(CASES), proc.stdout + proc.stderr
+    return results
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_crafted_folder_is_refused_before_allocating_or_loads_untouched(loaded, case):
+    status, peak = loaded[case]
+    needle = CASES[case][3]
+    if needle is None:
+        assert status == "LOADED", status
+    else:
+        assert status.startswith("REFUSED") and needle in status, status
+        assert peak < 2000, f"peak memory {peak} MB: something large was allocated before the refusal"
 
 
 def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path):

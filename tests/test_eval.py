@@ -191,9 +191,17 @@ def test_compare_one_and_two_processes_agree(tmp_path):
         keys = ("computed_fraction", "psnr_vs_full_db", "psnr_mean_vs_full_db", "ssim_vs_full", "fd_vs_full")
         keys += ("kid_vs_full", "kid_vs_full_anchored", "psnr_vs_full_ci95", "psnr_mean_vs_full_ci95")
         keys += ("fd_vs_full_ci95",)  # per-image features gathered and put back in sample order
+        keys += ("computed_flop_share", "flop_ideal_speedup")
         for key in keys:
             assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-9), key
     full, fora = r1["plans"]["full"], r1["plans"]["fora-3"]
+    # FLOPs: full computes all of them; FORA-3 (every third step computed, the rest reused) a share that is neither
+    # its call count (the model outside the blocks runs at every step) nor more than it
+    assert full["computed_flop_share"] == pytest.approx(1.0) and full["flop_ideal_speedup"] == pytest.approx(1.0)
+    assert fora["computed_fraction"] < fora["computed_flop_share"] < 1
+    assert fora["flop_ideal_speedup"] == pytest.approx(1 / fora["computed_flop_share"])
+    assert fora["timed_flop_share"] == pytest.approx(fora["computed_flop_share"])  # a static plan: any prompts
+    assert ("speedup_transformer_quartiles" in fora) == (r1["repeats"] >= 2)  # one repeat: no quartiles
     assert full["kid_vs_full_anchored"] == 0 and full["psnr_mean_vs_full_db"] == 60  # identical: capped
     lo, hi = fora["psnr_mean_vs_full_ci95"]
     assert lo <= fora["psnr_mean_vs_full_db"] <= hi and lo < hi

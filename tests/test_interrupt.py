@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from conftest import run_cli
 from safetensors.torch import load_file
 
 ITERS = 48
@@ -26,9 +27,7 @@ def _weights(out):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffroute", *ARGS, "--out", str(out)], capture_output=True, timeout=600
-    )
+    proc = run_cli(*ARGS, "--out", out)  # in this process, at one thread like every run here (see conftest.run_cli)
     assert proc.returncode == 0, proc.stderr
     return _weights(out)
 
@@ -48,7 +47,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, uninterrupted, si
         assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     step = json.loads(meta.read_text())["step"]
     assert 0 < step < ITERS, "the run was not interrupted mid-way"
-    again = subprocess.run(cmd, capture_output=True, timeout=600)
+    again = run_cli(*ARGS, "--out", out)  # the resume needs no process of its own (only the killed run does)
     assert again.returncode == 0, again.stderr
     resumed = _weights(out)
     assert resumed.keys() == uninterrupted.keys()
