@@ -156,7 +156,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("speedup, transformer wall-clock (x)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{result['model']}: {result['n']} samples, {result['steps']} steps")
+    fig.suptitle(f"{result.get('model', '?')}: {result.get('n', '?')} samples, {result.get('steps', '?')} steps")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

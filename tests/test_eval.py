@@ -303,3 +303,43 @@ def test_dominance_of_peer_settings_by_shipped_schedules():
     assert not any(got["cachedit:dbcache-F1B0-0.05"][k] for k in ("by_fd", "by_psnr"))
     assert got["diffusers:mag-0.1"]["by_fd"] == [] and got["diffusers:mag-0.1"]["by_psnr"] == ["emoji:fast"]
     assert "1 of 4 peer settings dominated in both (1 by FD, 3 by PSNR)" in dominance_table(result)
+
+
+def test_paired_speedup_quartiles():
+    """Each repeat's ratio pairs a plan with `full` timed in the same round: a slow round slows both, and the
+    quartiles are of the ratios, not of separately taken medians."""
+    from diffroute.eval.compare import _paired_speedups
+
+    full = [1.0, 2.0, 1.0, 2.0, 1.0]  # the machine halves its speed every other round
+    plan = [0.5, 1.0, 0.5, 1.0, 0.4]
+    got = _paired_speedups(full, plan)
+    assert got["speedup_transformer_q1"] == got["speedup_transformer_q3"] == 2.0
+    assert got["speedup_transformer_quartiles"] == [2.0, 2.0]
+    assert _paired_speedups([1.0], [0.5]) == {}  # one repeat: no spread to show
+
+
+def test_eval_report_remakes_tables_from_stored_results_and_refuses_broken_ones(tmp_path):
+    def row(plan, speed, fd, band, psnr, psnr_band):
+        return {
+            "plan": plan,
+            "speedup_transformer": speed,
+            "fd_vs_full": fd,
+            "fd_vs_full_ci95": band,
+            "psnr_mean_vs_full_db": psnr,
+            "psnr_mean_vs_full_ci95": psnr_band,
+        }
+
+    plans = [
+        row("full", 1.0, 0.0, [0.0, 0.0], 60.0, [60.0, 60.0]),
+        row("emoji:fast", 1.5, 0.02, [0.01, 0.03], 34.0, [33.0, 35.0]),
+        row("diffusers:fbc-0.2", 1.4, 0.06, [0.05, 0.07], 29.0, [28.5, 29.5]),
+    ]
+    (tmp_path / "results.json").write_text(json.dumps({"plans": {r["plan"]: r for r in plans}}))
+    done = _cli("eval", "report", str(tmp_path), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["dominance"][0]["by_both"] == ["emoji:fast"]
+    assert "1 of 1 peer settings dominated in both" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "speed_quality.png").is_file()
+    (tmp_path / "results.json").write_text("{ broken")
+    bad = _cli("eval", "report", str(tmp_path))
+    assert bad.returncode == 2 and "results.json" in bad.stderr and "Traceback" not in bad.stderr

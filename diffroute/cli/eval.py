@@ -44,6 +44,8 @@ def add_arguments(p) -> None:
     m.add_argument("--features", default=None, help="FD features (default: emoji-clip for the emoji model)")
     m.add_argument("--clip", default=None, help="CLIP scorer (default: emoji-clip for the emoji model)")
     m.add_argument("--weights", default=None, help="Inception weights file (with --features inception)")
+    rep = _subcommand(sub, "report", "rewrite a comparison's results.md and plot from its results.json (report code)")
+    rep.add_argument("folder", help="an `eval compare` output folder (its results.json is read, never rerun)")
     h = _subcommand(sub, "histogram", "per-sample compute of a per-sample router (Elastic): histogram and JSON")
     add_model_arguments(h)
     h.add_argument("--plan", required=True, help="the router plan, e.g. emoji-elastic:elastic")
@@ -67,7 +69,7 @@ def add_arguments(p) -> None:
     x.add_argument("--out", required=True, help="output folder (table.md/json, routing.png, clusters, accuracy)")
     from diffroute.cli.eval_inblock import add_parsers
 
-    for q in (f, s, c, m, h, r, x, *add_parsers(sub, _subcommand)):
+    for q in (f, s, c, m, rep, h, r, x, *add_parsers(sub, _subcommand)):
         q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
@@ -109,6 +111,7 @@ def run(args) -> dict:
         "stats": _stats_cmd,
         "clip": _clip,
         "compare": _compare,
+        "report": _report,
         "histogram": _histogram,
         "moe": _moe,
         "experts": _experts,
@@ -116,6 +119,29 @@ def run(args) -> dict:
         "streams": inblock_cli.streams,
     }
     return commands[args.eval_command](args)
+
+
+def _report(args) -> dict:
+    """The tables and plot of a stored comparison, remade by today's report code (e.g. after its rules changed)."""
+    from diffroute.eval.reports import dominance, dominance_table, markdown_table, plot
+    from diffroute.utils.io import atomic_write_bytes, read_json
+
+    folder = Path(args.folder)
+    result = read_json(folder / "results.json", "comparison results")
+    plans = result.get("plans") if isinstance(result, dict) else None
+    if not isinstance(plans, dict) or not all(
+        isinstance(r, dict) and isinstance(r.get("plan"), str) and isinstance(r.get("speedup_transformer"), float)
+        for r in plans.values()
+    ):
+        raise ValueError(
+            f"{folder / 'results.json'} holds no `plans` rows with a speedup: is it `eval compare` output?"
+        )
+    text = markdown_table(result) + "\n" + dominance_table(result)
+    atomic_write_bytes(folder / "results.md", text.encode())
+    plot(result, folder / "speed_quality.png")
+    if not args.json:
+        print(text + f"wrote {folder}/results.md, speed_quality.png")
+    return {"dominance": dominance(result)}
 
 
 def _heldout(n: int) -> list[str]:
