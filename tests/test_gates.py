@@ -118,3 +118,16 @@ def test_train_gates_cli_learns_to_skip_resumes_and_loads_as_a_plan(tmp_path):
     info = pipe.last_stats.plan_info
     assert info["gated_skipped"] > 0  # a strong FLOP penalty: the trained gates skip
     assert pipe.last_stats.computed_fraction < 1
+
+
+def test_a_gate_plans_fingerprint_is_its_weights_not_their_sum():
+    """Resumed comparisons reuse images only under the same router: two routers whose weights sum alike (here the
+    same weights, swapped between two gates) must not share a fingerprint."""
+    pipe = fresh_pipe("pixart-alpha")
+    a = _gates(pipe, "pixart-alpha", std=0.05)
+    b = _gates(pipe, "pixart-alpha", std=0.05)
+    with torch.no_grad():
+        b.weight.copy_(a.weight.flip(0))
+    assert float(a.weight.sum()) == pytest.approx(float(b.weight.sum()))
+    assert GatePlan(a).content() != GatePlan(b).content()
+    assert GatePlan(a).content() == GatePlan(_gates(pipe, "pixart-alpha", std=0.05)).content()  # seeded: equal

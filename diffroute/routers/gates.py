@@ -109,9 +109,10 @@ class GatePlan(TrainedRouterChecks, Plan):
         return mask
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
-        from diffroute.utils.fingerprint import digest
+        """Name plus the router's weights, hashed byte for byte (a sum of the weights let two routers collide)."""
+        from diffroute.utils.fingerprint import modules_digest
 
-        return {"plan": self.name, "router": digest([float(self.router.weight.detach().double().sum())])}
+        return {"plan": self.name, "router": modules_digest({"router": self.router})}
 
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
         if not self.training:
@@ -150,11 +151,11 @@ class _GateDecider(Decider):
             return hard + m - m.detach()
         compute = m >= self.router.config.threshold
         self.calls += compute.numel()
-        self.skipped += int((~compute).sum())
+        self.skipped = self.skipped + (~compute).sum()  # on the device: read once, by info()
         return compute
 
     def must_store(self, ctx, block, comp) -> bool:
         return self.plan.mode != "target"
 
     def info(self) -> dict:
-        return {"gated_calls": self.calls, "gated_skipped": self.skipped}
+        return {"gated_calls": self.calls, "gated_skipped": int(self.skipped)}
