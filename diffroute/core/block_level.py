@@ -62,7 +62,8 @@ class BlockDecisions:
         if not isinstance(decision, Rows):
             return handler(self._block_handlers, decision, "block")(self, forward, b, module, decision, args, kwargs)
         key = (self.ctx.branch, b, "block")
-        mixed = self._block_rows(forward, key, module, decision.compute, args, kwargs)
+        store = self.decider.must_store_block(self.ctx, b)
+        mixed = self._block_rows(forward, key, module, decision.compute, args, kwargs, store)
         if mixed is None:  # nothing cached yet: every row computes
             return self._compute_block(forward, b, module, COMPUTE, args, kwargs)
         self._record_block(b, int(decision.compute.sum()), self.ctx.batch_size)
@@ -102,9 +103,10 @@ class BlockDecisions:
         finally:
             self._quiet_components = False
 
-    def _block_rows(self, forward, key, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
+    def _block_rows(self, forward, key, module, rows_mask: torch.Tensor, args: tuple, kwargs: dict, store=True):
         """Compute the block for the masked samples only; the others get input plus cached residual. The computed
-        samples' outputs are the block's own (not input + residual, which rounds differently)."""
+        samples' outputs are the block's own (not input + residual, which rounds differently). The merged residual
+        is cached when `store` (the decider's `must_store_block`)."""
         cached = self.cache.get(key, self.ctx.batch_size)
         if cached is None:
             return None
@@ -118,7 +120,8 @@ class BlockDecisions:
             None if c is None else c.clone().index_copy_(0, rows, f) for c, f in zip(tensors_of(cached), fresh_res)
         ]
         res = rebuild(type(cached), merged)
-        self.cache.put(key, res, self.ctx.step)
+        if store:
+            self.cache.put(key, res, self.ctx.step)
         out = tensors_of(blocks.add_residual(bound.arguments, res))
         out = [None if o is None else o.index_copy_(0, rows, f) for o, f in zip(out, tensors_of(fresh))]
         return out[0] if isinstance(fresh, torch.Tensor) else tuple(out)

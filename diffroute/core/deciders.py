@@ -77,7 +77,7 @@ class ScheduleDecider(Decider):
         self.schedule = schedule
         c, f, whole = schedule.compute, schedule.forecast, schedule.block_reuse
         # A component's next call is at the next step its block runs (a block reused whole calls no component).
-        later = _next_run(whole)  # [steps, blocks]: the next step at which each block runs (steps: none)
+        later = next_run(whole)  # [steps, blocks]: the next step at which each block runs (steps: none)
         padded = torch.cat([c, torch.ones_like(c[:1])])  # past the last step nothing is reused
         nxt = padded.gather(0, later[..., None].expand_as(c))  # each cell's value at its block's next run
         # Keep an output if the block's next run reuses it; in a column that forecasts, keep every computed output
@@ -108,7 +108,7 @@ class ScheduleDecider(Decider):
         return {"schedule_provenance": self.schedule.provenance, "planned_fraction": self.schedule.computed_fraction()}
 
 
-def _next_run(whole: torch.Tensor) -> torch.Tensor:
+def next_run(whole: torch.Tensor) -> torch.Tensor:
     """[steps, blocks]: for each step, the first later step at which the block is not reused whole (steps: none)."""
     steps = whole.shape[0]
     out = torch.empty(whole.shape, dtype=torch.long)

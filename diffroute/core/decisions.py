@@ -41,9 +41,10 @@ class Skip(Decision):
 
 @dataclass(frozen=True, eq=False)
 class Rows(Decision):
-    """Per sample: rows where `compute` is True compute, the others reuse."""
+    """Per sample: rows where `compute` is True compute, the others reuse (`forecast`: forecast)."""
 
     compute: torch.Tensor
+    forecast: bool = False
 
 
 @dataclass(frozen=True, eq=False)

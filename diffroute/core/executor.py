@@ -233,13 +233,15 @@ class Executor(BlockDecisions, SoftDecisions):
 
     def _rows(self, forward, b, c, decision, args, kwargs):
         """Per sample: the computing rows as one sub-batch, merged into the others' cached outputs."""
-        decision = settled(decision, REUSE)
+        decision = settled(decision, FORECAST if decision.forecast else REUSE)
         if not isinstance(decision, Rows):
             return handler(self._component_handlers, decision, "component")(self, forward, b, c, decision, args, kwargs)
-        mixed = self._compute_rows(forward, (self.ctx.branch, b, c), decision.compute, args, kwargs)
+        store = self.decider.must_store(self.ctx, b, c)
+        mixed = self._compute_rows(forward, (self.ctx.branch, b, c), decision, args, kwargs, store)
         if mixed is None:  # nothing cached yet: every row computes
             return self._compute(forward, b, c, COMPUTE, args, kwargs)
-        self._record_component(b, c, int(decision.compute.sum()), self.ctx.batch_size)
+        n, computed = self.ctx.batch_size, int(decision.compute.sum())
+        self._record_component(b, c, computed, n, n - computed if decision.forecast else 0)
         return mixed
 
     def _width(self, forward, b, c, decision, args, kwargs):
@@ -265,13 +267,15 @@ class Executor(BlockDecisions, SoftDecisions):
         """Store a computed output that a later step may reuse."""
         self.cache.put((self.ctx.branch, b, c), out, self.ctx.step)
 
-    def _compute_rows(self, forward, key, rows_mask: torch.Tensor, args: tuple, kwargs: dict):
-        """Compute the component for the masked samples only and merge them into the cached output."""
-        cached = self.cache.get(key, self.ctx.batch_size)
+    def _compute_rows(self, forward, key, decision: Rows, args: tuple, kwargs: dict, store: bool = True):
+        """Compute the component for the computing samples only and merge them into the others' cached (or, under
+        `forecast`, forecast) outputs; the merged output is cached when `store` (the decider's `must_store`)."""
+        n = self.ctx.batch_size
+        cached = self.cache.forecast(key, self.ctx.step, n) if decision.forecast else None
+        cached = cached if cached is not None else self.cache.get(key, n)
         if cached is None:
             return None
-        rows = rows_mask.nonzero().squeeze(1)
-        n = self.ctx.batch_size
+        rows = decision.compute.nonzero().squeeze(1)
 
         def take(x):
             return x.index_select(0, rows) if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == n else x
@@ -282,7 +286,8 @@ class Executor(BlockDecisions, SoftDecisions):
             fresh = tensors_of(forward(*args, **kwargs))
         merged = [None if c is None else c.clone().index_copy_(0, rows, f) for c, f in zip(tensors_of(cached), fresh)]
         out = rebuild(type(cached), merged)
-        self.cache.put(key, out, self.ctx.step)
+        if store:
+            self.cache.put(key, out, self.ctx.step)
         return out
 
     def check_call(self, num_steps: int | None) -> None:

@@ -10,6 +10,7 @@ from diffroute.plans.base import (
     load_plugins,
     plan_examples,
     register_plan,
+    register_suffix,
     resolve_plan,
     warmup_arg,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "load_plugins",
     "plan_examples",
     "register_plan",
+    "register_suffix",
     "resolve_plan",
     "warmup_arg",
 ]

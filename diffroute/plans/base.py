@@ -185,6 +185,11 @@ def _fora(m: re.Match) -> Plan:
     return RulePlan(name, lambda arch, steps: Schedule.fora(arch, steps, n, warmup=min(w, steps)))
 
 
+# Plan-name suffixes -> how they change the plan named before them (`emoji:fast+blocks`, `fora-3+blocks+fb0.1`).
+PLAN_SUFFIXES: dict[str, Callable[[Plan, re.Match], Plan]] = {
+    re.escape(BLOCKS_SUFFIX): lambda plan, m: plan.with_block_reuse()
+}
+
 # Name patterns -> plan factories. Later features register more (dynamic policies, shipped schedules).
 PLAN_NAMES: dict[str, Callable[[re.Match], Plan]] = {
     r"full": lambda m: RulePlan("full", Schedule.full, computes_all=True),
@@ -210,6 +215,12 @@ def register_plan(pattern: str, factory: Callable[[re.Match], Plan], display: st
     PLAN_EXAMPLES.extend(e for e in examples if e not in PLAN_EXAMPLES)
 
 
+def register_suffix(pattern: str, modify: Callable[[Plan, re.Match], Plan], display: str, help: str = "") -> None:
+    """Make a plan-name suffix (a regular expression matched at the end of a name) change the plan before it."""
+    PLAN_SUFFIXES[pattern] = modify
+    PLAN_HELP[display] = help
+
+
 def known_plan_names() -> list[str]:
     load_plugins()
     return list(PLAN_HELP)
@@ -231,8 +242,14 @@ def resolve_plan(spec, allow_files: bool = True) -> Plan:
         text = spec.strip()
         if len(text) > 1000:
             raise PlanError(f"a plan name of {len(text)} characters is too long to be one.")
-        if text.endswith(BLOCKS_SUFFIX) and len(text) > len(BLOCKS_SUFFIX):
-            return resolve_plan(text[: -len(BLOCKS_SUFFIX)], allow_files).with_block_reuse()
+        for pattern, modify in PLAN_SUFFIXES.items():  # the outermost suffix is the last one
+            m = re.fullmatch(rf"(.+?)({pattern})", text)
+            if m:
+                base = resolve_plan(m.group(1), allow_files)
+                try:
+                    return modify(base, re.fullmatch(pattern, m.group(2)))
+                except ValueError as e:
+                    raise PlanError(f"plan {text!r}: {e}") from e
         for pattern, factory in PLAN_NAMES.items():
             m = re.fullmatch(pattern, text)
             if m:
