@@ -5,12 +5,12 @@ searched plans (issue 25, item 3).
 At every step block 0 computes for every sample, and its residual (output minus input) is compared with that
 sample's residual at its last fully computed step, as FBCache does. A sample whose relative L1 change is below the
 threshold of this step follows the schedule (its reuses, forecasts and whole-block reuses happen); a sample above
-it computes the whole step, and its reference residual moves on. What the check makes a sample compute is not
-cached: every cache holds the outputs of the schedule's own computed steps, so forecasts keep their two-point history
-and no sample's cache depends on its batch-mates. So the schedule says *where* an image may
-reuse, and the image's own first block says *whether* it does now: a threshold of infinity is the static schedule
-(block 0 aside), 0 is full compute. Thresholds may differ per step (`CheckedPlan(thresholds=[...])`, resampled by
-normalised time like the schedule), which is what a search over them varies.
+it computes the whole step, and its reference residual moves on. What the check makes a sample compute refreshes
+that sample's cache (FBCache's "last computation") where the schedule reuses next, except in columns that forecast,
+whose two-point history stays the schedule's own computed steps; no sample's cache depends on its batch-mates.
+So the schedule says *where* an image may reuse, and the image's own first block says *whether* it does now: a
+threshold of infinity is the static schedule (block 0 aside), 0 is full compute. Thresholds may differ per step
+(`CheckedPlan(thresholds=[...])`, resampled by normalised time like the schedule), which a search could vary.
 
 Decisions are per sample, or per prompt with `-prompt` (both CFG rows of a sample take their mean change); a batch
 whose samples disagree runs the reused cells for the computing samples only (the executor's sub-batches), so a
@@ -27,7 +27,7 @@ import torch
 
 from diffroute.core.arch import ArchitectureMap
 from diffroute.core.call_context import hidden_states_of, rows_of
-from diffroute.core.deciders import FORECAST, Decider, ScheduleDecider, per_prompt
+from diffroute.core.deciders import FORECAST, Decider, ScheduleDecider, next_run, per_prompt
 from diffroute.core.decisions import Rows
 from diffroute.core.schedule import Schedule
 from diffroute.plans import Plan, RulePlan, SchedulePlan, register_suffix
@@ -40,7 +40,16 @@ class CheckedDecider(Decider):
     def __init__(self, schedule: Schedule, thresholds: Sequence[float], prompt: bool = False):
         self.base = ScheduleDecider(schedule)
         self.thresholds, self.prompt = list(thresholds), prompt
-        self._all = (schedule.compute.all(dim=(1, 2)) & ~schedule.block_reuse.any(dim=1)).tolist()
+        c, whole, f = schedule.compute, schedule.block_reuse, schedule.forecast
+        self._all = (c.all(dim=(1, 2)) & ~whole.any(dim=1)).tolist()  # steps the schedule computes whole
+        # What a sample computes because of the check refreshes its cache where the cell's next run reuses: for
+        # components only while their block runs by the schedule (a block run for some samples only cannot write
+        # the whole batch's cache, so it never does), never in a column that forecasts (its two-point history is the
+        # schedule's own computed steps), and for blocks where the next step reuses the block whole.
+        nxt = torch.cat([c, torch.ones_like(c[:1])]).gather(0, next_run(whole)[..., None].expand_as(c))
+        refresh = ~nxt & ~f.any(dim=0, keepdim=True) & ~whole[..., None]
+        self._store = refresh.tolist()
+        self._store_block = torch.cat([whole[1:], torch.zeros_like(whole[:1])]).tolist()
         self._x0: dict[int, torch.Tensor] = {}
         self._prev: dict[int, torch.Tensor] = {}  # each sample's residual at its last full step, per branch
         self._follow: dict[int, torch.Tensor | bool] = {}  # per branch: True / False / which samples follow
@@ -89,13 +98,15 @@ class CheckedDecider(Decider):
         planned = self.base.decide_block(ctx, block)
         return True if planned is True else self._checked(ctx, planned)
 
-    # What the check makes a sample compute is never cached: every sample's cache holds the outputs of the
-    # schedule's own computed steps, so forecasts keep their two-point history and no cache depends on batch-mates.
     def must_store(self, ctx, block, comp) -> bool:
-        return self.base.must_store(ctx, block, comp)
+        if self.base.must_store(ctx, block, comp):
+            return True
+        return ctx.step < len(self._store) and self._store[ctx.step][block][comp]
 
     def must_store_block(self, ctx, block) -> bool:
-        return self.base.must_store_block(ctx, block)
+        if self.base.must_store_block(ctx, block):
+            return True
+        return ctx.step < len(self._store_block) and self._store_block[ctx.step][block]
 
     def info(self) -> dict:
         return {
