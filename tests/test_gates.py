@@ -10,11 +10,12 @@ from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli
 
 import diffroute
 from diffroute.errors import PlanError
-from diffroute.routers.gates import GatePlan, GateRouter
+from diffroute.core.schedule import Schedule
+from diffroute.routers.gates import UNGATED, GatePlan, GateRouter
 from diffroute.training.gates import input_widths
 
 
-def _gates(pipe, name, std=0.0, per_prompt=False, seed=0):
+def _gates(pipe, name, std=0.0, per_prompt=False, seed=0, ungated=UNGATED, **kwargs):
     """Gates for this pipeline's transformer: zeros, or random weights (deciding something, per sample)."""
     diffroute.remove(pipe)
     arch = diffroute.architecture_map(pipe.transformer)
@@ -26,8 +27,8 @@ def _gates(pipe, name, std=0.0, per_prompt=False, seed=0):
     handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     run(pipe, name, prompts(name), [0, 1], steps=1)
     handle.remove()
-    dims = input_widths(pipe.transformer, arch, captured["call"])
-    router = GateRouter.for_model(arch, STEPS, dims, pipe.scheduler, per_prompt=per_prompt)
+    dims = input_widths(pipe.transformer, arch, captured["call"], ungated)
+    router = GateRouter.for_model(arch, STEPS, dims, pipe.scheduler, ungated, per_prompt=per_prompt, **kwargs)
     if std:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -86,6 +87,21 @@ def test_per_prompt_decisions_keep_both_cfg_rows_together():
     assert any(not torch.equal(m[:2], m[2:]) for m, _ in seen[False])  # (saturated m can coincide)
 
 
+@pytest.mark.parametrize("name", ["pixart-alpha", "dit"])
+def test_gates_started_from_a_schedule_run_that_schedule(name):
+    """Biases set from a static schedule (every component gated, cross-attention too; mean pooling) decide exactly
+    as the schedule does before any training: the images are the schedule's, bit for bit."""
+    pipe = fresh_pipe(name)
+    diffroute.apply(pipe, "fora-2")
+    expected = run(pipe, name, prompts(name), [0, 1])
+    router = _gates(pipe, name, ungated=(), pooling="mean")
+    assert "attn1" in router.config.gated and ("attn2" in router.config.gated) == (name != "dit")
+    router.init_from(Schedule.fora(diffroute.architecture_map(pipe.transformer), STEPS, 2))
+    diffroute.apply(pipe, GatePlan(router))
+    np.testing.assert_array_equal(run(pipe, name, prompts(name), [0, 1]), expected)
+    assert pipe.last_stats.computed_fraction == pytest.approx(0.5)  # fora-2 computes steps 0, 2 and 4 of 6
+
+
 def test_gates_refuse_another_step_count_and_model():
     pipe = fresh_pipe("pixart-alpha")
     plan = GatePlan(_gates(pipe, "pixart-alpha"), name="g")
@@ -118,6 +134,22 @@ def test_train_gates_cli_learns_to_skip_resumes_and_loads_as_a_plan(tmp_path):
     info = pipe.last_stats.plan_info
     assert info["gated_skipped"] > 0  # a strong FLOP penalty: the trained gates skip
     assert pipe.last_stats.computed_fraction < 1
+
+
+def test_train_gates_cli_starts_from_a_schedule_plan_and_refuses_a_policy(tmp_path):
+    args = ["train", "gates", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
+    args += ["--iters", "1", "--json", "--prompt", "a red apple", "--prompt", "a cat"]
+    refused = run_cli(*args, "--init", "fbcache-0.1", "--out", str(tmp_path / "bad"))
+    assert refused.returncode != 0 and "gates start from a schedule plan" in refused.stderr
+    assert not (tmp_path / "bad" / "log.jsonl").exists()
+    proc = run_cli(*args, "--init", "fora-2", "--cross-attention", "--lr", "1e-9", "--out", str(tmp_path / "g"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["init"] == "fora-2" and "attn2" in result["gated"] and result["pooling"] == "mean"
+    router = GateRouter.from_pretrained(tmp_path / "g" / "router")
+    # after one tiny step the biases still say fora-2: steps 1 and 3 reuse (+2), steps 0 and 2 compute (-2)
+    assert torch.allclose(router.bias[1], torch.full_like(router.bias[1], 2.0), atol=1e-3)
+    assert torch.allclose(router.bias[2], torch.full_like(router.bias[2], -2.0), atol=1e-3)
 
 
 def test_a_gate_plans_fingerprint_is_its_weights_not_their_sum():

@@ -52,6 +52,11 @@ def add_arguments(p) -> None:
     gates.add_argument("--iters", type=COUNT, help="trajectories rolled out in training (default %(default)s)")
     gates.add_argument("--batch", type=COUNT, help="recorded batches per iteration (default %(default)s)")
     gates.add_argument("--lr", type=POSITIVE, help="AdamW learning rate (default %(default)s)")
+    gates.add_argument("--pooling", choices=("sum", "mean"), help="over tokens: sum is LazyDiT's (default %(default)s)")
+    gates.add_argument("--init", metavar="PLAN", help="start from this static plan's schedule (e.g. emoji:l2c)")
+    gates.add_argument(
+        "--cross-attention", action="store_true", help="gate cross-attention too (LazyDiT gates attention and MLP)"
+    )
 
     elastic = sub.add_parser("elastic", help=METHODS["elastic"].help)
     _add_common(elastic)

@@ -104,6 +104,10 @@ class RulePlan(Plan):
 
         return RulePlan(self.name + BLOCKS_SUFFIX, build, self.computes_all, whole_blocks=True)
 
+    def schedule_at(self, arch: ArchitectureMap, num_steps: int) -> Schedule:
+        """The schedule this plan runs at `num_steps` steps on `arch`."""
+        return self.schedule(arch, num_steps)
+
     def schedule(self, arch: ArchitectureMap, num_steps: int) -> Schedule:
         key = (arch.model_class, arch.num_blocks, num_steps)
         if key not in self._built:
@@ -111,7 +115,7 @@ class RulePlan(Plan):
         return self._built[key]
 
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
-        return ScheduleDecider(self.schedule(arch, num_steps))
+        return ScheduleDecider(self.schedule_at(arch, num_steps))
 
 
 class SchedulePlan(Plan):
@@ -158,8 +162,12 @@ class SchedulePlan(Plan):
         whole = {"whole_blocks": True} if self.whole_blocks else {}  # (fingerprints of earlier results unchanged)
         return {"plan": self.name, "schedule": digest(self.schedule.to_dict()), **whole}
 
+    def schedule_at(self, arch: ArchitectureMap, num_steps: int) -> Schedule:
+        """The schedule this plan runs at `num_steps` steps on `arch` (resampled by normalised time)."""
+        return self.fitted(arch).resample(num_steps)
+
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
-        return ScheduleDecider(self.fitted(arch).resample(num_steps))
+        return ScheduleDecider(self.schedule_at(arch, num_steps))
 
 
 # A plan-name suffix: the schedule with every block whose components all reuse at a step reused whole.

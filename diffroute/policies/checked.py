@@ -135,17 +135,10 @@ class CheckedPlan(Plan):
         self.base, self.thresholds, self.name, self.prompt = base, [float(t) for t in thresholds], name, prompt
         self.default_num_steps, self.cache_history = base.default_num_steps, base.cache_history
 
-    def _schedule(self, arch: ArchitectureMap, num_steps: int) -> Schedule:
-        if isinstance(self.base, RulePlan):
-            s = self.base.schedule(arch, num_steps)
-        else:
-            s = self.base.fitted(arch).resample(num_steps)
-        return s
-
     def check(self, arch: ArchitectureMap) -> None:
         self.base.check(arch)
         if self.base.default_num_steps:
-            self._schedule(arch, self.base.default_num_steps)
+            self.base.schedule_at(arch, self.base.default_num_steps)
 
     def check_model(self, transformer) -> None:
         self.base.check_model(transformer)
@@ -174,7 +167,7 @@ class CheckedPlan(Plan):
         return [t[min(len(t) - 1, math.floor(i * len(t) / num_steps))] for i in range(num_steps)]
 
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
-        return CheckedDecider(self._schedule(arch, num_steps), self.step_thresholds(num_steps), self.prompt)
+        return CheckedDecider(self.base.schedule_at(arch, num_steps), self.step_thresholds(num_steps), self.prompt)
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
         return {**self.base.content(arch), "plan": self.name, "thresholds": self.thresholds, "prompt": self.prompt}

@@ -9,13 +9,17 @@ of computing, compute iff `m >= threshold` (0.5); zero-initialised, so m = 0.5 a
 the block's own gates and residuals still apply. Decisions are per sample (each CFG row its own), or per prompt
 (`per_prompt`: both CFG rows of a sample together, computing where their mean m passes the threshold; the batch is
 taken to be diffusers' `[unconditional rows, conditional rows]`). Cross-attention (`attn2`) has no adaLN gate and
-always computes, as LazyDiT gates only attention and MLP.
+always computes, as LazyDiT gates only attention and MLP, unless gated on request (`ungated=()`: its gate reads its
+input hidden states; a deviation, so that the gates can reach what a static plan reuses).
 
-Deviations: the weights are indexed by the sampler's step (one router per step count and scheduler, refused
-elsewhere); training (training/gates.py) rolls the student through whole trajectories with the cache it would hold
-at inference (HarmoniCa's step-wise training) rather than LazyDiT's one-step pairs, and its decisions are
-straight-through (hard in the forward, the gradient of m backward) where LazyDiT trains soft blends and thresholds
-at inference: soft blends of 0.5 taught gates a cache inference never has.
+Deviations: each gate has a bias (the static part of its decision; zero at first, or a static plan's schedule with
+`init_from`, so that training starts from that plan), and the token pooling may be a mean (`pooling="mean"`: the
+logit's scale then does not grow with the token count) where LazyDiT sums; the weights are indexed by the sampler's
+step (one router per step count and scheduler, refused elsewhere); training (training/gates.py) rolls the student
+through whole trajectories with the cache it would hold at inference (HarmoniCa's step-wise training) rather than
+LazyDiT's one-step pairs, and its decisions are straight-through (hard in the forward, the gradient of m backward)
+where LazyDiT trains soft blends and thresholds at inference: soft blends of 0.5 taught gates a cache inference
+never has.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from diffroute.core.deciders import Decider, per_prompt
 from diffroute.plans import Plan
 from diffroute.routers.fit import TrainedRouterChecks
 
-UNGATED = ("attn2",)  # cross-attention: no adaLN modulation to read; always computed (LazyDiT gates attn and MLP)
+UNGATED = ("attn2",)  # cross-attention: no adaLN modulation to read; computed unless gated on request
+POOLINGS = ("sum", "mean")  # over tokens: LazyDiT sums; a mean keeps the logit's scale apart from the token count
 
 
 class GateRouter(ModelMixin, ConfigMixin):
@@ -50,29 +55,50 @@ class GateRouter(ModelMixin, ConfigMixin):
         rho: float = 0.0,
         backbone_probe: list[float] | None = None,
         backbone_dtype: str = "",
+        pooling: str = "sum",
     ):
         super().__init__()
         if len(dims) != len(gated):
             raise ValueError(f"one input width per gated component: {len(gated)} components, {len(dims)} widths")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r}: one of {', '.join(POOLINGS)}")
         self.weight = torch.nn.Parameter(torch.zeros(num_steps, num_blocks, len(gated), max(dims)))  # LazyDiT: zeros
+        # A bias per gate (not in LazyDiT, whose gates read the input only): the static part of a decision, which a
+        # static plan's schedule can initialise (`init_from`); zero, like the weights, computes everything.
+        self.bias = torch.nn.Parameter(torch.zeros(num_steps, num_blocks, len(gated)))
 
     @classmethod
-    def for_model(cls, arch: ArchitectureMap, num_steps: int, dims: dict, scheduler=None, **kwargs) -> GateRouter:
+    def for_model(
+        cls, arch: ArchitectureMap, num_steps: int, dims: dict, scheduler=None, ungated=UNGATED, **kwargs
+    ) -> GateRouter:
         """Gates for `arch` at `num_steps` steps; `dims` maps each gated component to its input's channel count."""
-        gated = tuple(c for c in arch.components if c not in UNGATED and c in dims)
+        gated = tuple(c for c in arch.components if c not in ungated and c in dims)
         name = "" if scheduler is None else type(scheduler).__name__
         widths = tuple(int(dims[c]) for c in gated)
         return cls(num_steps, arch.num_blocks, tuple(arch.components), gated, widths, arch.model_class, name, **kwargs)
 
-    def compute_probability(self, step: int, block: int, g: int, z: torch.Tensor, weight=None) -> torch.Tensor:
-        """m per sample: 1 - sigmoid(sum of w * Z over tokens and channels). Z is [rows, tokens, dim] or, for
-        convolutional FFNs, [rows, dim, H, W]. `weight`: the weights as a (DDP-wrapped) forward returned them."""
-        w = (self.weight if weight is None else weight)[step, block, g, : self.config.dims[g]].to(z.dtype)
-        logit = (z * w).sum(dim=(1, 2)) if z.ndim == 3 else torch.einsum("bchw,c->b", z, w)
-        return 1 - torch.sigmoid(logit.float())
+    def compute_probability(self, step: int, block: int, g: int, z: torch.Tensor, params=None) -> torch.Tensor:
+        """m per sample: 1 - sigmoid(w . Z summed over channels and pooled over tokens (sum or mean), plus the
+        bias). Z is [rows, tokens, dim] or, for convolutional FFNs, [rows, dim, H, W]. `params`: (weight, bias) as
+        a (DDP-wrapped) forward returned them."""
+        weight, bias = (self.weight, self.bias) if params is None else params
+        w = weight[step, block, g, : self.config.dims[g]].to(z.dtype)
+        if self.config.pooling == "sum":  # LazyDiT's
+            logit = (z * w).sum(dim=(1, 2)) if z.ndim == 3 else torch.einsum("bchw,c->b", z, w)
+        else:
+            logit = (z * w).sum(2).mean(1) if z.ndim == 3 else torch.einsum("bchw,c->bhw", z, w).mean(dim=(1, 2))
+        return 1 - torch.sigmoid(logit.float() + bias[step, block, g].float())
 
-    def forward(self) -> torch.Tensor:  # (the trainer's DDP wrapper calls forward: the weights themselves)
-        return self.weight
+    def init_from(self, schedule, strength: float = 2.0) -> None:
+        """Start from a static plan: each gate's bias says the schedule's decision (compute: -strength, reuse or
+        forecast: +strength), so before training the gates run that schedule (forecasts become reuses)."""
+        cols = [schedule.components.index(name) for name in self.config.gated]
+        compute = schedule.compute[: self.config.num_steps][:, :, cols]
+        with torch.no_grad():
+            self.bias[: compute.shape[0]] = torch.where(compute, -strength, strength)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:  # (the trainer's DDP wrapper calls forward)
+        return self.weight, self.bias
 
 
 class GatePlan(TrainedRouterChecks, Plan):
@@ -84,7 +110,7 @@ class GatePlan(TrainedRouterChecks, Plan):
         self.router, self.name, self.training = router, name, training
         self.default_num_steps = router.config.num_steps
         self.mode = "route"  # "target": the full model (no decisions, cache untouched)
-        self.weight: torch.Tensor | None = None  # training: the weights as this iteration's forward returned them
+        self.params: tuple | None = None  # training: (weight, bias) as this iteration's forward returned them
         self.aux: list[tuple[int, int, torch.Tensor]] = []  # training: (block, component, m) of this call
 
     def check(self, arch: ArchitectureMap) -> None:
@@ -135,7 +161,7 @@ class _GateDecider(Decider):
         # step 0 computes everything: nothing is cached before it
         if g is None or self.plan.mode == "target" or not 0 < ctx.step < self.router.config.num_steps:
             return
-        m = self.router.compute_probability(ctx.step, block, g, hidden, self.plan.weight)
+        m = self.router.compute_probability(ctx.step, block, g, hidden, self.plan.params)
         m = per_prompt(m) if self.router.config.per_prompt else m
         self.m[(block, comp)] = m
         if self.plan.training:

@@ -30,6 +30,9 @@ class GateConfig:
     prompts_per_batch: int = 8
     seed: int = 0
     bf16: bool = False
+    pooling: str = "mean"  # over tokens: "sum" is LazyDiT's; a mean keeps the logit's scale apart from the tokens
+    init: str = ""  # a static plan to start from (its schedule in the gates' biases), e.g. emoji:l2c
+    cross_attention: bool = False  # gate cross-attention too (LazyDiT does not: it has no adaLN input)
 
 
 @dataclass

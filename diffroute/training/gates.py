@@ -35,7 +35,7 @@ class GateLoss:
         self.items = list(range(len(recordings)))
 
     def __call__(self, router, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        self.plan.weight = router()  # through the (DDP-wrapped) forward, so gradients are reduced across processes
+        self.plan.params = router()  # through the (DDP-wrapped) forward, so gradients are reduced across processes
         losses = [self._rollout(int(j)) for j in idx]
         return torch.stack(losses).mean()
 
@@ -58,14 +58,14 @@ class GateLoss:
         self.executor.detach()
 
 
-def input_widths(transformer, arch, call) -> dict[str, int]:
-    """Per component that can be gated (all but cross-attention): the channels of its input, read from one call."""
+def input_widths(transformer, arch, call, ungated=UNGATED) -> dict[str, int]:
+    """Per component that can be gated (all but `ungated`): the channels of its input, read from one call."""
     seen: dict[str, set] = {}
     hooks = []
     for row in arch.modules:
         for c, module in enumerate(row):
             name = arch.components[c]
-            if module is None or name in UNGATED:
+            if module is None or name in ungated:
                 continue
 
             def look(mod, args, kwargs, name=name):
@@ -91,6 +91,20 @@ def _hidden(args, kwargs):
     return hidden_states_of(args, kwargs)
 
 
+def initial_schedule(name: str, pipe, arch, num_steps: int):
+    """The schedule of the static plan `name` that the gates start from, checked against this model and call."""
+    from diffroute.errors import InputError
+    from diffroute.plans import resolve_plan
+
+    plan = resolve_plan(name)
+    if not hasattr(plan, "schedule_at"):
+        raise InputError(f"--init {name}: gates start from a schedule plan (fora-N, emoji:l2c, a schedule file).")
+    plan.check(arch)
+    plan.check_model(pipe.transformer)
+    plan.check_call(num_steps, pipe.scheduler)
+    return plan.schedule_at(arch, num_steps)
+
+
 def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, out: Path, accelerator) -> dict:
     """Record trajectories with the full model's predictions, train gates (resumable from `out`), save them as
     `out/router` with a summary `out/summary.json`; returns the summary (on every process)."""
@@ -102,14 +116,26 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         raise ValueError("gates need at least 2 steps: step 0 always computes (nothing is cached before it).")
     arch = architecture_map(transformer)
     check_batch_split(cfg.batch, accelerator)
+    start = initial_schedule(cfg.init, pipe, arch, num_steps) if cfg.init else None  # refused before any work
     recordings = record_calls(pipe, prompts, cfg.seed, call_kwargs, cfg.prompts_per_batch, outputs=True)
     first = recordings[0][0][0]
     cost = count_flops(transformer, arch, first[0], first[1])
     share = (cost.component_flops / cost.step_flops).float()  # [blocks, components]: each one's share of a step
-    dims = input_widths(transformer, arch, first)
+    ungated = () if cfg.cross_attention else UNGATED
+    dims = input_widths(transformer, arch, first, ungated)
     router = GateRouter.for_model(
-        arch, num_steps, dims, pipe.scheduler, threshold=cfg.threshold, per_prompt=cfg.per_prompt, rho=cfg.rho
+        arch,
+        num_steps,
+        dims,
+        pipe.scheduler,
+        ungated,
+        threshold=cfg.threshold,
+        per_prompt=cfg.per_prompt,
+        rho=cfg.rho,
+        pooling=cfg.pooling,
     )
+    if start is not None:
+        router.init_from(start)
     gated = router.config.gated
     loss = GateLoss(transformer, recordings, router, share, cfg)
     train_router("gates", router, loss, cfg, transformer, out, accelerator)
@@ -119,6 +145,9 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         "rho": cfg.rho,
         "threshold": cfg.threshold,
         "per_prompt": cfg.per_prompt,
+        "pooling": cfg.pooling,
+        "init": cfg.init,
+        "gated": list(gated),
         "iters": cfg.iters,
         "prompts": len(prompts),
         "num_steps": num_steps,
