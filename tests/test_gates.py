@@ -9,8 +9,8 @@ import torch
 from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli
 
 import diffroute
-from diffroute.errors import PlanError
 from diffroute.core.schedule import Schedule
+from diffroute.errors import PlanError
 from diffroute.routers.gates import UNGATED, GatePlan, GateRouter
 from diffroute.training.gates import input_widths
 

@@ -296,7 +296,7 @@ def test_shipped_variants_load_by_name_and_generate():
     assert model_family("emoji-moe") == "emoji" == model_family("emoji-elastic")
     pipe = load_pipeline("emoji-moe")
     layers = moe_layers(pipe.transformer)
-    assert len(layers) == 5 and layers[0].capacity == Capacity("static", (2.0,))
+    assert len(layers) == 5 and layers[0].capacity == Capacity("clean", (1.0, 3.0))  # the shipped run (make moe)
     assert all(layer.dense_mix == 0.0 for layer in layers)  # the target capacity, not the training warm-up
     images = pipe(["grinning face"], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
