@@ -76,10 +76,7 @@ class ScheduleDecider(Decider):
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
         c, f, whole = schedule.compute, schedule.forecast, schedule.block_reuse
-        # A component's next call is at the next step its block runs (a block reused whole calls no component).
-        later = next_run(whole)  # [steps, blocks]: the next step at which each block runs (steps: none)
-        padded = torch.cat([c, torch.ones_like(c[:1])])  # past the last step nothing is reused
-        nxt = padded.gather(0, later[..., None].expand_as(c))  # each cell's value at its block's next run
+        nxt = computed_at_next_run(schedule)
         # Keep an output if the block's next run reuses it; in a column that forecasts, keep every computed output
         # (a forecast extrapolates from the last two).
         store = c & (~nxt | f.any(dim=0, keepdim=True))
@@ -90,7 +87,7 @@ class ScheduleDecider(Decider):
         self._store = store.tolist()
         self._block = (~whole).tolist()  # True: the block runs (its components decide), False: reused whole
         # keep a block's residual when the very next step reuses the block whole (consecutive reuses share it)
-        self._store_block = (~whole & torch.cat([whole[1:], torch.zeros_like(whole[:1])])).tolist()
+        self._store_block = (~whole & reused_whole_next(schedule)).tolist()
 
     def decide(self, ctx: StepContext, block: int, comp: int):
         return True if ctx.step >= len(self._decision) else self._decision[ctx.step][block][comp]
@@ -106,6 +103,21 @@ class ScheduleDecider(Decider):
 
     def info(self) -> dict:
         return {"schedule_provenance": self.schedule.provenance, "planned_fraction": self.schedule.computed_fraction()}
+
+
+def computed_at_next_run(schedule: Schedule) -> torch.Tensor:
+    """[steps, blocks, components]: whether each cell computes at its block's next run after that step (a component's
+    next call is at the next step its block runs: a block reused whole calls no component; past the last step
+    nothing is reused, so True)."""
+    c = schedule.compute
+    padded = torch.cat([c, torch.ones_like(c[:1])])
+    return padded.gather(0, next_run(schedule.block_reuse)[..., None].expand_as(c))
+
+
+def reused_whole_next(schedule: Schedule) -> torch.Tensor:
+    """[steps, blocks]: whether the very next step reuses each block whole (False at the last step)."""
+    whole = schedule.block_reuse
+    return torch.cat([whole[1:], torch.zeros_like(whole[:1])])
 
 
 def next_run(whole: torch.Tensor) -> torch.Tensor:

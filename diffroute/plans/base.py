@@ -170,6 +170,12 @@ class SchedulePlan(Plan):
         return ScheduleDecider(self.schedule_at(arch, num_steps))
 
 
+def is_schedule_plan(plan: Plan) -> bool:
+    """Whether `plan` runs a schedule (`schedule_at`): full, fora-N, schedule files, searched and shipped schedules,
+    L2C routers; not a policy or a per-image router."""
+    return isinstance(plan, (SchedulePlan, RulePlan))
+
+
 # A plan-name suffix: the schedule with every block whose components all reuse at a step reused whole.
 BLOCKS_SUFFIX = "+blocks"
 

@@ -27,10 +27,18 @@ import torch
 
 from diffroute.core.arch import ArchitectureMap
 from diffroute.core.call_context import hidden_states_of, rows_of
-from diffroute.core.deciders import FORECAST, Decider, ScheduleDecider, next_run, per_prompt
+from diffroute.core.deciders import (
+    FORECAST,
+    Decider,
+    ScheduleDecider,
+    computed_at_next_run,
+    per_prompt,
+    reused_whole_next,
+)
 from diffroute.core.decisions import Rows
 from diffroute.core.schedule import Schedule
-from diffroute.plans import Plan, RulePlan, SchedulePlan, register_suffix
+from diffroute.plans import Plan, register_suffix
+from diffroute.plans.base import is_schedule_plan
 from diffroute.policies.common import main_tensor, rel_l1
 
 
@@ -46,10 +54,9 @@ class CheckedDecider(Decider):
         # components only while their block runs by the schedule (a block run for some samples only cannot write
         # the whole batch's cache, so it never does), never in a column that forecasts (its two-point history is the
         # schedule's own computed steps), and for blocks where the next step reuses the block whole.
-        nxt = torch.cat([c, torch.ones_like(c[:1])]).gather(0, next_run(whole)[..., None].expand_as(c))
-        refresh = ~nxt & ~f.any(dim=0, keepdim=True) & ~whole[..., None]
+        refresh = ~computed_at_next_run(schedule) & ~f.any(dim=0, keepdim=True) & ~whole[..., None]
         self._store = refresh.tolist()
-        self._store_block = torch.cat([whole[1:], torch.zeros_like(whole[:1])]).tolist()
+        self._store_block = reused_whole_next(schedule).tolist()  # (holds the schedule's own block stores)
         self._x0: dict[int, torch.Tensor] = {}
         self._prev: dict[int, torch.Tensor] = {}  # each sample's residual at its last full step, per branch
         self._follow: dict[int, torch.Tensor | bool] = {}  # per branch: True / False / which samples follow
@@ -104,8 +111,6 @@ class CheckedDecider(Decider):
         return ctx.step < len(self._store) and self._store[ctx.step][block][comp]
 
     def must_store_block(self, ctx, block) -> bool:
-        if self.base.must_store_block(ctx, block):
-            return True
         return ctx.step < len(self._store_block) and self._store_block[ctx.step][block]
 
     def info(self) -> dict:
@@ -125,7 +130,7 @@ class CheckedPlan(Plan):
     decides_components_in_blocks = True
 
     def __init__(self, base: Plan, thresholds: Sequence[float], name: str, prompt: bool = False):
-        if not isinstance(base, (SchedulePlan, RulePlan)):
+        if not is_schedule_plan(base):
             raise ValueError(
                 f"{base.name!r} is not a schedule: a first-block check (+fbT) applies to schedule plans only "
                 "(fora-N, schedule files, searched and shipped schedules), not to policies or routers."
@@ -137,8 +142,6 @@ class CheckedPlan(Plan):
 
     def check(self, arch: ArchitectureMap) -> None:
         self.base.check(arch)
-        if self.base.default_num_steps:
-            self.base.schedule_at(arch, self.base.default_num_steps)
 
     def check_model(self, transformer) -> None:
         self.base.check_model(transformer)

@@ -95,9 +95,10 @@ def initial_schedule(name: str, pipe, arch, num_steps: int):
     """The schedule of the static plan `name` that the gates start from, checked against this model and call."""
     from diffroute.errors import InputError
     from diffroute.plans import resolve_plan
+    from diffroute.plans.base import is_schedule_plan
 
     plan = resolve_plan(name)
-    if not hasattr(plan, "schedule_at"):
+    if not is_schedule_plan(plan):
         raise InputError(f"--init {name}: gates start from a schedule plan (fora-N, emoji:l2c, a schedule file).")
     plan.check(arch)
     plan.check_model(pipe.transformer)
