@@ -6,13 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli
+from conftest import CALL_KWARGS, NAMES, STEPS, fresh_pipe, prompts, run, run_cli
 
 import diffroute
 from diffroute.core.schedule import Schedule
 from diffroute.errors import PlanError
 from diffroute.routers.gates import UNGATED, GatePlan, GateRouter
-from diffroute.training.gates import input_widths
+from diffroute.training.configs import GateConfig
+from diffroute.training.gates import GateLoss, input_widths
+from diffroute.utils.seeding import sample_generators
 
 
 def _gates(pipe, name, std=0.0, per_prompt=False, seed=0, ungated=UNGATED, **kwargs):
@@ -100,6 +102,59 @@ def test_gates_started_from_a_schedule_run_that_schedule(name):
     diffroute.apply(pipe, GatePlan(router))
     np.testing.assert_array_equal(run(pipe, name, prompts(name), [0, 1]), expected)
     assert pipe.last_stats.computed_fraction == pytest.approx(0.5)  # fora-2 computes steps 0, 2 and 4 of 6
+
+
+def test_a_student_rollout_follows_the_trajectory_inference_takes():
+    """Training's student rollout (HarmoniCa's step-wise training) advances the student's own latents: its final
+    latents are the ones the trained gates give at inference (not the full model's), every call's target is the
+    full model on the student's input, and the loss reaches the gates."""
+    name = "pixart-alpha"
+    pipe = fresh_pipe(name)
+    router = _gates(pipe, name, std=0.05)
+    arch = diffroute.architecture_map(pipe.transformer)
+    kwargs = dict(CALL_KWARGS[name], num_inference_steps=STEPS)
+    share = torch.full((arch.num_blocks, len(arch.components)), 0.01)
+    loss = GateLoss(pipe, [prompts(name)], [], router, share, GateConfig(rho=0.1), kwargs)
+    loss.plan.params = router()
+    try:
+        value = loss.student_rollout(0, seed=7)
+        student = loss.last_latents
+        assert len(loss.terms) == STEPS and all(t.requires_grad for t in loss.terms[1:])  # step 0 computes all
+        value.backward()
+    finally:
+        loss.close()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    gens = lambda: sample_generators(7, range(len(prompts(name))))  # noqa: E731
+    full = pipe(prompts(name), generator=gens(), output_type="latent", **kwargs).images
+    diffroute.apply(pipe, GatePlan(router))
+    inferred = pipe(prompts(name), generator=gens(), output_type="latent", **kwargs).images
+    assert pipe.last_stats.plan_info["gated_skipped"] > 0
+    torch.testing.assert_close(student, inferred, atol=1e-4, rtol=1e-5)  # mixed rows run as a sub-batch there
+    assert (student - full).abs().max() > 0.1  # the skips moved the student's trajectory off the full one
+
+
+def test_iepo_weights_the_steps_whose_gates_move_the_final_image():
+    """HarmoniCa's image-error proxy: gates started from fora-2 reuse at odd steps only, so gating an even step
+    leaves the final latents bit for bit as they were (lambda 0, its weight floored at a tenth of the mean) while
+    every odd step moves them."""
+    name = "pixart-alpha"
+    pipe = fresh_pipe(name)
+    router = _gates(pipe, name, ungated=(), pooling="mean")
+    arch = diffroute.architecture_map(pipe.transformer)
+    router.init_from(Schedule.fora(arch, STEPS, 2))
+    kwargs = dict(CALL_KWARGS[name], num_inference_steps=STEPS)
+    share = torch.full((arch.num_blocks, len(arch.components)), 0.01)
+    loss = GateLoss(pipe, [prompts(name)], [], router, share, GateConfig(iepo_every=1), kwargs)
+    loss.plan.params = router()
+    try:
+        weights = loss.refresh_step_weights()
+        assert len(loss.terms) == 0  # the generations trained nothing
+    finally:
+        loss.close()
+    lam = loss.raw_lambda
+    assert torch.equal(lam[2::2], torch.zeros(2)) and (lam[1::2] > 0).all()
+    assert weights[0] == 1 and torch.equal(weights[2::2], torch.full((2,), 0.1))
+    torch.testing.assert_close(weights[1:], (lam[1:] / lam[1:].mean()).clamp(min=0.1))
 
 
 def test_gates_refuse_another_step_count_and_model():

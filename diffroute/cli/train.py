@@ -13,7 +13,7 @@ HELP = (
 
 
 def add_arguments(p) -> None:
-    from diffroute.cli.common import COUNT, FRACTION, NONNEGATIVE, POSITIVE, float_in
+    from diffroute.cli.common import COUNT, FRACTION, NONNEGATIVE, POSITIVE, float_in, int_in
 
     sub = p.add_subparsers(dest="method", required=True, metavar="METHOD")
     from diffroute.training.methods import METHODS
@@ -56,6 +56,19 @@ def add_arguments(p) -> None:
     gates.add_argument("--init", metavar="PLAN", help="start from this static plan's schedule (e.g. emoji:l2c)")
     gates.add_argument(
         "--cross-attention", action="store_true", help="gate cross-attention too (LazyDiT gates attention and MLP)"
+    )
+    gates.add_argument(
+        "--rollout",
+        choices=("student", "recorded"),
+        help="student: the student's own latents, target the full model on them (HarmoniCa); recorded: the full "
+        "trajectory's (teacher forcing) (default %(default)s)",
+    )
+    gates.add_argument(
+        "--iepo-every",
+        type=int_in(0, 10**6),
+        metavar="N",
+        help="weight each step's loss by HarmoniCa's image-error proxy, refreshed every N iterations (T generations "
+        "each; default %(default)s: equal weights)",
     )
 
     elastic = sub.add_parser("elastic", help=METHODS["elastic"].help)

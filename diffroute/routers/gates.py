@@ -112,6 +112,7 @@ class GatePlan(TrainedRouterChecks, Plan):
         self.mode = "route"  # "target": the full model (no decisions, cache untouched)
         self.params: tuple | None = None  # training: (weight, bias) as this iteration's forward returned them
         self.aux: list[tuple[int, int, torch.Tensor]] = []  # training: (block, component, m) of this call
+        self.last_gated_step: int | None = None  # training (IEPO): the gates act up to this step, then all computes
 
     def check(self, arch: ArchitectureMap) -> None:
         from diffroute.errors import PlanError
@@ -160,6 +161,8 @@ class _GateDecider(Decider):
         g = self.gate_of.get(comp)
         # step 0 computes everything: nothing is cached before it
         if g is None or self.plan.mode == "target" or not 0 < ctx.step < self.router.config.num_steps:
+            return
+        if self.plan.last_gated_step is not None and ctx.step > self.plan.last_gated_step:
             return
         m = self.router.compute_probability(ctx.step, block, g, hidden, self.plan.params)
         m = per_prompt(m) if self.router.config.per_prompt else m

@@ -33,6 +33,10 @@ class GateConfig:
     pooling: str = "mean"  # over tokens: "sum" is LazyDiT's; a mean keeps the logit's scale apart from the tokens
     init: str = ""  # a static plan to start from (its schedule in the gates' biases), e.g. emoji:l2c
     cross_attention: bool = False  # gate cross-attention too (LazyDiT does not: it has no adaLN input)
+    # "student": the pipeline's own loop advances the student's latents, the target is the full model at each of
+    # them (HarmoniCa's step-wise training); "recorded": the full trajectory's inputs and outputs (teacher forcing)
+    rollout: str = "student"
+    iepo_every: int = 0  # refresh HarmoniCa's per-step loss weights (IEPO) every N iterations (0: equal weights)
 
 
 @dataclass
