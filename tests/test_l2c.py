@@ -13,6 +13,7 @@ from conftest import CALL_KWARGS, NAMES, prompts, run, run_cli
 import diffroute
 from diffroute.errors import PlanError
 from diffroute.routers import L2CRouter, RouterPlan, load_router
+from diffroute.search.genome import GenomeSpace
 from diffroute.training.configs import L2CConfig
 from diffroute.training.l2c import L2CLoss, train_l2c
 from diffroute.training.trajectories import record_calls
@@ -137,9 +138,19 @@ def test_search_is_seeded_with_shipped_routers_of_the_same_step_count(tiny_pipes
     router.save_pretrained(tmp_path / "tiny-pixart" / "routers" / "l2c")
     monkeypatch.setattr(diffroute.zoo.shipped, "WEIGHTS", tmp_path)
     assert diffroute.zoo.shipped.shipped_routers() == {"tiny-pixart:l2c": tmp_path / "tiny-pixart" / "routers" / "l2c"}
+    # an earlier search's shipped front members seed it too, at their own step count only
+    (tmp_path / "tiny-pixart" / "schedules").mkdir()
+    diffroute.Schedule.fora(arch, STEPS, 3).save(tmp_path / "tiny-pixart" / "schedules" / "f3.json")
+    diffroute.Schedule.fora(arch, STEPS + 1, 2).save(tmp_path / "tiny-pixart" / "schedules" / "other.json")
     seeds = _router_seeds("tiny-pixart", arch, STEPS)
-    assert len(seeds) == 1 and torch.equal(seeds[0].compute, router.schedule().compute)
-    assert _router_seeds("tiny-pixart", arch, STEPS + 1) == [] and _router_seeds("emoji", arch, STEPS) == []
+    assert len(seeds) == 2 and torch.equal(seeds[0].compute, router.schedule().compute)
+    assert torch.equal(seeds[1].compute, diffroute.Schedule.fora(arch, STEPS, 3).compute)
+    assert len(_router_seeds("tiny-pixart", arch, STEPS + 1)) == 1 and _router_seeds("emoji", arch, STEPS) == []
+    space = GenomeSpace(arch, STEPS, whole_blocks=True)
+    first = space.seed_schedules(seeds)[:4]  # the zoo's schedules lead, each followed by its whole-block variant
+    assert torch.equal(first[2].compute, first[3].compute)
+    whole = diffroute.Schedule.fora(arch, STEPS, 3).with_block_reuse(arch.present()).block_reuse
+    assert not first[2].has_block_reuse and whole.any() and torch.equal(first[3].block_reuse, whole)
 
 
 def test_train_l2c_on_two_gloo_processes_matches_one(tmp_path):

@@ -62,9 +62,9 @@ class GenomeSpace:
         return hashlib.sha1(np.packbits(np.asarray(bits, dtype=bool)).tobytes()).hexdigest()[:16]
 
     def seed_schedules(self, extra: list[Schedule] = ()) -> list[Schedule]:
-        """Hand-made schedules: FORA-N, TaylorSeer-N (with and without a warm-up), FORA/TaylorSeer caching only the
-        late steps (long warm-ups), attention-only and MLP-only intervals, middle-step ranges, plus `extra` (BAC or
-        L2C schedules)."""
+        """`extra` (BAC, L2C and shipped schedules), then hand-made ones: FORA-N, TaylorSeer-N (with and without a
+        warm-up), FORA/TaylorSeer caching only the late steps (long warm-ups), attention-only and MLP-only
+        intervals, middle-step ranges; with `whole_blocks`, each followed by its whole-block variant."""
         a, s = self.arch, self.num_steps
         attn = [c for c in a.components if "attn" in c]
         made = [Schedule.fora(a, s, n) for n in (2, 3, 4, 5)]
@@ -81,10 +81,12 @@ class GenomeSpace:
         if s > 4:  # the middle steps of inner blocks (needs steps left at both ends)
             rule = {"blocks": (1, max(nb - 1, 2)), "steps": (2, s - 2)}
             made += [Schedule.ranges(a, s, [dict(rule, every=n)]) for n in (2, 3)]
-        if self.whole_blocks:  # FORA with whole blocks reused (FBCache's mechanism on a fixed rhythm)
-            made += [Schedule.fora(a, s, n).with_block_reuse(self.present) for n in (2, 3, 4, 5)]
-        made += [x for x in extra if x.num_steps == s]
-        return [m for m in made if m.num_blocks == nb]
+        # `extra` first: a population smaller than the seeds keeps the routers' and an earlier front's schedules
+        made = [m for m in [*(x for x in extra if x.num_steps == s), *made] if m.num_blocks == nb]
+        if self.whole_blocks:  # each also with its fully reused blocks reused whole (FORA so: FBCache's mechanism
+            # on a fixed rhythm; an earlier front's members so: where the last search ended, with cheaper skips)
+            made = [v for m in made for v in (m, m.with_block_reuse(self.present))]
+        return made
 
     def seeds(self, rng: np.random.Generator, size: int, extra: list[Schedule] = ()) -> np.ndarray:
         """Hand-made schedules first, then random ones of varied density, `size` in all, no duplicates."""

@@ -153,8 +153,10 @@ def ship_front(result: dict, ship: dict[str, float], settings) -> dict[str, str]
 
 
 def router_seeds(model: str, arch, steps: int) -> list:
-    """The schedules of the model's shipped L2C routers trained for this step count (a router is a static schedule;
-    one trained for another step count or another model is left out)."""
+    """The schedules the zoo holds for `model` at this step count and model class, to seed a search: its shipped
+    L2C routers (a router is a static schedule; per-sample routers such as Elastic are none) and its shipped
+    schedules (an earlier search's front members, so that a new search starts from where the last one ended)."""
+    from diffroute.core.schedule import Schedule
     from diffroute.routers import load_router
 
     seeds = []
@@ -166,6 +168,11 @@ def router_seeds(model: str, arch, steps: int) -> list:
             continue
         if router.config.num_steps == steps and router.config.model_class == arch.model_class:
             seeds.append(router.schedule())
+    for name, path in shipped_schedules().items():
+        if name.split(":")[0] == model:
+            schedule = Schedule.load(path)
+            if schedule.num_steps == steps and schedule.model_class == arch.model_class:
+                seeds.append(schedule)
     return seeds
 
 
