@@ -3,11 +3,12 @@ its last computation, the mechanism FBCache/DBCache use, for every schedule plan
 
 import collections
 import inspect
+import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, STEPS, fresh_pipe, prompts, run
+from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffroute
@@ -16,11 +17,12 @@ from diffroute.core.schedule import Schedule, ScheduleMismatchError
 from diffroute.errors import PlanError
 
 
-def _reference_block_reuse(pipe, every: int):
+def _reference_block_reuse(pipe, every: int, spans: bool = False):
     """FORA-`every` at block level written as plain forward replacements, independent of the executor: at computed
     steps a block runs and keeps output minus input per stream; at other steps it returns input plus that residual.
-    A new timestep is a new step; calls at the same timestep (true CFG) are branches with residuals of their own.
-    For one pipeline call."""
+    With `spans`, where every block's residual is one tensor, the first block returns its input plus the sum of all
+    of them (added in block order) and the others their input. A new timestep is a new step; calls at the same
+    timestep (true CFG) are branches with residuals of their own. For one pipeline call."""
     state = {"step": -1, "branch": 0, "t": None}
 
     def count(module, args, kwargs):
@@ -31,6 +33,7 @@ def _reference_block_reuse(pipe, every: int):
 
     handle = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
     saved = {}
+    num_blocks = len(architecture_map(pipe.transformer).blocks)
     for b, block in enumerate(architecture_map(pipe.transformer).blocks):
         signature, forward = inspect.signature(type(block).forward), block.forward
 
@@ -47,6 +50,14 @@ def _reference_block_reuse(pipe, every: int):
                     saved[key] = (text, out[1] - h)
                 return out
             res = saved[key]
+            run = [saved[(j, state["branch"])] for j in range(num_blocks)]
+            if spans and all(isinstance(r, torch.Tensor) for r in run):
+                if _b > 0:
+                    return h
+                total = run[0]
+                for r in run[1:]:
+                    total = total + r
+                return h + total
             if isinstance(res, torch.Tensor):
                 return h + res
             return (None if res[0] is None else e + res[0], h + res[1])
@@ -55,14 +66,17 @@ def _reference_block_reuse(pipe, every: int):
     return handle
 
 
+@pytest.mark.parametrize("spans", [False, True])
 @pytest.mark.parametrize("name", NAMES)
-def test_block_reuse_is_input_plus_stored_residual(name):
+def test_block_reuse_is_input_plus_stored_residual(name, spans):
+    """`+blocks`: each block reused whole adds its own residual; `+spans`: a run of them adds their sum once (the
+    three families whose blocks return one tensor; SD3's and FLUX's pairs fall back to block by block)."""
     pipe = fresh_pipe(name)
-    diffroute.apply(pipe, "fora-3+blocks")
+    diffroute.apply(pipe, "fora-3+spans" if spans else "fora-3+blocks")
     routed = run(pipe, name, prompts(name), [0, 1])
     stats = pipe.last_stats
     diffroute.remove(pipe)
-    handle = _reference_block_reuse(pipe, 3)
+    handle = _reference_block_reuse(pipe, 3, spans)
     try:
         reference = run(pipe, name, prompts(name), [0, 1])
     finally:
@@ -130,7 +144,7 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("plan", ["fora-100", "fora-100+blocks"])
+@pytest.mark.parametrize("plan", ["fora-100", "fora-100+blocks", "fora-100+spans"])
 def test_reuse_steps_copy_nothing(plan):
     """A reused step hands out the cache's own buffers: no copy of any tensor (copies happen when storing)."""
     name = "pixart-alpha"
@@ -156,6 +170,59 @@ def test_reuse_steps_copy_nothing(plan):
     assert per_call[0].get("aten.copy_", 0) > 0  # the first step stores its outputs (the count can see copies)
     for ops in per_call[1:]:
         assert ops.get("aten.copy_", 0) == 0 and ops.get("aten.clone", 0) == 0
-    if plan.endswith("+blocks"):  # a block reused whole runs no norm and no matmul of its own
+    if plan.endswith(("+blocks", "+spans")):  # a block reused whole runs no norm and no matmul of its own
         assert per_call[1].get("aten.native_layer_norm", 0) == 1  # the output layer's norm only
         assert per_call[1].get("aten.addmm", 0) < per_call[0].get("aten.addmm", 0) / 3
+
+
+def _adds_per_call(pipe, name):
+    per_call, mode = [], _Ops()
+
+    def start(module, args, kwargs):
+        mode.counts.clear()
+        mode.__enter__()
+
+    def end(module, args, kwargs, out):
+        mode.__exit__(None, None, None)
+        per_call.append(mode.counts.get("aten.add", 0))
+
+    h1 = pipe.transformer.register_forward_pre_hook(start, with_kwargs=True)
+    h2 = pipe.transformer.register_forward_hook(end, with_kwargs=True)
+    try:
+        images = run(pipe, name, prompts(name), [0, 1])
+    finally:
+        h1.remove()
+        h2.remove()
+    return per_call, images
+
+
+@pytest.mark.parametrize("name", ["pixart-alpha", "dit", "sana"])
+def test_a_run_of_blocks_reused_whole_adds_one_residual(name):
+    """Under `+spans` the first reused step sums the run's residuals once; later reused steps add one tensor where
+    `+blocks` adds one per block. The images differ from `+blocks` only by rounding."""
+    pipe = fresh_pipe(name)
+    blocks = len(architecture_map(pipe.transformer).blocks)
+    counts = {}
+    for plan in ("fora-100+blocks", "fora-100+spans"):
+        diffroute.apply(pipe, plan)
+        counts[plan] = _adds_per_call(pipe, name)
+        diffroute.remove(pipe)
+    (per_block, images), (spans, summed) = counts["fora-100+blocks"], counts["fora-100+spans"]
+    assert spans[1] == per_block[1]  # the sum takes blocks - 1 adds, its use one
+    assert all(s == p - (blocks - 1) for s, p in zip(spans[2:], per_block[2:]))
+    np.testing.assert_allclose(summed, images, atol=1e-5)
+
+
+def test_bench_reuse_reports_each_reuse_form_on_its_own_schedule():
+    """`diffroute bench reuse` (a benchmark: its timings are not asserted) times component, whole-block and
+    one-residual reuse steps of the same schedule, each step after step 0 reused."""
+    proc_args = ("--steps", "3", "--repeats", "1", "--json")
+    proc = run_cli("bench", "reuse", "--models", "tiny-pixart", "--dtypes", "float32", "--batch", "2", *proc_args)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)["rows"][0]
+    for plan in ("fora-3", "fora-3+blocks", "fora-3+spans"):
+        assert (
+            row["plans"][plan]["computed_fraction"] == pytest.approx(1 / 3) and row["plans"][plan]["reuse_steps"] == 2
+        )
+    for key in ("component_reuse_step_vs_full", "block_reuse_step_vs_full", "span_reuse_step_vs_full"):
+        assert row[key] > 0

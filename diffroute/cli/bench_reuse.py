@@ -2,7 +2,7 @@
 
 `fora-S` over S steps computes step 0 and reuses every component afterwards (the block still runs its norms,
 modulation and gates around the cached outputs); `fora-S+blocks` reuses whole blocks from their residual (nothing of
-the block runs). Both are timed step by step on a real pipeline call's inputs, replayed at S timesteps, beside
+the block runs); `fora-S+spans` adds the summed residual of all the blocks once (one tensor per step). Both are timed step by step on a real pipeline call's inputs, replayed at S timesteps, beside
 vanilla diffusers; a reused step's cost is the median of its steps over the median vanilla step.
 """
 
@@ -39,12 +39,16 @@ def run(args) -> dict:
             out["rows"].append(_time_model(pipe, call_args, kwargs, steps, repeats, model, dtype))
     if not args.json:
         print(f"batch {args.batch} prompts, {steps} steps, median of {repeats} after a warm-up, on {device}")
-        print("| model | dtype | rows per call | full / vanilla | all-reuse step / full | block-reuse step / full |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| model | dtype | rows per call | full / vanilla | all-reuse step / full | block-reuse step / full "
+            "| one-residual step / full |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for r in out["rows"]:
             print(
                 f"| {r['model']} | {r['dtype']} | {r['rows_per_call']} | {r['full_over_vanilla']:.3f} | "
-                f"{100 * r['component_reuse_step_vs_full']:.1f}% | {100 * r['block_reuse_step_vs_full']:.1f}% |"
+                f"{100 * r['component_reuse_step_vs_full']:.1f}% | {100 * r['block_reuse_step_vs_full']:.1f}% | "
+                f"{100 * r['span_reuse_step_vs_full']:.1f}% |"
             )
     return out
 
@@ -65,8 +69,8 @@ def _time_model(pipe, call_args: tuple, kwargs: dict, steps: int, repeats: int, 
         transformer(*call_args, **dict(kwargs, timestep=timesteps[i]))
 
     cost = count_flops(transformer, architecture_map(transformer), call_args, kwargs)
-    reuse, blocks = f"fora-{steps}", f"fora-{steps}+blocks"
-    plans = {"vanilla": None, "full": "full", reuse: reuse, blocks: blocks}
+    reuse, blocks, spans = f"fora-{steps}", f"fora-{steps}+blocks", f"fora-{steps}+spans"
+    plans = {"vanilla": None, "full": "full", reuse: reuse, blocks: blocks, spans: spans}
     print(f"{model} {dtype}: timing {list(plans)} x {repeats} repeats...", file=sys.stderr, flush=True)
     table = summarize(time_steps(transformer, plans, call_step, steps, repeats=repeats), cost)
     return {
@@ -76,5 +80,6 @@ def _time_model(pipe, call_args: tuple, kwargs: dict, steps: int, repeats: int, 
         "full_over_vanilla": table["full"]["transformer_s"] / table["vanilla"]["transformer_s"],
         "component_reuse_step_vs_full": table[reuse]["reuse_step_vs_full"],
         "block_reuse_step_vs_full": table[blocks]["reuse_step_vs_full"],
+        "span_reuse_step_vs_full": table[spans]["reuse_step_vs_full"],
         "plans": table,
     }

@@ -25,6 +25,10 @@ class BlockDecisions:
         and reused for the others, None (compute) or KEEP (compute, then `keep_block`)."""
         if self.decider is None:
             return None
+        if self._span_until is not None:  # inside a run of blocks whose summed residual its first block added
+            if b == self._span_until:
+                self._span_until = None
+            return blocks.bind(module, args, kwargs).arguments["hidden_states"]
         if self.decider.reads_block_inputs:  # a router that decides from the block's tokens
             self.decider.block_inputs(self.ctx, b, blocks.bind(module, args, kwargs).arguments)
         decision = typed(self.decider.decide_block(self.ctx, b))
@@ -39,6 +43,14 @@ class BlockDecisions:
     def _reuse_block(self, forward, b, module, decision, args, kwargs):
         """Input plus the residual the block added at its last computation; computed when none is cached."""
         n = self.ctx.batch_size
+        end = self.decider.block_span(self.ctx, b)
+        if end > b:  # a run of blocks reused whole: one add of their summed residuals, then they pass through
+            total = self.cache.summed(tuple((self.ctx.branch, j, "block") for j in range(b, end + 1)), n)
+            if total is not None:
+                for j in range(b, end + 1):
+                    self._record_block(j, 0, n)
+                self._span_until = end
+                return blocks.bind(module, args, kwargs).arguments["hidden_states"] + total
         res = self.cache.get((self.ctx.branch, b, "block"), n)
         if res is None:
             return self._compute_block(forward, b, module, COMPUTE, args, kwargs)

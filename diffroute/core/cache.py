@@ -27,6 +27,7 @@ class _Entry:
 
     def __init__(self, kind: type, bufs: list, step: int):
         self.kind, self.slots, self.steps = kind, [bufs], [step]
+        self.version = 0  # bumped by every store: what a kept sum of this entry was made from
 
 
 class FeatureCache:
@@ -40,10 +41,17 @@ class FeatureCache:
     def __init__(self, history: int = 1):
         self.history = history
         self._store: dict[Hashable, _Entry] = {}
+        self._sums: dict[tuple, tuple[tuple, torch.Tensor]] = {}  # keys -> (their versions, the sum of them)
+        self._stores = 0
         self.bytes = 0
         self.peak_bytes = 0
 
     def put(self, key: Hashable, out: Any, step: int = 0) -> None:
+        self._stores += 1
+        self._put(key, out, step)
+        self._store[key].version = self._stores
+
+    def _put(self, key: Hashable, out: Any, step: int) -> None:
         new = tensors_of(out)
         entry = self._store.get(key)
         if entry is not None and not _same_layout(entry.slots[0], new):
@@ -86,6 +94,26 @@ class FeatureCache:
             return None
         return rebuild(entry.kind, entry.slots[0])
 
+    def summed(self, keys: tuple, batch: int | None = None) -> torch.Tensor | None:
+        """The sum of the newest tensors stored under `keys` (added in their order), or None unless each is one
+        tensor fitting `batch`. Kept until one of them is stored again: a run of blocks reused whole over several
+        steps adds its residuals once, then one tensor per step."""
+        entries = [self._store.get(k) for k in keys]
+        if any(e is None or not issubclass(e.kind, torch.Tensor) or not _fits(e.slots[0], batch) for e in entries):
+            return None
+        versions = tuple(e.version for e in entries)
+        kept = self._sums.get(keys)
+        if kept is not None and kept[0] == versions:
+            return kept[1]
+        total = entries[0].slots[0][0]
+        for e in entries[1:]:
+            total = total + e.slots[0][0]
+        if kept is not None:
+            self.bytes -= _nbytes([kept[1]])
+        self._sums[keys] = (versions, total)
+        self._grow(_nbytes([total]))
+        return total
+
     def forecast(self, key: Hashable, step: int, batch: int | None = None) -> Any | None:
         """First-order Taylor extrapolation to `step` from the last two stored outputs (None without two)."""
         entry = self._store.get(key)
@@ -101,6 +129,7 @@ class FeatureCache:
 
     def clear(self) -> None:
         self._store.clear()
+        self._sums.clear()
         self.bytes = 0
 
     def reset_peak(self) -> None:

@@ -66,6 +66,11 @@ class Decider:
         """Whether a computed block's residual may be reused later (so the executor keeps it)."""
         return True
 
+    def block_span(self, ctx: StepContext, block: int) -> int:
+        """For a block reused whole at this step: the last block of the run that the executor may reuse as one
+        residual with it (the blocks after it then pass their input through); `block` itself: no run."""
+        return block
+
     def info(self) -> dict:
         return {}
 
@@ -73,7 +78,7 @@ class Decider:
 class ScheduleDecider(Decider):
     """Follows a static schedule; decisions are plain Python values, so the loop never waits on the device."""
 
-    def __init__(self, schedule: Schedule):
+    def __init__(self, schedule: Schedule, spans: bool = False):
         self.schedule = schedule
         c, f, whole = schedule.compute, schedule.forecast, schedule.block_reuse
         nxt = computed_at_next_run(schedule)
@@ -88,6 +93,12 @@ class ScheduleDecider(Decider):
         self._block = (~whole).tolist()  # True: the block runs (its components decide), False: reused whole
         # keep a block's residual when the very next step reuses the block whole (consecutive reuses share it)
         self._store_block = (~whole & reused_whole_next(schedule)).tolist()
+        self._span_end = span_ends(whole) if spans else None
+
+    def block_span(self, ctx: StepContext, block: int) -> int:
+        if self._span_end is None or ctx.step >= len(self._span_end):
+            return block
+        return self._span_end[ctx.step][block]
 
     def decide(self, ctx: StepContext, block: int, comp: int):
         return True if ctx.step >= len(self._decision) else self._decision[ctx.step][block][comp]
@@ -103,6 +114,23 @@ class ScheduleDecider(Decider):
 
     def info(self) -> dict:
         return {"schedule_provenance": self.schedule.provenance, "planned_fraction": self.schedule.computed_fraction()}
+
+
+def span_ends(whole: torch.Tensor) -> list[list[int]]:
+    """[steps][blocks]: for a block reused whole that starts a run of consecutive blocks reused whole at that step,
+    the run's last block; for any other block, the block itself."""
+    ends = []
+    for row in whole.tolist():
+        end = list(range(len(row)))
+        b = 0
+        while b < len(row):
+            e = b
+            while row[b] and e + 1 < len(row) and row[e + 1]:
+                e += 1
+            end[b] = e
+            b = e + 1
+        ends.append(end)
+    return ends
 
 
 def computed_at_next_run(schedule: Schedule) -> torch.Tensor:

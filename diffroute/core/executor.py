@@ -100,6 +100,7 @@ class Executor(BlockDecisions, SoftDecisions):
             self._hooked &= ~self.block_level[:, None]
         self._quiet_components = False  # True while a block runs for some rows under its own record
         self._block_forms: dict[int, tuple[bool, bool]] = {}  # per block: its output's form (see blocks.form_of)
+        self._span_until: int | None = None  # the last block of a run reused as one residual, while inside it
         self.stats: StatsRecorder | None = None
         self.last_stats: CallStats | None = None
         self._attached = False
@@ -152,6 +153,7 @@ class Executor(BlockDecisions, SoftDecisions):
         if timestep is not None and self._timestep_scale != 1.0:  # the scheduler's units, as in the call context
             timestep = timestep * self._timestep_scale
         ctx, new_call = self.tracker.advance(timestep, hidden.shape[0], name)
+        self._span_until = None
         if new_call or self.stats is None:
             self._start_call(ctx.num_steps or self.default_num_steps, hidden.device)
         self.stats.transformer_start(ctx.step, hidden.device)

@@ -21,6 +21,7 @@ class Plan:
     name: str = "plan"
     default_num_steps: int | None = None
     cache_history: int = 1  # outputs kept per component (2 for Taylor forecasts)
+    collapse_spans: bool = False  # `+spans`: a run of consecutive blocks reused whole adds one residual
 
     def observed_blocks(self, arch: ArchitectureMap) -> tuple[int, ...]:
         """Blocks whose inputs/outputs the deciders watch (dynamic policies); none for static schedules."""
@@ -57,6 +58,14 @@ class Plan:
         raise PlanError(
             f"plan {self.name!r} does not take {BLOCKS_SUFFIX}: only schedule plans (full, fora-N, schedule files, "
             "searched and shipped schedules) can reuse whole blocks; policies and routers decide blocks themselves."
+        )
+
+    def with_spans(self) -> Plan:
+        """This plan with whole-block reuse (`+blocks`) and each run of consecutive blocks reused whole at a step
+        reused as one residual (`name+spans`)."""
+        raise PlanError(
+            f"plan {self.name!r} does not take {SPANS_SUFFIX}: only schedule plans (full, fora-N, schedule files, "
+            "searched and shipped schedules) can reuse runs of whole blocks."
         )
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
@@ -104,6 +113,11 @@ class RulePlan(Plan):
 
         return RulePlan(self.name + BLOCKS_SUFFIX, build, self.computes_all, whole_blocks=True)
 
+    def with_spans(self) -> Plan:
+        plan = copy.copy(self if self.whole_blocks else self.with_block_reuse())
+        plan.name, plan.collapse_spans, plan._built = self.name + SPANS_SUFFIX, True, {}
+        return plan
+
     def schedule_at(self, arch: ArchitectureMap, num_steps: int) -> Schedule:
         """The schedule this plan runs at `num_steps` steps on `arch`."""
         return self.schedule(arch, num_steps)
@@ -115,7 +129,7 @@ class RulePlan(Plan):
         return self._built[key]
 
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
-        return ScheduleDecider(self.schedule_at(arch, num_steps))
+        return ScheduleDecider(self.schedule_at(arch, num_steps), spans=self.collapse_spans)
 
 
 class SchedulePlan(Plan):
@@ -156,10 +170,17 @@ class SchedulePlan(Plan):
         plan.name, plan.whole_blocks, plan._fitted = self.name + BLOCKS_SUFFIX, True, {}
         return plan
 
+    def with_spans(self) -> Plan:
+        plan = copy.copy(self)
+        plan.name, plan.whole_blocks, plan.collapse_spans, plan._fitted = self.name + SPANS_SUFFIX, True, True, {}
+        return plan
+
     def content(self, arch: ArchitectureMap | None = None) -> dict:
         from diffroute.utils.fingerprint import digest
 
         whole = {"whole_blocks": True} if self.whole_blocks else {}  # (fingerprints of earlier results unchanged)
+        if self.collapse_spans:
+            whole["spans"] = True
         return {"plan": self.name, "schedule": digest(self.schedule.to_dict()), **whole}
 
     def schedule_at(self, arch: ArchitectureMap, num_steps: int) -> Schedule:
@@ -167,7 +188,7 @@ class SchedulePlan(Plan):
         return self.fitted(arch).resample(num_steps)
 
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
-        return ScheduleDecider(self.schedule_at(arch, num_steps))
+        return ScheduleDecider(self.schedule_at(arch, num_steps), spans=self.collapse_spans)
 
 
 def is_schedule_plan(plan: Plan) -> bool:
@@ -178,6 +199,8 @@ def is_schedule_plan(plan: Plan) -> bool:
 
 # A plan-name suffix: the schedule with every block whose components all reuse at a step reused whole.
 BLOCKS_SUFFIX = "+blocks"
+# ... and each run of consecutive blocks reused whole at a step reused as one residual.
+SPANS_SUFFIX = "+spans"
 
 
 def interval_arg(text: str, name: str) -> int:
@@ -201,7 +224,8 @@ def _fora(m: re.Match) -> Plan:
 
 # Plan-name suffixes -> how they change the plan named before them (`emoji:fast+blocks`, `fora-3+blocks+fb0.1`).
 PLAN_SUFFIXES: dict[str, Callable[[Plan, re.Match], Plan]] = {
-    re.escape(BLOCKS_SUFFIX): lambda plan, m: plan.with_block_reuse()
+    re.escape(BLOCKS_SUFFIX): lambda plan, m: plan.with_block_reuse(),
+    re.escape(SPANS_SUFFIX): lambda plan, m: plan.with_spans(),
 }
 
 # Name patterns -> plan factories. Later features register more (dynamic policies, shipped schedules).
@@ -214,6 +238,8 @@ PLAN_HELP: dict[str, str] = {
     "fora-N[-wK]": "compute every N-th step, reuse in between (-wK: the first K steps all compute)",
     f"<schedule plan>{BLOCKS_SUFFIX}": "blocks whose components all reuse at a step are reused whole, from their "
     "residual (e.g. fora-3+blocks, emoji:fast+blocks)",
+    f"<schedule plan>{SPANS_SUFFIX}": f"as {BLOCKS_SUFFIX}, and consecutive blocks reused whole at a step add one "
+    "residual, their sum (DBCache's one residual for its middle blocks; rounds differently from block by block)",
 }
 # How a folder given as a plan becomes one (the routers plugin puts its loader here).
 FOLDER_PLAN: list[Callable] = []
