@@ -2,8 +2,9 @@
 
 `fora-S` over S steps computes step 0 and reuses every component afterwards (the block still runs its norms,
 modulation and gates around the cached outputs); `fora-S+blocks` reuses whole blocks from their residual (nothing of
-the block runs); `fora-S+spans` adds the summed residual of all the blocks once (one tensor per step). Both are timed step by step on a real pipeline call's inputs, replayed at S timesteps, beside
-vanilla diffusers; a reused step's cost is the median of its steps over the median vanilla step.
+the block runs); `fora-S+spans` adds the summed residual of all the blocks once (one tensor per step). All are
+timed step by step on a real pipeline call's inputs, replayed at S timesteps, beside vanilla diffusers; a reused
+step's cost is the median of its steps over the median vanilla step.
 """
 
 from __future__ import annotations
