@@ -21,7 +21,8 @@ def add_arguments(p) -> None:
         choices=["overhead", "compile", "moe", "reuse", "scale"],
         help="overhead: vanilla vs full vs --plans; compile: eager vs compiled, vanilla and --plans, per --dtypes; "
         "moe: FFN FLOPs and wall-clock, dense vs MoE at --ks; reuse: an all-reuse, an all-block-reuse and a "
-        "one-residual step against a full step, per --dtypes and --models; scale: --families at their published configurations",
+        "one-residual step against a full step, per --dtypes and --models; scale: --families at their published "
+        "configurations",
     )
     add_model_arguments(p)
     p.set_defaults(steps=None)  # (each benchmark has its own default: 20, or 6 for reuse and scale)
