@@ -181,6 +181,7 @@ def test_train_gates_cli_learns_to_skip_resumes_and_loads_as_a_plan(tmp_path):
     weights = (tmp_path / "g" / "router" / "diffusion_pytorch_model.safetensors").read_bytes()
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr  # done: nothing trains again, the same gates come out
+    assert json.loads(again.stdout)["seconds"] == result["seconds"]  # the training's own time, kept
     assert (tmp_path / "g" / "router" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     pipe = diffroute.load_pipeline("tiny-pixart")
     pipe.set_progress_bar_config(disable=True)

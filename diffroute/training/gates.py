@@ -280,6 +280,12 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         "seconds": time.time() - t0,
         "processes": accelerator.num_processes,
     }
+    done_before = out / "summary.json"
+    if loss.iterations == 0 and done_before.exists():  # a finished run called again: its training's own figures
+        from diffroute.utils.io import read_json
+
+        before = read_json(done_before, "summary")
+        summary.update({k: before[k] for k in ("seconds", "iepo_weights") if k in before})
     if accelerator.is_main_process:
         save_router(router, transformer, out, "the gates")
         atomic_write_json(out / "summary.json", summary)
