@@ -59,14 +59,14 @@ clean:
 
 # ---- Rebuilding the embedded emoji model and the figures the README shows (long; see README for times) ----
 # The shipped schedules (installed by `make search`) and every plan and peer setting the README table compares.
-SHIPPED ?= emoji:gentle,emoji:fast,emoji:faster,emoji:fastest,emoji:turbo
+SHIPPED ?= emoji:gentle,emoji:fast,emoji:faster,emoji:fastest,emoji:turbo,emoji:blocks-gentle,emoji:blocks-fast,emoji:blocks-faster,emoji:blocks-fastest
 # Learning-to-Cache routers shipped as emoji:NAME, one per compute penalty (NAME=LAMBDA).
 L2C_SHIP ?= l2c-lam3e-4=3e-4 l2c=1e-3 l2c-lam3e-3=3e-3
 L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.1
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search compare demo-grid artifacts experts
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks compare demo-grid artifacts experts
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -185,10 +185,20 @@ streams: install
 SEARCH_FLAGS ?= --dtype bfloat16 --steps 20 --n 64 --pop 48 --generations 40 --patience 4 --quality psnr_mean \
 	--cost latency_model --budget-minutes 42
 SHIP ?= gentle=0.9,fast=0.7,faster=0.5,fastest=0.4,turbo=0.3
+# The whole-block search (issue 25): the same settings with whole-block genes, seeded with the front shipped above
+# (so it runs after `search`), 30 minutes.
+BLOCKS_SEARCH_FLAGS ?= --dtype bfloat16 --steps 20 --n 64 --pop 48 --generations 40 --patience 4 --quality psnr_mean \
+	--cost latency_model --budget-minutes 30 --whole-blocks
+BLOCKS_SHIP ?= blocks-gentle=0.9,blocks-fast=0.7,blocks-faster=0.5,blocks-fastest=0.4
 search: install
 	rm -rf runs/search/emoji
 	$(BIN)/diffroute search --model emoji $(SEARCH_FLAGS) --out runs/search/emoji --ship $(SHIP) --replace
 	mkdir -p docs/search && cp runs/search/emoji/front.json runs/search/emoji/front.png docs/search/
+
+search-blocks: install
+	rm -rf runs/search/emoji-blocks
+	$(BIN)/diffroute search --model emoji $(BLOCKS_SEARCH_FLAGS) --out runs/search/emoji-blocks --ship $(BLOCKS_SHIP) --replace
+	mkdir -p docs/search/blocks && cp runs/search/emoji-blocks/front.json runs/search/emoji-blocks/front.png docs/search/blocks/
 
 compare: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
@@ -200,7 +210,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c elastic search compare moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c elastic search search-blocks compare moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done

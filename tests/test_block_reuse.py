@@ -226,3 +226,20 @@ def test_bench_reuse_reports_each_reuse_form_on_its_own_schedule():
         )
     for key in ("component_reuse_step_vs_full", "block_reuse_step_vs_full", "span_reuse_step_vs_full"):
         assert row[key] > 0
+
+
+def test_spans_keep_a_schedules_own_whole_blocks_and_add_them_elsewhere():
+    """A whole-block search's schedule keeps its own choice of blocks reused whole under `+spans`; a schedule with
+    none takes every all-reused block as `+blocks` does."""
+    from diffroute.plans.base import SchedulePlan
+
+    arch = architecture_map(fresh_pipe().transformer)
+    present = arch.present()
+    fora = Schedule.fora(arch, STEPS, 3)
+    every = fora.with_block_reuse(present).block_reuse
+    own = every.clone()
+    own[:, 0] = False  # block 0 reuses its components, not the block
+    searched = Schedule(fora.compute, fora.model_class, fora.components, {}, fora.forecast, own)
+    assert torch.equal(SchedulePlan(searched).with_spans().schedule_at(arch, STEPS).block_reuse, own)
+    assert torch.equal(SchedulePlan(fora).with_spans().schedule_at(arch, STEPS).block_reuse, every)
+    assert diffroute.resolve_plan("fora-3+spans").collapse_spans and not diffroute.resolve_plan("fora-3").collapse_spans

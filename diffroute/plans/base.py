@@ -61,8 +61,8 @@ class Plan:
         )
 
     def with_spans(self) -> Plan:
-        """This plan with whole-block reuse (`+blocks`) and each run of consecutive blocks reused whole at a step
-        reused as one residual (`name+spans`)."""
+        """This plan with each run of consecutive blocks reused whole at a step reused as one residual
+        (`name+spans`); where the plan reuses no block whole of its own, with `+blocks` first."""
         raise PlanError(
             f"plan {self.name!r} does not take {SPANS_SUFFIX}: only schedule plans (full, fora-N, schedule files, "
             "searched and shipped schedules) can reuse runs of whole blocks."
@@ -172,7 +172,9 @@ class SchedulePlan(Plan):
 
     def with_spans(self) -> Plan:
         plan = copy.copy(self)
-        plan.name, plan.whole_blocks, plan.collapse_spans, plan._fitted = self.name + SPANS_SUFFIX, True, True, {}
+        # a schedule with whole-block reuse of its own (a whole-block search's) keeps it; others take `+blocks`'s
+        whole = self.whole_blocks or not self.schedule.has_block_reuse
+        plan.name, plan.whole_blocks, plan.collapse_spans, plan._fitted = self.name + SPANS_SUFFIX, whole, True, {}
         return plan
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
