@@ -59,7 +59,9 @@ clean:
 
 # ---- Rebuilding the embedded emoji model and the figures the README shows (long; see README for times) ----
 # The shipped schedules (installed by `make search`) and every plan and peer setting the README table compares.
-SHIPPED ?= emoji:gentle,emoji:fast,emoji:faster,emoji:fastest,emoji:turbo,emoji:blocks-gentle,emoji:blocks-fast,emoji:blocks-faster,emoji:blocks-fastest
+SHIPPED ?= emoji:gentle,emoji:fast,emoji:faster,emoji:fastest,emoji:turbo,$(BLOCKS)
+# the whole-block front, as searched and with runs of whole blocks reused as one residual (+spans)
+BLOCKS ?= emoji:blocks-gentle,emoji:blocks-fast,emoji:blocks-brisk,emoji:blocks-swift,emoji:blocks-faster,emoji:blocks-fastest,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,emoji:blocks-fastest+spans
 # Learning-to-Cache routers shipped as emoji:NAME, one per compute penalty (NAME=LAMBDA).
 L2C_SHIP ?= l2c-lam3e-4=3e-4 l2c=1e-3 l2c-lam3e-3=3e-3
 L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.1
@@ -189,7 +191,7 @@ SHIP ?= gentle=0.9,fast=0.7,faster=0.5,fastest=0.4,turbo=0.3
 # (so it runs after `search`), 30 minutes.
 BLOCKS_SEARCH_FLAGS ?= --dtype bfloat16 --steps 20 --n 64 --pop 48 --generations 40 --patience 4 --quality psnr_mean \
 	--cost latency_model --budget-minutes 30 --whole-blocks
-BLOCKS_SHIP ?= blocks-gentle=0.9,blocks-fast=0.7,blocks-faster=0.5,blocks-fastest=0.4
+BLOCKS_SHIP ?= blocks-gentle=0.9,blocks-fast=0.7,blocks-brisk=0.62,blocks-swift=0.57,blocks-faster=0.5,blocks-fastest=0.4
 search: install
 	rm -rf runs/search/emoji
 	$(BIN)/diffroute search --model emoji $(SEARCH_FLAGS) --out runs/search/emoji --ship $(SHIP) --replace
