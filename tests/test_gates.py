@@ -198,6 +198,9 @@ def test_train_gates_cli_starts_from_a_schedule_plan_and_refuses_a_policy(tmp_pa
     refused = run_cli(*args, "--init", "fbcache-0.1", "--out", str(tmp_path / "bad"))
     assert refused.returncode != 0 and "gates start from a schedule plan" in refused.stderr
     assert not (tmp_path / "bad" / "log.jsonl").exists()
+    teacher_forced = run_cli(*args, "--rollout", "recorded", "--iepo-every", "5", "--out", str(tmp_path / "iepo"))
+    assert teacher_forced.returncode == 2 and "--iepo-every needs student rollouts" in teacher_forced.stderr
+    assert not (tmp_path / "iepo").exists()  # refused before the run folder is made
     proc = run_cli(*args, "--init", "fora-2", "--cross-attention", "--lr", "1e-9", "--out", str(tmp_path / "g"))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

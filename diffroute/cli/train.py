@@ -129,8 +129,8 @@ def run(args) -> dict | None:
 
     default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
+    cfg = method.make_config(args)  # (its checks refuse bad settings before the run folder is made)
     out = check_run_dir(args.out)
-    cfg = method.make_config(args)
     settings = {"method": args.method, "model": args.model, "steps": args.steps, "guidance": args.guidance}
     check_resume(
         out, {**settings, "seed": args.seed, "prompts": digest(prompts), **asdict(cfg)}, f"train {args.method}"

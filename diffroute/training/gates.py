@@ -219,6 +219,14 @@ def initial_schedule(name: str, pipe, arch, num_steps: int):
     return plan.schedule_at(arch, num_steps)
 
 
+def check(cfg: GateConfig) -> None:
+    """Refuse settings that cannot train, before any work."""
+    if cfg.rollout not in ROLLOUTS:
+        raise ValueError(f"rollout {cfg.rollout!r}: one of {', '.join(ROLLOUTS)}")
+    if cfg.iepo_every and cfg.rollout != "student":
+        raise ValueError("--iepo-every needs student rollouts (--rollout student): it generates with the gates.")
+
+
 def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, out: Path, accelerator) -> dict:
     """Record trajectories with the full model's predictions, train gates (resumable from `out`), save them as
     `out/router` with a summary `out/summary.json`; returns the summary (on every process)."""
@@ -231,10 +239,7 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
     arch = architecture_map(transformer)
     check_batch_split(cfg.batch, accelerator)
     start = initial_schedule(cfg.init, pipe, arch, num_steps) if cfg.init else None  # refused before any work
-    if cfg.rollout not in ROLLOUTS:
-        raise ValueError(f"rollout {cfg.rollout!r}: one of {', '.join(ROLLOUTS)}")
-    if cfg.iepo_every and cfg.rollout != "student":
-        raise ValueError("--iepo-every needs student rollouts (--rollout student): it generates with the gates.")
+    check(cfg)
     chunks = [prompts[i : i + cfg.prompts_per_batch] for i in range(0, len(prompts), cfg.prompts_per_batch)]
     # student rollouts record one batch only: its first call sizes the gates and counts the FLOPs
     recorded = prompts if cfg.rollout == "recorded" else chunks[0]

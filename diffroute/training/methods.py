@@ -72,6 +72,7 @@ for _method in (
         configs.GateConfig,
         "diffroute.training.gates:train_gates",
         "router",
+        check="diffroute.training.gates:check",
     ),
     Method(
         "elastic",
