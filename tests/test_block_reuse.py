@@ -144,12 +144,8 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("plan", ["fora-100", "fora-100+blocks", "fora-100+spans"])
-def test_reuse_steps_copy_nothing(plan):
-    """A reused step hands out the cache's own buffers: no copy of any tensor (copies happen when storing)."""
-    name = "pixart-alpha"
-    pipe = fresh_pipe(name)
-    diffroute.apply(pipe, plan)
+def _ops_per_call(pipe, name):
+    """Run the pipeline counting the aten ops of each transformer call; returns (one Counter dict per call, images)."""
     per_call, mode = [], _Ops()
 
     def start(module, args, kwargs):
@@ -163,37 +159,26 @@ def test_reuse_steps_copy_nothing(plan):
     h1 = pipe.transformer.register_forward_pre_hook(start, with_kwargs=True)
     h2 = pipe.transformer.register_forward_hook(end, with_kwargs=True)
     try:
-        run(pipe, name, prompts(name), [0, 1])
+        images = run(pipe, name, prompts(name), [0, 1])
     finally:
         h1.remove()
         h2.remove()
+    return per_call, images
+
+
+@pytest.mark.parametrize("plan", ["fora-100", "fora-100+blocks", "fora-100+spans"])
+def test_reuse_steps_copy_nothing(plan):
+    """A reused step hands out the cache's own buffers: no copy of any tensor (copies happen when storing)."""
+    name = "pixart-alpha"
+    pipe = fresh_pipe(name)
+    diffroute.apply(pipe, plan)
+    per_call, _ = _ops_per_call(pipe, name)
     assert per_call[0].get("aten.copy_", 0) > 0  # the first step stores its outputs (the count can see copies)
     for ops in per_call[1:]:
         assert ops.get("aten.copy_", 0) == 0 and ops.get("aten.clone", 0) == 0
     if plan.endswith(("+blocks", "+spans")):  # a block reused whole runs no norm and no matmul of its own
         assert per_call[1].get("aten.native_layer_norm", 0) == 1  # the output layer's norm only
         assert per_call[1].get("aten.addmm", 0) < per_call[0].get("aten.addmm", 0) / 3
-
-
-def _adds_per_call(pipe, name):
-    per_call, mode = [], _Ops()
-
-    def start(module, args, kwargs):
-        mode.counts.clear()
-        mode.__enter__()
-
-    def end(module, args, kwargs, out):
-        mode.__exit__(None, None, None)
-        per_call.append(mode.counts.get("aten.add", 0))
-
-    h1 = pipe.transformer.register_forward_pre_hook(start, with_kwargs=True)
-    h2 = pipe.transformer.register_forward_hook(end, with_kwargs=True)
-    try:
-        images = run(pipe, name, prompts(name), [0, 1])
-    finally:
-        h1.remove()
-        h2.remove()
-    return per_call, images
 
 
 @pytest.mark.parametrize("name", ["pixart-alpha", "dit", "sana"])
@@ -205,7 +190,8 @@ def test_a_run_of_blocks_reused_whole_adds_one_residual(name):
     counts = {}
     for plan in ("fora-100+blocks", "fora-100+spans"):
         diffroute.apply(pipe, plan)
-        counts[plan] = _adds_per_call(pipe, name)
+        per_call, images = _ops_per_call(pipe, name)
+        counts[plan] = [ops.get("aten.add", 0) for ops in per_call], images
         diffroute.remove(pipe)
     (per_block, images), (spans, summed) = counts["fora-100+blocks"], counts["fora-100+spans"]
     assert spans[1] == per_block[1]  # the sum takes blocks - 1 adds, its use one

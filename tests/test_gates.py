@@ -104,6 +104,17 @@ def test_gates_started_from_a_schedule_run_that_schedule(name):
     assert pipe.last_stats.computed_fraction == pytest.approx(0.5)  # fora-2 computes steps 0, 2 and 4 of 6
 
 
+def _student_loss(pipe, name, router, cfg):
+    """The training loss for student rollouts on this test's prompts (one batch), its weights set; and the call's
+    kwargs."""
+    arch = diffroute.architecture_map(pipe.transformer)
+    kwargs = dict(CALL_KWARGS[name], num_inference_steps=STEPS)
+    share = torch.full((arch.num_blocks, len(arch.components)), 0.01)
+    loss = GateLoss(pipe, [prompts(name)], [], router, share, cfg, kwargs)
+    loss.plan.params = router()
+    return loss, kwargs
+
+
 def test_a_student_rollout_follows_the_trajectory_inference_takes():
     """Training's student rollout (HarmoniCa's step-wise training) advances the student's own latents: its final
     latents are the ones the trained gates give at inference (not the full model's), every call's target is the
@@ -111,11 +122,7 @@ def test_a_student_rollout_follows_the_trajectory_inference_takes():
     name = "pixart-alpha"
     pipe = fresh_pipe(name)
     router = _gates(pipe, name, std=0.05)
-    arch = diffroute.architecture_map(pipe.transformer)
-    kwargs = dict(CALL_KWARGS[name], num_inference_steps=STEPS)
-    share = torch.full((arch.num_blocks, len(arch.components)), 0.01)
-    loss = GateLoss(pipe, [prompts(name)], [], router, share, GateConfig(rho=0.1), kwargs)
-    loss.plan.params = router()
+    loss, kwargs = _student_loss(pipe, name, router, GateConfig(rho=0.1))
     try:
         value = loss.student_rollout(0, seed=7)
         student = loss.last_latents
@@ -140,12 +147,8 @@ def test_iepo_weights_the_steps_whose_gates_move_the_final_image():
     name = "pixart-alpha"
     pipe = fresh_pipe(name)
     router = _gates(pipe, name, ungated=(), pooling="mean")
-    arch = diffroute.architecture_map(pipe.transformer)
-    router.init_from(Schedule.fora(arch, STEPS, 2))
-    kwargs = dict(CALL_KWARGS[name], num_inference_steps=STEPS)
-    share = torch.full((arch.num_blocks, len(arch.components)), 0.01)
-    loss = GateLoss(pipe, [prompts(name)], [], router, share, GateConfig(iepo_every=1), kwargs)
-    loss.plan.params = router()
+    router.init_from(Schedule.fora(diffroute.architecture_map(pipe.transformer), STEPS, 2))
+    loss, _ = _student_loss(pipe, name, router, GateConfig(iepo_every=1))
     try:
         weights = loss.refresh_step_weights()
         assert len(loss.terms) == 0  # the generations trained nothing

@@ -130,7 +130,7 @@ def test_train_cli_resumes_and_ships_nothing_without_ship(tmp_path):
 
 def test_search_is_seeded_with_shipped_routers_of_the_same_step_count(tiny_pipes, tmp_path, monkeypatch):
     import diffroute.zoo.shipped
-    from diffroute.zoo.shipped import router_seeds as _router_seeds
+    from diffroute.zoo.shipped import zoo_seeds
 
     arch = diffroute.architecture_map(tiny_pipes("pixart-alpha").transformer)
     torch.manual_seed(0)
@@ -142,10 +142,10 @@ def test_search_is_seeded_with_shipped_routers_of_the_same_step_count(tiny_pipes
     (tmp_path / "tiny-pixart" / "schedules").mkdir()
     diffroute.Schedule.fora(arch, STEPS, 3).save(tmp_path / "tiny-pixart" / "schedules" / "f3.json")
     diffroute.Schedule.fora(arch, STEPS + 1, 2).save(tmp_path / "tiny-pixart" / "schedules" / "other.json")
-    seeds = _router_seeds("tiny-pixart", arch, STEPS)
+    seeds = zoo_seeds("tiny-pixart", arch, STEPS)
     assert len(seeds) == 2 and torch.equal(seeds[0].compute, router.schedule().compute)
     assert torch.equal(seeds[1].compute, diffroute.Schedule.fora(arch, STEPS, 3).compute)
-    assert len(_router_seeds("tiny-pixart", arch, STEPS + 1)) == 1 and _router_seeds("emoji", arch, STEPS) == []
+    assert len(zoo_seeds("tiny-pixart", arch, STEPS + 1)) == 1 and zoo_seeds("emoji", arch, STEPS) == []
     space = GenomeSpace(arch, STEPS, whole_blocks=True)
     first = space.seed_schedules(seeds)[:4]  # the zoo's schedules lead, each followed by its whole-block variant
     assert torch.equal(first[2].compute, first[3].compute)

@@ -73,7 +73,7 @@ def run(args) -> dict | None:
     from diffroute.search.run import SearchSettings, pick_from, run_search
     from diffroute.zoo import MODELS
     from diffroute.zoo.registry import model_family
-    from diffroute.zoo.shipped import router_seeds, ship_front
+    from diffroute.zoo.shipped import ship_front, zoo_seeds
 
     ship = _parse_ship(args.ship, args.model, args.replace) if args.ship is not None else {}
     default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
@@ -99,7 +99,7 @@ def run(args) -> dict | None:
     out = check_run_dir(args.out)
     pipe = load(args)
     settings.call_kwargs = call_kwargs(pipe, args)
-    seeds = router_seeds(args.model, diffroute.architecture_map(pipe.transformer), args.steps)
+    seeds = zoo_seeds(args.model, diffroute.architecture_map(pipe.transformer), args.steps)
     result = run_search(pipe, prompts, settings, out, seeds=seeds)
     if result is None:  # not rank 0
         return None

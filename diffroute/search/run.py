@@ -1,7 +1,7 @@
 """ECAD's Python entry point: `run_search(pipe, prompts, settings, out)` searches Pareto-optimal compute schedules
 for a loaded pipeline with NSGA-II (cost vs quality against full compute), checkpointed in `out` and resumable;
 `pick_from` picks a front member within a cost budget. The zoo seeds searches with its routers and installs front
-members as shipped schedules (`zoo.shipped.router_seeds`, `ship_front`). The `diffroute search` command only parses
+members as shipped schedules (`zoo.shipped.zoo_seeds`, `ship_front`). The `diffroute search` command only parses
 its arguments into `SearchSettings`, loads the pipeline and calls these."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run_search(
     pipe, prompts: list[str], settings: SearchSettings, out: Path, state=None, seeds: list = ()
 ) -> dict | None:
     """Search, save the front (`out/front/*.json`, `out/front.png`) and return its summary (None off rank 0).
-    `seeds`: schedules put into the first population (the zoo's `router_seeds` for a shipped model)."""
+    `seeds`: schedules put into the first population (`zoo.shipped.zoo_seeds` for a shipped model)."""
     import torch
     from accelerate import PartialState
 

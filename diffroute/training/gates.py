@@ -184,7 +184,7 @@ def input_widths(transformer, arch, call, ungated=UNGATED) -> dict[str, int]:
                 continue
 
             def look(mod, args, kwargs, name=name):
-                x = _hidden(args, kwargs)
+                x = hidden_states_of(args, kwargs)
                 seen.setdefault(name, set()).add(x.shape[-1] if x.ndim == 3 else x.shape[1])
 
             hooks.append(module.register_forward_pre_hook(look, with_kwargs=True))
@@ -198,10 +198,6 @@ def input_widths(transformer, arch, call, ungated=UNGATED) -> dict[str, int]:
     if mixed:
         raise ValueError(f"components whose input width differs between blocks cannot share a gate: {mixed}")
     return {k: v.pop() for k, v in seen.items()}
-
-
-def _hidden(args, kwargs):
-    return hidden_states_of(args, kwargs)
 
 
 def initial_schedule(name: str, pipe, arch, num_steps: int):

@@ -152,7 +152,7 @@ def ship_front(result: dict, ship: dict[str, float], settings) -> dict[str, str]
     return shipped
 
 
-def router_seeds(model: str, arch, steps: int) -> list:
+def zoo_seeds(model: str, arch, steps: int) -> list:
     """The schedules the zoo holds for `model` at this step count and model class, to seed a search: its shipped
     L2C routers (a router is a static schedule; per-sample routers such as Elastic are none) and its shipped
     schedules (an earlier search's front members, so that a new search starts from where the last one ended)."""
