@@ -68,7 +68,7 @@ L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks compare demo-grid artifacts experts
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-hybrid compare demo-grid artifacts experts
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -192,6 +192,10 @@ SHIP ?= gentle=0.9,fast=0.7,faster=0.5,fastest=0.4,turbo=0.3
 BLOCKS_SEARCH_FLAGS ?= --dtype bfloat16 --steps 20 --n 64 --pop 48 --generations 40 --patience 4 --quality psnr_mean \
 	--cost latency_model --budget-minutes 30 --whole-blocks
 BLOCKS_SHIP ?= blocks-gentle=0.9,blocks-fast=0.7,blocks-brisk=0.62,blocks-swift=0.57,blocks-faster=0.5,blocks-fastest=0.4
+# The threshold search (issue 25, item 3): whole-block genes and a first-block check threshold per step, so that the
+# shipped plans decide per image; seeded with FBCache's own decisions and the fronts shipped above, 30 minutes.
+HYBRID_SEARCH_FLAGS ?= $(BLOCKS_SEARCH_FLAGS) --thresholds
+HYBRID_SHIP ?= hybrid-gentle=0.9,hybrid-fast=0.7,hybrid-brisk=0.62,hybrid-swift=0.57,hybrid-faster=0.5,hybrid-fastest=0.4
 search: install
 	rm -rf runs/search/emoji
 	$(BIN)/diffroute search --model emoji $(SEARCH_FLAGS) --out runs/search/emoji --ship $(SHIP) --replace
@@ -201,6 +205,11 @@ search-blocks: install
 	rm -rf runs/search/emoji-blocks
 	$(BIN)/diffroute search --model emoji $(BLOCKS_SEARCH_FLAGS) --out runs/search/emoji-blocks --ship $(BLOCKS_SHIP) --replace
 	mkdir -p docs/search/blocks && cp runs/search/emoji-blocks/front.json runs/search/emoji-blocks/front.png docs/search/blocks/
+
+search-hybrid: install
+	rm -rf runs/search/emoji-hybrid
+	$(BIN)/diffroute search --model emoji $(HYBRID_SEARCH_FLAGS) --out runs/search/emoji-hybrid --ship $(HYBRID_SHIP) --replace
+	mkdir -p docs/search/hybrid && cp runs/search/emoji-hybrid/front.json runs/search/emoji-hybrid/front.png docs/search/hybrid/
 
 compare: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
@@ -212,7 +221,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c elastic search search-blocks compare moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c elastic search search-blocks search-hybrid compare moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done

@@ -61,7 +61,7 @@ class DemoService:
         """
         if schedule_file:
             path = uploaded_file(schedule_file)
-            resolved = diffroute.SchedulePlan(diffroute.Schedule.load(path), name=Path(path).stem)
+            resolved = diffroute.schedule_plan(diffroute.Schedule.load(path), name=Path(path).stem)
         elif isinstance(plan, str) and plan in self.offered_plans:
             resolved = diffroute.resolve_plan(plan, allow_files=False)
         else:

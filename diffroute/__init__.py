@@ -27,6 +27,7 @@ _EXPORTS = {
     "Plan": "plans",
     "RulePlan": "plans",
     "SchedulePlan": "plans",
+    "schedule_plan": "plans",
     "register_plan": "plans",
     "resolve_plan": "plans",
     "Schedule": "core.schedule",

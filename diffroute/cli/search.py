@@ -37,6 +37,13 @@ def add_arguments(p) -> None:
         action="store_true",
         help="one more gene per (step, block): a block whose cells all reuse is reused whole from its residual",
     )
+    p.add_argument(
+        "--thresholds",
+        action="store_true",
+        help="three more genes per step: a first-block check threshold (or none) under which each image takes the "
+        "step's reuses, above which it computes the step: searched plans that decide per image (block 0 then "
+        "computes at every step; a candidate's cost is what its images computed)",
+    )
     p.add_argument("--no-bac", action="store_true", help="do not seed the population with BAC schedules")
     p.add_argument(
         "--patience",
@@ -88,6 +95,7 @@ def run(args) -> dict | None:
         cost=args.cost,
         forecast=not args.no_forecast,
         whole_blocks=args.whole_blocks,
+        thresholds=args.thresholds,
         bac=not args.no_bac,
         patience=args.patience,
         budget_minutes=args.budget_minutes,

@@ -5,10 +5,15 @@ tensor of the same shape (True = a skipped cell is extrapolated from the compone
 instead of reusing the last one), and a boolean `block_reuse` [steps x blocks] (True = at that step the block is not
 run at all: it returns its input plus the residual it added at its last computation, as FBCache/DBCache reuse
 blocks; only where every component of the block is reused). In JSON each cell is one character: 1 compute, 0 reuse,
-f forecast, r the block reused as a whole (all of a block's cells at that step)."""
+f forecast, r the block reused as a whole (all of a block's cells at that step).
+
+A schedule may also carry a first-block `check`: one threshold per step under which each image takes the step's
+reuses (above it, that image computes the step; `policies/checked.py`). A threshold search's front members carry
+theirs; `plans.schedule_plan` runs such a schedule checked. The transforms below keep it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -21,6 +26,11 @@ from diffroute.utils.limits import MAX_BLOCKS, MAX_STEPS
 
 FORMAT = "diffroute.schedule/v1"
 MAX_FILE_BYTES = 8 * 2**20  # 1000 steps x 1000 blocks x 3 components is ~4 MB of rows
+
+
+def resample_index(n_from: int, n_to: int) -> list[int]:
+    """For each of `n_to` steps, the step of `n_from` nearest in normalised time (step i -> i/(n-1))."""
+    return [round(i * (n_from - 1) / max(n_to - 1, 1)) for i in range(n_to)]
 
 
 class ScheduleMismatchError(InputError):
@@ -37,6 +47,7 @@ class Schedule:
     provenance: dict = field(default_factory=dict)
     forecast: torch.Tensor | None = None  # bool, same shape; only where compute is False. None: no forecasts
     block_reuse: torch.Tensor | None = None  # bool [steps, blocks]; only where the block's cells all reuse
+    check: tuple[float, ...] | None = None  # per step: first-block change threshold (inf: unchecked); None: none
 
     def __post_init__(self):
         self.compute = torch.as_tensor(self.compute, dtype=torch.bool).cpu()
@@ -67,6 +78,12 @@ class Schedule:
             )
         if self.compute.shape[0] < 1:
             raise ScheduleMismatchError("a schedule needs at least one step.")
+        if self.check is not None:
+            self.check = tuple(float(t) for t in self.check)
+            if len(self.check) != self.compute.shape[0] or not all(t >= 0 for t in self.check):
+                raise ScheduleMismatchError(
+                    f"check must hold one threshold >= 0 (or inf) per step: {self.compute.shape[0]} of them."
+                )
         if not bool(self.compute[0].all()):
             raise ScheduleMismatchError(
                 "step 0 of a schedule must compute every component: nothing is cached before the first step."
@@ -178,7 +195,7 @@ class Schedule:
         """The same schedule for another step count, by nearest normalised time (step i -> i/(n-1))."""
         if num_steps == self.num_steps:
             return self
-        src = [round(i * (self.num_steps - 1) / max(num_steps - 1, 1)) for i in range(num_steps)]
+        src = resample_index(self.num_steps, num_steps)
         prov = dict(self.provenance, resampled_from=self.num_steps)
         return Schedule(
             self.compute[src].clone(),
@@ -187,6 +204,7 @@ class Schedule:
             prov,
             self.forecast[src].clone(),
             self.block_reuse[src].clone(),
+            None if self.check is None else [self.check[i] for i in src],
         )
 
     @property
@@ -199,7 +217,8 @@ class Schedule:
 
     def with_forecasts(self) -> Schedule:
         """The same compute cells, every skipped cell forecast (TaylorSeer-style) instead of reused."""
-        return Schedule(self.compute, self.model_class, self.components, dict(self.provenance), ~self.compute)
+        prov = dict(self.provenance)
+        return Schedule(self.compute, self.model_class, self.components, prov, ~self.compute, check=self.check)
 
     def with_block_reuse(self, present: torch.Tensor | None = None) -> Schedule:
         """The same decisions, with every block whose (present) components all reuse at a step reused as a whole:
@@ -209,7 +228,15 @@ class Schedule:
         whole = (reused | ~mask).all(2) & mask.any(1)
         compute = self.compute & ~whole[..., None]  # (absent components' cells say nothing)
         prov = dict(self.provenance, block_reuse=True)
-        return Schedule(compute, self.model_class, self.components, prov, self.forecast, whole)
+        return Schedule(compute, self.model_class, self.components, prov, self.forecast, whole, self.check)
+
+    def without_check(self) -> Schedule:
+        """The same cells, taken by every image (no first-block check)."""
+        if self.check is None:
+            return self
+        return Schedule(
+            self.compute, self.model_class, self.components, dict(self.provenance), self.forecast, self.block_reuse
+        )
 
     def block_pure(self, present: torch.Tensor | None = None) -> bool:
         """Whether every block, at every step, either computes all its (present) components or is reused whole."""
@@ -227,7 +254,7 @@ class Schedule:
         # 0 reuse, 1 compute, 2 forecast, 3 block reused whole
         cells = self.compute.to(torch.uint8) + 2 * self.forecast.to(torch.uint8) + 3 * self.block_reuse[..., None]
         rows = [" ".join("".join("01fr"[c] for c in block) for block in step) for step in cells.tolist()]
-        return {
+        out = {
             "format": FORMAT,
             "model_class": self.model_class,
             "num_steps": self.num_steps,
@@ -236,6 +263,9 @@ class Schedule:
             "provenance": self.provenance,
             "compute": rows,
         }
+        if self.check is not None:  # JSON has no infinity: "inf" (unchecked step)
+            out["check"] = ["inf" if math.isinf(t) else t for t in self.check]
+        return out
 
     @classmethod
     def from_dict(cls, d, source: str = "schedule") -> Schedule:
@@ -291,7 +321,17 @@ class Schedule:
             whole.append([block[0] == "r" for block in blocks])
         compute, forecast = torch.tensor(bits, dtype=torch.bool), torch.tensor(fcast, dtype=torch.bool)
         block_reuse = torch.tensor(whole, dtype=torch.bool)
-        return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse)
+        check = d.get("check")
+        if check is not None:
+            ok = isinstance(check, list) and len(check) == d["num_steps"]
+            ok = ok and all(t == "inf" or (type(t) in (int, float) and math.isfinite(t) and t >= 0) for t in check)
+            if not ok:
+                raise bad(
+                    f"'check' must be a list of num_steps={d['num_steps']} first-block thresholds, each a number "
+                    '>= 0 or "inf" (that step unchecked), or left out.'
+                )
+            check = [math.inf if t == "inf" else float(t) for t in check]
+        return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check)
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())

@@ -12,6 +12,7 @@ from diffroute.plans.base import (
     register_plan,
     register_suffix,
     resolve_plan,
+    schedule_plan,
     warmup_arg,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "register_plan",
     "register_suffix",
     "resolve_plan",
+    "schedule_plan",
     "warmup_arg",
 ]

@@ -136,6 +136,11 @@ class SchedulePlan(Plan):
     """A fixed schedule; resampled by normalised time when the call uses another step count."""
 
     def __init__(self, schedule: Schedule, name: str | None = None, whole_blocks: bool = False):
+        if schedule.check is not None:  # (its check would be silently dropped here)
+            raise ValueError(
+                "this schedule carries a first-block check: run it with diffroute.schedule_plan(schedule), or "
+                "schedule.without_check() to take it unchecked."
+            )
         self.schedule = schedule
         self.name = name or schedule.provenance.get("name") or schedule.provenance.get("rule") or "schedule"
         self.default_num_steps = schedule.num_steps
@@ -193,6 +198,15 @@ class SchedulePlan(Plan):
         return ScheduleDecider(self.schedule_at(arch, num_steps), spans=self.collapse_spans)
 
 
+def schedule_plan(schedule: Schedule, name: str | None = None) -> Plan:
+    """A schedule as a plan: a SchedulePlan, checked per image (`policies/checked.py`) where the schedule carries a
+    first-block check (a threshold search's front members do)."""
+    if schedule.check is None:
+        return SchedulePlan(schedule, name)
+    load_plugins()  # (the checked plan is the policies plugin's)
+    return CHECKED_SCHEDULE[0](SchedulePlan(schedule.without_check(), name), schedule.check)
+
+
 def is_schedule_plan(plan: Plan) -> bool:
     """Whether `plan` runs a schedule (`schedule_at`): full, fora-N, schedule files, searched and shipped schedules,
     L2C routers; not a policy or a per-image router."""
@@ -245,6 +259,8 @@ PLAN_HELP: dict[str, str] = {
 }
 # How a folder given as a plan becomes one (the routers plugin puts its loader here).
 FOLDER_PLAN: list[Callable] = []
+# How a schedule plan and per-step thresholds become a checked plan (the policies plugin puts it here).
+CHECKED_SCHEDULE: list[Callable] = []
 # Concrete names a user interface offers in its plan picker (read them with plan_examples(): plugins add theirs).
 PLAN_EXAMPLES: list[str] = ["full", "fora-2", "fora-3", "fora-4"]
 
@@ -279,7 +295,7 @@ def resolve_plan(spec, allow_files: bool = True) -> Plan:
         return spec
     load_plugins()
     if isinstance(spec, Schedule):
-        return SchedulePlan(spec)
+        return schedule_plan(spec)
     if isinstance(spec, str):
         text = spec.strip()
         if len(text) > 1000:
@@ -310,7 +326,7 @@ def resolve_plan(spec, allow_files: bool = True) -> Plan:
         if path.suffix == ".json" or path.is_file():
             if not path.is_file():
                 raise PlanError(f"schedule file {str(path)!r} does not exist.")
-            return SchedulePlan(Schedule.load(path), name=path.stem)
+            return schedule_plan(Schedule.load(path), name=path.stem)
     if isinstance(spec, (str, Path)):
         names = ", ".join(f"{k} ({v})" if v else k for k, v in PLAN_HELP.items())
         files = "; or give a path to a schedule JSON file or a router folder" if allow_files else ""

@@ -10,7 +10,8 @@ that sample's cache (FBCache's "last computation") where the schedule reuses nex
 whose two-point history stays the schedule's own computed steps; no sample's cache depends on its batch-mates.
 So the schedule says *where* an image may reuse, and the image's own first block says *whether* it does now: a
 threshold of infinity is the static schedule (block 0 aside), 0 is full compute. Thresholds may differ per step
-(`CheckedPlan(thresholds=[...])`, resampled by normalised time like the schedule), which a search could vary.
+(`CheckedPlan(thresholds=[...])`, resampled by normalised time like the schedule's rows); `diffroute search
+--thresholds` searches them with the schedule, and a schedule file carrying its thresholds (`check`) runs checked.
 
 Decisions are per sample, or per prompt with `-prompt` (both CFG rows of a sample take their mean change); a batch
 whose samples disagree runs the reused cells for the computing samples only (the executor's sub-batches), so a
@@ -20,7 +21,6 @@ relative-L1 read per step. This is our own combination of ECAD's schedules with 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -36,9 +36,9 @@ from diffroute.core.deciders import (
     reused_whole_next,
 )
 from diffroute.core.decisions import Rows
-from diffroute.core.schedule import Schedule
+from diffroute.core.schedule import Schedule, resample_index
 from diffroute.plans import Plan, register_suffix
-from diffroute.plans.base import is_schedule_plan
+from diffroute.plans.base import CHECKED_SCHEDULE, is_schedule_plan
 from diffroute.policies.common import main_tensor, rel_l1
 
 
@@ -167,13 +167,21 @@ class CheckedPlan(Plan):
         t = self.thresholds
         if len(t) == 1:
             return t * num_steps
-        return [t[min(len(t) - 1, math.floor(i * len(t) / num_steps))] for i in range(num_steps)]
+        return [t[i] for i in resample_index(len(t), num_steps)]
 
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
         return CheckedDecider(self.base.schedule_at(arch, num_steps), self.step_thresholds(num_steps), self.prompt)
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
         return {**self.base.content(arch), "plan": self.name, "thresholds": self.thresholds, "prompt": self.prompt}
+
+
+def _checked_schedule(base: Plan, thresholds) -> Plan:
+    """A schedule file's own check (`plans.schedule_plan`): the plan keeps the file's name."""
+    return CheckedPlan(base, thresholds, base.name)
+
+
+CHECKED_SCHEDULE[:] = [_checked_schedule]
 
 
 def _check_suffix(base: Plan, m) -> Plan:

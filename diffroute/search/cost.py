@@ -41,6 +41,12 @@ class CostModel:
         computed = self.computed_flops(schedule.compute, ~schedule.block_reuse)
         return computed / (self.step_flops * schedule.num_steps)
 
+    def realised_cost(self, stats) -> float:
+        """FLOPs of what a call did (a CallStats: each cell by the share of samples that computed it) / FLOPs of
+        computing everything: a dynamic plan's cost, which no schedule states in advance."""
+        shares = stats.compute_tensor().double().nan_to_num(0.0)
+        return self.computed_flops(shares, stats.block_run_tensor()) / (self.step_flops * shares.shape[0])
+
     def to_dict(self) -> dict:
         return {
             "component_flops": self.component_flops.tolist(),
@@ -97,22 +103,36 @@ class LatencyModel:
     whole_block_s: float = 0.0
 
     def seconds(self, schedule: Schedule) -> float:
-        present = self.present
-        c = schedule.compute & present
-        f = schedule.forecast & present
-        reuse = ~schedule.compute & ~schedule.forecast & present
+        return self._seconds(schedule.compute, schedule.forecast, schedule.block_reuse)
+
+    def _seconds(self, compute: torch.Tensor, forecast: torch.Tensor, whole: torch.Tensor) -> float:
+        """`compute`, `forecast` [steps, blocks, components] and `whole` [steps, blocks]: each cell's share (bool or
+        the fraction of samples) computed, forecast, and each block's share reused whole."""
+        present = self.present.double()
+        c, f = compute.double() * present, forecast.double() * present
+        reuse = (1 - c - f) * present
         return float(
-            (c.double() * self.component_s.double()).sum()
-            + schedule.num_steps * self.step_s
+            (c * self.component_s.double()).sum()
+            + compute.shape[0] * self.step_s
             + reuse.sum() * self.reuse_s
             + f.sum() * self.forecast_s
-            + schedule.block_reuse.sum() * self.whole_block_s
+            + whole.double().sum() * self.whole_block_s
         )
+
+    def _full(self, num_steps: int) -> float:
+        return num_steps * (float(self.component_s[self.present].double().sum()) + self.step_s)
 
     def relative(self, schedule: Schedule) -> float:
         """Predicted time / predicted time of computing everything."""
-        full = schedule.num_steps * (float(self.component_s[self.present].double().sum()) + self.step_s)
-        return self.seconds(schedule) / full
+        return self.seconds(schedule) / self._full(schedule.num_steps)
+
+    def realised(self, stats) -> float:
+        """Predicted time of what a call did (a CallStats) / of computing everything: a dynamic plan's latency at
+        the shares of samples that computed, forecast and reused each cell (the time of checking, and of running a
+        batch split in two, is not modelled)."""
+        compute = stats.compute_tensor().nan_to_num(0.0)
+        whole = 1 - stats.block_run_tensor()
+        return self._seconds(compute, stats.forecast_tensor().nan_to_num(0.0), whole) / self._full(compute.shape[0])
 
     def to_dict(self) -> dict:
         return {

@@ -20,7 +20,9 @@ class ScheduleEvaluator:
     Records `cost` (analytic FLOPs, relative), `latency` (measured transformer time relative to full),
     `latency_model` (predicted by a LatencyModel, when given), `psnr` (pooled), `psnr_mean` (per image, capped), and
     `fd` (with a feature module), `clip` (with a CLIP scorer) and `user` (with `quality_fn(images, full_images,
-    prompts) -> float`, lower is better), so that a search can take any of them as objectives.
+    prompts) -> float`, lower is better), so that a search can take any of them as objectives. For a schedule with
+    a first-block check, which each image takes its own way, `cost` and `latency_model` are of what the call did:
+    each cell counted by the share of images that computed it.
     """
 
     def __init__(
@@ -38,30 +40,34 @@ class ScheduleEvaluator:
         self.pipe, self.prompts, self.seed, self.kwargs, self.cost = pipe, prompts, seed, call_kwargs, cost
         self.feature, self.clip_scorer, self.quality_fn = feature, clip_scorer, quality_fn
         self.latency_model = latency_model
-        self.full, self.full_time = self.generate("full")
+        self.full, self.full_time, _ = self.generate("full")
         self.full_stats = frechet.stats_of_images(to_uint8(self.full), feature) if feature is not None else None
 
-    def generate(self, plan) -> tuple[np.ndarray, float]:
+    def generate(self, plan) -> tuple[np.ndarray, float, object]:
+        """Images, transformer seconds and the CallStats of one call with `plan`."""
         diffroute.apply(self.pipe, plan)
         try:
             gens = sample_generators(self.seed, range(len(self.prompts)), self.pipe.device)
             images = self.pipe(self.prompts, generator=gens, output_type="np", **self.kwargs).images
-            return images, self.pipe.last_stats.transformer_time_s
+            stats = self.pipe.last_stats
+            return images, stats.transformer_time_s, stats
         finally:
             diffroute.remove(self.pipe)
 
     def __call__(self, schedule) -> dict:
-        images, seconds = self.generate(schedule)
+        images, seconds, stats = self.generate(schedule)
         value = psnr(images, self.full)
+        dynamic = schedule.check is not None
         out = {
-            "cost": self.cost.relative_cost(schedule),
+            "cost": self.cost.realised_cost(stats) if dynamic else self.cost.relative_cost(schedule),
             "latency": seconds / self.full_time,
             "psnr": value if np.isfinite(value) else 99.0,
             # per image, capped: an identical image does not dominate
             "psnr_mean": float(per_image_psnr(images, self.full).mean()),
         }
         if self.latency_model is not None:
-            out["latency_model"] = self.latency_model.relative(schedule)
+            model = self.latency_model
+            out["latency_model"] = model.realised(stats) if dynamic else model.relative(schedule)
         if self.feature is not None:
             with warnings.catch_warnings():  # few calibration images: FD is biased, but consistently so
                 warnings.simplefilter("ignore")

@@ -4,12 +4,18 @@ A genome has two bits per searchable cell (step >= 1, block, present component):
 the cell does not compute, a forecast bit (forecast from the last two computed outputs instead of reusing the last).
 So each cell is compute, reuse or forecast: hybrids no fixed policy expresses. Step 0 always computes. With
 `whole_blocks`, one more bit per (step >= 1, block), read only where every cell of that block reuses: reuse the block
-whole from its residual (nothing of it runs) instead of reusing its components inside it.
+whole from its residual (nothing of it runs) instead of reusing its components inside it. With `thresholds`,
+three more bits per step >= 1: a first-block check threshold (Gray-coded index into THRESHOLD_LEVELS, so one bit flip
+moves to a neighbouring level), under which each image takes that step's reuses and above which it computes the
+step (`policies/checked.py`): the searched plan is then dynamic per image, the schedule saying where an image may
+reuse and its own first block whether it does now. Block 0 then computes at every step (the check reads it).
+The thresholds are per step, not per (step, block): the check decides a whole step for an image.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -18,16 +24,53 @@ from pymoo.core.mutation import Mutation
 from diffroute.core.arch import ArchitectureMap
 from diffroute.core.schedule import Schedule
 
+# First-block check thresholds a genome may pick per step (relative L1 change of block 0's residual; inf: the step
+# is unchecked, every image takes its reuses). FBCache's usual settings are 0.1-0.3.
+THRESHOLD_LEVELS = (math.inf, 0.5, 0.3, 0.2, 0.15, 0.1, 0.06, 0.03)
+THRESHOLD_BITS = 3
+
+
+def _gray_to_index(bits: np.ndarray) -> int:
+    value = 0
+    for b in bits:
+        value = (value << 1) | (int(b) ^ (value & 1))
+    return value
+
+
+def _index_to_gray(index: int) -> np.ndarray:
+    g = index ^ (index >> 1)
+    return np.array([(g >> k) & 1 for k in reversed(range(THRESHOLD_BITS))], dtype=bool)
+
+
+def nearest_level(threshold: float) -> int:
+    """The index of the level nearest `threshold` on a log scale (inf to inf)."""
+    if math.isinf(threshold):
+        return 0
+    finite = [(abs(math.log(max(threshold, 1e-6) / t)), i) for i, t in enumerate(THRESHOLD_LEVELS) if i]
+    return min(finite)[1]
+
 
 class GenomeSpace:
-    """Compute bits for every (step >= 1, block, present component), then as many forecast bits (if `forecast`)."""
+    """Compute bits for every (step >= 1, block, present component), then as many forecast bits (if `forecast`),
+    whole-block bits (if `whole_blocks`) and threshold bits (if `thresholds`)."""
 
-    def __init__(self, arch: ArchitectureMap, num_steps: int, forecast: bool = True, whole_blocks: bool = False):
+    def __init__(
+        self,
+        arch: ArchitectureMap,
+        num_steps: int,
+        forecast: bool = True,
+        whole_blocks: bool = False,
+        thresholds: bool = False,
+    ):
         self.arch, self.num_steps, self.forecast, self.whole_blocks = arch, num_steps, forecast, whole_blocks
+        self.thresholds = thresholds
         self.present = arch.present()
         self.n_cells = (num_steps - 1) * int(self.present.sum())
         self.n_whole = (num_steps - 1) * arch.num_blocks if whole_blocks else 0
-        self.n_var = self.n_cells * (2 if forecast else 1) + self.n_whole
+        self.n_thresholds = (num_steps - 1) * THRESHOLD_BITS if thresholds else 0
+        self.whole_at = self.n_cells * (2 if forecast else 1)  # where each group of bits starts
+        self.thresholds_at = self.whole_at + self.n_whole
+        self.n_var = self.thresholds_at + self.n_thresholds
 
     def _cells(self, bits: np.ndarray) -> torch.Tensor:
         full = torch.zeros(self.num_steps, *self.present.shape, dtype=torch.bool)
@@ -40,14 +83,22 @@ class GenomeSpace:
         compute[0] = True
         compute[:, ~self.present] = True  # absent components: nothing to decide
         forecast = self._cells(bits[self.n_cells : 2 * self.n_cells]) & ~compute if self.forecast else None
+        check = None
+        if self.thresholds:  # block 0 computes at every step: the check reads it
+            compute[:, 0] = True
+            if forecast is not None:
+                forecast[:, 0] = False
+            genes = bits[self.thresholds_at :].reshape(self.num_steps - 1, THRESHOLD_BITS)
+            check = [math.inf] + [THRESHOLD_LEVELS[_gray_to_index(g)] for g in genes]
         s = Schedule(compute, self.arch.model_class, self.arch.components, dict(provenance or {}), forecast)
         if not self.whole_blocks:
-            return s
+            return Schedule(s.compute, s.model_class, s.components, s.provenance, s.forecast, check=check)
         wanted = torch.zeros(self.num_steps, self.arch.num_blocks, dtype=torch.bool)
-        wanted[1:] = torch.from_numpy(bits[self.n_var - self.n_whole :].reshape(self.num_steps - 1, -1))
+        wanted[1:] = torch.from_numpy(bits[self.whole_at : self.thresholds_at].reshape(self.num_steps - 1, -1))
         whole = s.with_block_reuse(self.present)  # where every cell of a block reuses: may be reused whole
         keep = whole.block_reuse & wanted
-        return Schedule(s.compute & ~keep[..., None], s.model_class, s.components, s.provenance, s.forecast, keep)
+        compute = s.compute & ~keep[..., None]
+        return Schedule(compute, s.model_class, s.components, s.provenance, s.forecast, keep, check)
 
     def from_schedule(self, schedule: Schedule) -> np.ndarray:
         parts = [schedule.compute[1:][:, self.present].reshape(-1).numpy().astype(bool)]
@@ -55,6 +106,9 @@ class GenomeSpace:
             parts.append(schedule.forecast[1:][:, self.present].reshape(-1).numpy().astype(bool))
         if self.whole_blocks:
             parts.append(schedule.block_reuse[1:].reshape(-1).numpy().astype(bool))
+        if self.thresholds:
+            check = schedule.check or [math.inf] * schedule.num_steps
+            parts += [_index_to_gray(nearest_level(t)) for t in check[1:]]
         return np.concatenate(parts)
 
     @staticmethod
@@ -83,6 +137,12 @@ class GenomeSpace:
             made += [Schedule.ranges(a, s, [dict(rule, every=n)]) for n in (2, 3)]
         # `extra` first: a population smaller than the seeds keeps the routers' and an earlier front's schedules
         made = [m for m in [*(x for x in extra if x.num_steps == s), *made] if m.num_blocks == nb]
+        if self.thresholds:  # before all: FBCache at its usual thresholds (every block but the first reused whole
+            # after step 0, each image checked by block 0), and plain checked rhythms, then the rest unchecked
+            fbcache = Schedule.fora(a, s, s).with_block_reuse(self.present)
+            rhythms = [Schedule.fora(a, s, n).with_block_reuse(self.present) for n in (2, 3)]
+            checked = [_checked(fbcache, t) for t in (0.1, 0.2, 0.3)] + [_checked(r, 0.3) for r in rhythms]
+            made = checked + made
         if self.whole_blocks:  # each also with its fully reused blocks reused whole (FORA so: FBCache's mechanism
             # on a fixed rhythm; an earlier front's members so: where the last search ended, with cheaper skips)
             made = [v for m in made for v in (m, m.with_block_reuse(self.present))]
@@ -101,6 +161,19 @@ class GenomeSpace:
                 out.append(bits)
                 keys.add(self.key(bits))
         return np.stack(out)
+
+
+def _checked(schedule: Schedule, threshold: float) -> Schedule:
+    """`schedule` checked at one threshold at every step."""
+    return Schedule(
+        schedule.compute,
+        schedule.model_class,
+        schedule.components,
+        dict(schedule.provenance, check=threshold),
+        schedule.forecast,
+        schedule.block_reuse,
+        [threshold] * schedule.num_steps,
+    )
 
 
 class StructuredMutation(Mutation):
@@ -142,6 +215,13 @@ class StructuredMutation(Mutation):
                     row[self.space.n_cells + cells] = rng.random() < 0.5  # ... by reuse or by forecast
                 if self.space.whole_blocks and not row[cells[0]]:  # ... and the blocks touched reused whole or not
                     steps_blocks = np.argwhere(np.isin(self.index, cells))[:, :2]
-                    flags = self.space.n_var - self.space.n_whole + steps_blocks[:, 0] * self.index.shape[1]
+                    flags = self.space.whole_at + steps_blocks[:, 0] * self.index.shape[1]
                     row[np.unique(flags + steps_blocks[:, 1])] = rng.random() < 0.5
+            if self.space.thresholds and rng.random() < self.structured:  # one level over a run of steps
+                steps = self.index.shape[0]
+                first = rng.integers(steps)
+                last = rng.integers(first, steps) + 1
+                level = _index_to_gray(int(rng.integers(len(THRESHOLD_LEVELS))))
+                at = self.space.thresholds_at
+                row[at + first * THRESHOLD_BITS : at + last * THRESHOLD_BITS] = np.tile(level, last - first)
         return X

@@ -30,6 +30,7 @@ class SearchSettings:
     cost: str = "cost"  # cost (analytic FLOPs) | latency_model | latency
     forecast: bool = True
     whole_blocks: bool = False
+    thresholds: bool = False  # per-step first-block check thresholds in the genome (dynamic per image)
     bac: bool = True  # seed the population with BAC schedules
     patience: int = 3
     budget_minutes: float = 0.0
@@ -87,7 +88,13 @@ def run_search(
     evaluator = ScheduleEvaluator(
         pipe, prompts, settings.seed, kwargs, cost, feature, clip_scorer=scorer, latency_model=latency_model
     )
-    space = GenomeSpace(arch, settings.steps, forecast=settings.forecast, whole_blocks=settings.whole_blocks)
+    space = GenomeSpace(
+        arch,
+        settings.steps,
+        forecast=settings.forecast,
+        whole_blocks=settings.whole_blocks,
+        thresholds=settings.thresholds,
+    )
     cfg = SearchConfig(
         pop_size=settings.pop,
         generations=settings.generations,
@@ -212,6 +219,7 @@ def check_resume(settings: SearchSettings, pipe, prompts, kwargs, out: Path, sta
         "cost": settings.cost,
         "forecast": settings.forecast,
         **({"whole_blocks": True} if settings.whole_blocks else {}),  # (settings of earlier runs unchanged)
+        **({"thresholds": True} if settings.thresholds else {}),
         "bac": settings.bac,
         "features": settings.features if settings.quality == "fd" else None,
         "pop": settings.pop,

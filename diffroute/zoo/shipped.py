@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from diffroute.core.schedule import Schedule
-from diffroute.plans.base import PLAN_EXAMPLES, Plan, SchedulePlan, plan_examples, register_plan
+from diffroute.plans.base import PLAN_EXAMPLES, Plan, plan_examples, register_plan, schedule_plan
 from diffroute.utils.io import readable_by_others
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -187,7 +187,7 @@ def _shipped(m: re.Match) -> Plan:
     if name not in found:
         shipped = ", ".join([*found, *routers]) or "none"
         raise ValueError(f"No shipped schedule or router {name!r}; shipped: {shipped}.")
-    return SchedulePlan(Schedule.load(found[name]), name=name)
+    return schedule_plan(Schedule.load(found[name]), name=name)
 
 
 register_plan(
