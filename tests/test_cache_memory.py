@@ -58,3 +58,19 @@ def test_cache_bytes_halve_in_bf16():
     pipe.to(dtype=torch.bfloat16)
     run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
     assert pipe.last_stats.peak_cache_bytes * 2 == fp32
+
+
+def test_the_bound_counts_the_summed_residual_of_a_run_of_blocks(tiny_pipes):
+    """`+spans` keeps, besides each block's residual, their sum for the run: with both blocks of the tiny model in
+    one run, one more residual's bytes than `+blocks`, and the peak reaches that bound."""
+    name = "pixart-alpha"
+    pipe = tiny_pipes(name)
+    bounds = {}
+    for plan in ("fora-3+blocks", "fora-3+spans"):
+        diffroute.apply(pipe, plan)
+        run(pipe, name, prompts(name), [0, 1])
+        stats = pipe.last_stats
+        assert stats.peak_cache_bytes == stats.cache_bound_bytes > 0, plan
+        bounds[plan] = stats.cache_bound_bytes
+    diffroute.remove(pipe)
+    assert bounds["fora-3+spans"] * 2 == bounds["fora-3+blocks"] * 3

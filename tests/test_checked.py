@@ -102,3 +102,25 @@ def test_checked_plans_are_refused_where_they_do_not_apply():
     assert plan.prompt and plan.thresholds == [0.1] and plan.name == "emoji:fast+blocks+fb0.1-prompt"
     assert plan.content()["thresholds"] == [0.1]  # fingerprints of results tell thresholds apart
     assert plan.step_thresholds(4) == [0.1] * 4
+
+
+@pytest.mark.parametrize("plan", ["fora-3+spans+fbinf", "fora-3+fbinf+spans"])
+def test_spans_survive_the_check(plan):
+    """A checked schedule with `+spans` (inside or outside the check) reuses its runs of whole blocks as one residual
+    after block 0, which the check computes: at threshold inf, the schedule with block 0 computed, `+spans`."""
+    name = "pixart-alpha"
+    pipe = fresh_pipe(name)
+    torch.manual_seed(0)  # three blocks: a run after block 0 needs two
+    config = {**pipe.transformer.config, "num_layers": 3}
+    pipe.register_modules(transformer=type(pipe.transformer).from_config(config).eval())
+    arch = diffroute.architecture_map(pipe.transformer)
+    fora = Schedule.fora(arch, STEPS, 3).with_block_reuse(arch.present())
+    compute, whole = fora.compute.clone(), fora.block_reuse.clone()
+    compute[:, 0], whole[:, 0] = True, False
+    reference = SchedulePlan(Schedule(compute, fora.model_class, fora.components, {}, None, whole)).with_spans()
+    diffroute.apply(pipe, reference)
+    expected = run(pipe, name, prompts(name), [0, 1])
+    diffroute.apply(pipe, plan)
+    np.testing.assert_array_equal(run(pipe, name, prompts(name), [0, 1]), expected)
+    diffroute.apply(pipe, "fora-3+blocks+fbinf")
+    assert not np.array_equal(run(pipe, name, prompts(name), [0, 1]), expected)  # the one add rounds differently

@@ -124,8 +124,10 @@ class FeatureCache:
         return rebuild(entry.kind, [None if a is None else a + (a - b) * w for a, b in zip(y1, y0)])
 
     def bound_bytes(self) -> int:
-        """The analytic bound on this cache: one output per key it holds, times its history (2 for forecasts)."""
-        return self.history * sum(_nbytes(e.slots[0]) for e in self._store.values())
+        """The analytic bound on this cache: one output per key it holds, times its history (2 for forecasts), plus
+        the summed residual kept per run of blocks reused as one (`+spans`)."""
+        sums = sum(_nbytes([total]) for _, total in self._sums.values())
+        return self.history * sum(_nbytes(e.slots[0]) for e in self._store.values()) + sums
 
     def clear(self) -> None:
         self._store.clear()

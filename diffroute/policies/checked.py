@@ -38,15 +38,15 @@ from diffroute.core.deciders import (
 from diffroute.core.decisions import Rows
 from diffroute.core.schedule import Schedule, resample_index
 from diffroute.plans import Plan, register_suffix
-from diffroute.plans.base import CHECKED_SCHEDULE, is_schedule_plan
+from diffroute.plans.base import CHECKED_SCHEDULE, SPANS_SUFFIX, is_schedule_plan
 from diffroute.policies.common import main_tensor, rel_l1
 
 
 class CheckedDecider(Decider):
     """A schedule's decisions, taken per sample only while that sample's first-block residual barely changed."""
 
-    def __init__(self, schedule: Schedule, thresholds: Sequence[float], prompt: bool = False):
-        self.base = ScheduleDecider(schedule)
+    def __init__(self, schedule: Schedule, thresholds: Sequence[float], prompt: bool = False, spans: bool = False):
+        self.base = ScheduleDecider(schedule, spans=spans)
         self.thresholds, self.prompt = list(thresholds), prompt
         c, whole, f = schedule.compute, schedule.block_reuse, schedule.forecast
         self._all = (c.all(dim=(1, 2)) & ~whole.any(dim=1)).tolist()  # steps the schedule computes whole
@@ -105,6 +105,11 @@ class CheckedDecider(Decider):
         planned = self.base.decide_block(ctx, block)
         return True if planned is True else self._checked(ctx, planned)
 
+    def block_span(self, ctx, block):
+        # runs of whole blocks add one residual only where the whole batch follows the schedule (a split batch
+        # reuses per sample, block by block)
+        return self.base.block_span(ctx, block) if self._follow.get(ctx.branch, True) is True else block
+
     def must_store(self, ctx, block, comp) -> bool:
         if self.base.must_store(ctx, block, comp):
             return True
@@ -139,6 +144,7 @@ class CheckedPlan(Plan):
             raise ValueError("the check's thresholds must be numbers >= 0 (inf: always follow the schedule).")
         self.base, self.thresholds, self.name, self.prompt = base, [float(t) for t in thresholds], name, prompt
         self.default_num_steps, self.cache_history = base.default_num_steps, base.cache_history
+        self.collapse_spans = base.collapse_spans  # (`fora-3+spans+fb0.1`: the schedule's runs stay one residual)
 
     def check(self, arch: ArchitectureMap) -> None:
         self.base.check(arch)
@@ -170,10 +176,26 @@ class CheckedPlan(Plan):
         return [t[i] for i in resample_index(len(t), num_steps)]
 
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
-        return CheckedDecider(self.base.schedule_at(arch, num_steps), self.step_thresholds(num_steps), self.prompt)
+        schedule, thresholds = (
+            _block_zero_computed(self.base.schedule_at(arch, num_steps)),
+            self.step_thresholds(num_steps),
+        )
+        return CheckedDecider(schedule, thresholds, self.prompt, spans=self.collapse_spans)
+
+    def with_spans(self) -> Plan:
+        """The checked schedule with its runs of whole blocks reused as one residual (`emoji:hybrid-fast+spans`)."""
+        return CheckedPlan(self.base.with_spans(), self.thresholds, self.name + SPANS_SUFFIX, self.prompt)
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
         return {**self.base.content(arch), "plan": self.name, "thresholds": self.thresholds, "prompt": self.prompt}
+
+
+def _block_zero_computed(s: Schedule) -> Schedule:
+    """`s` with block 0 computed at every step, as a checked plan runs it (so that a run of whole blocks reused
+    after it starts at block 1)."""
+    compute, forecast, whole = s.compute.clone(), s.forecast.clone(), s.block_reuse.clone()
+    compute[:, 0], forecast[:, 0], whole[:, 0] = True, False, False
+    return Schedule(compute, s.model_class, s.components, s.provenance, forecast, whole)
 
 
 def _checked_schedule(base: Plan, thresholds) -> Plan:
