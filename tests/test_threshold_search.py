@@ -25,9 +25,9 @@ from diffroute.search.genome import (
 )
 
 
-def _checked(schedule: Schedule, thresholds) -> Schedule:
+def _checked(schedule: Schedule, thresholds, per_prompt: bool = True) -> Schedule:
     s = schedule
-    return Schedule(s.compute, s.model_class, s.components, {}, s.forecast, s.block_reuse, thresholds)
+    return Schedule(s.compute, s.model_class, s.components, {}, s.forecast, s.block_reuse, thresholds, per_prompt)
 
 
 @pytest.fixture(scope="module")
@@ -52,25 +52,33 @@ def test_threshold_genes_round_trip_and_block_zero_always_computes(arch):
     assert back.check == tuple(levels)
     assert back.compute[:, 0].all() and not back.block_reuse[:, 0].any()  # the check reads block 0
     assert torch.equal(back.block_reuse[1:, 1:], fbcache.block_reuse[1:, 1:])
-    assert space.to_schedule(space.from_schedule(fbcache)).check == (math.inf,) * STEPS  # unchecked: inf
+    static = space.to_schedule(space.from_schedule(fbcache))  # every step unchecked: the static schedule, block 0
+    assert static.check is None and torch.equal(static.block_reuse, fbcache.block_reuse)  # reused like the others
     assert GenomeSpace(arch, STEPS).to_schedule(GenomeSpace(arch, STEPS).from_schedule(fbcache)).check is None
     seeds = [space.to_schedule(x) for x in space.seeds(np.random.default_rng(0), 16)]
     assert seeds[0].check == (math.inf,) + (0.1,) * (STEPS - 1)  # FBCache 0.1 first
-    assert any(all(math.isinf(t) for t in s.check) for s in seeds)
+    assert any(s.check is None for s in seeds) and all(s.check_per_prompt for s in seeds)
     moved = StructuredMutation(space, prob_var=0.0, structured=1.0)._do(
         None, np.zeros((16, space.n_var), dtype=bool), random_state=np.random.default_rng(0)
     )
-    finite = [[t for t in space.to_schedule(y).check if not math.isinf(t)] for y in moved]
+    finite = [[t for t in space.to_schedule(y).check or () if not math.isinf(t)] for y in moved]
     assert all(len(set(f)) <= 1 for f in finite)  # from all-unchecked: one level over a run of steps
     assert any(len(f) > 1 for f in finite)
 
 
 def test_checked_schedule_file_round_trip_and_refusals(arch, tmp_path):
-    s = _checked(Schedule.fora(arch, STEPS, 3), [math.inf, 0.2, 0.2, 0.1, 0.1, math.inf])
+    s = _checked(Schedule.fora(arch, STEPS, 3), [math.inf, 0.2, 0.2, 0.1, 0.1, math.inf], per_prompt=False)
     s.save(tmp_path / "c.json")
     d = json.loads((tmp_path / "c.json").read_text())
-    assert d["check"] == ["inf", 0.2, 0.2, 0.1, 0.1, "inf"]  # JSON has no infinity
-    assert Schedule.load(tmp_path / "c.json").check == s.check
+    assert d["check"] == ["inf", 0.2, 0.2, 0.1, 0.1, "inf"] and d["check_per"] == "sample"  # JSON has no infinity
+    loaded = Schedule.load(tmp_path / "c.json")
+    assert loaded.check == s.check and not loaded.check_per_prompt
+    assert not s.resample(11).check_per_prompt and not s.with_block_reuse().check_per_prompt
+    (tmp_path / "p.json").write_text(json.dumps({k: v for k, v in d.items() if k != "check_per"}))
+    assert Schedule.load(tmp_path / "p.json").check_per_prompt  # by default both CFG rows of an image together
+    (tmp_path / "bad.json").write_text(json.dumps(dict(d, check_per="row")))
+    with pytest.raises(ScheduleMismatchError, match="'check_per' must be"):
+        Schedule.load(tmp_path / "bad.json")
     assert s.resample(11).check == tuple(s.check[i] for i in [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5])  # as its rows
     assert s.with_block_reuse().check == s.check and s.without_check().check is None
     for bad in (["inf"] * 5, [0.1, -1, 0, 0, 0, 0], ["nan", 0, 0, 0, 0, 0], [True, 0, 0, 0, 0, 0], "0.1"):
@@ -90,7 +98,8 @@ def test_a_checked_schedule_file_runs_as_the_checked_plan_it_names(tmp_path):
     _checked(base, [0.05] * STEPS).save(tmp_path / "checked.json")
     plan = diffroute.resolve_plan(str(tmp_path / "checked.json"))
     assert isinstance(plan, CheckedPlan) and plan.name == "checked" and plan.thresholds == [0.05] * STEPS
-    diffroute.apply(pipe, f"{tmp_path / 'base.json'}+fb0.05")
+    assert plan.prompt
+    diffroute.apply(pipe, f"{tmp_path / 'base.json'}+fb0.05-prompt")
     expected = run(pipe, name, prompts(name), [0, 1])
     followed = pipe.last_stats.plan_info["rows_followed"]
     diffroute.apply(pipe, str(tmp_path / "checked.json"))
@@ -133,13 +142,13 @@ def test_search_with_thresholds_ships_plans_that_decide_per_image(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert json.loads((out / "settings.json").read_text())["thresholds"] is True
-    checked = 0
     for member in result["front"]:
         s = Schedule.load(member["file"])
-        assert s.check is not None and s.compute[:, 0].all()
         plan = diffroute.resolve_plan(member["file"])
-        checked += isinstance(plan, CheckedPlan)
+        assert isinstance(plan, CheckedPlan) == (s.check is not None)
+        if s.check is not None:
+            assert s.compute[:, 0].all() and s.check_per_prompt and plan.prompt
         assert 0 < member["cost"] <= 1 + 1e-9
-    assert checked == len(result["front"]) > 0
+    assert len(result["front"]) > 0
     again = run_cli(*[a for a in args if a != "--thresholds"])  # another genome: refused, naming the setting
     assert again.returncode != 0 and "thresholds" in again.stderr

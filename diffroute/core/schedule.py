@@ -8,8 +8,9 @@ blocks; only where every component of the block is reused). In JSON each cell is
 f forecast, r the block reused as a whole (all of a block's cells at that step).
 
 A schedule may also carry a first-block `check`: one threshold per step under which each image takes the step's
-reuses (above it, that image computes the step; `policies/checked.py`). A threshold search's front members carry
-theirs; `plans.schedule_plan` runs such a schedule checked. The transforms below keep it."""
+reuses (above it, that image computes the step; `policies/checked.py`), decided per prompt (both CFG rows of an
+image together, the default) or per sample. A threshold search's front members carry theirs; `plans.schedule_plan`
+runs such a schedule checked. The transforms below keep it."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class Schedule:
     forecast: torch.Tensor | None = None  # bool, same shape; only where compute is False. None: no forecasts
     block_reuse: torch.Tensor | None = None  # bool [steps, blocks]; only where the block's cells all reuse
     check: tuple[float, ...] | None = None  # per step: first-block change threshold (inf: unchecked); None: none
+    check_per_prompt: bool = True  # the check decides both CFG rows of an image together (False: each row alone)
 
     def __post_init__(self):
         self.compute = torch.as_tensor(self.compute, dtype=torch.bool).cpu()
@@ -205,6 +207,7 @@ class Schedule:
             self.forecast[src].clone(),
             self.block_reuse[src].clone(),
             None if self.check is None else [self.check[i] for i in src],
+            self.check_per_prompt,
         )
 
     @property
@@ -218,7 +221,9 @@ class Schedule:
     def with_forecasts(self) -> Schedule:
         """The same compute cells, every skipped cell forecast (TaylorSeer-style) instead of reused."""
         prov = dict(self.provenance)
-        return Schedule(self.compute, self.model_class, self.components, prov, ~self.compute, check=self.check)
+        return Schedule(
+            self.compute, self.model_class, self.components, prov, ~self.compute, None, self.check, self.check_per_prompt
+        )
 
     def with_block_reuse(self, present: torch.Tensor | None = None) -> Schedule:
         """The same decisions, with every block whose (present) components all reuse at a step reused as a whole:
@@ -228,7 +233,9 @@ class Schedule:
         whole = (reused | ~mask).all(2) & mask.any(1)
         compute = self.compute & ~whole[..., None]  # (absent components' cells say nothing)
         prov = dict(self.provenance, block_reuse=True)
-        return Schedule(compute, self.model_class, self.components, prov, self.forecast, whole, self.check)
+        return Schedule(
+            compute, self.model_class, self.components, prov, self.forecast, whole, self.check, self.check_per_prompt
+        )
 
     def without_check(self) -> Schedule:
         """The same cells, taken by every image (no first-block check)."""
@@ -265,6 +272,7 @@ class Schedule:
         }
         if self.check is not None:  # JSON has no infinity: "inf" (unchecked step)
             out["check"] = ["inf" if math.isinf(t) else t for t in self.check]
+            out["check_per"] = "prompt" if self.check_per_prompt else "sample"
         return out
 
     @classmethod
@@ -331,7 +339,11 @@ class Schedule:
                     '>= 0 or "inf" (that step unchecked), or left out.'
                 )
             check = [math.inf if t == "inf" else float(t) for t in check]
-        return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check)
+        per = d.get("check_per", "prompt")
+        if per not in ("prompt", "sample"):
+            raise bad(f"'check_per' must be \"prompt\" or \"sample\" (what one check decides), got {per!r}.")
+        prompt = per == "prompt"
+        return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check, prompt)
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())

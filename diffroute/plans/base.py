@@ -204,7 +204,8 @@ def schedule_plan(schedule: Schedule, name: str | None = None) -> Plan:
     if schedule.check is None:
         return SchedulePlan(schedule, name)
     load_plugins()  # (the checked plan is the policies plugin's)
-    return CHECKED_SCHEDULE[0](SchedulePlan(schedule.without_check(), name), schedule.check)
+    plan = SchedulePlan(schedule.without_check(), name)
+    return CHECKED_SCHEDULE[0](plan, schedule.check, schedule.check_per_prompt)
 
 
 def is_schedule_plan(plan: Plan) -> bool:

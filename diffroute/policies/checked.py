@@ -198,9 +198,9 @@ def _block_zero_computed(s: Schedule) -> Schedule:
     return Schedule(compute, s.model_class, s.components, s.provenance, forecast, whole)
 
 
-def _checked_schedule(base: Plan, thresholds) -> Plan:
+def _checked_schedule(base: Plan, thresholds, prompt: bool) -> Plan:
     """A schedule file's own check (`plans.schedule_plan`): the plan keeps the file's name."""
-    return CheckedPlan(base, thresholds, base.name)
+    return CheckedPlan(base, thresholds, base.name, prompt)
 
 
 CHECKED_SCHEDULE[:] = [_checked_schedule]

@@ -8,8 +8,11 @@ whole from its residual (nothing of it runs) instead of reusing its components i
 three more bits per step >= 1: a first-block check threshold (Gray-coded index into THRESHOLD_LEVELS, so one bit flip
 moves to a neighbouring level), under which each image takes that step's reuses and above which it computes the
 step (`policies/checked.py`): the searched plan is then dynamic per image, the schedule saying where an image may
-reuse and its own first block whether it does now. Block 0 then computes at every step (the check reads it).
-The thresholds are per step, not per (step, block): the check decides a whole step for an image.
+reuse and its own first block whether it does now. Where some step is checked, block 0 computes at every step (the
+check reads it); a genome with every step unchecked is the static schedule its other bits say. The thresholds are
+per step, not per (step, block): the check decides a whole step for an image, both of its CFG rows together (decided
+row by row, the rows of one image go stale apart and guidance amplifies the difference: FBCache 0.2 per row lost
+3.4 dB mean PSNR against per prompt at equal FLOPs on the emoji model).
 """
 
 from __future__ import annotations
@@ -84,12 +87,15 @@ class GenomeSpace:
         compute[:, ~self.present] = True  # absent components: nothing to decide
         forecast = self._cells(bits[self.n_cells : 2 * self.n_cells]) & ~compute if self.forecast else None
         check = None
-        if self.thresholds:  # block 0 computes at every step: the check reads it
-            compute[:, 0] = True
-            if forecast is not None:
-                forecast[:, 0] = False
+        if self.thresholds:
             genes = bits[self.thresholds_at :].reshape(self.num_steps - 1, THRESHOLD_BITS)
             check = [math.inf] + [THRESHOLD_LEVELS[_gray_to_index(g)] for g in genes]
+            if all(math.isinf(t) for t in check):  # nothing checked: the static schedule
+                check = None
+            else:  # block 0 computes at every step: the check reads it
+                compute[:, 0] = True
+                if forecast is not None:
+                    forecast[:, 0] = False
         s = Schedule(compute, self.arch.model_class, self.arch.components, dict(provenance or {}), forecast)
         if not self.whole_blocks:
             return Schedule(s.compute, s.model_class, s.components, s.provenance, s.forecast, check=check)
