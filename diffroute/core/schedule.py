@@ -220,9 +220,9 @@ class Schedule:
 
     def with_forecasts(self) -> Schedule:
         """The same compute cells, every skipped cell forecast (TaylorSeer-style) instead of reused."""
-        prov = dict(self.provenance)
+        prov, check = dict(self.provenance), self.check
         return Schedule(
-            self.compute, self.model_class, self.components, prov, ~self.compute, None, self.check, self.check_per_prompt
+            self.compute, self.model_class, self.components, prov, ~self.compute, None, check, self.check_per_prompt
         )
 
     def with_block_reuse(self, present: torch.Tensor | None = None) -> Schedule:
@@ -341,7 +341,7 @@ class Schedule:
             check = [math.inf if t == "inf" else float(t) for t in check]
         per = d.get("check_per", "prompt")
         if per not in ("prompt", "sample"):
-            raise bad(f"'check_per' must be \"prompt\" or \"sample\" (what one check decides), got {per!r}.")
+            raise bad(f'\'check_per\' must be "prompt" or "sample" (what one check decides), got {per!r}.')
         prompt = per == "prompt"
         return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check, prompt)
 
