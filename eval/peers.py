@@ -257,11 +257,8 @@ def flop_counts(pipe, cost) -> tuple[float, float]:
         done = float((peer.executed_map * cost.component_flops.double()).sum())
         rest = float(cost.block_flops.sum()) + cost.other_flops
         return done + rest * peer.calls, cost.step_flops * peer.calls
-    from diffroute.metrics.timing import flop_ideal_speedup
-
     stats = diffroute.last_stats(pipe)
-    steps = stats.compute_tensor().shape[0]
-    return cost.step_flops * steps / flop_ideal_speedup(cost, stats), cost.step_flops * steps
+    return cost.realised_flops(stats), cost.step_flops * len(stats.compute_map)
 
 
 def computed_fraction(pipe) -> float:

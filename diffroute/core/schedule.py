@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -198,16 +198,13 @@ class Schedule:
         if num_steps == self.num_steps:
             return self
         src = resample_index(self.num_steps, num_steps)
-        prov = dict(self.provenance, resampled_from=self.num_steps)
-        return Schedule(
-            self.compute[src].clone(),
-            self.model_class,
-            self.components,
-            prov,
-            self.forecast[src].clone(),
-            self.block_reuse[src].clone(),
-            None if self.check is None else [self.check[i] for i in src],
-            self.check_per_prompt,
+        return replace(
+            self,
+            compute=self.compute[src].clone(),
+            provenance=dict(self.provenance, resampled_from=self.num_steps),
+            forecast=self.forecast[src].clone(),
+            block_reuse=self.block_reuse[src].clone(),
+            check=None if self.check is None else [self.check[i] for i in src],
         )
 
     @property
@@ -220,10 +217,7 @@ class Schedule:
 
     def with_forecasts(self) -> Schedule:
         """The same compute cells, every skipped cell forecast (TaylorSeer-style) instead of reused."""
-        prov, check = dict(self.provenance), self.check
-        return Schedule(
-            self.compute, self.model_class, self.components, prov, ~self.compute, None, check, self.check_per_prompt
-        )
+        return replace(self, provenance=dict(self.provenance), forecast=~self.compute, block_reuse=None)
 
     def with_block_reuse(self, present: torch.Tensor | None = None) -> Schedule:
         """The same decisions, with every block whose (present) components all reuse at a step reused as a whole:
@@ -233,17 +227,17 @@ class Schedule:
         whole = (reused | ~mask).all(2) & mask.any(1)
         compute = self.compute & ~whole[..., None]  # (absent components' cells say nothing)
         prov = dict(self.provenance, block_reuse=True)
-        return Schedule(
-            compute, self.model_class, self.components, prov, self.forecast, whole, self.check, self.check_per_prompt
-        )
+        return replace(self, compute=compute, provenance=prov, block_reuse=whole)
+
+    def with_block_computed(self, block: int) -> Schedule:
+        """The same schedule with `block` computed at every step (a checked plan's block 0, which the check reads)."""
+        compute, forecast, whole = self.compute.clone(), self.forecast.clone(), self.block_reuse.clone()
+        compute[:, block], forecast[:, block], whole[:, block] = True, False, False
+        return replace(self, compute=compute, provenance=dict(self.provenance), forecast=forecast, block_reuse=whole)
 
     def without_check(self) -> Schedule:
         """The same cells, taken by every image (no first-block check)."""
-        if self.check is None:
-            return self
-        return Schedule(
-            self.compute, self.model_class, self.components, dict(self.provenance), self.forecast, self.block_reuse
-        )
+        return self if self.check is None else replace(self, provenance=dict(self.provenance), check=None)
 
     def block_pure(self, present: torch.Tensor | None = None) -> bool:
         """Whether every block, at every step, either computes all its (present) components or is reused whole."""

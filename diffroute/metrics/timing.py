@@ -156,9 +156,8 @@ def flop_ideal_speedup(cost, stats) -> float | None:
     `cost`: a search.cost.CostModel of the same model and call size. None without stats."""
     if stats is None:
         return None
-    shares = stats.compute_tensor().double().nan_to_num(0.0)  # [steps, blocks, components]
-    computed = cost.computed_flops(shares, stats.block_run_tensor())
-    return cost.step_flops * shares.shape[0] / computed if computed > 0 else None
+    computed = cost.realised_flops(stats)
+    return cost.step_flops * len(stats.compute_map) / computed if computed > 0 else None
 
 
 SPREAD_LIMIT = 0.15  # timings varying more than this between repeats make a ratio noise

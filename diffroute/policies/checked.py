@@ -176,11 +176,9 @@ class CheckedPlan(Plan):
         return [t[i] for i in resample_index(len(t), num_steps)]
 
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
-        schedule, thresholds = (
-            _block_zero_computed(self.base.schedule_at(arch, num_steps)),
-            self.step_thresholds(num_steps),
-        )
-        return CheckedDecider(schedule, thresholds, self.prompt, spans=self.collapse_spans)
+        # block 0 computes at every step (so that a run of whole blocks reused after it starts at block 1)
+        schedule = self.base.schedule_at(arch, num_steps).with_block_computed(0)
+        return CheckedDecider(schedule, self.step_thresholds(num_steps), self.prompt, spans=self.collapse_spans)
 
     def with_spans(self) -> Plan:
         """The checked schedule with its runs of whole blocks reused as one residual (`emoji:hybrid-fast+spans`)."""
@@ -188,14 +186,6 @@ class CheckedPlan(Plan):
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
         return {**self.base.content(arch), "plan": self.name, "thresholds": self.thresholds, "prompt": self.prompt}
-
-
-def _block_zero_computed(s: Schedule) -> Schedule:
-    """`s` with block 0 computed at every step, as a checked plan runs it (so that a run of whole blocks reused
-    after it starts at block 1)."""
-    compute, forecast, whole = s.compute.clone(), s.forecast.clone(), s.block_reuse.clone()
-    compute[:, 0], forecast[:, 0], whole[:, 0] = True, False, False
-    return Schedule(compute, s.model_class, s.components, s.provenance, forecast, whole)
 
 
 def _checked_schedule(base: Plan, thresholds, prompt: bool) -> Plan:

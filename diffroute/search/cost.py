@@ -41,11 +41,16 @@ class CostModel:
         computed = self.computed_flops(schedule.compute, ~schedule.block_reuse)
         return computed / (self.step_flops * schedule.num_steps)
 
+    def realised_flops(self, stats) -> float:
+        """FLOPs of what a call did (a CallStats: each cell by the share of samples that computed it, each block by
+        the share that ran it; the rest of the model at every step)."""
+        shares = stats.compute_tensor().double().nan_to_num(0.0)  # [steps, blocks, components]
+        return self.computed_flops(shares, stats.block_run_tensor())
+
     def realised_cost(self, stats) -> float:
-        """FLOPs of what a call did (a CallStats: each cell by the share of samples that computed it) / FLOPs of
-        computing everything: a dynamic plan's cost, which no schedule states in advance."""
-        shares = stats.compute_tensor().double().nan_to_num(0.0)
-        return self.computed_flops(shares, stats.block_run_tensor()) / (self.step_flops * shares.shape[0])
+        """`realised_flops` / FLOPs of computing everything: a dynamic plan's cost, which no schedule states in
+        advance."""
+        return self.realised_flops(stats) / (self.step_flops * len(stats.compute_map))
 
     def to_dict(self) -> dict:
         return {

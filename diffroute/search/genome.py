@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -92,19 +93,14 @@ class GenomeSpace:
             check = [math.inf] + [THRESHOLD_LEVELS[_gray_to_index(g)] for g in genes]
             if all(math.isinf(t) for t in check):  # nothing checked: the static schedule
                 check = None
-            else:  # block 0 computes at every step: the check reads it
-                compute[:, 0] = True
-                if forecast is not None:
-                    forecast[:, 0] = False
         s = Schedule(compute, self.arch.model_class, self.arch.components, dict(provenance or {}), forecast)
-        if not self.whole_blocks:
-            return Schedule(s.compute, s.model_class, s.components, s.provenance, s.forecast, check=check)
-        wanted = torch.zeros(self.num_steps, self.arch.num_blocks, dtype=torch.bool)
-        wanted[1:] = torch.from_numpy(bits[self.whole_at : self.thresholds_at].reshape(self.num_steps - 1, -1))
-        whole = s.with_block_reuse(self.present)  # where every cell of a block reuses: may be reused whole
-        keep = whole.block_reuse & wanted
-        compute = s.compute & ~keep[..., None]
-        return Schedule(compute, s.model_class, s.components, s.provenance, s.forecast, keep, check)
+        if self.whole_blocks:
+            wanted = torch.zeros(self.num_steps, self.arch.num_blocks, dtype=torch.bool)
+            wanted[1:] = torch.from_numpy(bits[self.whole_at : self.thresholds_at].reshape(self.num_steps - 1, -1))
+            keep = s.with_block_reuse(self.present).block_reuse & wanted  # where every cell of a block reuses
+            s = replace(s, compute=s.compute & ~keep[..., None], block_reuse=keep)
+        # with a check, block 0 computes at every step: the check reads it
+        return s if check is None else replace(s.with_block_computed(0), check=check)
 
     def from_schedule(self, schedule: Schedule) -> np.ndarray:
         parts = [schedule.compute[1:][:, self.present].reshape(-1).numpy().astype(bool)]
@@ -171,15 +167,8 @@ class GenomeSpace:
 
 def _checked(schedule: Schedule, threshold: float) -> Schedule:
     """`schedule` checked at one threshold at every step."""
-    return Schedule(
-        schedule.compute,
-        schedule.model_class,
-        schedule.components,
-        dict(schedule.provenance, check=threshold),
-        schedule.forecast,
-        schedule.block_reuse,
-        [threshold] * schedule.num_steps,
-    )
+    prov = dict(schedule.provenance, check=threshold)
+    return replace(schedule, provenance=prov, check=[threshold] * schedule.num_steps)
 
 
 class StructuredMutation(Mutation):
