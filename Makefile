@@ -62,16 +62,16 @@ clean:
 SHIPPED ?= emoji:gentle,emoji:fast,emoji:faster,emoji:fastest,emoji:turbo,$(BLOCKS),$(HYBRID)
 # the whole-block front, as searched and with runs of whole blocks reused as one residual (+spans)
 BLOCKS ?= emoji:blocks-gentle,emoji:blocks-fast,emoji:blocks-brisk,emoji:blocks-swift,emoji:blocks-faster,emoji:blocks-fastest,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,emoji:blocks-fastest+spans
-# the threshold search's shipped member (its front is checked per image only at the gentle end; cheaper members
-# are static schedules the whole-block search already ships)
-HYBRID ?= emoji:hybrid-gentle,emoji:hybrid-gentle+spans
+# the threshold searches' shipped members: checked per prompt (only the gentle end was checked) and per batch
+# (checked from 0.70 to 0.99 of full's predicted time); cheaper members are static, shipped as emoji:blocks-*
+HYBRID ?= emoji:hybrid-gentle,emoji:hybrid-gentle+spans,emoji:hybrid-batch-mild,emoji:hybrid-batch-gentle,emoji:hybrid-batch-fast,emoji:hybrid-batch-fast+spans
 # Learning-to-Cache routers shipped as emoji:NAME, one per compute penalty (NAME=LAMBDA).
 L2C_SHIP ?= l2c-lam3e-4=3e-4 l2c=1e-3 l2c-lam3e-3=3e-3
 L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.1
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
-COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
+COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-hybrid compare demo-grid artifacts experts
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-hybrid search-hybrid-batch compare compare-fp32 demo-grid artifacts experts
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -199,6 +199,8 @@ BLOCKS_SHIP ?= blocks-gentle=0.9,blocks-fast=0.7,blocks-brisk=0.62,blocks-swift=
 # shipped plans decide per image; seeded with FBCache's own decisions and the fronts shipped above, 30 minutes.
 HYBRID_SEARCH_FLAGS ?= $(BLOCKS_SEARCH_FLAGS) --thresholds
 HYBRID_SHIP ?= hybrid-gentle=0.9
+# the same search with checks that decide for the whole batch (as diffusers' FBC; no split batches)
+HYBRID_BATCH_SHIP ?= hybrid-batch-mild=0.93,hybrid-batch-gentle=0.83,hybrid-batch-fast=0.75
 search: install
 	rm -rf runs/search/emoji
 	$(BIN)/diffroute search --model emoji $(SEARCH_FLAGS) --out runs/search/emoji --ship $(SHIP) --replace
@@ -214,17 +216,28 @@ search-hybrid: install
 	$(BIN)/diffroute search --model emoji $(HYBRID_SEARCH_FLAGS) --out runs/search/emoji-hybrid --ship $(HYBRID_SHIP) --replace
 	mkdir -p docs/search/hybrid && cp runs/search/emoji-hybrid/front.json runs/search/emoji-hybrid/front.png docs/search/hybrid/
 
+search-hybrid-batch: install
+	rm -rf runs/search/emoji-hybrid-batch
+	$(BIN)/diffroute search --model emoji $(HYBRID_SEARCH_FLAGS) --check-per batch --out runs/search/emoji-hybrid-batch --ship $(HYBRID_BATCH_SHIP) --replace
+	mkdir -p docs/search/hybrid-batch && cp runs/search/emoji-hybrid-batch/front.json runs/search/emoji-hybrid-batch/front.png docs/search/hybrid-batch/
+
 compare: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	rm -rf docs/compare
 	$(BIN)/diffroute eval compare --model emoji --dtype bfloat16 --prompts heldout --n 356 --batch 32 --repeats 5 --plans $(COMPARE_PLANS) --out docs/compare
+
+# The same in fp32 (ratios differ a lot between dtypes on a CPU; ~1 h on 2 cores; quality against fp32 `full`).
+compare-fp32: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	rm -rf docs/compare-fp32
+	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 356 --batch 32 --repeats 3 --plans $(COMPARE_PLANS) --out docs/compare-fp32
 
 demo-grid: demo
 	cp $(OUT)/grid.png docs/demo_grid.png
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c elastic search search-blocks search-hybrid compare moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c elastic search search-blocks search-hybrid search-hybrid-batch compare compare-fp32 moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done

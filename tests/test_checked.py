@@ -99,7 +99,7 @@ def test_checked_plans_are_refused_where_they_do_not_apply():
     with pytest.raises(PlanError, match="Unknown plan"):
         resolve_plan("fora-3+fb-1")
     plan = resolve_plan("emoji:fast+blocks+fb0.1-prompt")
-    assert plan.prompt and plan.thresholds == [0.1] and plan.name == "emoji:fast+blocks+fb0.1-prompt"
+    assert plan.per == "prompt" and plan.thresholds == [0.1] and plan.name == "emoji:fast+blocks+fb0.1-prompt"
     assert plan.content()["thresholds"] == [0.1]  # fingerprints of results tell thresholds apart
     assert plan.step_thresholds(4) == [0.1] * 4
 

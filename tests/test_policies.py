@@ -202,7 +202,8 @@ def test_per_prompt_first_block_keeps_both_cfg_rows_of_a_sample_together(tiny_pi
                 run(pipe, name, p, [5, 6, 7, 8], steps=10)
         finally:
             FirstBlockDecider.on_block_end = original
-    assert diffroute.resolve_plan("fbcache-0.1-prompt").prompt and not diffroute.resolve_plan("fbcache-0.1").prompt
+    assert diffroute.resolve_plan("fbcache-0.1-prompt").per == "prompt"
+    assert diffroute.resolve_plan("fbcache-0.1").per == "sample"
     assert any(not torch.equal(d[:4], d[4:]) for d in seen[""])  # per row: the two rows of a sample can differ
     assert seen["-prompt"] and all(torch.equal(d[:4], d[4:]) for d in seen["-prompt"])  # per prompt: never
 

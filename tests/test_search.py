@@ -47,7 +47,10 @@ def test_cost_model_is_analytic(setup):
     assert cost.relative_cost(diffroute.Schedule.full(arch, STEPS)) == pytest.approx(1.0)
     fora = cost.relative_cost(diffroute.Schedule.fora(arch, STEPS, 3))
     share = float(cost.component_flops.sum()) / cost.step_flops
-    assert fora == pytest.approx(1 - share * 4 / 6)  # 4 of 6 steps skip every component
+    # 4 of 6 steps skip every component, and the text projection runs at the first step only (`core/invariant.py`)
+    once = cost.invariant_flops * (STEPS - 1) / (cost.step_flops * STEPS)
+    assert STEPS == 6 and cost.invariant_flops > 0
+    assert fora == pytest.approx(1 - share * 4 / 6 - once)
 
 
 def test_genome_round_trip(setup):

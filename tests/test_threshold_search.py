@@ -25,9 +25,9 @@ from diffroute.search.genome import (
 )
 
 
-def _checked(schedule: Schedule, thresholds, per_prompt: bool = True) -> Schedule:
+def _checked(schedule: Schedule, thresholds, per: str = "prompt") -> Schedule:
     s = schedule
-    return Schedule(s.compute, s.model_class, s.components, {}, s.forecast, s.block_reuse, thresholds, per_prompt)
+    return Schedule(s.compute, s.model_class, s.components, {}, s.forecast, s.block_reuse, thresholds, per)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_threshold_genes_round_trip_and_block_zero_always_computes(arch):
     assert GenomeSpace(arch, STEPS).to_schedule(GenomeSpace(arch, STEPS).from_schedule(fbcache)).check is None
     seeds = [space.to_schedule(x) for x in space.seeds(np.random.default_rng(0), 16)]
     assert seeds[0].check == (math.inf,) + (0.1,) * (STEPS - 1)  # FBCache 0.1 first
-    assert any(s.check is None for s in seeds) and all(s.check_per_prompt for s in seeds)
+    assert any(s.check is None for s in seeds) and all(s.check_per == "prompt" for s in seeds)
     moved = StructuredMutation(space, prob_var=0.0, structured=1.0)._do(
         None, np.zeros((16, space.n_var), dtype=bool), random_state=np.random.default_rng(0)
     )
@@ -67,15 +67,15 @@ def test_threshold_genes_round_trip_and_block_zero_always_computes(arch):
 
 
 def test_checked_schedule_file_round_trip_and_refusals(arch, tmp_path):
-    s = _checked(Schedule.fora(arch, STEPS, 3), [math.inf, 0.2, 0.2, 0.1, 0.1, math.inf], per_prompt=False)
+    s = _checked(Schedule.fora(arch, STEPS, 3), [math.inf, 0.2, 0.2, 0.1, 0.1, math.inf], per="sample")
     s.save(tmp_path / "c.json")
     d = json.loads((tmp_path / "c.json").read_text())
     assert d["check"] == ["inf", 0.2, 0.2, 0.1, 0.1, "inf"] and d["check_per"] == "sample"  # JSON has no infinity
     loaded = Schedule.load(tmp_path / "c.json")
-    assert loaded.check == s.check and not loaded.check_per_prompt
-    assert not s.resample(11).check_per_prompt and not s.with_block_reuse().check_per_prompt
+    assert loaded.check == s.check and loaded.check_per == "sample"
+    assert s.resample(11).check_per == "sample" and s.with_block_reuse().check_per == "sample"
     (tmp_path / "p.json").write_text(json.dumps({k: v for k, v in d.items() if k != "check_per"}))
-    assert Schedule.load(tmp_path / "p.json").check_per_prompt  # by default both CFG rows of an image together
+    assert Schedule.load(tmp_path / "p.json").check_per == "prompt"  # by default both CFG rows of an image together
     (tmp_path / "bad.json").write_text(json.dumps(dict(d, check_per="row")))
     with pytest.raises(ScheduleMismatchError, match="'check_per' must be"):
         Schedule.load(tmp_path / "bad.json")
@@ -98,7 +98,7 @@ def test_a_checked_schedule_file_runs_as_the_checked_plan_it_names(tmp_path):
     _checked(base, [0.05] * STEPS).save(tmp_path / "checked.json")
     plan = diffroute.resolve_plan(str(tmp_path / "checked.json"))
     assert isinstance(plan, CheckedPlan) and plan.name == "checked" and plan.thresholds == [0.05] * STEPS
-    assert plan.prompt
+    assert plan.per == "prompt"
     diffroute.apply(pipe, f"{tmp_path / 'base.json'}+fb0.05-prompt")
     expected = run(pipe, name, prompts(name), [0, 1])
     followed = pipe.last_stats.plan_info["rows_followed"]
@@ -123,7 +123,9 @@ def test_cost_of_a_call_is_what_its_images_computed(tiny_pipes):
     _, _, stats = evaluator.generate(fora)
     assert cost.realised_cost(stats) == pytest.approx(cost.relative_cost(fora), rel=1e-9)
     assert latency.realised(stats) == pytest.approx(latency.relative(fora), rel=1e-9)
-    assert evaluator(_checked(fora, [0.0] * STEPS))["cost"] == pytest.approx(1.0)
+    # checked at 0 every block computes; only the text projection runs once per call (`core/invariant.py`)
+    once = 1.0 - cost.invariant_flops * (STEPS - 1) / (cost.step_flops * STEPS)
+    assert cost.invariant_flops > 0 and evaluator(_checked(fora, [0.0] * STEPS))["cost"] == pytest.approx(once)
     compute = fora.compute.clone()
     compute[:, 0] = True
     block_zero = Schedule(compute, fora.model_class, fora.components, {}, None, fora.block_reuse & ~compute.any(2))
@@ -147,8 +149,21 @@ def test_search_with_thresholds_ships_plans_that_decide_per_image(tmp_path):
         plan = diffroute.resolve_plan(member["file"])
         assert isinstance(plan, CheckedPlan) == (s.check is not None)
         if s.check is not None:
-            assert s.compute[:, 0].all() and s.check_per_prompt and plan.prompt
+            assert s.compute[:, 0].all() and s.check_per == "prompt" and plan.per == "prompt"
         assert 0 < member["cost"] <= 1 + 1e-9
     assert len(result["front"]) > 0
     again = run_cli(*[a for a in args if a != "--thresholds"])  # another genome: refused, naming the setting
     assert again.returncode != 0 and "thresholds" in again.stderr
+
+
+def test_a_genome_decided_per_batch_decodes_to_schedules_checked_per_batch():
+    """`search --check-per batch`: every checked seed and decoded genome decides for the whole batch, and runs so."""
+    arch = diffroute.architecture_map(fresh_pipe("pixart-alpha").transformer)
+    space = GenomeSpace(arch, STEPS, whole_blocks=True, thresholds=True, check_per="batch")
+    seeds = space.seed_schedules()
+    checked = [s for s in seeds if s.check is not None]
+    assert checked and all(s.check_per == "batch" for s in checked)
+    decoded = [space.to_schedule(space.from_schedule(s)) for s in checked]
+    # (step 0 computes in full: its threshold is not a gene)
+    assert all(d.check_per == "batch" and d.check[1:] == s.check[1:] for d, s in zip(decoded, checked, strict=True))
+    assert diffroute.schedule_plan(decoded[0]).per == "batch"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 HELP = "search compute schedules with a genetic algorithm (ECAD, NSGA-II)"
+CHECK_PER = ("sample", "prompt", "batch")
 
 
 def add_arguments(p) -> None:
@@ -43,6 +44,14 @@ def add_arguments(p) -> None:
         help="three more genes per step: a first-block check threshold (or none) under which each image takes the "
         "step's reuses, above which it computes the step: searched plans that decide per image (block 0 then "
         "computes at every step; a candidate's cost is what its images computed)",
+    )
+    p.add_argument(
+        "--check-per",
+        choices=CHECK_PER,  # (core.schedule's, spelled here: --help loads no torch)
+        default="prompt",
+        help="with --thresholds, what one check decides: each CFG row, an image's two CFG rows together (default), or "
+        "the whole batch at once as diffusers' FirstBlockCache does (never splits a batch; an image's decisions then "
+        "depend on its batch-mates)",
     )
     p.add_argument("--no-bac", action="store_true", help="do not seed the population with BAC schedules")
     p.add_argument(
@@ -96,6 +105,7 @@ def run(args) -> dict | None:
         forecast=not args.no_forecast,
         whole_blocks=args.whole_blocks,
         thresholds=args.thresholds,
+        check_per=args.check_per,
         bac=not args.no_bac,
         patience=args.patience,
         budget_minutes=args.budget_minutes,

@@ -30,7 +30,8 @@ class ArchSpec:
     no `ff_context`) simply has no such component. `timestep_scale` turns the timestep the model is called with into
     the scheduler's (FLUX is called with t / 1000). `modulated_input(block, args, kwargs)` is block 0's timestep-
     modulated input as TeaCache measures it (None: no TeaCache). `ffn_sites`, per block list, is the image-token FFN
-    the MoE upcycles (text-stream FFNs stay dense; empty: no MoE).
+    the MoE upcycles (text-stream FFNs stay dense; empty: no MoE). `call_invariant` names modules of the transformer
+    whose input is the same tensor at every step of a call (the text projection: computed once per call).
     """
 
     block_lists: tuple[str, ...]
@@ -38,6 +39,7 @@ class ArchSpec:
     timestep_scale: float = 1.0
     modulated_input: Callable | None = None
     ffn_sites: dict[str, FfnSite] = field(default_factory=dict)
+    call_invariant: tuple[str, ...] = ()
 
 
 def _bind(block, args, kwargs) -> dict:
@@ -68,7 +70,12 @@ _BLOCKS = ("transformer_blocks",)
 # Component names follow what each block's forward actually calls (see diffusers' attention.py and transformer_*.py).
 ARCHITECTURES: dict[str, ArchSpec] = {
     "PixArtTransformer2DModel": ArchSpec(
-        _BLOCKS, ("attn1", "attn2", "ff"), 1.0, _ada_single, {"transformer_blocks": FfnSite("ff", "norm2", "ff")}
+        _BLOCKS,
+        ("attn1", "attn2", "ff"),
+        1.0,
+        _ada_single,
+        {"transformer_blocks": FfnSite("ff", "norm2", "ff")},
+        ("caption_projection",),
     ),
     "DiTTransformer2DModel": ArchSpec(
         _BLOCKS, ("attn1", "ff"), 1.0, _ada_zero_dit, {"transformer_blocks": FfnSite("ff", "norm3", "ff")}
@@ -79,6 +86,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         1.0,
         _ada_zero_temb,
         {"transformer_blocks": FfnSite("ff", "norm2", "ff")},
+        ("context_embedder",),
     ),
     "FluxTransformer2DModel": ArchSpec(
         ("transformer_blocks", "single_transformer_blocks"),
@@ -89,9 +97,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             "transformer_blocks": FfnSite("ff", "norm2", "ff"),
             "single_transformer_blocks": FfnSite("proj_mlp", "norm.norm", "flux-single"),
         },
+        ("context_embedder",),
     ),
     "SanaTransformer2DModel": ArchSpec(
-        _BLOCKS, ("attn1", "attn2", "ff"), 1.0, _ada_single, {"transformer_blocks": FfnSite("ff", "norm2", "glumb")}
+        _BLOCKS,
+        ("attn1", "attn2", "ff"),
+        1.0,
+        _ada_single,
+        {"transformer_blocks": FfnSite("ff", "norm2", "glumb")},
+        ("caption_projection",),
     ),
     # Nucleus-Image: single-stream blocks; `img_mlp` is the expert-choice MoE layer (dense in the first blocks).
     "NucleusMoEImageTransformer2DModel": ArchSpec(_BLOCKS, ("attn", "img_mlp")),

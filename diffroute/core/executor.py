@@ -51,6 +51,7 @@ from diffroute.core.hooks import (
     ComponentHook,
     StepHook,
 )
+from diffroute.core.invariant import attach_invariant, detach_invariant, invariant_modules
 from diffroute.core.soft import SoftDecisions
 from diffroute.core.stats import CallStats, StatsRecorder
 
@@ -103,6 +104,11 @@ class Executor(BlockDecisions, SoftDecisions):
         self._span_until: int | None = None  # the last block of a run reused as one residual, while inside it
         self.stats: StatsRecorder | None = None
         self.last_stats: CallStats | None = None
+        # the text projection, once per call: only under plans that skip something (`full` keeps vanilla's graph)
+        skips = bool(self._hooked.any() or self.block_level.any())
+        spec = self.arch.spec
+        self._invariant = invariant_modules(transformer, spec.call_invariant if spec and skips else ())
+        self._invariant_hooks = []
         self._attached = False
 
     # ---- attaching ------------------------------------------------------------------------------------------------
@@ -122,6 +128,7 @@ class Executor(BlockDecisions, SoftDecisions):
                 if module is not None and self._hooked[b, c]:
                     registry = HookRegistry.check_if_exists_or_initialize(module)
                     registry.register_hook(ComponentHook(self, b, c), COMPONENT_HOOK)
+        self._invariant_hooks = attach_invariant(self._invariant)
         self._invalidate()
         self._attached = True
         return self
@@ -137,6 +144,8 @@ class Executor(BlockDecisions, SoftDecisions):
             for module in row:
                 if module is not None and hasattr(module, "_diffusers_hook"):
                     module._diffusers_hook.remove_hook(COMPONENT_HOOK, recurse=False)
+        detach_invariant(self._invariant)
+        self._invariant_hooks = []
         self._invalidate()
         self._attached = False
 
@@ -170,6 +179,8 @@ class Executor(BlockDecisions, SoftDecisions):
         # transformer, its blocks and their attention/FFN modules): walking every submodule cost ~1 ms per call.
         refuse_foreign_caches(self.transformer, self._watched)
         self.decider = self.plan.decider(self.arch, num_steps)
+        for hook in self._invariant_hooks:
+            hook.clear()
         # inside blocks decided as a whole, the block's record counts its components (`always` there means "whenever
         # the block runs"), so only the other always-computed components are counted once per call
         counted_always = self.always & ~self.block_level[:, None]
@@ -187,9 +198,12 @@ class Executor(BlockDecisions, SoftDecisions):
                 self.cache.peak_bytes,
                 info,
                 cache_bound_bytes=self.cache.bound_bytes(),
+                invariant_runs=max((h.misses for h in self._invariant_hooks), default=None),
             )
         self.stats, self.decider = None, None
         self.cache.clear()
+        for hook in self._invariant_hooks:  # (frees the outputs; the call's counts stay readable)
+            hook.forget()
         if reset_tracker:
             self.tracker.reset()
 

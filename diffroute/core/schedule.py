@@ -34,6 +34,10 @@ def resample_index(n_from: int, n_to: int) -> list[int]:
     return [round(i * (n_from - 1) / max(n_to - 1, 1)) for i in range(n_to)]
 
 
+# What one first-block check decides: each CFG row alone, both rows of an image together, or the whole batch at once.
+CHECK_PER = ("sample", "prompt", "batch")
+
+
 class ScheduleMismatchError(InputError):
     """Raised before any work when a schedule is malformed or does not fit the model it is applied to."""
 
@@ -49,7 +53,7 @@ class Schedule:
     forecast: torch.Tensor | None = None  # bool, same shape; only where compute is False. None: no forecasts
     block_reuse: torch.Tensor | None = None  # bool [steps, blocks]; only where the block's cells all reuse
     check: tuple[float, ...] | None = None  # per step: first-block change threshold (inf: unchecked); None: none
-    check_per_prompt: bool = True  # the check decides both CFG rows of an image together (False: each row alone)
+    check_per: str = "prompt"  # what one check decides (CHECK_PER): a row, an image's CFG pair, or the batch
 
     def __post_init__(self):
         self.compute = torch.as_tensor(self.compute, dtype=torch.bool).cpu()
@@ -86,6 +90,8 @@ class Schedule:
                 raise ScheduleMismatchError(
                     f"check must hold one threshold >= 0 (or inf) per step: {self.compute.shape[0]} of them."
                 )
+        if self.check_per not in CHECK_PER:
+            raise ScheduleMismatchError(f"check_per must be one of {CHECK_PER}, got {self.check_per!r}.")
         if not bool(self.compute[0].all()):
             raise ScheduleMismatchError(
                 "step 0 of a schedule must compute every component: nothing is cached before the first step."
@@ -266,7 +272,7 @@ class Schedule:
         }
         if self.check is not None:  # JSON has no infinity: "inf" (unchecked step)
             out["check"] = ["inf" if math.isinf(t) else t for t in self.check]
-            out["check_per"] = "prompt" if self.check_per_prompt else "sample"
+            out["check_per"] = self.check_per
         return out
 
     @classmethod
@@ -334,10 +340,10 @@ class Schedule:
                 )
             check = [math.inf if t == "inf" else float(t) for t in check]
         per = d.get("check_per", "prompt")
-        if per not in ("prompt", "sample"):
-            raise bad(f'\'check_per\' must be "prompt" or "sample" (what one check decides), got {per!r}.')
-        prompt = per == "prompt"
-        return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check, prompt)
+        if per not in CHECK_PER:
+            allowed = ", ".join(map(repr, CHECK_PER))
+            raise bad(f"'check_per' must be one of {allowed} (what one check decides), got {per!r}.")
+        return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check, per)
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())

@@ -37,6 +37,9 @@ class CallStats:
     # [step][block]: the share of samples for which the block ran at all (0 where it was reused or skipped whole,
     # so that its norms and modulation did not run either); 1 for blocks never decided as a whole.
     block_run_map: list[list[float]] | None = None
+    # The share of transformer calls in which the call-invariant modules (the text projection, `core/invariant.py`)
+    # computed: 1.0 where they run at every call, 1 / steps where the executor computed them once.
+    invariant_share: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,8 +121,17 @@ class StatsRecorder:
         self._timer.stop()
 
     def finish(
-        self, plan: str, block_names, components, peak_bytes: int, plan_info: dict, cache_bound_bytes: int = 0
+        self,
+        plan: str,
+        block_names,
+        components,
+        peak_bytes: int,
+        plan_info: dict,
+        cache_bound_bytes: int = 0,
+        invariant_runs: int | None = None,
     ) -> CallStats:
+        """`invariant_runs`: how often the call-invariant modules computed (None: at every transformer call)."""
+
         def shares(counts):
             return [
                 [
@@ -157,6 +169,9 @@ class StatsRecorder:
                 ]
                 for s in range(self.num_steps)
             ],
+            invariant_share=(
+                1.0 if invariant_runs is None or not self.transformer_calls else invariant_runs / self.transformer_calls
+            ),
             max_memory_allocated_bytes=(
                 torch.cuda.max_memory_allocated(self.device)
                 if self.device is not None and self.device.type == "cuda"

@@ -205,7 +205,7 @@ def schedule_plan(schedule: Schedule, name: str | None = None) -> Plan:
         return SchedulePlan(schedule, name)
     load_plugins()  # (the checked plan is the policies plugin's)
     plan = SchedulePlan(schedule.without_check(), name)
-    return CHECKED_SCHEDULE[0](plan, schedule.check, schedule.check_per_prompt)
+    return CHECKED_SCHEDULE[0](plan, schedule.check, schedule.check_per)
 
 
 def is_schedule_plan(plan: Plan) -> bool:

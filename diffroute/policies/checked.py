@@ -13,9 +13,11 @@ threshold of infinity is the static schedule (block 0 aside), 0 is full compute.
 (`CheckedPlan(thresholds=[...])`, resampled by normalised time like the schedule's rows); `diffroute search
 --thresholds` searches them with the schedule, and a schedule file carrying its thresholds (`check`) runs checked.
 
-Decisions are per sample, or per prompt with `-prompt` (both CFG rows of a sample take their mean change); a batch
-whose samples disagree runs the reused cells for the computing samples only (the executor's sub-batches), so a
-sample's image never depends on its batch-mates. Costs beyond the schedule: block 0 at every step, and one
+Decisions are per sample, per prompt with `-prompt` (both CFG rows of a sample take their mean change) or per batch
+with `-batch` (one change over the whole batch, as diffusers' FirstBlockCache measures). Per sample or prompt, a
+batch whose samples disagree runs the reused cells for the computing samples only (the executor's sub-batches), so a
+sample's image never depends on its batch-mates; per batch the batch never splits (no sub-batch costs) and an
+image's decisions depend on its batch-mates. Costs beyond the schedule: block 0 at every step, and one
 relative-L1 read per step. This is our own combination of ECAD's schedules with FBCache's rule, not a published method.
 """
 
@@ -32,22 +34,21 @@ from diffroute.core.deciders import (
     Decider,
     ScheduleDecider,
     computed_at_next_run,
-    per_prompt,
     reused_whole_next,
 )
 from diffroute.core.decisions import Rows
 from diffroute.core.schedule import Schedule, resample_index
 from diffroute.plans import Plan, register_suffix
 from diffroute.plans.base import CHECKED_SCHEDULE, SPANS_SUFFIX, is_schedule_plan
-from diffroute.policies.common import main_tensor, rel_l1
+from diffroute.policies.common import check_per, main_tensor, relative_change
 
 
 class CheckedDecider(Decider):
     """A schedule's decisions, taken per sample only while that sample's first-block residual barely changed."""
 
-    def __init__(self, schedule: Schedule, thresholds: Sequence[float], prompt: bool = False, spans: bool = False):
+    def __init__(self, schedule: Schedule, thresholds: Sequence[float], per: str = "sample", spans: bool = False):
         self.base = ScheduleDecider(schedule, spans=spans)
-        self.thresholds, self.prompt = list(thresholds), prompt
+        self.thresholds, self.per = list(thresholds), per
         c, whole, f = schedule.compute, schedule.block_reuse, schedule.forecast
         self._all = (c.all(dim=(1, 2)) & ~whole.any(dim=1)).tolist()  # steps the schedule computes whole
         # What a sample computes because of the check refreshes its cache where the cell's next run reuses: for
@@ -75,8 +76,7 @@ class CheckedDecider(Decider):
         if prev is None or prev.shape != residual.shape or full_step:
             self._prev[ctx.branch], self._follow[ctx.branch] = residual, True
             return
-        change = rel_l1(residual, prev)
-        follow = (per_prompt(change) if self.prompt else change) < self.thresholds[ctx.step]
+        follow = relative_change(residual, prev, self.per) < self.thresholds[ctx.step]
         self._prev[ctx.branch] = torch.where(follow.view(-1, *[1] * (residual.ndim - 1)), prev, residual)
         n = int(follow.sum())  # one host read per step; plain bools when every sample agrees
         self.checked, self.followed, self.mixed = (
@@ -123,6 +123,7 @@ class CheckedDecider(Decider):
             **self.base.info(),
             "check": "first-block residual",
             "thresholds": self.thresholds,
+            "per": self.per,
             "rows_checked": self.checked,  # (steps after the first that the schedule does not compute whole)
             "rows_followed": self.followed,
             "mixed_steps": self.mixed,
@@ -134,7 +135,7 @@ class CheckedPlan(Plan):
 
     decides_components_in_blocks = True
 
-    def __init__(self, base: Plan, thresholds: Sequence[float], name: str, prompt: bool = False):
+    def __init__(self, base: Plan, thresholds: Sequence[float], name: str, per: str = "sample"):
         if not is_schedule_plan(base):
             raise ValueError(
                 f"{base.name!r} is not a schedule: a first-block check (+fbT) applies to schedule plans only "
@@ -142,7 +143,8 @@ class CheckedPlan(Plan):
             )
         if not thresholds or any(not t >= 0 for t in thresholds):
             raise ValueError("the check's thresholds must be numbers >= 0 (inf: always follow the schedule).")
-        self.base, self.thresholds, self.name, self.prompt = base, [float(t) for t in thresholds], name, prompt
+        self.base, self.thresholds, self.name = base, [float(t) for t in thresholds], name
+        self.per = check_per(name, per)
         self.default_num_steps, self.cache_history = base.default_num_steps, base.cache_history
         self.collapse_spans = base.collapse_spans  # (`fora-3+spans+fb0.1`: the schedule's runs stay one residual)
 
@@ -178,32 +180,33 @@ class CheckedPlan(Plan):
     def decider(self, arch: ArchitectureMap, num_steps: int) -> Decider:
         # block 0 computes at every step (so that a run of whole blocks reused after it starts at block 1)
         schedule = self.base.schedule_at(arch, num_steps).with_block_computed(0)
-        return CheckedDecider(schedule, self.step_thresholds(num_steps), self.prompt, spans=self.collapse_spans)
+        return CheckedDecider(schedule, self.step_thresholds(num_steps), self.per, spans=self.collapse_spans)
 
     def with_spans(self) -> Plan:
         """The checked schedule with its runs of whole blocks reused as one residual (`emoji:hybrid-fast+spans`)."""
-        return CheckedPlan(self.base.with_spans(), self.thresholds, self.name + SPANS_SUFFIX, self.prompt)
+        return CheckedPlan(self.base.with_spans(), self.thresholds, self.name + SPANS_SUFFIX, self.per)
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
-        return {**self.base.content(arch), "plan": self.name, "thresholds": self.thresholds, "prompt": self.prompt}
+        return {**self.base.content(arch), "plan": self.name, "thresholds": self.thresholds, "per": self.per}
 
 
-def _checked_schedule(base: Plan, thresholds, prompt: bool) -> Plan:
+def _checked_schedule(base: Plan, thresholds, per: str) -> Plan:
     """A schedule file's own check (`plans.schedule_plan`): the plan keeps the file's name."""
-    return CheckedPlan(base, thresholds, base.name, prompt)
+    return CheckedPlan(base, thresholds, base.name, per)
 
 
 CHECKED_SCHEDULE[:] = [_checked_schedule]
 
 
 def _check_suffix(base: Plan, m) -> Plan:
-    return CheckedPlan(base, [float(m.group(1))], f"{base.name}{m.group(0)}", prompt=bool(m.group(2)))
+    per = m.group(2)[1:] if m.group(2) else "sample"
+    return CheckedPlan(base, [float(m.group(1))], f"{base.name}{m.group(0)}", per=per)
 
 
 register_suffix(
-    r"\+fb([0-9]*\.?[0-9]+|inf)(-prompt)?",
+    r"\+fb([0-9]*\.?[0-9]+|inf)(-prompt|-batch)?",
     _check_suffix,
-    "<schedule plan>+fbT[-prompt]",
+    "<schedule plan>+fbT[-prompt|-batch]",
     "each sample takes the schedule's reuses only while its first-block residual changed less than T since its "
     "last full step (e.g. emoji:faster+blocks+fb0.1)",
 )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from diffroute.core.deciders import per_prompt
+from diffroute.core.schedule import CHECK_PER
+
 
 def main_tensor(x) -> torch.Tensor:
     """The image-token hidden states of a block's output or input: the tensor itself, or the last tensor of a tuple
@@ -17,3 +20,21 @@ def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample relative L1 distance mean|a - b| / mean|b| (one value per row)."""
     dims = tuple(range(1, a.ndim))
     return (a - b).abs().mean(dims) / b.abs().mean(dims).clamp(min=1e-12)
+
+
+def relative_change(a: torch.Tensor, b: torch.Tensor, per: str) -> torch.Tensor:
+    """One relative L1 change per row, shared as `per` says: "sample" (each row its own), "prompt" (rows i and
+    i + n/2, an image's CFG pair, take their mean) or "batch" (mean|a - b| / mean|b| over the whole batch, as
+    diffusers' FirstBlockCache and cache-dit's DBCache measure: every row then decides alike, so the batch never
+    splits, but an image's decisions depend on its batch-mates)."""
+    if per == "batch":
+        return ((a - b).abs().mean() / b.abs().mean().clamp(min=1e-12)).expand(a.shape[0])
+    change = rel_l1(a, b)
+    return per_prompt(change) if per == "prompt" else change
+
+
+def check_per(name: str, per: str) -> str:
+    """`per` if it is one of CHECK_PER, else a clear error naming the plan."""
+    if per not in CHECK_PER:
+        raise ValueError(f"{name}: a check decides per one of {', '.join(CHECK_PER)}; got {per!r}.")
+    return per

@@ -1,4 +1,4 @@
-"""First-block residual caching (FBCache; DBCache with Fn/Bn), decided per sample.
+"""First-block residual caching (FBCache; DBCache with Fn/Bn), decided per sample, per prompt or per batch.
 
 The first `Fn` blocks always compute. After block Fn-1, each sample's residual (output of block Fn-1 minus the
 input of block 0) is compared with that sample's residual at its last full computation; if the relative L1 change
@@ -9,7 +9,9 @@ this is their mechanism, with one add per block instead of one for the span). Th
 Fast paths (so that bookkeeping never costs more than it skips): the Fn/Bn blocks and every component carry no hooks
 (the middle blocks are decided as whole blocks), and with threshold 0 nothing does; the per-sample mask is read once
 per step and, when all samples agree, handed to the executor as one Python bool. A batch whose samples disagree runs
-the middle blocks on the computing samples only.
+the middle blocks on the computing samples only. `-prompt` decides both CFG rows of an image on their mean change;
+`-batch` decides the whole batch on one change over all its rows (diffusers' FirstBlockCache and cache-dit's DBCache
+measure so): the batch never splits, at the price of an image's decisions depending on its batch-mates.
 """
 
 from __future__ import annotations
@@ -20,20 +22,20 @@ import torch
 
 from diffroute.core.arch import ArchitectureMap
 from diffroute.core.call_context import hidden_states_of
-from diffroute.core.deciders import Decider, per_prompt
+from diffroute.core.deciders import Decider
 from diffroute.core.schedule import MAX_BLOCKS
 from diffroute.errors import PlanError
 from diffroute.plans import Plan, register_plan
-from diffroute.policies.common import main_tensor, rel_l1
+from diffroute.policies.common import check_per, main_tensor, relative_change
 
 
 class FirstBlockDecider(Decider):
     """Per-sample reuse of the middle blocks when the first blocks' residual barely changed."""
 
     def __init__(
-        self, arch: ArchitectureMap, fn: int, bn: int, threshold: float, every: int | None = None, prompt=False
+        self, arch: ArchitectureMap, fn: int, bn: int, threshold: float, every: int | None = None, per="sample"
     ):
-        self.nb, self.fn, self.bn, self.threshold, self.prompt = arch.num_blocks, fn, bn, threshold, prompt
+        self.nb, self.fn, self.bn, self.threshold, self.per = arch.num_blocks, fn, bn, threshold, per
         self.every = every  # benchmarks: measure as usual, but compute the middle blocks every `every`-th step
         self._x0: dict[int, torch.Tensor] = {}
         self._prev: dict[int, torch.Tensor] = {}  # residual at each sample's last full computation, per branch
@@ -52,8 +54,7 @@ class FirstBlockDecider(Decider):
             compute = torch.ones(residual.shape[0], dtype=torch.bool, device=residual.device)
             self._prev[ctx.branch] = residual
         else:
-            change = rel_l1(residual, prev)
-            compute = (per_prompt(change) if self.prompt else change) >= self.threshold
+            compute = relative_change(residual, prev, self.per) >= self.threshold
             if self.every:  # (random weights decide nothing meaningful: the pattern is fixed, the work is the same)
                 compute = torch.full_like(compute, ctx.step % self.every == 0)
             self._prev[ctx.branch] = torch.where(compute.view(-1, *[1] * (residual.ndim - 1)), residual, prev)
@@ -73,18 +74,24 @@ class FirstBlockDecider(Decider):
         return True
 
     def info(self) -> dict:
-        return {"policy": "first-block residual", "Fn": self.fn, "Bn": self.bn, "threshold": self.threshold}
+        return {
+            "policy": "first-block residual",
+            "Fn": self.fn,
+            "Bn": self.bn,
+            "threshold": self.threshold,
+            "per": self.per,
+        }
 
 
 class FirstBlockPlan(Plan):
     """FBCache (Fn=1, Bn=0) or DBCache; `every=N` fixes the decisions to every N-th step (for timing its mechanics
     on random weights, where the measured change means nothing)."""
 
-    def __init__(self, fn: int, bn: int, threshold: float, name: str, every: int | None = None, prompt=False):
+    def __init__(self, fn: int, bn: int, threshold: float, name: str, every: int | None = None, per="sample"):
         if fn < 1 or bn < 0 or threshold < 0:
             raise ValueError(f"{name}: need Fn >= 1, Bn >= 0 and a threshold >= 0.")
         self.fn, self.bn, self.threshold, self.name, self.every = fn, bn, threshold, name, every
-        self.prompt = prompt  # decide both CFG rows of a sample together (their mean change)
+        self.per = check_per(name, per)  # what one decision covers: a row, an image's CFG pair, the batch
 
     def check(self, arch: ArchitectureMap) -> None:
         if self.fn + self.bn >= arch.num_blocks:
@@ -112,31 +119,37 @@ class FirstBlockPlan(Plan):
         return middle
 
     def decider(self, arch, num_steps):
-        return FirstBlockDecider(arch, self.fn, self.bn, self.threshold, self.every, self.prompt)
+        return FirstBlockDecider(arch, self.fn, self.bn, self.threshold, self.every, self.per)
+
+
+def _per(suffix: str | None) -> str:
+    """`-prompt` / `-batch` / nothing (per sample)."""
+    return suffix[1:] if suffix else "sample"
 
 
 def _fbcache(m: re.Match) -> Plan:
-    return FirstBlockPlan(1, 0, float(m.group(1)), m.group(0), prompt=bool(m.group(2)))
+    return FirstBlockPlan(1, 0, float(m.group(1)), m.group(0), per=_per(m.group(2)))
 
 
 def _dbcache(m: re.Match) -> Plan:
     fn, bn = int(m.group(1)), int(m.group(2))
     if max(fn, bn) > MAX_BLOCKS:
         raise PlanError(f"{m.group(0)}: Fn and Bn count blocks; at most {MAX_BLOCKS}.")
-    return FirstBlockPlan(fn, bn, float(m.group(3)), m.group(0), prompt=bool(m.group(4)))
+    return FirstBlockPlan(fn, bn, float(m.group(3)), m.group(0), per=_per(m.group(4)))
 
 
 register_plan(
-    r"fbcache-([0-9]*\.?[0-9]+)(-prompt)?",
+    r"fbcache-([0-9]*\.?[0-9]+)(-prompt|-batch)?",
     _fbcache,
-    "fbcache-T[-prompt]",
-    "first-block residual cache, decided per sample (-prompt: both CFG rows of a sample together)",
+    "fbcache-T[-prompt|-batch]",
+    "first-block residual cache, decided per sample (-prompt: both CFG rows of a sample together; -batch: the "
+    "whole batch at once, as diffusers' FirstBlockCache)",
     ["fbcache-0.1"],
 )
 register_plan(
-    r"dbcache-F(\d+)B(\d+)-([0-9]*\.?[0-9]+)(-prompt)?",
+    r"dbcache-F(\d+)B(\d+)-([0-9]*\.?[0-9]+)(-prompt|-batch)?",
     _dbcache,
-    "dbcache-F<n>B<n>-T[-prompt]",
+    "dbcache-F<n>B<n>-T[-prompt|-batch]",
     "Fn/Bn computed blocks",
     ["dbcache-F1B1-0.1"],
 )

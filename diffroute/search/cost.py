@@ -19,6 +19,9 @@ class CostModel:
     # [blocks]: FLOPs inside each block but outside its components (norms, modulation), which run whenever the
     # block runs and not when it is reused whole. None: counted in other_flops (models measured before this split).
     block_flops: torch.Tensor | None = None
+    # per transformer call, the part of other_flops in the call-invariant modules (the text projection), which the
+    # executor computes once per call under plans that skip something (`core/invariant.py`)
+    invariant_flops: float = 0.0
 
     def __post_init__(self):
         if self.block_flops is None:
@@ -28,24 +31,32 @@ class CostModel:
     def step_flops(self) -> float:
         return float(self.component_flops.sum()) + float(self.block_flops.sum()) + self.other_flops
 
-    def computed_flops(self, compute: torch.Tensor, block_run: torch.Tensor | None = None) -> float:
+    def computed_flops(
+        self, compute: torch.Tensor, block_run: torch.Tensor | None = None, invariant_share: float = 1.0
+    ) -> float:
         """FLOPs of a run: `compute` [steps, blocks, components] the share of each cell computed, `block_run`
-        [steps, blocks] the share of each block that ran at all (default: all of them, at every step)."""
+        [steps, blocks] the share of each block that ran at all (default: all of them, at every step),
+        `invariant_share` the share of calls in which the text projection computed (default: every call)."""
         steps = compute.shape[0]
         done = float((compute.double() * self.component_flops.double()).sum())
         runs = torch.ones(steps, self.block_flops.shape[0]) if block_run is None else block_run
-        return done + float((runs.double() * self.block_flops.double()).sum()) + self.other_flops * steps
+        rest = (self.other_flops - self.invariant_flops * (1.0 - invariant_share)) * steps
+        return done + float((runs.double() * self.block_flops.double()).sum()) + rest
 
     def relative_cost(self, schedule: Schedule) -> float:
         """FLOPs of the schedule / FLOPs of computing everything (1.0 = no saving)."""
-        computed = self.computed_flops(schedule.compute, ~schedule.block_reuse)
+        # a schedule that skips anything gets the text projection once per call (the executor's `core/invariant.py`)
+        skips = not bool(schedule.compute.all())
+        invariant_share = 1.0 / schedule.num_steps if skips else 1.0
+        computed = self.computed_flops(schedule.compute, ~schedule.block_reuse, invariant_share)
         return computed / (self.step_flops * schedule.num_steps)
 
     def realised_flops(self, stats) -> float:
         """FLOPs of what a call did (a CallStats: each cell by the share of samples that computed it, each block by
         the share that ran it; the rest of the model at every step)."""
         shares = stats.compute_tensor().double().nan_to_num(0.0)  # [steps, blocks, components]
-        return self.computed_flops(shares, stats.block_run_tensor())
+        invariant = getattr(stats, "invariant_share", None)  # (None: stats from before it was recorded)
+        return self.computed_flops(shares, stats.block_run_tensor(), 1.0 if invariant is None else invariant)
 
     def realised_cost(self, stats) -> float:
         """`realised_flops` / FLOPs of computing everything: a dynamic plan's cost, which no schedule states in
@@ -57,6 +68,7 @@ class CostModel:
             "component_flops": self.component_flops.tolist(),
             "other_flops": self.other_flops,
             "block_flops": self.block_flops.tolist(),
+            "invariant_flops": self.invariant_flops,
         }
 
 
@@ -77,19 +89,23 @@ def count_flops(transformer, arch: ArchitectureMap, args: tuple, kwargs: dict) -
     fqn = {n: names[id(m)] for n, m in transformer.named_modules() if id(m) in names}
     block_ids = {id(m): b for b, m in enumerate(arch.blocks)}
     block_fqn = {n: block_ids[id(m)] for n, m in transformer.named_modules() if id(m) in block_ids}
+    invariant = set(arch.spec.call_invariant) if arch.spec is not None else set()
     with FlopCounterMode(display=False) as counter:
         transformer(*args, **kwargs)
     flops = torch.zeros(arch.num_blocks, len(arch.components), dtype=torch.float64)
     blocks = torch.zeros(arch.num_blocks, dtype=torch.float64)  # each block's total, components included
+    invariant_flops = 0.0
     for name, ops in counter.get_flop_counts().items():
         name = name.removeprefix("Global.").removeprefix(type(transformer).__name__ + ".")
+        if name in invariant:
+            invariant_flops += float(sum(ops.values()))
         if name in fqn:
             flops[fqn[name]] = float(sum(ops.values()))
         if name in block_fqn:
             blocks[block_fqn[name]] = float(sum(ops.values()))
     glue = (blocks - flops.sum(dim=1)).clamp(min=0.0)
     other = float(counter.get_total_flops()) - float(flops.sum()) - float(glue.sum())
-    return CostModel(flops, max(other, 0.0), glue)
+    return CostModel(flops, max(other, 0.0), glue, invariant_flops)
 
 
 @dataclass

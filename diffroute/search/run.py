@@ -31,6 +31,7 @@ class SearchSettings:
     forecast: bool = True
     whole_blocks: bool = False
     thresholds: bool = False  # per-step first-block check thresholds in the genome (dynamic per image)
+    check_per: str = "prompt"  # what one check decides: sample, prompt (an image's CFG pair) or batch
     bac: bool = True  # seed the population with BAC schedules
     patience: int = 3
     budget_minutes: float = 0.0
@@ -94,6 +95,7 @@ def run_search(
         forecast=settings.forecast,
         whole_blocks=settings.whole_blocks,
         thresholds=settings.thresholds,
+        check_per=settings.check_per,
     )
     cfg = SearchConfig(
         pop_size=settings.pop,
@@ -220,6 +222,7 @@ def check_resume(settings: SearchSettings, pipe, prompts, kwargs, out: Path, sta
         "forecast": settings.forecast,
         **({"whole_blocks": True} if settings.whole_blocks else {}),  # (settings of earlier runs unchanged)
         **({"thresholds": True} if settings.thresholds else {}),
+        **({"check_per": settings.check_per} if settings.thresholds and settings.check_per != "prompt" else {}),
         "bac": settings.bac,
         "features": settings.features if settings.quality == "fd" else None,
         "pop": settings.pop,
