@@ -226,11 +226,14 @@ compare: install
 	rm -rf docs/compare
 	$(BIN)/diffroute eval compare --model emoji --dtype bfloat16 --prompts heldout --n 356 --batch 32 --repeats 5 --plans $(COMPARE_PLANS) --out docs/compare
 
-# The same in fp32 (ratios differ a lot between dtypes on a CPU; ~1 h on 2 cores; quality against fp32 `full`).
+# The same in fp32 (ratios differ a lot between dtypes on a CPU; quality against fp32 `full`): every peer setting
+# and the shipped plans that dominated them in bf16 or came nearest (~45 min on 2 cores). Resumable: generated chunks are kept in
+# runs/compare-fp32 until the results are written.
+COMPARE_FP32_PLANS ?= full,emoji:faster,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,emoji:hybrid-batch-mild,emoji:hybrid-batch-gentle,emoji:l2c,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 compare-fp32: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
-	rm -rf docs/compare-fp32
-	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 356 --batch 32 --repeats 3 --plans $(COMPARE_PLANS) --out docs/compare-fp32
+	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 356 --batch 32 --repeats 3 --plans $(COMPARE_FP32_PLANS) --out runs/compare-fp32
+	rm -rf docs/compare-fp32 && mkdir -p docs/compare-fp32 && cp runs/compare-fp32/results.* runs/compare-fp32/*.png docs/compare-fp32/
 
 demo-grid: demo
 	cp $(OUT)/grid.png docs/demo_grid.png
