@@ -48,10 +48,6 @@ class InvariantHook(ModelHook):
     def clear(self) -> None:
         self.memo, self.hits, self.misses = [], 0, 0
 
-    def reset_state(self, module):
-        self.clear()
-        return module
-
 
 def invariant_modules(model: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Module]:
     """The modules `names` (attributes of the transformer) that this instance has."""

@@ -40,7 +40,7 @@ from diffroute.core.decisions import Rows
 from diffroute.core.schedule import Schedule, resample_index
 from diffroute.plans import Plan, register_suffix
 from diffroute.plans.base import CHECKED_SCHEDULE, SPANS_SUFFIX, is_schedule_plan
-from diffroute.policies.common import check_per, main_tensor, relative_change
+from diffroute.policies.common import PER_SUFFIX, check_per, main_tensor, per_of_suffix, relative_change
 
 
 class CheckedDecider(Decider):
@@ -199,12 +199,11 @@ CHECKED_SCHEDULE[:] = [_checked_schedule]
 
 
 def _check_suffix(base: Plan, m) -> Plan:
-    per = m.group(2)[1:] if m.group(2) else "sample"
-    return CheckedPlan(base, [float(m.group(1))], f"{base.name}{m.group(0)}", per=per)
+    return CheckedPlan(base, [float(m.group(1))], f"{base.name}{m.group(0)}", per=per_of_suffix(m.group(2)))
 
 
 register_suffix(
-    r"\+fb([0-9]*\.?[0-9]+|inf)(-prompt|-batch)?",
+    r"\+fb([0-9]*\.?[0-9]+|inf)" + PER_SUFFIX,
     _check_suffix,
     "<schedule plan>+fbT[-prompt|-batch]",
     "each sample takes the schedule's reuses only while its first-block residual changed less than T since its "

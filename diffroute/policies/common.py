@@ -33,6 +33,15 @@ def relative_change(a: torch.Tensor, b: torch.Tensor, per: str) -> torch.Tensor:
     return per_prompt(change) if per == "prompt" else change
 
 
+# A plan name's optional suffix saying what one check decides (no suffix: each sample alone).
+PER_SUFFIX = r"(-prompt|-batch)?"
+
+
+def per_of_suffix(suffix: str | None) -> str:
+    """What PER_SUFFIX matched, as a CHECK_PER value: `-prompt` / `-batch` / nothing (per sample)."""
+    return suffix[1:] if suffix else "sample"
+
+
 def check_per(name: str, per: str) -> str:
     """`per` if it is one of CHECK_PER, else a clear error naming the plan."""
     if per not in CHECK_PER:

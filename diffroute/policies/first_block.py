@@ -26,7 +26,7 @@ from diffroute.core.deciders import Decider
 from diffroute.core.schedule import MAX_BLOCKS
 from diffroute.errors import PlanError
 from diffroute.plans import Plan, register_plan
-from diffroute.policies.common import check_per, main_tensor, relative_change
+from diffroute.policies.common import PER_SUFFIX, check_per, main_tensor, per_of_suffix, relative_change
 
 
 class FirstBlockDecider(Decider):
@@ -122,24 +122,19 @@ class FirstBlockPlan(Plan):
         return FirstBlockDecider(arch, self.fn, self.bn, self.threshold, self.every, self.per)
 
 
-def _per(suffix: str | None) -> str:
-    """`-prompt` / `-batch` / nothing (per sample)."""
-    return suffix[1:] if suffix else "sample"
-
-
 def _fbcache(m: re.Match) -> Plan:
-    return FirstBlockPlan(1, 0, float(m.group(1)), m.group(0), per=_per(m.group(2)))
+    return FirstBlockPlan(1, 0, float(m.group(1)), m.group(0), per=per_of_suffix(m.group(2)))
 
 
 def _dbcache(m: re.Match) -> Plan:
     fn, bn = int(m.group(1)), int(m.group(2))
     if max(fn, bn) > MAX_BLOCKS:
         raise PlanError(f"{m.group(0)}: Fn and Bn count blocks; at most {MAX_BLOCKS}.")
-    return FirstBlockPlan(fn, bn, float(m.group(3)), m.group(0), per=_per(m.group(4)))
+    return FirstBlockPlan(fn, bn, float(m.group(3)), m.group(0), per=per_of_suffix(m.group(4)))
 
 
 register_plan(
-    r"fbcache-([0-9]*\.?[0-9]+)(-prompt|-batch)?",
+    r"fbcache-([0-9]*\.?[0-9]+)" + PER_SUFFIX,
     _fbcache,
     "fbcache-T[-prompt|-batch]",
     "first-block residual cache, decided per sample (-prompt: both CFG rows of a sample together; -batch: the "
@@ -147,7 +142,7 @@ register_plan(
     ["fbcache-0.1"],
 )
 register_plan(
-    r"dbcache-F(\d+)B(\d+)-([0-9]*\.?[0-9]+)(-prompt|-batch)?",
+    r"dbcache-F(\d+)B(\d+)-([0-9]*\.?[0-9]+)" + PER_SUFFIX,
     _dbcache,
     "dbcache-F<n>B<n>-T[-prompt|-batch]",
     "Fn/Bn computed blocks",
