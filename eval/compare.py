@@ -19,7 +19,13 @@ from tqdm.auto import tqdm
 from diffroute.eval.peers import activate, call_counts, check_spec, deactivate, flop_counts, is_peer, peer_timing
 from diffroute.metrics import frechet
 from diffroute.metrics.clipscore import ClipScore
-from diffroute.metrics.fidelity import PerImageMSE, psnr_summary, ssim_metric, update_fidelity
+from diffroute.metrics.fidelity import (
+    PerImageMSE,
+    paired_psnr_difference,
+    psnr_summary,
+    ssim_metric,
+    update_fidelity,
+)
 from diffroute.metrics.images import load_uint8
 from diffroute.utils.imageio import save_png, to_pil
 from diffroute.utils.io import atomic_write_json
@@ -41,6 +47,7 @@ class CompareConfig:
     features: str | None = None  # FD feature space; None: no FD
     clip: str | None = None  # CLIP scorer; None: no CLIP score
     reference: torch.Tensor | None = None  # real images (uint8 NCHW) for FD against reality
+    paired_with: str | None = None  # a plan of `plans`: every plan's per-image PSNR difference to it, with a band
     call_kwargs: dict = field(default_factory=dict)
 
 
@@ -67,6 +74,8 @@ def validate(cfg: CompareConfig) -> None:
         cfg.plans.insert(0, "full")  # the reference for PSNR/SSIM/FD-vs-full and speedups
     for p in cfg.plans:
         check_spec(p)
+    if cfg.paired_with is not None and cfg.paired_with not in cfg.plans:
+        raise ValueError(f"--paired-with {cfg.paired_with}: not one of --plans; add it there.")
 
 
 FIX = "Use a new --out, or pass --overwrite to discard the images there."
@@ -186,7 +195,7 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
                 frechet.update(m, imgs, real=True)
                 bank.update(imgs, chunk)
         full_stats, full_feats = frechet.stats_of(m, True, feature), bank.compute().cpu()
-    results = {}
+    results, per_image_mse = {}, {}
     for plan in cfg.plans:
         folder = cfg.out / "images" / slug(plan)
         fd_m = frechet.new_metric(feature).to(device) if feature is not None else None
@@ -208,7 +217,7 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
                     kid_real.append(_load(full_dir, chunk))
                 if clip_m is not None:
                     clip_m.update(imgs, [cfg.prompts[i] for i in chunk])
-                update_fidelity(mse_m, ssim_m, imgs, _load(full_dir, chunk))
+                update_fidelity(mse_m, ssim_m, imgs, _load(full_dir, chunk), chunk)
                 meta = json.loads((folder / f"chunk-{chunk[0]:06d}.json").read_text())
                 computed.update(meta["computed_calls"])
                 total.update(meta["component_calls"])
@@ -218,7 +227,8 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
         share = float(done.compute() / flops.compute())
         r["computed_flop_share"] = share if share == share else None
         r["flop_ideal_speedup"] = 1.0 / share if share == share and share > 0 else None
-        r.update(psnr_summary(mse_m.compute().cpu()))  # pooled and per-image mean, with bootstrap intervals
+        per_image_mse[plan] = mse_m.compute().cpu()
+        r.update(psnr_summary(per_image_mse[plan]))  # pooled and per-image mean, with bootstrap intervals
         r["ssim_vs_full"] = float(ssim_m.compute())
         if clip_m is not None:
             r["clip_score"] = float(clip_m.compute())
@@ -235,6 +245,10 @@ def score_all(cfg: CompareConfig, state: PartialState) -> tuple[dict[str, dict],
                 r["fd_vs_real"] = frechet.fd_from_stats(ref_stats, stats)["value"]
                 r["fd_vs_real_ci95"] = frechet.fd_interval(feats, ref_feats, paired=False)
         results[plan] = r
+    if cfg.paired_with is not None:
+        for plan, r in results.items():
+            r["paired_with"] = cfg.paired_with
+            r.update(paired_psnr_difference(per_image_mse[plan], per_image_mse[cfg.paired_with]))
     if "full" in results and results["full"].get("kid_vs_full") is not None:
         # The unbiased KID of identical paired sets is not 0 (it dips below 0): report each plan's KID relative to
         # that of `full` against itself, which is what "vs full" should mean.

@@ -29,6 +29,8 @@ COLUMNS = [
     ("psnr_vs_full_ci95", "bootstrap band", "[{0[0]:.2f}, {0[1]:.2f}]"),
     ("psnr_mean_vs_full_db", "PSNR vs full, mean per image ≤60 (dB)", "{:.2f}"),
     ("psnr_mean_vs_full_ci95", "bootstrap band", "[{0[0]:.2f}, {0[1]:.2f}]"),
+    ("psnr_mean_diff_db", "per-image PSNR − the paired plan's (dB)", "{:+.2f}"),
+    ("psnr_mean_diff_ci95", "paired bootstrap band", "[{0[0]:+.2f}, {0[1]:+.2f}]"),
     ("ssim_vs_full", "SSIM vs full", "{:.4f}"),
     ("clip_score", "CLIP score", "{:.2f}"),
 ]

@@ -151,6 +151,8 @@ def test_compare_one_and_two_processes_agree(tmp_path):
         "1",
         "--plans",
         "fora-3",
+        "--paired-with",
+        "fora-3",
         "--features",
         "emoji-clip",
         "--json",
@@ -192,6 +194,7 @@ def test_compare_one_and_two_processes_agree(tmp_path):
         keys += ("kid_vs_full", "kid_vs_full_anchored", "psnr_vs_full_ci95", "psnr_mean_vs_full_ci95")
         keys += ("fd_vs_full_ci95",)  # per-image features gathered and put back in sample order
         keys += ("computed_flop_share", "flop_ideal_speedup")
+        keys += ("psnr_mean_diff_db", "psnr_mean_diff_ci95")  # per-image MSEs put back in sample order
         for key in keys:
             assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-9), key
     full, fora = r1["plans"]["full"], r1["plans"]["fora-3"]
@@ -203,6 +206,8 @@ def test_compare_one_and_two_processes_agree(tmp_path):
     assert fora["timed_flop_share"] == pytest.approx(fora["computed_flop_share"])  # a static plan: any prompts
     assert ("speedup_transformer_quartiles" in fora) == (r1["repeats"] >= 2)  # one repeat: no quartiles
     assert full["kid_vs_full_anchored"] == 0 and full["psnr_mean_vs_full_db"] == 60  # identical: capped
+    assert fora["psnr_mean_diff_db"] == 0 and fora["psnr_mean_diff_ci95"] == [0, 0]  # paired with itself
+    assert full["psnr_mean_diff_db"] == pytest.approx(60 - fora["psnr_mean_vs_full_db"])
     lo, hi = fora["psnr_mean_vs_full_ci95"]
     assert lo <= fora["psnr_mean_vs_full_db"] <= hi and lo < hi
     assert full["fd_vs_full_ci95"] == pytest.approx([0, 0], abs=1e-6) and 0 < fora["fd_vs_full_ci95"][1]
@@ -230,6 +235,34 @@ def test_psnr_summary_pooled_and_capped_mean():
     assert s["psnr_vs_full_ci95"][0] <= s["psnr_vs_full_db"] <= s["psnr_vs_full_ci95"][1]
     assert psnr_summary(torch.zeros(4))["psnr_vs_full_db"] is None
     assert psnr_summary(mse.flip(0)) == s  # order-free
+
+
+def test_paired_psnr_difference_against_a_known_answer():
+    """Every image of half the MSE of its pair: exactly +3.01 dB, a band of width 0, although the images' own
+    PSNRs spread over 40 dB (unpaired bands of the two means overlap); a different image count is refused."""
+    from diffroute.metrics.fidelity import paired_psnr_difference, psnr_summary
+
+    b = torch.logspace(-1, -5, 64, dtype=torch.float64)[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    d, db = paired_psnr_difference(b / 2, b), 10 * np.log10(2)
+    assert d["psnr_mean_diff_db"] == pytest.approx(db) and d["psnr_mean_diff_ci95"] == pytest.approx([db, db])
+    lo_a, _ = psnr_summary(b / 2)["psnr_mean_vs_full_ci95"]
+    _, hi_b = psnr_summary(b)["psnr_mean_vs_full_ci95"]
+    assert lo_a < hi_b  # unpaired, the same two plans would not be told apart
+    noisy = paired_psnr_difference(b * torch.logspace(-0.3, 0.3, 64, dtype=torch.float64), b)
+    lo, hi = noisy["psnr_mean_diff_ci95"]
+    assert lo < noisy["psnr_mean_diff_db"] < hi and lo < 0 < hi  # as many images better as worse: 0 inside
+    with pytest.raises(ValueError, match="same images"):
+        paired_psnr_difference(b[:3], b)
+
+
+def test_per_image_mse_is_returned_in_sample_order():
+    from diffroute.metrics.fidelity import PerImageMSE
+
+    m = PerImageMSE()
+    ref = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    m.update(torch.full_like(ref, 0.3), ref, [2, 3])
+    m.update(torch.full_like(ref, 0.1), ref, [0, 1])
+    torch.testing.assert_close(m.compute(), torch.tensor([0.01, 0.01, 0.09, 0.09], dtype=torch.float64))
 
 
 def test_fd_bootstrap_interval_and_feature_bank_order():

@@ -140,6 +140,44 @@ def test_a_student_rollout_follows_the_trajectory_inference_takes():
     assert (student - full).abs().max() > 0.1  # the skips moved the student's trajectory off the full one
 
 
+def test_an_image_rollout_backpropagates_the_final_images_error_through_every_step():
+    """`--rollout image`: the loss is the final latents' MSE against the full model's from the same noise, and a
+    decision at step 1 gets a gradient, which can only come back through every scheduler step after it."""
+    name = "pixart-alpha"
+    pipe = fresh_pipe(name)
+    router = _gates(pipe, name, std=0.05)
+    loss, kwargs = _student_loss(pipe, name, router, GateConfig(rho=0.0, rollout="image"))
+    try:
+        value = loss.image_rollout(0, seed=7)
+        student = loss.last_latents.detach()
+        assert loss.calls == STEPS  # one transformer call per step (CFG batched)
+        value.backward()
+    finally:
+        loss.close()
+    assert router.bias.grad[1].abs().sum() > 0 and router.bias.grad[0].abs().sum() == 0  # step 0 is never gated
+    gens = lambda: sample_generators(7, range(len(prompts(name))))  # noqa: E731
+    full = pipe(prompts(name), generator=gens(), output_type="latent", **kwargs).images
+    diffroute.apply(pipe, GatePlan(router))
+    inferred = pipe(prompts(name), generator=gens(), output_type="latent", **kwargs).images
+    torch.testing.assert_close(student, inferred, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(value.detach(), torch.nn.functional.mse_loss(inferred, full), rtol=1e-3, atol=1e-7)
+    assert value > 0
+
+
+def test_weight_lr_scale_0_trains_the_biases_alone(tmp_path):
+    """--weight-lr-scale 0: the gates' weights stay at zero (every sample decides alike: a learned static plan)."""
+    from safetensors.torch import load_file
+
+    args = ["train", "gates", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
+    args += ["--iters", "3", "--rho", "5", "--lr", "0.05", "--weight-lr-scale", "0", "--json"]
+    args += ["--rollout", "image", "--prompt", "a red apple", "--prompt", "a cat", "--out", str(tmp_path / "g")]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["weight_lr_scale"] == 0
+    weights = load_file(tmp_path / "g" / "router" / "diffusion_pytorch_model.safetensors")
+    assert torch.count_nonzero(weights["weight"]) == 0 and torch.count_nonzero(weights["bias"]) > 0
+
+
 def test_iepo_weights_the_steps_whose_gates_move_the_final_image():
     """HarmoniCa's image-error proxy: gates started from fora-2 reuse at odd steps only, so gating an even step
     leaves the final latents bit for bit as they were (lambda 0, its weight floored at a tenth of the mean) while

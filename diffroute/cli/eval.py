@@ -44,6 +44,11 @@ def add_arguments(p) -> None:
     m.add_argument("--features", default=None, help="FD features (default: emoji-clip for the emoji model)")
     m.add_argument("--clip", default=None, help="CLIP scorer (default: emoji-clip for the emoji model)")
     m.add_argument("--weights", default=None, help="Inception weights file (with --features inception)")
+    m.add_argument(
+        "--paired-with",
+        metavar="PLAN",
+        help="one of --plans: report each plan's per-image PSNR minus this plan's, with a paired bootstrap band",
+    )
     rep = _subcommand(sub, "report", "rewrite a comparison's results.md and plot from its results.json (report code)")
     rep.add_argument("folder", help="an `eval compare` output folder (its results.json is read, never rerun)")
     h = _subcommand(sub, "histogram", "per-sample compute of a per-sample router (Elastic): histogram and JSON")
@@ -314,6 +319,7 @@ def _compare(args) -> dict:
         features=args.features or ("emoji-clip" if emoji else None),
         clip=args.clip or ("emoji-clip" if emoji else None),
         reference=reference[: args.n] if reference is not None else None,
+        paired_with=args.paired_with,
     )
     validate(cfg)
     check_run_dir(cfg.out)

@@ -59,9 +59,17 @@ def add_arguments(p) -> None:
     )
     gates.add_argument(
         "--rollout",
-        choices=("student", "recorded"),
+        choices=("student", "recorded", "image"),
         help="student: the student's own latents, target the full model on them (HarmoniCa); recorded: the full "
-        "trajectory's (teacher forcing) (default %(default)s)",
+        "trajectory's (teacher forcing); image: the final latents' error vs the full model's from the same noise, "
+        "backpropagated through every step (default %(default)s)",
+    )
+    gates.add_argument(
+        "--weight-lr-scale",
+        type=NONNEGATIVE,
+        metavar="S",
+        help="the gate weights' learning rate as a multiple of --lr (0: only the biases train, a learned static "
+        "plan; default %(default)s)",
     )
     gates.add_argument(
         "--iepo-every",

@@ -30,21 +30,26 @@ PSNR_CAP_DB = 60.0  # per-image PSNR is capped: an identical image (infinite PSN
 
 
 class PerImageMSE(Metric):
-    """Per-image mean squared error against the reference, kept per image (gathered across processes), so that the
-    set's PSNR can be reported both ways papers do: pooled (one MSE over all pixels) and as the mean of per-image
-    PSNRs capped at PSNR_CAP_DB, each with a bootstrap band (2.5-97.5% percentiles over image resamples)."""
+    """Per-image mean squared error against the reference, kept per image with its sample index (gathered across
+    processes, then put in index order), so that the set's PSNR can be reported both ways papers do: pooled (one MSE
+    over all pixels) and as the mean of per-image PSNRs capped at PSNR_CAP_DB, each with a bootstrap band
+    (2.5-97.5% percentiles over image resamples), and two plans can be compared image by image."""
 
     full_state_update = False
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.add_state("mse", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
 
-    def update(self, images: torch.Tensor, reference: torch.Tensor) -> None:
+    def update(self, images: torch.Tensor, reference: torch.Tensor, indices=None) -> None:
         self.mse.append(per_image_mse(images, reference))
+        start = sum(len(m) for m in self.mse[:-1])  # without indices: the order of the updates
+        indices = range(start, start + len(images)) if indices is None else indices
+        self.index.append(torch.as_tensor(list(indices), device=self.device))
 
     def compute(self) -> torch.Tensor:
-        return dim_zero_cat(self.mse)
+        return dim_zero_cat(self.mse)[dim_zero_cat(self.index).argsort()]
 
 
 def per_image_mse(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -85,9 +90,22 @@ def psnr_summary(mse: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> dict:
     }
 
 
-def update_fidelity(mse_m, ssim_m, images, reference) -> None:
+def paired_psnr_difference(mse_a: torch.Tensor, mse_b: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Mean over images of (per-image PSNR of a) - (per-image PSNR of b), both capped, with the bootstrap
+    band of that mean (2.5-97.5% percentiles, the same image resamples for both: paired); `mse_*` in sample order.
+    A band that excludes 0 says a is better (or worse) than b on these prompts beyond the spread of the images."""
+    if mse_a.shape != mse_b.shape:
+        raise ValueError(f"paired PSNR needs the same images: {len(mse_a)} vs {len(mse_b)}")
+    diff = psnr_of_mse(mse_a.double()) - psnr_of_mse(mse_b.double())
+    g = torch.Generator().manual_seed(seed)
+    boot = diff[torch.randint(len(diff), (n_boot, len(diff)), generator=g)].mean(1)
+    band = [float(torch.quantile(boot, 0.025)), float(torch.quantile(boot, 0.975))]
+    return {"psnr_mean_diff_db": float(diff.mean()), "psnr_mean_diff_ci95": band}
+
+
+def update_fidelity(mse_m, ssim_m, images, reference, indices=None) -> None:
     a, b = _unit(images), _unit(reference)
-    mse_m.update(a, b)
+    mse_m.update(a, b, indices)
     ssim_m.update(a, b)
 
 

@@ -34,9 +34,11 @@ class GateConfig:
     init: str = ""  # a static plan to start from (its schedule in the gates' biases), e.g. emoji:l2c
     cross_attention: bool = False  # gate cross-attention too (LazyDiT does not: it has no adaLN input)
     # "student": the pipeline's own loop advances the student's latents, the target is the full model at each of
-    # them (HarmoniCa's step-wise training); "recorded": the full trajectory's inputs and outputs (teacher forcing)
+    # them (HarmoniCa's step-wise training); "recorded": the full trajectory's inputs and outputs (teacher forcing);
+    # "image": MSE of the final latents vs the full model's from the same noise, backpropagated through the loop
     rollout: str = "student"
     iepo_every: int = 0  # refresh HarmoniCa's per-step loss weights (IEPO) every N iterations (0: equal weights)
+    weight_lr_scale: float = 1.0  # the gate weights' rate / the biases' (0: weights frozen at zero, a static plan)
 
 
 @dataclass

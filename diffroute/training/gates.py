@@ -2,7 +2,7 @@
 
 One item is one batch of prompts. The student (the frozen transformer under the gates) is rolled through every step
 in order, with the cache it would hold at inference: decisions are straight-through (hard forward), a component
-that skips returns that sample's cached output, and the cache is written only where it computes. Two rollouts:
+that skips returns that sample's cached output, and the cache is written only where it computes. Three rollouts:
 
 - "student" (default; HarmoniCa's step-wise denoising training): the pipeline itself runs, from fresh noise each
   time, and its scheduler advances the **student's** latents; at each transformer call the full model runs first on
@@ -10,9 +10,16 @@ that skips returns that sample's cached output, and the cache is written only wh
   drift their own skips cause, as they will at inference.
 - "recorded" (teacher forcing, the first attempt): the inputs are the full trajectory's, recorded once, and the
   target is its recorded prediction; skipping then looks cheaper than it is, as no skip moves the latents.
+- "image": the loss is on the final image, not on each call: the full model generates from the same noise (no
+  gradient), then the student generates with autograd on through the pipeline's whole loop (its scheduler steps
+  included), and the loss is the MSE between the two final latents, backpropagated through every step. A decision's
+  gradient is then its effect on the image the user sees, through all the steps after it. This is the "final-image
+  loss" that IEPO only approximates (it reweights per-call errors); neither paper backpropagates through the
+  trajectory (a deviation: affordable here as the emoji model is small; memory grows with the step count).
 
-Loss per transformer call: lambda_k * MSE(student prediction, target) + rho * the share of the step's FLOPs the
-gated components compute (each weighted by its FLOPs, not by call count), averaged over the calls. lambda_k is 1, or
+Loss per transformer call ("student", "recorded"): lambda_k * MSE(student prediction, target) + rho * the share of
+the step's FLOPs the gated components compute (each weighted by its FLOPs, not by call count), averaged over calls.
+lambda_k is 1, or
 with `iepo_every` HarmoniCa's image-error proxy (IEPO), refreshed every that many iterations as its code does: with
 fixed noise, the final latents are generated with the gates acting at steps 1..k and computing after; lambda_k is
 how far they moved from those of steps 1..k-1 (the cumulative variant of its code; the paper's is the marginal one).
@@ -23,6 +30,7 @@ until the next refresh); a resumed run refreshes at its first iteration.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -40,7 +48,7 @@ from diffroute.training.trajectories import output_of, record_calls
 from diffroute.utils.io import atomic_write_json
 from diffroute.utils.seeding import sample_generators
 
-ROLLOUTS = ("student", "recorded")
+ROLLOUTS = ("student", "recorded", "image")
 STUDENT_HOOK = "diffroute.gates_student"
 
 
@@ -52,10 +60,10 @@ class GateLoss:
         self.chunks, self.recordings, self.call_kwargs = chunks, recordings, call_kwargs
         self.plan = GatePlan(router, "gates-training", training=True)
         self.executor = Executor(self.transformer, self.plan, num_inference_steps=router.config.num_steps).attach()
-        self.items = list(range(len(chunks) if cfg.rollout == "student" else len(recordings)))
+        self.items = list(range(len(recordings) if cfg.rollout == "recorded" else len(chunks)))
         self.terms: list[torch.Tensor] = []
         self.hook = None
-        if cfg.rollout == "student":  # outermost on the transformer: it runs the target, then the student
+        if cfg.rollout != "recorded":  # outermost on the transformer: it routes each call the pipeline makes
             from diffusers.hooks import HookRegistry
 
             self.hook = StudentStepHook(self, scheduler_step_source(pipe.scheduler), router.config.num_steps)
@@ -64,6 +72,8 @@ class GateLoss:
         self.step_weights = torch.ones(router.config.num_steps)  # IEPO's lambda_k (ones without it)
         self.raw_lambda: torch.Tensor | None = None  # IEPO's last lambda before its normalisation
         self.refreshing = False  # True while IEPO generates: calls run the gates only, nothing is trained
+        self.calls = 0  # transformer calls of the current image rollout
+        self.metrics: dict[str, torch.Tensor] = {}  # summed over this iteration's rollouts: the log's extras
         self.iterations = 0
 
     def __call__(self, router, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -71,12 +81,15 @@ class GateLoss:
         if self.cfg.iepo_every and self.iterations % self.cfg.iepo_every == 0:
             self.refresh_step_weights()
         self.iterations += 1
-        if self.cfg.rollout == "student":
+        if self.cfg.rollout != "recorded":
             seeds = torch.randint(0, 2**31 - 1, (len(idx),), generator=gen).tolist()  # fresh noise every rollout
-            losses = [self.student_rollout(int(j), s) for j, s in zip(idx, seeds)]
+            rollout = self.student_rollout if self.cfg.rollout == "student" else self.image_rollout
+            losses = [rollout(int(j), s) for j, s in zip(idx, seeds)]
         else:
             losses = [self._recorded_rollout(int(j)) for j in idx]
-        return torch.stack(losses).mean()
+        metrics = {k: v / len(idx) for k, v in self.metrics.items()}  # the log's averages (image rollouts)
+        self.metrics = {}
+        return torch.stack(losses).mean(), metrics
 
     def student_rollout(self, i: int, seed: int) -> torch.Tensor:
         """Run the pipeline on prompt batch `i` (sample j seeded with seed + j) with the student deciding; returns
@@ -84,6 +97,27 @@ class GateLoss:
         self.terms = []
         self.last_latents = self._generate(self.chunks[i], seed)
         return torch.stack(self.terms).mean()
+
+    def image_rollout(self, i: int, seed: int) -> torch.Tensor:
+        """Generate prompt batch `i` (sample j seeded with seed + j) with the full model, then with the student
+        under autograd; returns MSE(final latents) + rho * the mean FLOP share the gates computed per call."""
+        self.plan.mode = "target"
+        try:
+            target = self._generate(self.chunks[i], seed)
+        finally:
+            self.plan.mode = "route"
+        self.calls, aux = 0, []
+        self.last_latents = self._generate(self.chunks[i], seed, grad=True, aux=aux)
+        if not self.last_latents.requires_grad:
+            raise RuntimeError(
+                f"{type(self.pipe).__name__}'s sampling loop cuts autograd: --rollout image needs a pipeline "
+                "whose loop can run with gradients; use --rollout student."
+            )
+        penalty = sum(self.share[b, c] * m.float().mean() for b, c, m in aux) / max(self.calls, 1)
+        mse = torch.nn.functional.mse_loss(self.last_latents.float(), target.float())
+        for key, value in (("image_mse", mse), ("gated_flop_share", penalty)):
+            self.metrics[key] = self.metrics.get(key, 0.0) + value.detach()
+        return mse + self.cfg.rho * penalty
 
     def refresh_step_weights(self) -> torch.Tensor:
         """IEPO's lambda (see the module docstring), from prompt batch 0 with the run's seed; returns it."""
@@ -105,20 +139,26 @@ class GateLoss:
         self.step_weights[0] = 1.0
         return self.step_weights
 
-    def _generate(self, chunk: list[str], seed: int) -> torch.Tensor:
-        """One pipeline call on `chunk` (sample j seeded with seed + j) through the hook; its final latents."""
+    def _generate(self, chunk: list[str], seed: int, grad: bool = False, aux: list | None = None) -> torch.Tensor:
+        """One pipeline call on `chunk` (sample j seeded with seed + j) through the hook; its final latents. With
+        `grad`, autograd runs through the whole loop and the gates' decisions of the call are appended to `aux`."""
+        from diffroute.pipelines.routed import call_with_autograd
+
         self.executor.end_call()  # a fresh cache for this trajectory
         self.hook.tracker.reset()
         gens = sample_generators(seed, range(len(chunk)), self.pipe.device)
-        with torch.no_grad():
-            out = self.pipe(chunk, generator=gens, output_type="latent", **self.call_kwargs)
+        call = functools.partial(call_with_autograd, self.pipe) if grad else self.pipe
+        out = call(chunk, generator=gens, output_type="latent", **self.call_kwargs)
         self.executor.end_call()
+        if aux is not None:
+            aux.extend(self.plan.aux)
         self.plan.aux.clear()
         return out[0] if isinstance(out, tuple) else out.images
 
     def on_call(self, step: int, branch: int, forward):
         """What the student hook does with one of the pipeline's transformer calls."""
-        if self.refreshing:
+        if self.refreshing or self.cfg.rollout == "image":  # the loss is taken after the whole call
+            self.calls += 1
             with self.executor.at_step(step, branch):
                 return forward()
         return self.call(step, branch, forward)
@@ -215,12 +255,27 @@ def initial_schedule(name: str, pipe, arch, num_steps: int):
     return plan.schedule_at(arch, num_steps)
 
 
+def gate_groups(router: GateRouter, cfg: GateConfig):
+    """The optimizer's groups: the biases (each gate's static part) at the run's rate, the weights (what reads the
+    image) at `weight_lr_scale` times it; at 0 the weights stay at zero and the gates learn a static plan."""
+    router.weight.requires_grad_(cfg.weight_lr_scale > 0)  # out of the gradient norm too, when frozen
+    groups = lambda lr: [{"params": [router.bias], "lr": lr}]  # noqa: E731
+    if cfg.weight_lr_scale == 0:
+        return groups
+    return lambda lr: groups(lr) + [{"params": [router.weight], "lr": lr * cfg.weight_lr_scale}]
+
+
 def check(cfg: GateConfig) -> None:
     """Refuse settings that cannot train, before any work."""
     if cfg.rollout not in ROLLOUTS:
         raise ValueError(f"rollout {cfg.rollout!r}: one of {', '.join(ROLLOUTS)}")
     if cfg.iepo_every and cfg.rollout != "student":
-        raise ValueError("--iepo-every needs student rollouts (--rollout student): it generates with the gates.")
+        raise ValueError(
+            "--iepo-every needs student rollouts (--rollout student): it weights their per-call losses "
+            "(--rollout image already takes its loss on the final image)."
+        )
+    if cfg.weight_lr_scale < 0:
+        raise ValueError(f"--weight-lr-scale {cfg.weight_lr_scale}: 0 or more (0: only the biases train)")
 
 
 def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, out: Path, accelerator) -> dict:
@@ -260,7 +315,7 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         router.init_from(start)
     gated = router.config.gated
     loss = GateLoss(pipe, chunks, recordings, router, share, cfg, call_kwargs)
-    train_router("gates", router, loss, cfg, transformer, out, accelerator)
+    train_router("gates", router, loss, cfg, transformer, out, accelerator, param_groups=gate_groups(router, cfg))
     router = accelerator.unwrap_model(router)
     summary = {
         "method": "gates",
@@ -271,6 +326,7 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         "init": cfg.init,
         "rollout": cfg.rollout,
         "iepo_every": cfg.iepo_every,
+        "weight_lr_scale": cfg.weight_lr_scale,
         "iepo_weights": [round(float(w), 4) for w in loss.step_weights],
         "gated": list(gated),
         "iters": cfg.iters,
