@@ -19,13 +19,12 @@ that skips returns that sample's cached output, and the cache is written only wh
 
 Loss per transformer call ("student", "recorded"): lambda_k * MSE(student prediction, target) + rho * the share of
 the step's FLOPs the gated components compute (each weighted by its FLOPs, not by call count), averaged over calls.
-lambda_k is 1, or
-with `iepo_every` HarmoniCa's image-error proxy (IEPO), refreshed every that many iterations as its code does: with
-fixed noise, the final latents are generated with the gates acting at steps 1..k and computing after; lambda_k is
-how far they moved from those of steps 1..k-1 (the cumulative variant of its code; the paper's is the marginal one).
-Deviations: lambda is divided by its mean over the steps (rho keeps one scale across refreshes) and floored at a
-tenth of it (a step whose gates compute everything would otherwise get no weight and be pushed to skip unchecked
-until the next refresh); a resumed run refreshes at its first iteration.
+lambda_k is 1, or with `iepo_every` HarmoniCa's image-error proxy (IEPO), refreshed every that many iterations as
+its code does: with fixed noise, the final latents are generated with the gates acting at steps 1..k and computing
+after; lambda_k is how far they moved from those of steps 1..k-1 (the cumulative variant of its code; the paper's is
+the marginal one). Deviations: lambda is divided by its mean over the steps (rho keeps one scale across refreshes)
+and floored at a tenth of it (a step whose gates compute everything would otherwise get no weight and be pushed to
+skip unchecked until the next refresh); a resumed run refreshes at its first iteration.
 """
 
 from __future__ import annotations
