@@ -235,12 +235,32 @@ compare-fp32: install
 	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 356 --batch 32 --repeats 3 --plans $(COMPARE_FP32_PLANS) --out runs/compare-fp32
 	rm -rf docs/compare-fp32 && mkdir -p docs/compare-fp32 && cp runs/compare-fp32/results.* runs/compare-fp32/*.png docs/compare-fp32/
 
+# Per-image gates trained on the final image (issue 25, docs/routers.md "Fourth attempt"): from emoji:l2c, at two
+# penalties, plus the biases alone (a learned static plan) as the ablation; fp32 (a bf16 backward through the loop
+# is ~20x slower on a CPU without bf16 units); compared with the static plans on 64 held-out captions, paired with
+# emoji:l2c. ~10 min per training on 2 cores; each resumes from its folder.
+GATES_FLAGS ?= --model emoji --dtype float32 --n 64 --prompts-per-batch 4 --iters 150 --lr 5e-2 --init emoji:l2c \
+	--cross-attention --per-prompt --rollout image
+GATES_RUNS ?= rho1e-2:0.02 rho3e-3:0.02 rho1e-2:0
+gates-image: install
+	for r in $(GATES_RUNS); do rho=$${r%%:*}; ws=$${r##*:}; \
+		$(BIN)/diffroute train gates $(GATES_FLAGS) --rho $${rho#rho} --weight-lr-scale $$ws \
+			--out runs/gates-image/$$rho-ws$$ws --json > /dev/null || exit 1; done
+	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 64 --batch 32 --repeats 1 \
+		--plans full,emoji:l2c,emoji:fast,emoji:l2c-lam3e-4,emoji:l2c-lam3e-3,$$(for r in $(GATES_RUNS); do \
+		rho=$${r%%:*}; printf 'runs/gates-image/%s-ws%s/router,' $$rho $${r##*:}; done | sed 's/,$$//') \
+		--paired-with emoji:l2c --out runs/gates-image/eval64
+	rm -rf docs/gates/image && mkdir -p docs/gates/image && cp runs/gates-image/eval64/results.* \
+		runs/gates-image/eval64/speed_quality.png docs/gates/image/
+	for d in runs/gates-image/rho*; do cp $$d/summary.json docs/gates/image/summary-$$(basename $$d).json; \
+		cp $$d/log.jsonl docs/gates/image/log-$$(basename $$d).jsonl; done
+
 demo-grid: demo
 	cp $(OUT)/grid.png docs/demo_grid.png
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c elastic search search-blocks search-hybrid search-hybrid-batch compare compare-fp32 moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c gates-image elastic search search-blocks search-hybrid search-hybrid-batch compare compare-fp32 moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done
