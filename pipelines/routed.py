@@ -95,6 +95,16 @@ class RoutedPipelineMixin:
             return self  # from_pipe's default cast (see from_pipe)
         return super().to(*args, **kwargs)
 
+    def call_with_grad(self, *args, **kwargs):
+        """The call with autograd on through the whole sampling loop, scheduler steps included, for training that
+        backpropagates through it: diffusers wraps every `__call__` in torch.no_grad, so this runs the undecorated
+        vanilla call, bracketed as a routed call is."""
+        import torch
+
+        raw = inspect.unwrap(_vanilla_class(type(self)).__call__)
+        with torch.enable_grad():
+            return _routed_call(raw)(self, *args, **kwargs)
+
     @contextlib.contextmanager
     def _one_step_call(self):
         """Adjustments a one-step call of this pipeline needs (none, except for PixArt-α)."""
@@ -153,18 +163,6 @@ def _routed_call(vanilla_call):
     return __call__
 
 
-def call_with_autograd(pipe, *args, **kwargs):
-    """`pipe(*args, **kwargs)` with autograd on through the whole sampling loop, scheduler steps included, for
-    training that backpropagates through it: diffusers wraps every `__call__` in torch.no_grad, so the undecorated
-    vanilla call runs, bracketed as a routed call is."""
-    import torch
-
-    raw = inspect.unwrap(type(pipe).__call__)
-    call = _routed_call(raw) if isinstance(pipe, RoutedPipelineMixin) else raw
-    with torch.enable_grad():
-        return call(pipe, *args, **kwargs)
-
-
 def check_num_steps(scheduler, steps) -> None:
     """Refuse a step count the scheduler cannot run (0, negative, more than its training timesteps)."""
     top = int(getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000)
@@ -206,6 +204,16 @@ def read_call_defaults(folder) -> dict:
 
 class RoutedPixArtAlphaPipeline(RoutedPipelineMixin, PixArtAlphaPipeline):
     """PixArt-α with compute plans."""
+
+    def call_with_grad(self, *args, **kwargs):
+        """The call with autograd on through the whole sampling loop, scheduler steps included, for training that
+        backpropagates through it: diffusers wraps every `__call__` in torch.no_grad, so this runs the undecorated
+        vanilla call, bracketed as a routed call is."""
+        import torch
+
+        raw = inspect.unwrap(_vanilla_class(type(self)).__call__)
+        with torch.enable_grad():
+            return _routed_call(raw)(self, *args, **kwargs)
 
     @contextlib.contextmanager
     def _one_step_call(self):

@@ -2,6 +2,8 @@
 its cache formula is the executor's measured cache to the byte, and its FLOP-ideal speedup is what FlopCounterMode
 counts over the routed runs."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -12,11 +14,14 @@ from diffroute.zoo.real_configs import REAL_CONFIGS
 
 
 @pytest.mark.parametrize("name", list(REAL_CONFIGS))
-def test_cache_formula_and_flop_ideal_match_measurement(name):
-    config = REAL_CONFIGS[name]
+def test_cache_formula_and_flop_ideal_match_measurement(name, monkeypatch):
+    # 16 text tokens, not the real 120-512: the arithmetic holds for any length, and FLUX's 512 cost a minute
+    config = dataclasses.replace(REAL_CONFIGS[name], text_tokens=16)
+    monkeypatch.setitem(REAL_CONFIGS, name, config)
     blocks = tuple(2 if len(config.depth_keys) == 1 else 1 for _ in config.depth_keys)
-    # bf16: the counts do not depend on the dtype, and the real-width weights (FLUX: 2 GB in fp32) move half as much
-    case = ScaleCase(name, "cpu", torch.bfloat16, blocks, steps=6, resolution=4 * config.latent_factor)
+    # fp32, not bf16: the counts do not depend on the dtype, and a CPU without native bf16 emulates it (FLUX's case
+    # took 336 s in bf16 against 65 s in fp32 on a 2-core AMD EPYC without AVX-512)
+    case = ScaleCase(name, "cpu", torch.float32, blocks, steps=6, resolution=4 * config.latent_factor)
     counted, results = {}, {}
     for label, plan in plans().items():
         with FlopCounterMode(display=False) as counter:

@@ -29,7 +29,6 @@ skip unchecked until the next refresh); a resumed run refreshes at its first ite
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
@@ -141,12 +140,12 @@ class GateLoss:
     def _generate(self, chunk: list[str], seed: int, grad: bool = False, aux: list | None = None) -> torch.Tensor:
         """One pipeline call on `chunk` (sample j seeded with seed + j) through the hook; its final latents. With
         `grad`, autograd runs through the whole loop and the gates' decisions of the call are appended to `aux`."""
-        from diffroute.pipelines.routed import call_with_autograd
-
         self.executor.end_call()  # a fresh cache for this trajectory
         self.hook.tracker.reset()
         gens = sample_generators(seed, range(len(chunk)), self.pipe.device)
-        call = functools.partial(call_with_autograd, self.pipe) if grad else self.pipe
+        if grad and not hasattr(self.pipe, "call_with_grad"):
+            raise RuntimeError(f"--rollout image needs a diffroute Routed*Pipeline; got {type(self.pipe).__name__}.")
+        call = self.pipe.call_with_grad if grad else self.pipe
         out = call(chunk, generator=gens, output_type="latent", **self.call_kwargs)
         self.executor.end_call()
         if aux is not None:
