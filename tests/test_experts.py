@@ -136,15 +136,24 @@ def test_caching_plans_apply_per_expert(experts):
     diffroute.apply(pipe, "full")
     assert np.array_equal(_images(pipe), plain)  # a plan that computes everything changes nothing
     diffroute.apply(pipe, "fora-2")
+    projected = []
+    count = lambda *_: projected.append(1)  # noqa: E731  (the text projection's real runs: a memoised one runs no Linear)
+    hooks = [e.caption_projection.linear_1.register_forward_hook(count) for e in ensemble.experts]
     cached = _images(pipe)
+    # one expert serves every row: its text projection runs once per call, as on its own pipeline, and the merged
+    # stats count what ran
+    stats = diffroute.last_stats(pipe)
+    assert len(projected) == 1 and stats.invariant_share * stats.transformer_calls == pytest.approx(1)
     single = _pipe_with(experts[0])
     diffroute.apply(single, "fora-2")
     assert np.array_equal(cached, _images(single))  # expert 0's cache behaves as on its own pipeline
     assert not np.array_equal(cached, plain)
 
     ensemble.set_selection("top1")  # mixed routing: each expert caches for the samples it served
+    projected.clear()
     _images(pipe, n=4)
     stats = diffroute.last_stats(pipe)
+    assert stats.invariant_share * stats.transformer_calls == pytest.approx(len(projected))
     assert stats.computed_fraction < 1
     assert stats.plan_info["parts"] == 2
     assert stats.plan_info["experts"] == ensemble.last_routing.experts
@@ -153,6 +162,8 @@ def test_caching_plans_apply_per_expert(experts):
     diffroute.remove(pipe)
     ensemble.set_selection("expert:0")
     assert np.array_equal(_images(pipe), plain)
+    for hook in hooks:  # the experts are shared with the module's other tests
+        hook.remove()
 
 
 def test_bad_selection_expert_count_and_folders_are_refused(experts, tmp_path):

@@ -131,6 +131,7 @@ def merge_stats(stats: list[CallStats | None], served: list[dict[int, int]]) -> 
     forecast = merged(lambda s: s.forecast_map)
     calls = sum(s.component_calls for _, s in present)
     computed = sum(s.computed_calls for _, s in present)
+    part_calls = sum(s.transformer_calls for _, s in present)
     runs = merged(lambda s: None if s.block_run_map is None else [[row] for row in s.block_run_map])
     return replace(
         base,
@@ -143,7 +144,11 @@ def merge_stats(stats: list[CallStats | None], served: list[dict[int, int]]) -> 
         peak_cache_bytes=sum(s.peak_cache_bytes for _, s in present),
         cache_bound_bytes=sum(s.cache_bound_bytes for _, s in present),
         transformer_time_s=sum(s.transformer_time_s for _, s in present),
-        transformer_calls=sum(s.transformer_calls for _, s in present),
+        transformer_calls=part_calls,
+        # the text projection's runs over the parts' calls (each part projects the text for the rows it serves)
+        invariant_share=(
+            sum(s.invariant_share * s.transformer_calls for _, s in present) / part_calls if part_calls else 1.0
+        ),
         completed=all(s.completed for _, s in present),
         plan_info={**base.plan_info, "parts": len(stats), "served": [dict(sorted(d.items())) for d in served]},
     )

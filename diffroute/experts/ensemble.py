@@ -202,7 +202,12 @@ class ExpertEnsemble(ModelMixin, ConfigMixin):
         used = (weights > 0).any(0).nonzero().flatten().tolist()
         for e in used:
             rows = (weights[:, e] > 0).nonzero().flatten()
-            args = {k: v.index_select(0, rows) if torch.is_tensor(v) else v for k, v in per_row.items()}
+            every_row = len(rows) == n
+            # All rows: the caller's tensors themselves, so that the expert's text projection, memoised per tensor
+            # (core/invariant.py), computes once per call instead of at every step.
+            args = {
+                k: v.index_select(0, rows) if torch.is_tensor(v) and not every_row else v for k, v in per_row.items()
+            }
             run = parts.run_part(e, tuple(rows.tolist())) if parts is not None else contextlib.nullcontext()
             with run:
                 y = self.experts[e](**args, **shared, return_dict=False)[0]
