@@ -71,7 +71,7 @@ L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-hybrid search-hybrid-batch compare compare-fp32 demo-grid artifacts experts
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-hybrid search-hybrid-batch compare compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -238,29 +238,38 @@ compare-fp32: install
 # Per-image gates trained on the final image (issue 25, docs/routers.md "Fourth attempt"): from emoji:l2c, at two
 # penalties, plus the biases alone (a learned static plan) as the ablation; fp32 (a bf16 backward through the loop
 # is ~20x slower on a CPU without bf16 units); compared with the static plans on 64 held-out captions, paired with
-# emoji:l2c. ~10 min per training on 2 cores; each resumes from its folder.
-GATES_FLAGS ?= --model emoji --dtype float32 --n 64 --prompts-per-batch 4 --iters 150 --lr 5e-2 --init emoji:l2c \
-	--cross-attention --per-prompt --rollout image
+# the plan they start from. ~10 min per training on 2 cores; each resumes from its folder. `gates-image-fast`: the
+# same from emoji:fast (ECAD), into runs/gates-fast and docs/gates/fast.
+GATES_NAME ?= image
+GATES_INIT ?= emoji:l2c
+GATES_ITERS ?= 150
+GATES_FLAGS ?= --model emoji --dtype float32 --n 64 --prompts-per-batch 4 --iters $(GATES_ITERS) --lr 5e-2 \
+	--init $(GATES_INIT) --cross-attention --per-prompt --rollout image
 GATES_RUNS ?= rho1e-2:0.02 rho3e-3:0.02 rho1e-2:0
 gates-image: install
 	for r in $(GATES_RUNS); do rho=$${r%%:*}; ws=$${r##*:}; \
 		$(BIN)/diffroute train gates $(GATES_FLAGS) --rho $${rho#rho} --weight-lr-scale $$ws \
-			--out runs/gates-image/$$rho-ws$$ws --json > /dev/null || exit 1; done
+			--out runs/gates-$(GATES_NAME)/$$rho-ws$$ws --json > /dev/null || exit 1; done
 	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 64 --batch 32 --repeats 1 \
 		--plans full,emoji:l2c,emoji:fast,emoji:l2c-lam3e-4,emoji:l2c-lam3e-3,$$(for r in $(GATES_RUNS); do \
-		rho=$${r%%:*}; printf 'runs/gates-image/%s-ws%s/router,' $$rho $${r##*:}; done | sed 's/,$$//') \
-		--paired-with emoji:l2c --out runs/gates-image/eval64
-	rm -rf docs/gates/image && mkdir -p docs/gates/image && cp runs/gates-image/eval64/results.* \
-		runs/gates-image/eval64/speed_quality.png docs/gates/image/
-	for d in runs/gates-image/rho*; do cp $$d/summary.json docs/gates/image/summary-$$(basename $$d).json; \
-		cp $$d/log.jsonl docs/gates/image/log-$$(basename $$d).jsonl; done
+		rho=$${r%%:*}; printf 'runs/gates-$(GATES_NAME)/%s-ws%s/router,' $$rho $${r##*:}; done | sed 's/,$$//') \
+		--paired-with $(GATES_INIT) --out runs/gates-$(GATES_NAME)/eval64
+	rm -rf docs/gates/$(GATES_NAME) && mkdir -p docs/gates/$(GATES_NAME) && \
+		cp runs/gates-$(GATES_NAME)/eval64/results.* runs/gates-$(GATES_NAME)/eval64/speed_quality.png \
+		docs/gates/$(GATES_NAME)/
+	for d in runs/gates-$(GATES_NAME)/rho*/; do d=$${d%/}; \
+		cp $$d/summary.json docs/gates/$(GATES_NAME)/summary-$$(basename $$d).json; \
+		cp $$d/log.jsonl docs/gates/$(GATES_NAME)/log-$$(basename $$d).jsonl; done
+
+gates-image-fast:
+	$(MAKE) gates-image GATES_NAME=fast GATES_INIT=emoji:fast GATES_ITERS=200 GATES_RUNS="rho5e-3:0.02 rho1e-2:0.02"
 
 demo-grid: demo
 	cp $(OUT)/grid.png docs/demo_grid.png
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c gates-image elastic search search-blocks search-hybrid search-hybrid-batch compare compare-fp32 moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks search-hybrid search-hybrid-batch compare compare-fp32 moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done

@@ -113,7 +113,7 @@ class GateLoss:
             )
         penalty = sum(self.share[b, c] * m.float().mean() for b, c, m in aux) / max(self.calls, 1)
         mse = torch.nn.functional.mse_loss(self.last_latents.float(), target.float())
-        for key, value in (("image_mse", mse), ("gated_flop_share", penalty)):
+        for key, value in (("image_mse", mse), ("computed_flop_share", penalty)):
             self.metrics[key] = self.metrics.get(key, 0.0) + value.detach()
         return mse + self.cfg.rho * penalty
 
@@ -331,6 +331,8 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         "prompts": len(prompts),
         "num_steps": num_steps,
         "scheduler": router.config.scheduler,
+        # a step's FLOPs in the gated components: what the gates could save at most (the log's computed_flop_share
+        # is what they computed)
         "gated_flop_share": float(share[:, [arch.components.index(c) for c in gated]].sum()),
         "seconds": time.time() - t0,
         "processes": accelerator.num_processes,
