@@ -205,16 +205,6 @@ def read_call_defaults(folder) -> dict:
 class RoutedPixArtAlphaPipeline(RoutedPipelineMixin, PixArtAlphaPipeline):
     """PixArt-α with compute plans."""
 
-    def call_with_grad(self, *args, **kwargs):
-        """The call with autograd on through the whole sampling loop, scheduler steps included, for training that
-        backpropagates through it: diffusers wraps every `__call__` in torch.no_grad, so this runs the undecorated
-        vanilla call, bracketed as a routed call is."""
-        import torch
-
-        raw = inspect.unwrap(_vanilla_class(type(self)).__call__)
-        with torch.enable_grad():
-            return _routed_call(raw)(self, *args, **kwargs)
-
     @contextlib.contextmanager
     def _one_step_call(self):
         # Set in __dict__: DiffusionPipeline.__setattr__ would re-register the module in the pipeline config.
