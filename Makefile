@@ -239,7 +239,8 @@ compare-fp32: install
 # penalties, plus the biases alone (a learned static plan) as the ablation; fp32 (a bf16 backward through the loop
 # is ~20x slower on a CPU without bf16 units); compared with the static plans on 64 held-out captions, paired with
 # the plan they start from. ~10 min per training on 2 cores; each resumes from its folder. `gates-image-fast`: the
-# same from emoji:fast (ECAD), into runs/gates-fast and docs/gates/fast.
+# same from emoji:fast (ECAD), into runs/gates-fast and docs/gates/fast. The weights' rate ablation (docs/gates/ws):
+# make gates-image GATES_NAME=ws GATES_RUNS="rho1e-2:0.1".
 GATES_NAME ?= image
 GATES_INIT ?= emoji:l2c
 GATES_ITERS ?= 150
