@@ -258,9 +258,9 @@ gates-image: install
 	rm -rf docs/gates/$(GATES_NAME) && mkdir -p docs/gates/$(GATES_NAME) && \
 		cp runs/gates-$(GATES_NAME)/eval64/results.* runs/gates-$(GATES_NAME)/eval64/speed_quality.png \
 		docs/gates/$(GATES_NAME)/
-	for d in runs/gates-$(GATES_NAME)/rho*/; do d=$${d%/}; \
-		cp $$d/summary.json docs/gates/$(GATES_NAME)/summary-$$(basename $$d).json; \
-		cp $$d/log.jsonl docs/gates/$(GATES_NAME)/log-$$(basename $$d).jsonl; done
+	for r in $(GATES_RUNS); do run=$${r%%:*}-ws$${r##*:}; \
+		cp runs/gates-$(GATES_NAME)/$$run/summary.json docs/gates/$(GATES_NAME)/summary-$$run.json; \
+		cp runs/gates-$(GATES_NAME)/$$run/log.jsonl docs/gates/$(GATES_NAME)/log-$$run.jsonl; done
 
 gates-image-fast:
 	$(MAKE) gates-image GATES_NAME=fast GATES_INIT=emoji:fast GATES_ITERS=200 GATES_RUNS="rho5e-3:0.02 rho1e-2:0.02"

@@ -137,7 +137,10 @@ def test_caching_plans_apply_per_expert(experts):
     assert np.array_equal(_images(pipe), plain)  # a plan that computes everything changes nothing
     diffroute.apply(pipe, "fora-2")
     projected = []
-    count = lambda *_: projected.append(1)  # noqa: E731  (the text projection's real runs: a memoised one runs no Linear)
+
+    def count(*_):  # the text projection's real runs: a memoised one runs no Linear
+        projected.append(1)
+
     hooks = [e.caption_projection.linear_1.register_forward_hook(count) for e in ensemble.experts]
     cached = _images(pipe)
     # one expert serves every row: its text projection runs once per call, as on its own pipeline, and the merged

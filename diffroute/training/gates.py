@@ -143,8 +143,6 @@ class GateLoss:
         self.executor.end_call()  # a fresh cache for this trajectory
         self.hook.tracker.reset()
         gens = sample_generators(seed, range(len(chunk)), self.pipe.device)
-        if grad and not hasattr(self.pipe, "call_with_grad"):
-            raise RuntimeError(f"--rollout image needs a diffroute Routed*Pipeline; got {type(self.pipe).__name__}.")
         call = self.pipe.call_with_grad if grad else self.pipe
         out = call(chunk, generator=gens, output_type="latent", **self.call_kwargs)
         self.executor.end_call()
@@ -289,6 +287,8 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
     check_batch_split(cfg.batch, accelerator)
     start = initial_schedule(cfg.init, pipe, arch, num_steps) if cfg.init else None  # refused before any work
     check(cfg)
+    if cfg.rollout == "image" and not hasattr(pipe, "call_with_grad"):
+        raise ValueError(f"--rollout image needs a diffroute Routed*Pipeline; got {type(pipe).__name__}.")
     chunks = [prompts[i : i + cfg.prompts_per_batch] for i in range(0, len(prompts), cfg.prompts_per_batch)]
     # student rollouts record one batch only: its first call sizes the gates and counts the FLOPs
     recorded = prompts if cfg.rollout == "recorded" else chunks[0]
