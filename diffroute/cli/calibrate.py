@@ -1,6 +1,7 @@
-"""Calibrate dynamic caches for a model from full-compute runs on a few prompts: TeaCache's rescaling polynomial
-(relative change of block 0's modulated input -> relative change of the transformer output) or MagCache's per-step
-magnitude ratios (diffusers' own calibration mode, for the `diffusers:mag-T` peer)."""
+"""Calibrate caches for a model on a few prompts: TeaCache's rescaling polynomial (relative change of block 0's
+modulated input -> relative change of the transformer output), MagCache's per-step magnitude ratios (diffusers' own
+calibration mode, for the `diffusers:mag-T` peer), both from full-compute runs, or a schedule's fitted reuse weights
+(`--method fit --plan PLAN`: a schedule file whose reuses extrapolate from their last two outputs)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from diffroute.cli.common import (
     read_prompts,
 )
 
-HELP = "calibrate dynamic policies (TeaCache's rescaling polynomial, MagCache's ratios) for a model"
+HELP = "calibrate caches for a model (TeaCache's polynomial, MagCache's ratios, a schedule's fitted reuse weights)"
 
 
 def add_arguments(p) -> None:
@@ -25,10 +26,19 @@ def add_arguments(p) -> None:
     add_prompt_arguments(p, "calibration", 16, " (default for emoji: training captions, never held-out)")
     p.add_argument(
         "--method",
-        choices=("teacache", "magcache"),
+        choices=("teacache", "magcache", "fit"),
         default="teacache",
-        help="teacache (our teacache-T policy's polynomial, default) or magcache (the diffusers:mag-T peer's ratios)",
+        help="teacache (our teacache-T policy's polynomial, default), magcache (the diffusers:mag-T peer's ratios) or "
+        "fit (--plan's reuses fitted as extrapolations from their last two outputs; writes a schedule file)",
     )
+    p.add_argument("--plan", default=None, help="with --method fit: the schedule plan to fit (e.g. emoji:blocks-brisk)")
+    p.add_argument(
+        "--ship",
+        default=None,
+        metavar="NAME",
+        help="with --method fit, zoo models only: also install the fitted schedule as the shipped plan MODEL:NAME",
+    )
+    p.add_argument("--replace", action="store_true", help="with --ship: replace a shipped schedule of that name")
     p.add_argument("--degree", type=int, default=4, help="TeaCache polynomial degree (default 4)")
     p.add_argument(
         "--out",
@@ -52,11 +62,12 @@ def run(args) -> dict:
 
     default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
     prompts = read_prompts(args, default)[: args.n]
+    plan = _fit_arguments(args) if args.method == "fit" else None
     if args.out:
         check_out_file(args.out)
     pipe = load(args)
     diffroute.remove(pipe)
-    out = _output_path(args, pipe)
+    out = Path(args.out) if args.method == "fit" else _output_path(args, pipe)
     arch = diffroute.architecture_map(pipe.transformer)
     pipe.set_progress_bar_config(disable=True)
 
@@ -68,6 +79,8 @@ def run(args) -> dict:
             **call_kwargs(pipe, args),
         )
 
+    if args.method == "fit":
+        return _fit(args, pipe, plan, prompts, full_run)
     if args.method == "magcache":
         return _magcache(args, pipe, arch, prompts, out, full_run)
     result = calibrate_teacache(pipe, full_run, out, args.degree, prompts=len(prompts), steps=args.steps)
@@ -76,6 +89,39 @@ def run(args) -> dict:
             f"wrote {out}: degree-{args.degree} fit on {result['points']} points, R^2 {result['r2']:.3f}",
             file=sys.stderr,
         )
+    return result
+
+
+def _fit_arguments(args):
+    """--method fit's own arguments, checked before the model loads: the plan, the output file, the zoo name."""
+    from diffroute.plans import resolve_plan
+
+    if args.plan is None or args.out is None:
+        raise ValueError("--method fit needs --plan PLAN (a schedule plan) and --out FILE (the fitted schedule JSON).")
+    if args.ship is not None:
+        from diffroute.cli.common import check_zoo_model
+        from diffroute.zoo.shipped import check_ship
+
+        check_zoo_model(args.model, "--ship")
+        check_ship("schedule", args.model, args.ship, args.replace)
+    return resolve_plan(args.plan)
+
+
+def _fit(args, pipe, plan, prompts, run) -> dict:
+    """Fit `plan`'s reuse weights with one calibration call (the call runs the plan, its reuses also computed)."""
+    from diffroute.policies.fitting import fit_schedule
+
+    schedule, summary = fit_schedule(pipe, plan, run, args.steps)
+    schedule.provenance.update(prompts=len(prompts), dtype=str(pipe.transformer.dtype).removeprefix("torch."))
+    schedule.save(args.out)
+    result = {"out": str(args.out), **summary, "prompts": len(prompts), "steps": args.steps}
+    if args.ship is not None:
+        from diffroute.zoo.shipped import install_schedule
+
+        result["shipped"] = f"{args.model}:{args.ship}"
+        install_schedule(Path(args.out), args.model, args.ship)
+    if not args.json:
+        print(f"wrote {args.out}: {summary['cells_fitted']} reuses of {plan.name} fitted", file=sys.stderr)
     return result
 
 

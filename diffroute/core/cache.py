@@ -114,6 +114,14 @@ class FeatureCache:
         self._grow(_nbytes([total]))
         return total
 
+    def outputs(self, key: Hashable, batch: int | None = None) -> list:
+        """The outputs stored for `key`, newest first (two at most, with `history=2`); empty if absent or stored for
+        another batch size."""
+        entry = self._store.get(key)
+        if entry is None or not _fits(entry.slots[0], batch):
+            return []
+        return [rebuild(entry.kind, slot) for slot in entry.slots]
+
     def forecast(self, key: Hashable, step: int, batch: int | None = None) -> Any | None:
         """First-order Taylor extrapolation to `step` from the last two stored outputs (None without two)."""
         entry = self._store.get(key)

@@ -8,7 +8,7 @@ import torch
 from diffroute.core.context import StepContext
 
 # the decision types live in core.decisions; deciders import them from here as before
-from diffroute.core.decisions import FORECAST, SKIP, SkipRows, SoftWidth, Width  # noqa: F401
+from diffroute.core.decisions import FORECAST, SKIP, Fit, Fitted, SkipRows, SoftWidth, Width  # noqa: F401
 from diffroute.core.schedule import Schedule
 
 
@@ -76,24 +76,52 @@ class Decider:
 
 
 class ScheduleDecider(Decider):
-    """Follows a static schedule; decisions are plain Python values, so the loop never waits on the device."""
+    """Follows a static schedule; decisions are plain Python values, so the loop never waits on the device.
 
-    def __init__(self, schedule: Schedule, spans: bool = False):
+    With fitted weights (`schedule.fit`) a reused cell or block is stood in for by `Fitted(a, c)`; with `record`
+    (calibration) by `Fit`, which computes the true output, fits (a, c) and hands them to `record(step, block,
+    index, a, c)` (index: the component, or the number of components for the block as a whole)."""
+
+    def __init__(self, schedule: Schedule, spans: bool = False, record=None):
         self.schedule = schedule
         c, f, whole = schedule.compute, schedule.forecast, schedule.block_reuse
+        fitted = schedule.fit is not None or record is not None
         nxt = computed_at_next_run(schedule)
-        # Keep an output if the block's next run reuses it; in a column that forecasts, keep every computed output
-        # (a forecast extrapolates from the last two).
-        store = c & (~nxt | f.any(dim=0, keepdim=True))
+        # Keep an output if the block's next run reuses it; in a column that forecasts (or whose reuses are fitted),
+        # keep every computed output (both extrapolate from the last two).
+        store = c & (~nxt | f.any(dim=0, keepdim=True) | (fitted & (~c).any(dim=0, keepdim=True)))
         self._decision = [
             [[True if cc else (FORECAST if ff else False) for cc, ff in zip(cb, fb)] for cb, fb in zip(cs, fs)]
             for cs, fs in zip(c.tolist(), f.tolist())
         ]
         self._store = store.tolist()
         self._block = (~whole).tolist()  # True: the block runs (its components decide), False: reused whole
-        # keep a block's residual when the very next step reuses the block whole (consecutive reuses share it)
-        self._store_block = (~whole & reused_whole_next(schedule)).tolist()
-        self._span_end = span_ends(whole) if spans else None
+        # keep a block's residual when the very next step reuses the block whole (consecutive reuses share it); with
+        # fitted reuse, every residual of a block that is ever reused whole
+        keep = whole.any(dim=0, keepdim=True) if fitted else reused_whole_next(schedule)
+        self._store_block = (~whole & keep).tolist()
+        self._span_end = span_ends(whole) if spans and not fitted else None
+        if fitted:
+            self._fit_decisions(schedule, record)
+
+    def _fit_decisions(self, schedule: Schedule, record) -> None:
+        """Plain reuses (False) become `Fitted(a, c)`, or `Fit` while calibrating; (1, 0) stays plain reuse."""
+        fit, n = schedule.fit, len(schedule.components)
+
+        def stand_in(t: int, b: int, i: int):
+            if record is not None:
+                return Fit(lambda a, c: record(t, b, i, a, c))
+            a, c = fit[t, b, i].tolist()
+            return False if (a, c) == (1.0, 0.0) else Fitted(a, c)
+
+        for t, step in enumerate(self._decision):
+            for b, row in enumerate(step):
+                if not self._block[t][b]:
+                    self._block[t][b] = stand_in(t, b, n)
+                    continue
+                for i, d in enumerate(row):
+                    if d is False:
+                        row[i] = stand_in(t, b, i)
 
     def block_span(self, ctx: StepContext, block: int) -> int:
         if self._span_end is None or ctx.step >= len(self._span_end):

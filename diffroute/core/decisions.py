@@ -1,15 +1,18 @@
 """The decisions a decider answers, as types, and the one rule that reads a decider's answer as one of them.
 
 A component (attention, FFN, ...) at a step is computed, reused from the cache, forecast from its last two outputs,
-computed for some samples only (`Rows`), computed at a fraction of its hidden units (`Width`), or, in training,
-blended (`Soft`, `SoftWidth`). A block decided as a whole is computed, reused from its residual, skipped (`Skip`),
-computed for some samples and reused (`Rows`) or skipped (`SkipRows`) for the others, or gated in training (`Soft`).
-Deciders may answer plain values (True, False, a bool or float tensor); `typed` reads them once, so the executor
-dispatches on the type alone (one handler per type, in `executor.py`, `block_level.py` and, for training, `soft.py`).
+stood in for by a fitted combination of them (`Fitted`; `Fit` while calibrating), computed for some samples only
+(`Rows`), computed at a fraction of its hidden units (`Width`), or, in training, blended (`Soft`, `SoftWidth`). A
+block decided as a whole is computed, reused from its residual (or a fitted combination of its last two, `Fitted`),
+skipped (`Skip`), computed for some samples and reused (`Rows`) or skipped (`SkipRows`) for the others, or gated in
+training (`Soft`). Deciders may answer plain values (True, False, a bool or float tensor); `typed` reads them once, so
+the executor dispatches on the type alone (one handler per type, in `executor.py`, `block_level.py`, `fitted.py` and,
+for training, `soft.py`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +35,24 @@ class Reuse(Decision):
 @dataclass(frozen=True)
 class Forecast(Decision):
     """A component: a first-order forecast from its last two computed outputs (reuse while there is one only)."""
+
+
+@dataclass(frozen=True)
+class Fitted(Decision):
+    """`a * newest + c * previous` of the last two computed outputs (a block: of its last two residuals, added to its
+    input); (1, 0) is plain reuse. Per (step, cell) weights calibrated by `diffroute calibrate --method fit`."""
+
+    a: float
+    c: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class Fit(Decision):
+    """Calibration of `Fitted`: compute the true output, fit (a, c) to it by least squares over the batch against the
+    last two cached outputs, pass them to `record`, and return the fitted stand-in, so that the run goes on from the
+    state that inference with these weights will have (HarmoniCa's point: fit on the trajectory the cache makes)."""
+
+    record: Callable[[float, float], None]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from diffroute.core.decisions import (
     FORECAST,
     REUSE,
     Compute,
+    Fit,
+    Fitted,
     Forecast,
     Reuse,
     Rows,
@@ -39,6 +41,7 @@ from diffroute.core.decisions import (
     settled,
     typed,
 )
+from diffroute.core.fitted import FittedDecisions
 from diffroute.core.foreign import foreign_cache_hooks, refuse_foreign_caches
 from diffroute.core.hooks import (
     BLOCK_HOOK,
@@ -61,7 +64,7 @@ BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "e
 __all__ = ["Executor", "foreign_cache_hooks", "refuse_foreign_caches"]
 
 
-class Executor(BlockDecisions, SoftDecisions):
+class Executor(BlockDecisions, FittedDecisions, SoftDecisions):
     """Attaches to one transformer, owns the step tracker, the feature cache and per-call stats."""
 
     def __init__(self, transformer: torch.nn.Module, plan, scheduler=None, num_inference_steps: int | None = None):
@@ -223,7 +226,7 @@ class Executor(BlockDecisions, SoftDecisions):
         """Carry out the decider's decision where it is not a plain compute: the cached or forecast output, or the
         cached output with some samples computed afresh. None: compute (also outside a transformer forward, where
         there is nothing to decide); KEEP: compute, then hand the output to `keep` (a later step reuses it)."""
-        if self.decider is None:
+        if self.decider is None or self._compute_all:
             return None
         if self.decider.reads_component_inputs:  # per-image gates read what the component is about to read
             self.decider.component_inputs(self.ctx, b, c, hidden_states_of(args, kwargs))
@@ -336,6 +339,8 @@ class Executor(BlockDecisions, SoftDecisions):
         Compute: _compute,
         Reuse: _reuse,
         Forecast: _reuse,
+        Fitted: FittedDecisions._fitted,
+        Fit: FittedDecisions._fit,
         Rows: _rows,
         Width: _width,
         Soft: SoftDecisions._soft_component,
@@ -344,6 +349,8 @@ class Executor(BlockDecisions, SoftDecisions):
     _block_handlers = {
         Compute: BlockDecisions._compute_block,
         Reuse: BlockDecisions._reuse_block,
+        Fitted: FittedDecisions._fitted_block,
+        Fit: FittedDecisions._fit_block,
         Skip: BlockDecisions._skip_block,
         Rows: BlockDecisions._rows_block,
         SkipRows: BlockDecisions._skip_rows_block,

@@ -54,6 +54,9 @@ class Schedule:
     block_reuse: torch.Tensor | None = None  # bool [steps, blocks]; only where the block's cells all reuse
     check: tuple[float, ...] | None = None  # per step: first-block change threshold (inf: unchecked); None: none
     check_per: str = "prompt"  # what one check decides (CHECK_PER): a row, an image's CFG pair, or the batch
+    # float [steps, blocks, components + 1, 2]: per reused cell (last index of dim 2: the block reused whole) the
+    # weights (a, c) of its fitted stand-in `a * newest + c * previous` (`core/fitted.py`); None: plain reuse
+    fit: torch.Tensor | None = None
 
     def __post_init__(self):
         self.compute = torch.as_tensor(self.compute, dtype=torch.bool).cpu()
@@ -92,6 +95,16 @@ class Schedule:
                 )
         if self.check_per not in CHECK_PER:
             raise ScheduleMismatchError(f"check_per must be one of {CHECK_PER}, got {self.check_per!r}.")
+        if self.fit is not None:
+            if self.check is not None:
+                raise ScheduleMismatchError(
+                    "a schedule carries a first-block check or fitted reuse weights, not both: the weights were "
+                    "fitted for reuses that every image takes."
+                )
+            self.fit = torch.as_tensor(self.fit, dtype=torch.float64).cpu()
+            want = (*self.compute.shape[:2], self.compute.shape[2] + 1, 2)
+            if tuple(self.fit.shape) != want or not bool(self.fit.isfinite().all()):
+                raise ScheduleMismatchError(f"fit must hold finite weights of shape {list(want)}.")
         if not bool(self.compute[0].all()):
             raise ScheduleMismatchError(
                 "step 0 of a schedule must compute every component: nothing is cached before the first step."
@@ -203,6 +216,11 @@ class Schedule:
         """The same schedule for another step count, by nearest normalised time (step i -> i/(n-1))."""
         if num_steps == self.num_steps:
             return self
+        if self.fit is not None:
+            raise ScheduleMismatchError(
+                f"this schedule's reuse weights were fitted at {self.num_steps} steps, not {num_steps}: run it at "
+                f"{self.num_steps} steps, or fit it again with `diffroute calibrate --method fit --steps {num_steps}`."
+            )
         src = resample_index(self.num_steps, num_steps)
         return replace(
             self,
@@ -223,7 +241,7 @@ class Schedule:
 
     def with_forecasts(self) -> Schedule:
         """The same compute cells, every skipped cell forecast (TaylorSeer-style) instead of reused."""
-        return replace(self, provenance=dict(self.provenance), forecast=~self.compute, block_reuse=None)
+        return replace(self, provenance=dict(self.provenance), forecast=~self.compute, block_reuse=None, fit=None)
 
     def with_block_reuse(self, present: torch.Tensor | None = None) -> Schedule:
         """The same decisions, with every block whose (present) components all reuse at a step reused as a whole:
@@ -273,6 +291,8 @@ class Schedule:
         if self.check is not None:  # JSON has no infinity: "inf" (unchecked step)
             out["check"] = ["inf" if math.isinf(t) else t for t in self.check]
             out["check_per"] = self.check_per
+        if self.fit is not None:  # [steps][blocks][components + block]: [a, c]
+            out["fit"] = self.fit.tolist()
         return out
 
     @classmethod
@@ -343,7 +363,15 @@ class Schedule:
         if per not in CHECK_PER:
             allowed = ", ".join(map(repr, CHECK_PER))
             raise bad(f"'check_per' must be one of {allowed} (what one check decides), got {per!r}.")
-        return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check, per)
+        fit = d.get("fit")
+        if fit is not None:
+            shape = [d["num_steps"], d["num_blocks"], width + 1, 2]
+            if not _nested_numbers(fit, shape):
+                raise bad(
+                    f"'fit' must be a {'x'.join(map(str, shape))} nested list of finite numbers (per step, block and "
+                    "component, then the block as a whole: the weights a, c of a fitted reuse), or left out."
+                )
+        return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check, per, fit)
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())
@@ -351,3 +379,10 @@ class Schedule:
     @classmethod
     def load(cls, path) -> Schedule:
         return cls.from_dict(read_json(path, "schedule", MAX_FILE_BYTES), source=f"schedule {str(path)!r}")
+
+
+def _nested_numbers(value, shape: list[int]) -> bool:
+    """Whether `value` is a nested list of this shape holding finite numbers (no bools), checked before tensors."""
+    if not shape:
+        return type(value) in (int, float) and math.isfinite(value)
+    return isinstance(value, list) and len(value) == shape[0] and all(_nested_numbers(v, shape[1:]) for v in value)

@@ -144,12 +144,17 @@ class SchedulePlan(Plan):
         self.schedule = schedule
         self.name = name or schedule.provenance.get("name") or schedule.provenance.get("rule") or "schedule"
         self.default_num_steps = schedule.num_steps
-        self.cache_history = 2 if schedule.has_forecasts else 1
+        # forecasts and fitted reuses (`core/fitted.py`) read the last two outputs
+        self.cache_history = 2 if schedule.has_forecasts or schedule.fit is not None else 1
         self.whole_blocks = whole_blocks  # reuse whole every block whose cells all reuse (`+blocks`)
         self._fitted: dict = {}
 
     def check(self, arch: ArchitectureMap) -> None:
         self.schedule.check_fits(arch)
+
+    def check_call(self, num_steps: int | None, scheduler=None) -> None:
+        if self.schedule.fit is not None and num_steps is not None and num_steps != self.schedule.num_steps:
+            self.schedule.resample(num_steps)  # (refuses, saying how to fit it again)
 
     def fitted(self, arch: ArchitectureMap) -> Schedule:
         """The schedule as it runs on `arch` (with `+blocks`, whole-block reuse marked where the present components
@@ -170,12 +175,26 @@ class SchedulePlan(Plan):
     def block_level(self, arch: ArchitectureMap) -> torch.Tensor:
         return self.fitted(arch).block_reuse.any(dim=0)
 
+    def _refuse_fitted(self, suffix: str) -> None:
+        if self.schedule.fit is None:
+            return
+        why = (
+            "its weights were fitted for its own cells: fit the plan with +blocks instead (`diffroute calibrate "
+            "--method fit --plan PLAN+blocks`)"
+            if suffix == BLOCKS_SUFFIX
+            else "each fitted block adds its own extrapolation, so a run of them is not one stored residual: run the "
+            "fitted schedule as it is"
+        )
+        raise PlanError(f"{self.name}{suffix}: this schedule carries fitted reuse weights; {why}.")
+
     def with_block_reuse(self) -> Plan:
+        self._refuse_fitted(BLOCKS_SUFFIX)
         plan = copy.copy(self)  # (a subclass keeps its checks: an L2C router's schedule stays refused off its model)
         plan.name, plan.whole_blocks, plan._fitted = self.name + BLOCKS_SUFFIX, True, {}
         return plan
 
     def with_spans(self) -> Plan:
+        self._refuse_fitted(SPANS_SUFFIX)
         plan = copy.copy(self)
         # a schedule with whole-block reuse of its own (a whole-block search's) keeps it; others take `+blocks`'s
         whole = self.whole_blocks or not self.schedule.has_block_reuse

@@ -1,0 +1,73 @@
+"""Fitted reuse as a library call: run a schedule plan once over calibration prompts with every reused cell and
+every block reused whole also computed, fit at each one the weights (a, c) of `a * newest + c * previous` that best
+predict its true output (least squares over the batch), and return the schedule carrying them (`Schedule.fit`).
+
+The run goes on from each fitted stand-in, not from the true output, so later weights are fitted on the state that
+inference with the earlier ones will have (HarmoniCa's step-wise point, `../shared/ROUTING.md` §8); the weights are
+shared by every image and both CFG rows (two numbers per cell: a static plan, no per-image decision)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from diffroute.core.arch import architecture_map
+from diffroute.core.deciders import ScheduleDecider
+from diffroute.core.schedule import Schedule
+from diffroute.errors import PlanError
+from diffroute.plans.base import Plan, SchedulePlan, is_schedule_plan
+
+
+class _Calibrating(SchedulePlan):
+    """The schedule, with each reuse computed too and fitted (`core.decisions.Fit`); weights land in `weights`."""
+
+    def __init__(self, schedule: Schedule, name: str):
+        super().__init__(schedule, name)
+        self.cache_history = 2
+        self.weights = torch.zeros(*schedule.compute.shape[:2], schedule.compute.shape[2] + 1, 2, dtype=torch.float64)
+        self.weights[..., 0] = 1.0  # cells never reached (nothing cached yet): plain reuse
+        self.fitted_cells = 0
+
+    def decider(self, arch, num_steps: int) -> ScheduleDecider:
+        def record(t: int, b: int, i: int, a: float, c: float) -> None:
+            self.weights[t, b, i] = torch.tensor([a, c], dtype=torch.float64)
+            self.fitted_cells += 1
+
+        return ScheduleDecider(self.schedule_at(arch, num_steps), record=record)
+
+
+def fit_schedule(pipe, plan: Plan, run: Callable[[], None], num_steps: int) -> tuple[Schedule, dict]:
+    """The schedule `plan` runs at `num_steps` on `pipe`, with weights fitted by one calibration `run()` (a pipeline
+    call of `pipe` at `num_steps` steps). Returns it and a summary (cells fitted, mean |a - 1| and |c|)."""
+    import diffroute
+
+    if not is_schedule_plan(plan):
+        raise PlanError(
+            f"plan {plan.name!r} is not a static schedule: only schedules (fora-N, searched and shipped ones, their "
+            "+blocks) take fitted reuse weights; per-image policies and routers decide differently at every call."
+        )
+    arch = architecture_map(pipe.transformer)
+    schedule = plan.schedule_at(arch, num_steps)
+    if schedule.fit is not None:
+        schedule = replace(schedule, fit=None)  # fitted afresh, on this model and these prompts
+    if bool(schedule.compute.all()):
+        raise PlanError(f"plan {plan.name!r} computes every cell at {num_steps} steps: there is no reuse to fit.")
+    calibrating = _Calibrating(schedule, plan.name)
+    diffroute.apply(pipe, calibrating)
+    try:
+        run()
+    finally:
+        diffroute.remove(pipe)
+    w = calibrating.weights
+    provenance = dict(schedule.provenance, fitted_from=plan.name, fitted_steps=num_steps)
+    fitted = replace(schedule, provenance=provenance, fit=w)
+    reused = w[..., 0] != 1.0
+    summary = {
+        "plan": plan.name,
+        "cells_fitted": calibrating.fitted_cells,
+        "mean_abs_a_minus_1": float((w[..., 0] - 1).abs()[reused].mean()) if bool(reused.any()) else 0.0,
+        "mean_abs_c": float(w[..., 1].abs()[reused].mean()) if bool(reused.any()) else 0.0,
+    }
+    return fitted, summary

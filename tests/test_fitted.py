@@ -1,0 +1,257 @@
+"""Fitted reuse (`Schedule.fit`, `diffroute calibrate --method fit`): a reused component or block stands in as
+`a * newest + c * previous` of its last two computed outputs (a block: residuals, added to its input), with weights
+fitted per (step, cell) on the plan's own trajectory."""
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli
+
+import diffroute
+from diffroute.core.arch import architecture_map
+from diffroute.core.fitted import combine, least_squares
+from diffroute.core.schedule import Schedule, ScheduleMismatchError
+from diffroute.errors import PlanError
+
+
+def _weights(schedule: Schedule) -> torch.Tensor:
+    """Distinct weights per (step, block, cell): a = 1 + w, c = -w with w = 0.1 * step + 0.01 * block + 0.001 * cell."""
+    steps, blocks, comps = schedule.compute.shape
+    t = torch.arange(steps, dtype=torch.float64)[:, None, None]
+    b = torch.arange(blocks, dtype=torch.float64)[None, :, None]
+    i = torch.arange(comps + 1, dtype=torch.float64)[None, None, :]
+    w = 0.1 * t + 0.01 * b + 0.001 * i
+    return torch.stack([1 + w, -w], dim=-1)
+
+
+def _step_counter(pipe):
+    """A new timestep is a new step; calls at the same timestep (true CFG) are branches. Returns (state, handle)."""
+    state = {"step": -1, "branch": 0, "t": None}
+
+    def count(module, args, kwargs):
+        t = float(torch.as_tensor(kwargs["timestep"]).reshape(-1)[0])
+        state["branch"] = state["branch"] + 1 if t == state["t"] else 0
+        state["step"] += t != state["t"]
+        state["t"] = t
+
+    return state, pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+
+
+def _fitted_value(history: list, a: float, c: float, base=None):
+    """The stand-in written out per stream: `base + a * newest`, then `+ c * previous` (newest alone with one
+    stored); without a base, `a * newest + c * previous`."""
+
+    def one(x, new, old):
+        if new is None:
+            return None
+        out = (new * a if a != 1.0 or old is not None else new) if x is None else x.add(new, alpha=a)
+        return out if old is None or c == 0.0 else out.add_(old, alpha=c)
+
+    newest = history[0]
+    older = history[1] if len(history) > 1 else None
+    if isinstance(newest, torch.Tensor):
+        return one(base, newest, older)
+    older = older or (None,) * len(newest)
+    return tuple(one(x, n, o) for x, n, o in zip(base or (None,) * len(newest), newest, older))
+
+
+def _reference_fitted_blocks(pipe, every: int, weights: torch.Tensor):
+    """FORA-`every` at block level with fitted weights, as plain forward replacements independent of the executor:
+    computed steps keep each block's last two residuals per branch; other steps return input + the fitted value."""
+    state, handle = _step_counter(pipe)
+    kept = {}
+    for b, block in enumerate(architecture_map(pipe.transformer).blocks):
+        signature, forward = inspect.signature(type(block).forward), block.forward
+
+        def replaced(*args, _b=b, _block=block, _sig=signature, _fwd=forward, **kwargs):
+            bound = _sig.bind(_block, *args, **kwargs).arguments
+            h, e = bound["hidden_states"], bound.get("encoder_hidden_states")
+            history = kept.setdefault((_b, state["branch"]), [])
+            if state["step"] % every == 0:
+                out = _fwd(*args, **kwargs)
+                if isinstance(out, torch.Tensor):
+                    res = out - h
+                else:
+                    res = (None if out[0] is None or e is None or out[0].shape != e.shape else out[0] - e, out[1] - h)
+                history.insert(0, res)
+                del history[2:]
+                return out
+            a, c = weights[state["step"], _b, -1].tolist()
+            return _fitted_value(history, a, c, h if isinstance(history[0], torch.Tensor) else (e, h))
+
+        block.forward = replaced
+    return handle
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fitted_block_reuse_is_input_plus_weighted_residuals(name):
+    """Every family: a block reused whole under fitted weights returns its input plus a * its newest residual + c *
+    the one before (at steps with only one stored, a * the newest), bit for bit as a plain forward replacement."""
+    pipe = fresh_pipe(name)
+    arch = architecture_map(pipe.transformer)
+    schedule = Schedule.fora(arch, STEPS, 2).with_block_reuse(arch.present())
+    fitted = Schedule(**{**schedule.__dict__, "fit": _weights(schedule)})
+    diffroute.apply(pipe, fitted)
+    routed = run(pipe, name, prompts(name), [0, 1])
+    stats = pipe.last_stats
+    diffroute.remove(pipe)
+    handle = _reference_fitted_blocks(pipe, 2, _weights(schedule))
+    try:
+        reference = run(pipe, name, prompts(name), [0, 1])
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(routed, reference)
+    assert stats.computed_fraction == pytest.approx(0.5)
+    diffroute.apply(pipe, schedule)  # the weights matter: plain reuse gives other images
+    assert not np.array_equal(run(pipe, name, prompts(name), [0, 1]), routed)
+
+
+def test_fitted_component_reuse_is_the_weighted_last_two_outputs():
+    """Component level (PixArt, FORA-2 per component): each reused component returns a * its newest output + c * the
+    one before, as forward hooks that replace the components' outputs give it."""
+    pipe = fresh_pipe("pixart-alpha")
+    arch = architecture_map(pipe.transformer)
+    schedule = Schedule.fora(arch, STEPS, 2)
+    weights = _weights(schedule)
+    diffroute.apply(pipe, Schedule(**{**schedule.__dict__, "fit": weights}))
+    routed = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
+    diffroute.remove(pipe)
+    state, step_handle = _step_counter(pipe)
+    kept, handles = {}, [step_handle]
+    for b, row in enumerate(arch.modules):
+        for i, module in enumerate(row):
+
+            def replace_output(module, args, out, _b=b, _i=i):
+                history = kept.setdefault((_b, _i), [])
+                if state["step"] % 2 == 0:
+                    history.insert(0, out)
+                    del history[2:]
+                    return out
+                a, c = weights[state["step"], _b, _i].tolist()
+                return _fitted_value(history, a, c)
+
+            handles.append(module.register_forward_hook(replace_output))
+    try:
+        reference = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
+    finally:
+        for h in handles:
+            h.remove()
+    np.testing.assert_array_equal(routed, reference)
+
+
+def test_unit_weights_are_plain_reuse_bit_for_bit():
+    """(a, c) = (1, 0) everywhere is the schedule itself (keeping two outputs per cell changes nothing)."""
+    pipe = fresh_pipe("pixart-alpha")
+    arch = architecture_map(pipe.transformer)
+    schedule = Schedule.fora(arch, STEPS, 3)
+    unit = torch.zeros(*schedule.compute.shape[:2], schedule.compute.shape[2] + 1, 2, dtype=torch.float64)
+    unit[..., 0] = 1.0
+    diffroute.apply(pipe, schedule)
+    plain = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
+    diffroute.apply(pipe, Schedule(**{**schedule.__dict__, "fit": unit}))
+    np.testing.assert_array_equal(run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1]), plain)
+
+
+def test_least_squares_finds_the_extrapolation_weight():
+    g = torch.Generator().manual_seed(0)
+    r0, r1 = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    target = r1 + 0.37 * (r1 - r0)
+    a, c = least_squares([r1, r0], target)
+    assert (a, c) == pytest.approx((1.37, -0.37))
+    torch.testing.assert_close(combine([r1, r0], a, c), target)
+    # a pair output (joint attention): one weight over both streams, None where a stream is absent
+    a, c = least_squares([(None, r1), (None, r0)], (None, r1 - 0.5 * (r1 - r0)))
+    assert (a, c) == pytest.approx((0.5, 0.5))
+    assert least_squares([r1], target) == (1.0, 0.0)  # one stored output: plain reuse
+    assert least_squares([r1, r1], target) == (1.0, 0.0)  # two equal ones: no direction to extrapolate along
+
+
+def test_calibration_fits_every_reuse_on_its_own_trajectory_and_improves_on_plain_reuse():
+    """The embedded model, FORA-3 with blocks reused whole, fitted on 8 training captions: each reused (step, block)
+    is fitted once (those with one residual stored as plain reuse), and on 8 held-out captions the fitted schedule
+    is closer to full compute than plain reuse."""
+    from diffroute.data.emoji import calibration_captions
+    from diffroute.plans import resolve_plan
+    from diffroute.policies.fitting import fit_schedule
+    from diffroute.zoo.emoji import heldout_captions
+
+    pipe = diffroute.load_pipeline("emoji")
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(captions, seed):
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(captions))]
+        return pipe(captions, num_inference_steps=20, generator=gens, output_type="pt").images
+
+    fitted, summary = fit_schedule(pipe, resolve_plan("fora-3+blocks"), lambda: call(calibration_captions(8), 0), 20)
+    w = fitted.fit[..., -1, :]  # the blocks' weights
+    reused = fitted.block_reuse
+    assert summary["cells_fitted"] == int(reused.sum()) == 13 * 6
+    assert bool((w[1:3] == torch.tensor([1.0, 0.0], dtype=torch.float64)).all())  # steps 1, 2: one residual so far
+    torch.testing.assert_close(w[reused].sum(1), torch.ones(len(w[reused]), dtype=torch.float64))  # a + c = 1
+    assert bool((w[4:][reused[4:]][:, 1] != 0).all())
+
+    held_out = heldout_captions(8)
+    diffroute.remove(pipe)
+    full = call(held_out, 100)
+
+    def psnr(images):
+        mse = ((images - full) ** 2).flatten(1).mean(1)
+        return float((10 * torch.log10(1 / mse)).mean())
+
+    pipe.enable_cache("fora-3+blocks")
+    plain = psnr(call(held_out, 100))
+    pipe.enable_cache(fitted)
+    assert psnr(call(held_out, 100)) > plain + 0.2
+
+
+def test_fitted_schedule_round_trips_and_is_refused_where_it_does_not_apply(tmp_path):
+    arch = architecture_map(fresh_pipe().transformer)
+    schedule = Schedule.fora(arch, 4, 2)
+    fitted = Schedule(**{**schedule.__dict__, "fit": _weights(schedule)})
+    fitted.save(tmp_path / "f.json")
+    assert torch.equal(Schedule.load(tmp_path / "f.json").fit, fitted.fit)
+    d = fitted.to_dict()
+    d["fit"][1][0][0] = [1.0]
+    with pytest.raises(ScheduleMismatchError, match="'fit' must be a 4x2x4x2 nested list"):
+        Schedule.from_dict(d)
+    d["fit"][1][0][0] = [1.0, True]
+    with pytest.raises(ScheduleMismatchError, match="'fit'"):
+        Schedule.from_dict(d)
+    with pytest.raises(ScheduleMismatchError, match="not both"):
+        Schedule(**{**fitted.__dict__, "check": (float("inf"),) * 4})
+    with pytest.raises(ScheduleMismatchError, match="fitted at 4 steps, not 6"):
+        fitted.resample(6)
+    pipe = fresh_pipe()
+    diffroute.apply(pipe, str(tmp_path / "f.json"))
+    with pytest.raises(ScheduleMismatchError, match="--method fit --steps 6"):  # before any step runs
+        pipe("a red apple", num_inference_steps=6, height=16, width=16, output_type="np")
+    for suffix in ("+blocks", "+spans"):
+        with pytest.raises(PlanError, match="fitted reuse weights"):
+            diffroute.resolve_plan(str(tmp_path / "f.json") + suffix)
+
+
+def test_calibrate_cli_writes_a_fitted_schedule_and_refuses_what_it_cannot_fit(tmp_path):
+    out = tmp_path / "fitted.json"
+    tiny = ["--model", "tiny-pixart", "--steps", "6", "--prompt", "a red apple", "--prompt", "a smiling cat"]
+    r = run_cli("calibrate", "--method", "fit", *tiny, "--plan", "fora-2+blocks", "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    schedule = Schedule.load(out)
+    assert result["cells_fitted"] == int(schedule.block_reuse.sum()) > 0
+    assert schedule.provenance["fitted_from"] == "fora-2+blocks" and schedule.num_steps == 6
+    r = run_cli("generate", "--model", "tiny-pixart", "--plan", out, "--steps", "6", "--prompt", "a red apple",
+                "--out", tmp_path / "gen", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for args, message in [
+        (["--plan", "fora-2"], "needs --plan PLAN"),  # no --out
+        (["--out", tmp_path / "x.json"], "needs --plan PLAN"),
+        (["--plan", "fbcache-0.1", "--out", tmp_path / "x.json"], "not a static schedule"),
+        (["--plan", "full", "--out", tmp_path / "x.json"], "no reuse to fit"),
+        (["--plan", "fora-2", "--out", tmp_path / "x.json", "--ship", "Bad Name"], "--ship"),
+    ]:
+        r = run_cli("calibrate", "--method", "fit", *tiny, *args)
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "x.json").exists()
