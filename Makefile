@@ -59,7 +59,7 @@ clean:
 
 # ---- Rebuilding the embedded emoji model and the figures the README shows (long; see README for times) ----
 # The shipped schedules (installed by `make search`) and every plan and peer setting the README table compares.
-SHIPPED ?= emoji:gentle,emoji:fast,emoji:faster,emoji:fastest,emoji:turbo,$(BLOCKS),$(HYBRID)
+SHIPPED ?= emoji:gentle,emoji:fast,emoji:faster,emoji:fastest,emoji:turbo,$(BLOCKS),$(HYBRID),$(FITTED)
 # the whole-block front, as searched and with runs of whole blocks reused as one residual (+spans)
 BLOCKS ?= emoji:blocks-gentle,emoji:blocks-fast,emoji:blocks-brisk,emoji:blocks-swift,emoji:blocks-faster,emoji:blocks-fastest,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,emoji:blocks-fastest+spans
 # the threshold searches' shipped members: checked per prompt (only the gentle end was checked) and per batch
@@ -71,7 +71,7 @@ L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-hybrid search-hybrid-batch compare compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks fit search-hybrid search-hybrid-batch compare compare-fit compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -201,6 +201,16 @@ HYBRID_SEARCH_FLAGS ?= $(BLOCKS_SEARCH_FLAGS) --thresholds
 HYBRID_SHIP ?= hybrid-gentle=0.9
 # the same search with checks that decide for the whole batch (as diffusers' FBC; no split batches)
 HYBRID_BATCH_SHIP ?= hybrid-batch-mild=0.93,hybrid-batch-gentle=0.83,hybrid-batch-fast=0.75
+# Fitted reuse (issue 25): each whole-block schedule's reuses fitted as extrapolations from their last two outputs,
+# one calibration call on 64 training captions in fp32 (the model's own dtype), installed as emoji:NAME-fit.
+FIT_SHIP ?= blocks-gentle blocks-fast blocks-brisk blocks-swift blocks-faster
+fit: install
+	mkdir -p runs/fit
+	for p in $(FIT_SHIP); do \
+		$(BIN)/diffroute calibrate --method fit --model emoji --dtype float32 --n 64 --plan emoji:$$p \
+			--out runs/fit/$$p.json --ship $$p-fit --replace --json > runs/fit/$$p.log || exit 1; \
+	done
+
 search: install
 	rm -rf runs/search/emoji
 	$(BIN)/diffroute search --model emoji $(SEARCH_FLAGS) --out runs/search/emoji --ship $(SHIP) --replace
@@ -225,6 +235,16 @@ compare: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	rm -rf docs/compare
 	$(BIN)/diffroute eval compare --model emoji --dtype bfloat16 --prompts heldout --n 356 --batch 32 --repeats 5 --plans $(COMPARE_PLANS) --out docs/compare
+
+# Fitted reuse against the plain whole-block schedules and the peers nearest them, in one fp32 run on the 356
+# held-out captions (issue 25, docs/benchmarks.md "Fitted reuse"; fp32: bf16 is emulated, so ~10x slower, on CPUs
+# without native bf16 such as the one these were made on). Resumable in runs/compare-fit.
+FITTED ?= emoji:blocks-gentle-fit,emoji:blocks-fast-fit,emoji:blocks-brisk-fit,emoji:blocks-swift-fit,emoji:blocks-faster-fit
+COMPARE_FIT_PLANS ?= full,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,$(FITTED),emoji:hybrid-batch-mild,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
+compare-fit: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 356 --batch 32 --repeats 3 --plans $(COMPARE_FIT_PLANS) --out runs/compare-fit
+	rm -rf docs/compare-fit && mkdir -p docs/compare-fit && cp runs/compare-fit/results.* runs/compare-fit/*.png docs/compare-fit/
 
 # The same in fp32 (ratios differ a lot between dtypes on a CPU; quality against fp32 `full`): every peer setting
 # and the shipped plans that dominated them in bf16 or came nearest (~45 min on 2 cores). Resumable: generated chunks are kept in
@@ -270,7 +290,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks search-hybrid search-hybrid-batch compare compare-fp32 moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks fit search-hybrid search-hybrid-batch compare compare-fit compare-fp32 moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done

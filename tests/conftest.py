@@ -49,6 +49,21 @@ def run(pipe, name, prompt_list, seeds, steps=STEPS):
     return out.images
 
 
+def step_counter(pipe):
+    """Count a pipeline's denoising steps from its transformer calls, for reference implementations written as plain
+    forward replacements: a new timestep is a new step, calls at the same timestep (true CFG) are branches. Returns
+    the state ({"step", "branch"}) and the hook's handle."""
+    state = {"step": -1, "branch": 0, "t": None}
+
+    def count(module, args, kwargs):
+        t = float(torch.as_tensor(kwargs["timestep"]).reshape(-1)[0])
+        state["branch"] = state["branch"] + 1 if t == state["t"] else 0
+        state["step"] += t != state["t"]
+        state["t"] = t
+
+    return state, pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+
+
 def fresh_pipe(name="pixart-alpha"):
     """A new tiny pipeline of its own (for tests that change it), progress bars off."""
     pipe = TINY_PIPELINES[name]()

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli
+from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli, step_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffroute
@@ -23,15 +23,7 @@ def _reference_block_reuse(pipe, every: int, spans: bool = False):
     With `spans`, where every block's residual is one tensor, the first block returns its input plus the sum of all
     of them (added in block order) and the others their input. A new timestep is a new step; calls at the same
     timestep (true CFG) are branches with residuals of their own. For one pipeline call."""
-    state = {"step": -1, "branch": 0, "t": None}
-
-    def count(module, args, kwargs):
-        t = float(torch.as_tensor(kwargs["timestep"]).reshape(-1)[0])
-        state["branch"] = state["branch"] + 1 if t == state["t"] else 0
-        state["step"] += t != state["t"]
-        state["t"] = t
-
-    handle = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+    state, handle = step_counter(pipe)
     saved = {}
     num_blocks = len(architecture_map(pipe.transformer).blocks)
     for b, block in enumerate(architecture_map(pipe.transformer).blocks):

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli
+from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli, step_counter
 
 import diffroute
 from diffroute.core.arch import architecture_map
-from diffroute.core.fitted import combine, least_squares
+from diffroute.core.fitted import combine, extrapolation_terms, weights
 from diffroute.core.schedule import Schedule, ScheduleMismatchError
 from diffroute.errors import PlanError
 
@@ -25,19 +25,6 @@ def _weights(schedule: Schedule) -> torch.Tensor:
     i = torch.arange(comps + 1, dtype=torch.float64)[None, None, :]
     w = 0.1 * t + 0.01 * b + 0.001 * i
     return torch.stack([1 + w, -w], dim=-1)
-
-
-def _step_counter(pipe):
-    """A new timestep is a new step; calls at the same timestep (true CFG) are branches. Returns (state, handle)."""
-    state = {"step": -1, "branch": 0, "t": None}
-
-    def count(module, args, kwargs):
-        t = float(torch.as_tensor(kwargs["timestep"]).reshape(-1)[0])
-        state["branch"] = state["branch"] + 1 if t == state["t"] else 0
-        state["step"] += t != state["t"]
-        state["t"] = t
-
-    return state, pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
 
 
 def _fitted_value(history: list, a: float, c: float, base=None):
@@ -58,10 +45,10 @@ def _fitted_value(history: list, a: float, c: float, base=None):
     return tuple(one(x, n, o) for x, n, o in zip(base or (None,) * len(newest), newest, older))
 
 
-def _reference_fitted_blocks(pipe, every: int, weights: torch.Tensor):
+def _reference_fitted_blocks(pipe, every: int, given: torch.Tensor):
     """FORA-`every` at block level with fitted weights, as plain forward replacements independent of the executor:
     computed steps keep each block's last two residuals per branch; other steps return input + the fitted value."""
-    state, handle = _step_counter(pipe)
+    state, handle = step_counter(pipe)
     kept = {}
     for b, block in enumerate(architecture_map(pipe.transformer).blocks):
         signature, forward = inspect.signature(type(block).forward), block.forward
@@ -79,7 +66,7 @@ def _reference_fitted_blocks(pipe, every: int, weights: torch.Tensor):
                 history.insert(0, res)
                 del history[2:]
                 return out
-            a, c = weights[state["step"], _b, -1].tolist()
+            a, c = given[state["step"], _b, -1].tolist()
             return _fitted_value(history, a, c, h if isinstance(history[0], torch.Tensor) else (e, h))
 
         block.forward = replaced
@@ -115,11 +102,11 @@ def test_fitted_component_reuse_is_the_weighted_last_two_outputs():
     pipe = fresh_pipe("pixart-alpha")
     arch = architecture_map(pipe.transformer)
     schedule = Schedule.fora(arch, STEPS, 2)
-    weights = _weights(schedule)
-    diffroute.apply(pipe, Schedule(**{**schedule.__dict__, "fit": weights}))
+    given = _weights(schedule)
+    diffroute.apply(pipe, Schedule(**{**schedule.__dict__, "fit": given}))
     routed = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
     diffroute.remove(pipe)
-    state, step_handle = _step_counter(pipe)
+    state, step_handle = step_counter(pipe)
     kept, handles = {}, [step_handle]
     for b, row in enumerate(arch.modules):
         for i, module in enumerate(row):
@@ -130,7 +117,7 @@ def test_fitted_component_reuse_is_the_weighted_last_two_outputs():
                     history.insert(0, out)
                     del history[2:]
                     return out
-                a, c = weights[state["step"], _b, _i].tolist()
+                a, c = given[state["step"], _b, _i].tolist()
                 return _fitted_value(history, a, c)
 
             handles.append(module.register_forward_hook(replace_output))
@@ -155,18 +142,24 @@ def test_unit_weights_are_plain_reuse_bit_for_bit():
     np.testing.assert_array_equal(run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1]), plain)
 
 
-def test_least_squares_finds_the_extrapolation_weight():
+def test_least_squares_finds_the_extrapolation_weight_and_pools_over_batches():
     g = torch.Generator().manual_seed(0)
     r0, r1 = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
     target = r1 + 0.37 * (r1 - r0)
-    a, c = least_squares([r1, r0], target)
+    a, c = weights(*extrapolation_terms([r1, r0], target))
     assert (a, c) == pytest.approx((1.37, -0.37))
     torch.testing.assert_close(combine([r1, r0], a, c), target)
     # a pair output (joint attention): one weight over both streams, None where a stream is absent
-    a, c = least_squares([(None, r1), (None, r0)], (None, r1 - 0.5 * (r1 - r0)))
-    assert (a, c) == pytest.approx((0.5, 0.5))
-    assert least_squares([r1], target) == (1.0, 0.0)  # one stored output: plain reuse
-    assert least_squares([r1, r1], target) == (1.0, 0.0)  # two equal ones: no direction to extrapolate along
+    assert weights(*extrapolation_terms([(None, r1), (None, r0)], (None, r1 - 0.5 * (r1 - r0)))) == pytest.approx(
+        (0.5, 0.5)
+    )
+    # summed terms of two halves (two calls, or two CFG branches) are the fit over the whole batch
+    noisy = target + 0.3 * torch.randn(4, 8, generator=g)
+    halves = [extrapolation_terms([r1[k], r0[k]], noisy[k]) for k in (slice(0, 2), slice(2, 4))]
+    pooled = weights(sum(h[0] for h in halves), sum(h[1] for h in halves))
+    assert pooled == pytest.approx(weights(*extrapolation_terms([r1, r0], noisy)))
+    assert weights(*extrapolation_terms([r1], target)) == (1.0, 0.0)  # one stored output: plain reuse
+    assert weights(*extrapolation_terms([r1, r1], target)) == (1.0, 0.0)  # two equal ones: no direction
 
 
 def test_calibration_fits_every_reuse_on_its_own_trajectory_and_improves_on_plain_reuse():

@@ -79,8 +79,9 @@ class ScheduleDecider(Decider):
     """Follows a static schedule; decisions are plain Python values, so the loop never waits on the device.
 
     With fitted weights (`schedule.fit`) a reused cell or block is stood in for by `Fitted(a, c)`; with `record`
-    (calibration) by `Fit`, which computes the true output, fits (a, c) and hands them to `record(step, block,
-    index, a, c)` (index: the component, or the number of components for the block as a whole)."""
+    (calibration) by `Fit`, which computes the true output and hands the least-squares terms of its extrapolation
+    weight to `record(step, block, index, num, den)` (index: the component, or the number of components for the
+    block as a whole)."""
 
     def __init__(self, schedule: Schedule, spans: bool = False, record=None):
         self.schedule = schedule
@@ -110,7 +111,7 @@ class ScheduleDecider(Decider):
 
         def stand_in(t: int, b: int, i: int):
             if record is not None:
-                return Fit(lambda a, c: record(t, b, i, a, c))
+                return Fit(lambda num, den: record(t, b, i, num, den))
             a, c = fit[t, b, i].tolist()
             return False if (a, c) == (1.0, 0.0) else Fitted(a, c)
 

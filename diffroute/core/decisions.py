@@ -48,9 +48,10 @@ class Fitted(Decision):
 
 @dataclass(frozen=True, eq=False)
 class Fit(Decision):
-    """Calibration of `Fitted`: compute the true output, fit (a, c) to it by least squares over the batch against the
-    last two cached outputs, pass them to `record`, and return the fitted stand-in, so that the run goes on from the
-    state that inference with these weights will have (HarmoniCa's point: fit on the trajectory the cache makes)."""
+    """Calibration of `Fitted`: compute the true output, pass `record` the least-squares terms (num, den) of the
+    extrapolation weight that best predicts it from the last two cached outputs, and return the stand-in that weight
+    gives, so that the run goes on from the state inference will have (HarmoniCa's point: fit on the trajectory the
+    cache makes)."""
 
     record: Callable[[float, float], None]
 

@@ -49,18 +49,24 @@ def _streams(inputs, like):
     return (inputs.get("encoder_hidden_states"), inputs["hidden_states"])
 
 
-def least_squares(history: list, target) -> tuple[float, float]:
-    """The extrapolation `newest + w * (newest - previous)` closest to `target` over every element of the output
-    (float64), as (a, c) = (1 + w, -w); with one stored output, or two equal ones, plain reuse (1, 0)."""
+def extrapolation_terms(history: list, target) -> tuple[float, float]:
+    """The least-squares terms of the extrapolation `newest + w * (newest - previous)` closest to `target` over every
+    element of the output (float64): w = num / den with num = <target - newest, step>, den = |step|^2, step = newest -
+    previous. Sums of the terms of several batches (or CFG branches) give the pooled fit. (0, 0) with fewer than two
+    stored outputs."""
     if len(history) < 2:
-        return 1.0, 0.0
+        return 0.0, 0.0
     flat = [torch.cat([t.detach().double().flatten() for t in tensors_of(h) if t is not None]) for h in history[:2]]
     y = torch.cat([t.detach().double().flatten() for t in tensors_of(target) if t is not None])
     step = flat[0] - flat[1]
-    norm = float(step @ step)
-    if norm <= 1e-30:
+    return float((y - flat[0]) @ step), float(step @ step)
+
+
+def weights(num: float, den: float) -> tuple[float, float]:
+    """(a, c) = (1 + w, -w) with w = num / den; plain reuse (1, 0) where there is no direction (den ~ 0)."""
+    if den <= 1e-30:
         return 1.0, 0.0
-    w = float((y - flat[0]) @ step) / norm
+    w = num / den
     return 1.0 + w, -w
 
 
@@ -92,10 +98,10 @@ class FittedDecisions:
         history = self.cache.outputs(key, n)
         if not history:
             return self._compute(forward, b, c, COMPUTE, args, kwargs)
-        a, w = least_squares(history, forward(*args, **kwargs))
-        decision.record(a, w)
+        terms = extrapolation_terms(history, forward(*args, **kwargs))
+        decision.record(*terms)
         self._record_component(b, c, 0, n)
-        return combine(history, a, w)
+        return combine(history, *weights(*terms))
 
     def _fitted_block(self, forward, b: int, module, decision, args: tuple, kwargs: dict):
         """The block's input plus the fitted combination of its last two residuals; computed when none is cached."""
@@ -116,7 +122,7 @@ class FittedDecisions:
         bound = blocks.bind(module, args, kwargs)
         with self._block_record(), self._computing_all():  # every component runs, uncounted: the true output
             true = blocks.residual(bound.arguments, blocks.call(forward, bound))
-        a, w = least_squares(history, true)
-        decision.record(a, w)
+        terms = extrapolation_terms(history, true)
+        decision.record(*terms)
         self._record_block(b, 0, n)
-        return combine(history, a, w, base=_streams(bound.arguments, history[0]))
+        return combine(history, *weights(*terms), base=_streams(bound.arguments, history[0]))

@@ -15,32 +15,42 @@ import torch
 
 from diffroute.core.arch import architecture_map
 from diffroute.core.deciders import ScheduleDecider
+from diffroute.core.fitted import weights
 from diffroute.core.schedule import Schedule
 from diffroute.errors import PlanError
 from diffroute.plans.base import Plan, SchedulePlan, is_schedule_plan
 
 
 class _Calibrating(SchedulePlan):
-    """The schedule, with each reuse computed too and fitted (`core.decisions.Fit`); weights land in `weights`."""
+    """The schedule, with each reuse computed too (`core.decisions.Fit`); the least-squares terms of each cell's
+    weight are summed over the calls and CFG branches of the calibration (a pooled fit)."""
 
     def __init__(self, schedule: Schedule, name: str):
         super().__init__(schedule, name)
         self.cache_history = 2
-        self.weights = torch.zeros(*schedule.compute.shape[:2], schedule.compute.shape[2] + 1, 2, dtype=torch.float64)
-        self.weights[..., 0] = 1.0  # cells never reached (nothing cached yet): plain reuse
-        self.fitted_cells = 0
+        self.terms = torch.zeros(*schedule.compute.shape[:2], schedule.compute.shape[2] + 1, 2, dtype=torch.float64)
+        self.reached = torch.zeros(self.terms.shape[:3], dtype=torch.bool)
 
     def decider(self, arch, num_steps: int) -> ScheduleDecider:
-        def record(t: int, b: int, i: int, a: float, c: float) -> None:
-            self.weights[t, b, i] = torch.tensor([a, c], dtype=torch.float64)
-            self.fitted_cells += 1
+        def record(t: int, b: int, i: int, num: float, den: float) -> None:
+            self.terms[t, b, i] += torch.tensor([num, den], dtype=torch.float64)
+            self.reached[t, b, i] = True
 
         return ScheduleDecider(self.schedule_at(arch, num_steps), record=record)
 
+    def weights(self) -> torch.Tensor:
+        """[steps, blocks, components + 1, 2]: (a, c) per cell; plain reuse (1, 0) where nothing was fitted."""
+        out = torch.zeros_like(self.terms)
+        out[..., 0] = 1.0
+        for t, b, i in self.reached.nonzero().tolist():
+            out[t, b, i] = torch.tensor(weights(*self.terms[t, b, i].tolist()), dtype=torch.float64)
+        return out
+
 
 def fit_schedule(pipe, plan: Plan, run: Callable[[], None], num_steps: int) -> tuple[Schedule, dict]:
-    """The schedule `plan` runs at `num_steps` on `pipe`, with weights fitted by one calibration `run()` (a pipeline
-    call of `pipe` at `num_steps` steps). Returns it and a summary (cells fitted, mean |a - 1| and |c|)."""
+    """The schedule `plan` runs at `num_steps` on `pipe`, with weights fitted by `run()` (one or more pipeline calls
+    of `pipe` at `num_steps` steps; each call's stand-ins use the weights fitted on that call, the stored weights pool
+    all of them). Returns it and a summary (cells fitted, mean |w|)."""
     import diffroute
 
     if not is_schedule_plan(plan):
@@ -60,14 +70,13 @@ def fit_schedule(pipe, plan: Plan, run: Callable[[], None], num_steps: int) -> t
         run()
     finally:
         diffroute.remove(pipe)
-    w = calibrating.weights
+    w = calibrating.weights()
     provenance = dict(schedule.provenance, fitted_from=plan.name, fitted_steps=num_steps)
     fitted = replace(schedule, provenance=provenance, fit=w)
-    reused = w[..., 0] != 1.0
+    moved = w[..., 1] != 0.0
     summary = {
         "plan": plan.name,
-        "cells_fitted": calibrating.fitted_cells,
-        "mean_abs_a_minus_1": float((w[..., 0] - 1).abs()[reused].mean()) if bool(reused.any()) else 0.0,
-        "mean_abs_c": float(w[..., 1].abs()[reused].mean()) if bool(reused.any()) else 0.0,
+        "cells_fitted": int(calibrating.reached.sum()),
+        "mean_abs_w": float(w[..., 1].abs()[moved].mean()) if bool(moved.any()) else 0.0,
     }
     return fitted, summary

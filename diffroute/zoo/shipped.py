@@ -155,7 +155,8 @@ def ship_front(result: dict, ship: dict[str, float], settings) -> dict[str, str]
 def zoo_seeds(model: str, arch, steps: int) -> list:
     """The schedules the zoo holds for `model` at this step count and model class, to seed a search: its shipped
     L2C routers (a router is a static schedule; per-sample routers such as Elastic are none) and its shipped
-    schedules (an earlier search's front members, so that a new search starts from where the last one ended)."""
+    schedules (an earlier search's front members, so that a new search starts from where the last one ended; not
+    their fitted versions, whose cells are their bases')."""
     from diffroute.core.schedule import Schedule
     from diffroute.routers import load_router
 
@@ -171,7 +172,8 @@ def zoo_seeds(model: str, arch, steps: int) -> list:
     for name, path in shipped_schedules().items():
         if name.split(":")[0] == model:
             schedule = Schedule.load(path)
-            if schedule.num_steps == steps and schedule.model_class == arch.model_class:
+            fitted = schedule.fit is not None  # (its cells are its base schedule's, which is a seed already)
+            if schedule.num_steps == steps and schedule.model_class == arch.model_class and not fitted:
                 seeds.append(schedule)
     return seeds
 
