@@ -160,6 +160,7 @@ def test_least_squares_finds_the_extrapolation_weight_and_pools_over_batches():
     assert pooled == pytest.approx(weights(*extrapolation_terms([r1, r0], noisy)))
     assert weights(*extrapolation_terms([r1], target)) == (1.0, 0.0)  # one stored output: plain reuse
     assert weights(*extrapolation_terms([r1, r1], target)) == (1.0, 0.0)  # two equal ones: no direction
+    assert weights(*extrapolation_terms([r1, r1 + 1e-6], target)) == (1.0, 0.0)  # nearly equal: w far out of range
 
 
 def test_calibration_fits_every_reuse_on_its_own_trajectory_and_improves_on_plain_reuse():
@@ -210,9 +211,12 @@ def test_fitted_schedule_round_trips_and_is_refused_where_it_does_not_apply(tmp_
     d["fit"][1][0][0] = [1.0]
     with pytest.raises(ScheduleMismatchError, match="'fit' must be a 4x2x4x2 nested list"):
         Schedule.from_dict(d)
-    d["fit"][1][0][0] = [1.0, True]
-    with pytest.raises(ScheduleMismatchError, match="'fit'"):
-        Schedule.from_dict(d)
+    for bad in ([1.0, True], [1.0, 1e300], [float("nan"), 0.0]):
+        d["fit"][1][0][0] = bad
+        with pytest.raises(ScheduleMismatchError, match=r"'fit' must be .* numbers in \[-100, 100\]"):
+            Schedule.from_dict(d)
+    with pytest.raises(ScheduleMismatchError, match="each a number in"):
+        Schedule(**{**fitted.__dict__, "fit": fitted.fit * 1e3})
     with pytest.raises(ScheduleMismatchError, match="not both"):
         Schedule(**{**fitted.__dict__, "check": (float("inf"),) * 4})
     with pytest.raises(ScheduleMismatchError, match="fitted at 4 steps, not 6"):

@@ -18,6 +18,7 @@ import torch
 from diffroute.core import blocks
 from diffroute.core.cache import rebuild, tensors_of
 from diffroute.core.decisions import COMPUTE
+from diffroute.core.schedule import MAX_FIT_WEIGHT
 
 
 def combine(history: list, a: float, c: float, base=None):
@@ -63,10 +64,13 @@ def extrapolation_terms(history: list, target) -> tuple[float, float]:
 
 
 def weights(num: float, den: float) -> tuple[float, float]:
-    """(a, c) = (1 + w, -w) with w = num / den; plain reuse (1, 0) where there is no direction (den ~ 0)."""
+    """(a, c) = (1 + w, -w) with w = num / den; plain reuse (1, 0) where there is no direction (den ~ 0) or where w
+    leaves the range a schedule file accepts (two nearly equal outputs: an extrapolation far past them is noise)."""
     if den <= 1e-30:
         return 1.0, 0.0
     w = num / den
+    if abs(w) > MAX_FIT_WEIGHT - 1:
+        return 1.0, 0.0
     return 1.0 + w, -w
 
 

@@ -38,6 +38,10 @@ def resample_index(n_from: int, n_to: int) -> list[int]:
 CHECK_PER = ("sample", "prompt", "batch")
 
 
+# A fitted reuse weight's bound: fitted ones lie within a few units of 0 and 1; a file with 1e300 would make inf images.
+MAX_FIT_WEIGHT = 100.0
+
+
 class ScheduleMismatchError(InputError):
     """Raised before any work when a schedule is malformed or does not fit the model it is applied to."""
 
@@ -103,8 +107,11 @@ class Schedule:
                 )
             self.fit = torch.as_tensor(self.fit, dtype=torch.float64).cpu()
             want = (*self.compute.shape[:2], self.compute.shape[2] + 1, 2)
-            if tuple(self.fit.shape) != want or not bool(self.fit.isfinite().all()):
-                raise ScheduleMismatchError(f"fit must hold finite weights of shape {list(want)}.")
+            if tuple(self.fit.shape) != want or not bool((self.fit.abs() <= MAX_FIT_WEIGHT).all()):
+                raise ScheduleMismatchError(
+                    f"fit must hold weights of shape {list(want)}, each a number in [-{MAX_FIT_WEIGHT:g}, "
+                    f"{MAX_FIT_WEIGHT:g}] (fitted ones lie within a few units of 0 and 1)."
+                )
         if not bool(self.compute[0].all()):
             raise ScheduleMismatchError(
                 "step 0 of a schedule must compute every component: nothing is cached before the first step."
@@ -368,8 +375,9 @@ class Schedule:
             shape = [d["num_steps"], d["num_blocks"], width + 1, 2]
             if not _nested_numbers(fit, shape):
                 raise bad(
-                    f"'fit' must be a {'x'.join(map(str, shape))} nested list of finite numbers (per step, block and "
-                    "component, then the block as a whole: the weights a, c of a fitted reuse), or left out."
+                    f"'fit' must be a {'x'.join(map(str, shape))} nested list of numbers in [-{MAX_FIT_WEIGHT:g}, "
+                    f"{MAX_FIT_WEIGHT:g}] (per step, block and component, then the block as a whole: the weights a, c "
+                    "of a fitted reuse), or left out."
                 )
         return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check, per, fit)
 
@@ -382,7 +390,8 @@ class Schedule:
 
 
 def _nested_numbers(value, shape: list[int]) -> bool:
-    """Whether `value` is a nested list of this shape holding finite numbers (no bools), checked before tensors."""
+    """Whether `value` is a nested list of this shape holding numbers within +-MAX_FIT_WEIGHT (no bools), checked
+    before tensors."""
     if not shape:
-        return type(value) in (int, float) and math.isfinite(value)
+        return type(value) in (int, float) and abs(value) <= MAX_FIT_WEIGHT
     return isinstance(value, list) and len(value) == shape[0] and all(_nested_numbers(v, shape[1:]) for v in value)
