@@ -24,6 +24,12 @@ def _weights(out):
     return load_file(file)
 
 
+SIGINT_AS_UNDER_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'diffroute'; runpy.run_module('diffroute', run_name='__main__', alter_sys=True)"
+)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
@@ -35,7 +41,10 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_killed_training_resumes_to_the_same_weights(tmp_path, uninterrupted, sig):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "diffroute", *ARGS, "--out", str(out)]
+    # SIGINT handled as under a terminal: a shell that started the suite in the background (`make test &`) leaves it
+    # ignored in every child (POSIX), and Python then installs no KeyboardInterrupt handler at all; set here rather
+    # than in a preexec_fn, which is unsafe in a process with threads (torch's)
+    cmd = [sys.executable, "-c", SIGINT_AS_UNDER_A_TERMINAL, *ARGS, "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     meta = out / "checkpoint.json"
     deadline = time.time() + 300
