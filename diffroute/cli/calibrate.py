@@ -80,7 +80,7 @@ def run(args) -> dict:
         )
 
     if args.method == "fit":
-        return _fit(args, pipe, plan, prompts, full_run)
+        return _fit(args, pipe, plan, prompts, out, full_run)
     if args.method == "magcache":
         return _magcache(args, pipe, arch, prompts, out, full_run)
     result = calibrate_teacache(pipe, full_run, out, args.degree, prompts=len(prompts), steps=args.steps)
@@ -107,21 +107,21 @@ def _fit_arguments(args):
     return resolve_plan(args.plan)
 
 
-def _fit(args, pipe, plan, prompts, run) -> dict:
+def _fit(args, pipe, plan, prompts, out: Path, run) -> dict:
     """Fit `plan`'s reuse weights with one calibration call (the call runs the plan, its reuses also computed)."""
     from diffroute.policies.fitting import fit_schedule
 
     schedule, summary = fit_schedule(pipe, plan, run, args.steps)
     schedule.provenance.update(prompts=len(prompts), dtype=str(pipe.transformer.dtype).removeprefix("torch."))
-    schedule.save(args.out)
-    result = {"out": str(args.out), **summary, "prompts": len(prompts), "steps": args.steps}
+    schedule.save(out)
+    result = {"out": str(out), **summary, "prompts": len(prompts), "steps": args.steps}
     if args.ship is not None:
         from diffroute.zoo.shipped import install_schedule
 
         result["shipped"] = f"{args.model}:{args.ship}"
-        install_schedule(Path(args.out), args.model, args.ship)
+        install_schedule(out, args.model, args.ship)
     if not args.json:
-        print(f"wrote {args.out}: {summary['cells_fitted']} reuses of {plan.name} fitted", file=sys.stderr)
+        print(f"wrote {out}: {summary['cells_fitted']} reuses of {plan.name} fitted", file=sys.stderr)
     return result
 
 
