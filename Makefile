@@ -202,13 +202,15 @@ HYBRID_SHIP ?= hybrid-gentle=0.9
 # the same search with checks that decide for the whole batch (as diffusers' FBC; no split batches)
 HYBRID_BATCH_SHIP ?= hybrid-batch-mild=0.93,hybrid-batch-gentle=0.83,hybrid-batch-fast=0.75
 # Fitted reuse (issue 25): each whole-block schedule's reuses fitted as extrapolations from their last two outputs,
-# one calibration call on 64 training captions in fp32 (the model's own dtype), installed as emoji:NAME-fit.
+# one calibration call on 64 training captions in fp32 (the model's own dtype), then FIT_REFINE epochs of training
+# on the final image (policies/refining.py, ~7 min per plan here), installed as emoji:NAME-fit.
 FIT_SHIP ?= blocks-gentle blocks-fast blocks-brisk blocks-swift blocks-faster
+FIT_REFINE ?= 6
 fit: install
 	mkdir -p runs/fit
 	for p in $(FIT_SHIP); do \
 		$(BIN)/diffroute calibrate --method fit --model emoji --dtype float32 --n 64 --plan emoji:$$p \
-			--out runs/fit/$$p.json --ship $$p-fit --replace --json > runs/fit/$$p.log || exit 1; \
+			--refine $(FIT_REFINE) --out runs/fit/$$p.json --ship $$p-fit --replace --json > runs/fit/$$p.log || exit 1; \
 	done
 
 search: install

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli, step_counter
+from conftest import CALL_KWARGS, NAMES, STEPS, fresh_pipe, prompts, run, run_cli, step_counter
 
 import diffroute
 from diffroute.core.arch import architecture_map
@@ -248,7 +248,77 @@ def test_calibrate_cli_writes_a_fitted_schedule_and_refuses_what_it_cannot_fit(t
         (["--plan", "fbcache-0.1", "--out", tmp_path / "x.json"], "not a static schedule"),
         (["--plan", "full", "--out", tmp_path / "x.json"], "no reuse to fit"),
         (["--plan", "fora-2", "--out", tmp_path / "x.json", "--ship", "Bad Name"], "--ship"),
+        (["--plan", "fora-2", "--out", tmp_path / "x.json", "--refine", "-1"], "--refine EPOCHS"),
+        (["--plan", "fora-2", "--out", tmp_path / "x.json", "--refine", "2", "--refine-lr", "0"], "--refine-lr"),
     ]:
         r = run_cli("calibrate", "--method", "fit", *tiny, *args)
         assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cache_keeping_the_graph_holds_the_outputs_themselves_newest_first():
+    from diffroute.core.cache import FeatureCache
+
+    cache = FeatureCache(history=2, keep_graph=True)
+    x = torch.ones(2, 3, requires_grad=True)
+    outs = [x * k for k in (1.0, 2.0, 3.0)]
+    for step, out in enumerate(outs):
+        cache.put("k", out, step)
+    newest, previous = cache.outputs("k", 2)
+    assert newest is outs[2] and previous is outs[1]  # no copies: autograd reaches x through both
+    (newest + previous).sum().backward()
+    assert torch.equal(x.grad, torch.full((2, 3), 5.0))
+
+
+def test_refinement_gradient_is_the_final_images_derivative_in_each_weight():
+    """The gradient a refinement step takes, through the whole sampling loop and the cached outputs, against central
+    finite differences of the final latents (tiny PixArt in float64; the scheduler steps in float32, so the
+    differences use a wide step and a loose tolerance)."""
+    from diffroute.plans import resolve_plan
+    from diffroute.policies.fitting import fit_schedule
+    from diffroute.policies.refining import _Refining, fitted_cells
+
+    pipe = fresh_pipe("pixart-alpha").to(torch.float64)
+    pipe.transformer.requires_grad_(False)
+    kwargs = dict(CALL_KWARGS["pixart-alpha"], num_inference_steps=8)
+
+    def call(grad=False):
+        gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        run = pipe.call_with_grad if grad else pipe
+        return run(prompts("pixart-alpha"), generator=gens, output_type="latent", **kwargs).images
+
+    fitted, _ = fit_schedule(pipe, resolve_plan("fora-2"), call, 8)
+    cells = fitted_cells(fitted)
+    w = torch.tensor([-fitted.fit[t, b, i, 1].item() for t, b, i in cells], dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(call().shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    diffroute.apply(pipe, _Refining(fitted, cells, w))
+    (call(grad=True) * probe).sum().backward()
+    largest = w.grad.abs().argsort(descending=True)[:4].tolist()
+    assert {cells[k][0] for k in largest} != {max(t for t, _, _ in cells)}  # not only the last step's weights
+    for k in largest:
+        diffs = []
+        for e in (2e-2, -2e-2):
+            with torch.no_grad():
+                w[k] += e
+                diffs.append(float((call() * probe).sum()))
+                w[k] -= e
+        assert (diffs[0] - diffs[1]) / 4e-2 == pytest.approx(float(w.grad[k]), rel=0.1, abs=2e-3), cells[k]
+
+
+def test_calibrate_cli_refines_the_fitted_weights_on_the_final_image(tmp_path):
+    """`--refine EPOCHS`: the greedy weights trained on the final image; the kept ones lower the loss on the
+    calibration prompts below the greedy fit's, and the file holds them as extrapolations (a + c = 1)."""
+    out = tmp_path / "refined.json"
+    tiny = ["--model", "tiny-pixart", "--steps", "6", "--prompt", "a red apple", "--prompt", "a smiling cat"]
+    args = ["--plan", "fora-2", "--refine", "3", "--refine-batch", "1", "--refine-lr", "0.05", "--out", out, "--json"]
+    r = run_cli("calibrate", "--method", "fit", *tiny, *args)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    history = result["image_log_mse_per_epoch"]
+    assert len(history) == 4 and result["image_log_mse_greedy"] == history[0]
+    assert result["kept_epoch"] > 0 and result["image_log_mse_refined"] == min(history) < history[0]
+    schedule = Schedule.load(out)
+    assert schedule.provenance["refined_epochs"] == 3
+    fitted = (schedule.fit[..., 0] != 1.0) | (schedule.fit[..., 1] != 0.0)
+    assert int(fitted.sum()) == result["cells_refined"] > 0
+    torch.testing.assert_close(schedule.fit[fitted].sum(-1), torch.ones(int(fitted.sum()), dtype=torch.float64))

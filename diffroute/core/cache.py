@@ -36,10 +36,14 @@ class FeatureCache:
     A stored output is copied into the key's existing buffers when shapes match, so a call allocates each buffer
     once (twice with `history=2`, which keeps the previous output too, for Taylor forecasts); `clear()` drops them
     all at the end of the call. Values stay on their device: no host copies, no syncs.
+
+    With `keep_graph` (training through the history, `policies/refining.py`) the outputs themselves are kept, with
+    their autograd graph, instead of copies into buffers: a buffer written in place at a later step would invalidate
+    what autograd saved from it, and a copy would cut the gradient.
     """
 
-    def __init__(self, history: int = 1):
-        self.history = history
+    def __init__(self, history: int = 1, keep_graph: bool = False):
+        self.history, self.keep_graph = history, keep_graph
         self._store: dict[Hashable, _Entry] = {}
         self._sums: dict[tuple, tuple[tuple, torch.Tensor]] = {}  # keys -> (their versions, the sum of them)
         self._stores = 0
@@ -54,6 +58,14 @@ class FeatureCache:
     def _put(self, key: Hashable, out: Any, step: int) -> None:
         new = tensors_of(out)
         entry = self._store.get(key)
+        if self.keep_graph:
+            kept = entry is not None and _same_layout(entry.slots[0], new)
+            fresh = _Entry(type(out), list(new), step)
+            if kept:
+                fresh.slots += entry.slots[: self.history - 1]
+                fresh.steps += entry.steps[: self.history - 1]
+            self._store[key] = fresh
+            return
         if entry is not None and not _same_layout(entry.slots[0], new):
             self.bytes -= sum(_nbytes(s) for s in entry.slots)
             del self._store[key]

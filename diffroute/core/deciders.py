@@ -78,15 +78,15 @@ class Decider:
 class ScheduleDecider(Decider):
     """Follows a static schedule; decisions are plain Python values, so the loop never waits on the device.
 
-    With fitted weights (`schedule.fit`) a reused cell or block is stood in for by `Fitted(a, c)`; with `record`
-    (calibration) by `Fit`, which computes the true output and hands the least-squares terms of its extrapolation
-    weight to `record(step, block, index, num, den)` (index: the component, or the number of components for the
-    block as a whole)."""
+    With fitted weights (`schedule.fit`) a reused cell or block is stood in for by `Fitted(a, c)`. `stand_in(step,
+    block, index)` (index: the component, or the number of components for the block as a whole) replaces that rule
+    for every reuse, for the calibration: `Fit`, which computes the true output and records the least-squares terms
+    of its extrapolation weight, or `Fitted` with weights that carry gradients (the final-image refinement)."""
 
-    def __init__(self, schedule: Schedule, spans: bool = False, record=None):
+    def __init__(self, schedule: Schedule, spans: bool = False, stand_in=None):
         self.schedule = schedule
         c, f, whole = schedule.compute, schedule.forecast, schedule.block_reuse
-        fitted = schedule.fit is not None or record is not None
+        fitted = schedule.fit is not None or stand_in is not None
         nxt = computed_at_next_run(schedule)
         # Keep an output if the block's next run reuses it; in a column that forecasts (or whose reuses are fitted),
         # keep every computed output (both extrapolate from the last two).
@@ -103,17 +103,15 @@ class ScheduleDecider(Decider):
         self._store_block = (~whole & keep).tolist()
         self._span_end = span_ends(whole) if spans and not fitted else None
         if fitted:
-            self._fit_decisions(schedule, record)
+            self._fit_decisions(schedule, stand_in or self._stored_weights)
 
-    def _fit_decisions(self, schedule: Schedule, record) -> None:
-        """Plain reuses (False) become `Fitted(a, c)`, or `Fit` while calibrating; (1, 0) stays plain reuse."""
-        fit, n = schedule.fit, len(schedule.components)
+    def _stored_weights(self, t: int, b: int, i: int):
+        a, c = self.schedule.fit[t, b, i].tolist()
+        return False if (a, c) == (1.0, 0.0) else Fitted(a, c)  # (1, 0): plain reuse
 
-        def stand_in(t: int, b: int, i: int):
-            if record is not None:
-                return Fit(lambda num, den: record(t, b, i, num, den))
-            a, c = fit[t, b, i].tolist()
-            return False if (a, c) == (1.0, 0.0) else Fitted(a, c)
+    def _fit_decisions(self, schedule: Schedule, stand_in) -> None:
+        """Plain reuses (False) become what `stand_in(step, block, index)` says."""
+        n = len(schedule.components)
 
         for t, step in enumerate(self._decision):
             for b, row in enumerate(step):

@@ -87,7 +87,7 @@ class Executor(BlockDecisions, FittedDecisions, SoftDecisions):
         self.scheduler = scheduler
         self.tracker = StepTracker(source, default_steps)
         self.default_num_steps = default_steps
-        self.cache = FeatureCache(history=self.plan.cache_history)
+        self.cache = FeatureCache(history=self.plan.cache_history, keep_graph=self.plan.cache_keeps_graph)
         self.present = self.arch.present()
         # Computed at every step and never stored: no hook needed (stats count them once per transformer call).
         self.always = self.plan.always_computed(self.arch) & self.present

@@ -24,7 +24,10 @@ from diffroute.core.schedule import MAX_FIT_WEIGHT
 def combine(history: list, a: float, c: float, base=None):
     """`base + a * history[0] + c * history[1]` per tensor of the output (no base: zero; one stored output or c = 0:
     the newest alone, times a). Each stream costs one new tensor and one in-place add: on a reused block, the two
-    extra elementwise passes over plain reuse's one add are all a fitted stand-in adds."""
+    extra elementwise passes over plain reuse's one add are all a fitted stand-in adds. Weights given as tensors
+    (training) take the path autograd can follow (`_combine_trainable`)."""
+    if isinstance(a, torch.Tensor) or isinstance(c, torch.Tensor):
+        return _combine_trainable(history, a, c, base)
     newest = tensors_of(history[0])
     older = tensors_of(history[1]) if len(history) > 1 and c != 0.0 else [None] * len(newest)
     bases = [None] * len(newest) if base is None else tensors_of(base)
@@ -40,6 +43,25 @@ def combine(history: list, a: float, c: float, base=None):
         else:
             mixed = new * a
         out.append(mixed if old is None else mixed.add_(old, alpha=c))
+    return rebuild(type(history[0]), out)
+
+
+def _combine_trainable(history: list, a, c, base):
+    """`combine` with gradients through the weights and through the stored outputs (the cache must keep them with
+    their graph, `FeatureCache(keep_graph=True)`: its buffers, written in place at later steps, would invalidate
+    what autograd saved of them)."""
+    newest = tensors_of(history[0])
+    older = tensors_of(history[1]) if len(history) > 1 else [None] * len(newest)
+    bases = [None] * len(newest) if base is None else tensors_of(base)
+    out = []
+    for new, old, x in zip(newest, older, bases):
+        if new is None:
+            out.append(None)
+            continue
+        mixed = new * a
+        if old is not None:
+            mixed = mixed + old * c
+        out.append(mixed if x is None else x + mixed)
     return rebuild(type(history[0]), out)
 
 

@@ -21,6 +21,7 @@ class Plan:
     name: str = "plan"
     default_num_steps: int | None = None
     cache_history: int = 1  # outputs kept per component (2 for Taylor forecasts)
+    cache_keeps_graph: bool = False  # training through the cached outputs (`core.cache.FeatureCache`)
     collapse_spans: bool = False  # `+spans`: a run of consecutive blocks reused whole adds one residual
 
     def observed_blocks(self, arch: ArchitectureMap) -> tuple[int, ...]:

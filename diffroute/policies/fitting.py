@@ -15,6 +15,7 @@ import torch
 
 from diffroute.core.arch import architecture_map
 from diffroute.core.deciders import ScheduleDecider
+from diffroute.core.decisions import Fit
 from diffroute.core.fitted import weights
 from diffroute.core.schedule import Schedule
 from diffroute.errors import PlanError
@@ -36,7 +37,10 @@ class _Calibrating(SchedulePlan):
             self.terms[t, b, i] += torch.tensor([num, den], dtype=torch.float64)
             self.reached[t, b, i] = True
 
-        return ScheduleDecider(self.schedule_at(arch, num_steps), record=record)
+        def fit(t: int, b: int, i: int) -> Fit:
+            return Fit(lambda num, den: record(t, b, i, num, den))
+
+        return ScheduleDecider(self.schedule_at(arch, num_steps), stand_in=fit)
 
     def weights(self) -> torch.Tensor:
         """[steps, blocks, components + 1, 2]: (a, c) per cell; plain reuse (1, 0) where nothing was fitted."""
