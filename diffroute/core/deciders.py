@@ -80,8 +80,9 @@ class ScheduleDecider(Decider):
 
     With fitted weights (`schedule.fit`) a reused cell or block is stood in for by `Fitted(a, c)`. `stand_in(step,
     block, index)` (index: the component, or the number of components for the block as a whole) replaces that rule
-    for every reuse, for the calibration: `Fit`, which computes the true output and records the least-squares terms
-    of its extrapolation weight, or `Fitted` with weights that carry gradients (the final-image refinement)."""
+    where it returns a decision (None: the stored weights): the calibration's `Fit`, which computes the true output
+    and records the least-squares terms of its extrapolation weight, or `Fitted` with weights that carry gradients
+    (the final-image refinement)."""
 
     def __init__(self, schedule: Schedule, spans: bool = False, stand_in=None):
         self.schedule = schedule
@@ -103,15 +104,18 @@ class ScheduleDecider(Decider):
         self._store_block = (~whole & keep).tolist()
         self._span_end = span_ends(whole) if spans and not fitted else None
         if fitted:
-            self._fit_decisions(schedule, stand_in or self._stored_weights)
+            self._fit_decisions(schedule, stand_in)
 
-    def _stored_weights(self, t: int, b: int, i: int):
-        a, c = self.schedule.fit[t, b, i].tolist()
-        return False if (a, c) == (1.0, 0.0) else Fitted(a, c)  # (1, 0): plain reuse
-
-    def _fit_decisions(self, schedule: Schedule, stand_in) -> None:
-        """Plain reuses (False) become what `stand_in(step, block, index)` says."""
+    def _fit_decisions(self, schedule: Schedule, given) -> None:
+        """Plain reuses (False) become what `given(step, block, index)` says, else what the stored weights say."""
         n = len(schedule.components)
+
+        def stand_in(t: int, b: int, i: int):
+            decision = None if given is None else given(t, b, i)
+            if decision is not None:
+                return decision
+            a, c = schedule.fit[t, b, i].tolist()
+            return False if (a, c) == (1.0, 0.0) else Fitted(a, c)  # (1, 0): plain reuse
 
         for t, step in enumerate(self._decision):
             for b, row in enumerate(step):

@@ -1,6 +1,7 @@
 """Fitted reuse refined on the final image: a fitted schedule's extrapolation weights (`policies/fitting.py`) trained
-by gradient descent on the MSE between the final latents the schedule gives and full compute's from the same noise,
-backpropagated through the whole sampling loop (`call_with_grad`, as the gates' `--rollout image` does).
+by gradient descent on how far the final latents the schedule gives are from full compute's from the same noise
+(`log_error`), backpropagated through the whole sampling loop (`call_with_grad`, as the gates' `--rollout image`
+does).
 
 Why: the calibration fits each weight greedily, to the next output of its own cell. Where most of a step is
 extrapolated those fits compound into later steps they do not see, and at the fast end the fitted schedules lost to
@@ -39,11 +40,10 @@ class _Refining(SchedulePlan):
 
     def decider(self, arch, num_steps: int) -> ScheduleDecider:
         # made at every call: the weights' graph is new each time
-        stored = ScheduleDecider(self.schedule)._stored_weights
 
         def stand_in(t: int, b: int, i: int):
             k = self.index.get((t, b, i))
-            return stored(t, b, i) if k is None else Fitted(1 + self.w[k], -self.w[k])
+            return None if k is None else Fitted(1 + self.w[k], -self.w[k])  # None: the stored weights
 
         return ScheduleDecider(self.schedule, stand_in=stand_in)
 
@@ -57,7 +57,8 @@ def fitted_cells(schedule: Schedule) -> list[tuple[int, int, int]]:
 def log_error(latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per sample: log10 of the mean squared error of its final latents (-PSNR / 10 up to a constant): the loss is
     its mean, so each image counts as it does in the mean per-image PSNR we report, not by the size of its error
-    (a squared error over the batch overfits the few images with the largest errors)."""
+    (a squared error over the batch, tried first, followed the few images with the largest errors and its gain on
+    the calibration captions did not carry over to held-out ones)."""
     return torch.log10((latents - target).pow(2).flatten(1).mean(1) + 1e-12)
 
 
