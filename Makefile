@@ -203,7 +203,7 @@ HYBRID_SHIP ?= hybrid-gentle=0.9
 HYBRID_BATCH_SHIP ?= hybrid-batch-mild=0.93,hybrid-batch-gentle=0.83,hybrid-batch-fast=0.75
 # Fitted reuse (issue 25): each whole-block schedule's reuses fitted as extrapolations from their last two outputs,
 # one calibration call on 64 training captions in fp32 (the model's own dtype), then FIT_REFINE epochs of training
-# on the final image (policies/refining.py, ~7 min per plan here), installed as emoji:NAME-fit.
+# on the final image (policies/refining.py, ~6 min per plan here), installed as emoji:NAME-fit.
 FIT_SHIP ?= blocks-gentle blocks-fast blocks-brisk blocks-swift blocks-faster
 FIT_REFINE ?= 6
 fit: install
