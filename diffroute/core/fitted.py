@@ -25,44 +25,36 @@ def combine(history: list, a: float, c: float, base=None):
     """`base + a * history[0] + c * history[1]` per tensor of the output (no base: zero; one stored output or c = 0:
     the newest alone, times a). Each stream costs one new tensor and one in-place add: on a reused block, the two
     extra elementwise passes over plain reuse's one add are all a fitted stand-in adds. Weights given as tensors
-    (training) take the path autograd can follow (`_combine_trainable`)."""
-    if isinstance(a, torch.Tensor) or isinstance(c, torch.Tensor):
-        return _combine_trainable(history, a, c, base)
+    (training) take the path autograd can follow (`_mixed_trainable`)."""
+    trainable = isinstance(a, torch.Tensor) or isinstance(c, torch.Tensor)
     newest = tensors_of(history[0])
-    older = tensors_of(history[1]) if len(history) > 1 and c != 0.0 else [None] * len(newest)
+    older = tensors_of(history[1]) if len(history) > 1 and (trainable or c != 0.0) else [None] * len(newest)
     bases = [None] * len(newest) if base is None else tensors_of(base)
-    out = []
-    for new, old, x in zip(newest, older, bases):
-        if new is None:  # (a stream the block does not change: SD3's last block has no text output)
-            out.append(None)
-            continue
-        if x is not None:
-            mixed = x.add(new, alpha=a)
-        elif a == 1.0 and old is None:  # plain reuse: the stored tensor itself, as `Reuse` hands it out
-            mixed = new
-        else:
-            mixed = new * a
-        out.append(mixed if old is None else mixed.add_(old, alpha=c))
+    mixed = _mixed_trainable if trainable else _mixed
+    # (None: a stream the block does not change, e.g. SD3's last block has no text output)
+    out = [None if new is None else mixed(new, old, x, a, c) for new, old, x in zip(newest, older, bases)]
     return rebuild(type(history[0]), out)
 
 
-def _combine_trainable(history: list, a, c, base):
-    """`combine` with gradients through the weights and through the stored outputs (the cache must keep them with
-    their graph, `FeatureCache(keep_graph=True)`: its buffers, written in place at later steps, would invalidate
+def _mixed(new, old, x, a: float, c: float):
+    """One stream of `combine`: out-of-place once, then in place."""
+    if x is not None:
+        out = x.add(new, alpha=a)
+    elif a == 1.0 and old is None:  # plain reuse: the stored tensor itself, as `Reuse` hands it out
+        out = new
+    else:
+        out = new * a
+    return out if old is None else out.add_(old, alpha=c)
+
+
+def _mixed_trainable(new, old, x, a, c):
+    """One stream of `combine` with gradients through the weights and the stored outputs (the cache must keep them
+    with their graph, `FeatureCache(keep_graph=True)`: its buffers, written in place at later steps, would invalidate
     what autograd saved of them)."""
-    newest = tensors_of(history[0])
-    older = tensors_of(history[1]) if len(history) > 1 else [None] * len(newest)
-    bases = [None] * len(newest) if base is None else tensors_of(base)
-    out = []
-    for new, old, x in zip(newest, older, bases):
-        if new is None:
-            out.append(None)
-            continue
-        mixed = new * a
-        if old is not None:
-            mixed = mixed + old * c
-        out.append(mixed if x is None else x + mixed)
-    return rebuild(type(history[0]), out)
+    out = new * a
+    if old is not None:
+        out = out + old * c
+    return out if x is None else x + out
 
 
 def _streams(inputs, like):

@@ -16,7 +16,6 @@ for what later extrapolations read of the outputs it changed."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 
 import torch
@@ -27,6 +26,7 @@ from diffroute.core.fitted import weights as plain_or_fitted
 from diffroute.core.schedule import MAX_FIT_WEIGHT, Schedule
 from diffroute.errors import PlanError
 from diffroute.plans.base import SchedulePlan
+from diffroute.utils.grad import requires_grad
 from diffroute.utils.seeding import sample_generators
 
 
@@ -93,7 +93,8 @@ def refine_schedule(
         run = pipe.call_with_grad if grad else pipe
         return run(chunk, generator=gens, output_type="latent", **call_kwargs).images.float()
 
-    with _frozen(pipe):  # the weights alone train: no gradients for the transformer's or text encoder's parameters
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    with requires_grad(modules, False):  # the weights alone train: no gradients for the pipeline's parameters
         return _refine(pipe, schedule, cells, chunks, call, epochs, lr, progress)
 
 
@@ -164,18 +165,3 @@ def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="refining fitted weights", disable=not enabled, leave=False)
-
-
-@contextlib.contextmanager
-def _frozen(pipe):
-    """The pipeline's modules with `requires_grad` off inside, as they were after."""
-    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
-    for m in modules:
-        m.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for m, fs in zip(modules, flags):
-            for p, f in zip(m.parameters(), fs):
-                p.requires_grad_(f)

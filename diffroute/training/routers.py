@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffroute.training.trainer import Trainable, TrainConfig, train
+from diffroute.utils.grad import requires_grad
 
 
 def save_router(router, transformer, out, what: str) -> None:
@@ -51,11 +52,8 @@ def train_router(
         seed=cfg.seed,
         bf16=cfg.bf16,
     )
-    flags = [(p, p.requires_grad) for p in transformer.parameters()]
-    transformer.requires_grad_(backbone_trains)
-    try:
-        train(name, Trainable(model, param_groups=param_groups), loss, len(loss.items), tcfg, out, accelerator)
-    finally:
-        loss.close()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    with requires_grad([transformer], backbone_trains):
+        try:
+            train(name, Trainable(model, param_groups=param_groups), loss, len(loss.items), tcfg, out, accelerator)
+        finally:
+            loss.close()
