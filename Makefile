@@ -240,12 +240,14 @@ compare: install
 
 # Fitted reuse against the plain whole-block schedules and the peers nearest them, in one fp32 run on the 356
 # held-out captions (issue 25, docs/benchmarks.md "Fitted reuse"; fp32: bf16 is emulated, so ~10x slower, on CPUs
-# without native bf16 such as the one these were made on). Resumable in runs/compare-fit.
+# without native bf16 such as the one these were made on). Resumable in runs/compare-fit. Timed with full run beside
+# every plan (--pairing neighbours): this VM's speed drifts within a repeat of 18 plans, and a ratio to a full run a
+# whole repeat away moved the speed column by up to 30% between two runs of the same images.
 FITTED ?= emoji:blocks-gentle-fit,emoji:blocks-fast-fit,emoji:blocks-brisk-fit,emoji:blocks-swift-fit,emoji:blocks-faster-fit
 COMPARE_FIT_PLANS ?= full,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,$(FITTED),emoji:hybrid-batch-mild,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 compare-fit: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
-	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 356 --batch 32 --repeats 3 --plans $(COMPARE_FIT_PLANS) --out runs/compare-fit
+	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 356 --batch 32 --repeats 5 --pairing neighbours --plans $(COMPARE_FIT_PLANS) --out runs/compare-fit
 	rm -rf docs/compare-fit && mkdir -p docs/compare-fit && cp runs/compare-fit/results.* runs/compare-fit/*.png docs/compare-fit/
 
 # The same in fp32 (ratios differ a lot between dtypes on a CPU; quality against fp32 `full`): every peer setting

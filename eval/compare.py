@@ -48,6 +48,7 @@ class CompareConfig:
     clip: str | None = None  # CLIP scorer; None: no CLIP score
     reference: torch.Tensor | None = None  # real images (uint8 NCHW) for FD against reality
     paired_with: str | None = None  # a plan of `plans`: every plan's per-image PSNR difference to it, with a band
+    pairing: str = "repeat"  # speedups against `full` timed in the same repeat, or in the runs either side of each
     call_kwargs: dict = field(default_factory=dict)
 
 
@@ -282,10 +283,16 @@ def time_all(pipe, cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
             call,
             repeats=cfg.repeats,
             flops=lambda p: flop_counts(p, cost),
+            neighbours="full" if cfg.pairing == "neighbours" else None,
+            progress=True,
             **peer_timing(),
         )
     state.wait_for_everyone()
     return out
+
+
+def _ratios(base: list[float], plan: list[float]) -> list[float]:
+    return [b / t for b, t in zip(base, plan) if t > 0]
 
 
 def _paired_speedups(base: list[float], plan: list[float]) -> dict:
@@ -293,11 +300,29 @@ def _paired_speedups(base: list[float], plan: list[float]) -> dict:
     ratio is paired (a slow spell of the machine hits both), and the quartiles show the timing noise."""
     import statistics
 
-    ratios = [b / t for b, t in zip(base, plan) if t > 0]
+    ratios = _ratios(base, plan)
     if len(ratios) < 2:
         return {}
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return {"speedup_transformer_q1": q1, "speedup_transformer_q3": q3, "speedup_transformer_quartiles": [q1, q3]}
+
+
+def _speedups(base: dict, t: dict) -> dict:
+    """A plan's speedups over `full` and their quartiles. Paired by neighbours (`full` timed just before and after
+    each run): the median of the per-repeat ratios. Paired by repeat: the ratio of the medians, as before."""
+    import statistics
+
+    if "neighbour_transformer_s" in t:
+        return {
+            "speedup_end_to_end": statistics.median(_ratios(t["neighbour_e2e_s"], t["e2e_s"])),
+            "speedup_transformer": statistics.median(_ratios(t["neighbour_transformer_s"], t["transformer_s"])),
+            **_paired_speedups(t["neighbour_transformer_s"], t["transformer_s"]),
+        }
+    return {
+        "speedup_end_to_end": base["e2e_median_s"] / t["e2e_median_s"],
+        "speedup_transformer": base["transformer_median_s"] / t["transformer_median_s"],
+        **_paired_speedups(base["transformer_s"], t["transformer_s"]),
+    }
 
 
 def run_compare(pipe, cfg: CompareConfig) -> dict | None:
@@ -317,9 +342,7 @@ def run_compare(pipe, cfg: CompareConfig) -> dict | None:
             "plan": plan,
             "end_to_end_median_s": t["e2e_median_s"],
             "transformer_median_s": t["transformer_median_s"],
-            "speedup_end_to_end": base["e2e_median_s"] / t["e2e_median_s"],
-            "speedup_transformer": base["transformer_median_s"] / t["transformer_median_s"],
-            **_paired_speedups(base["transformer_s"], t["transformer_s"]),
+            **_speedups(base, t),
             **scores[plan],
         }
         if "flops" in t:  # the FLOP share of the timed calls (the first batch of prompts), beside that of all n
@@ -346,6 +369,7 @@ def run_compare(pipe, cfg: CompareConfig) -> dict | None:
         "seed": cfg.seed,
         "batch": cfg.batch,
         "repeats": cfg.repeats,
+        "pairing": cfg.pairing,
         "processes": state.num_processes,
         "threads_per_process": torch.get_num_threads(),
         "device": str(pipe.device),

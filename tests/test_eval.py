@@ -216,8 +216,12 @@ def test_compare_one_and_two_processes_agree(tmp_path):
     # resumable: a second run regenerates nothing (the PNGs keep their modification times)
     png = tmp_path / "one" / "images" / "fora-3" / "000000.png"
     before = png.stat().st_mtime_ns
-    again = _cli(*common, "--out", str(tmp_path / "one"))
+    again = _cli(*common, "--out", str(tmp_path / "one"), "--repeats", "2", "--pairing", "neighbours")
     assert again.returncode == 0 and png.stat().st_mtime_ns == before
+    timed = json.loads(again.stdout)  # re-timed with full run beside every plan: ratios paired by neighbours
+    assert timed["pairing"] == "neighbours" and timed["plans"]["full"]["speedup_transformer"] == 1
+    q1, q3 = timed["plans"]["fora-3"]["speedup_transformer_quartiles"]
+    assert 0 < q1 <= timed["plans"]["fora-3"]["speedup_transformer"] <= q3  # the median of two ratios
     # images made at another thread count are not mixed in: the resume is refused before any work
     other = _cli(*common[:-1], "2", "--out", str(tmp_path / "one"))
     assert other.returncode != 0 and "threads_per_process" in other.stderr and png.stat().st_mtime_ns == before

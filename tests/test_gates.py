@@ -164,6 +164,27 @@ def test_an_image_rollout_backpropagates_the_final_images_error_through_every_st
     assert value > 0
 
 
+def test_training_leaves_the_rest_of_the_pipeline_without_gradients(tmp_path):
+    """An image rollout runs the text encoder under autograd too: training freezes every other component while it
+    runs (no gradient is computed or kept for them) and gives each parameter its own flag back after."""
+    from accelerate import Accelerator
+
+    from diffroute.training.gates import train_gates
+
+    name = "pixart-alpha"
+    pipe = fresh_pipe(name)
+    pipe.text_encoder.requires_grad_(True)
+    pipe.text_encoder.shared.weight.requires_grad_(False)  # a mixed set of flags, to come back as it was
+    flags = {n: p.requires_grad for n, p in pipe.text_encoder.named_parameters()}
+    kwargs = dict(CALL_KWARGS[name], num_inference_steps=STEPS)
+    cfg = GateConfig(rho=0.0, rollout="image", iters=2, prompts_per_batch=2, lr=0.01)
+    summary = train_gates(pipe, prompts(name)[:2], kwargs, cfg, tmp_path / "g", Accelerator(cpu=True))
+    assert summary["iters"] == 2 and (tmp_path / "g" / "router").is_dir()
+    assert all(p.grad is None for p in pipe.text_encoder.parameters())
+    assert all(p.grad is None for p in pipe.transformer.parameters())
+    assert {n: p.requires_grad for n, p in pipe.text_encoder.named_parameters()} == flags
+
+
 def test_weight_lr_scale_0_trains_the_biases_alone(tmp_path):
     """--weight-lr-scale 0: the gates' weights stay at zero (every sample decides alike: a learned static plan)."""
     from safetensors.torch import load_file

@@ -1,5 +1,6 @@
 """Timing figures a user can trust: spreads, the FLOP-ideal speedup, and warnings when a figure is noise."""
 
+import pytest
 import torch
 
 from diffroute.core.stats import CallStats
@@ -50,3 +51,52 @@ def test_bench_overhead_reports_spread_and_flop_ideal():
     assert rows["vanilla"]["flop_ideal_speedup"] == 1.0 and rows["full"]["flop_ideal_speedup"] == 1.0
     assert 1.2 < rows["fora-2"]["flop_ideal_speedup"] < 2  # half the steps' blocks, the rest at every step
     assert all(r["end_to_end_spread"] >= 0 for r in rows.values()) and isinstance(result["timing_warnings"], list)
+
+
+def test_neighbour_pairing_cancels_a_drifting_machine(monkeypatch):
+    """On a machine that slows down steadily (a shared VM), a ratio against `full` timed once per repeat is biased by
+    where each plan sits in the repeat; paired with the `full` runs just before and after, it is exact."""
+    import types
+
+    from diffroute.eval.compare import _speedups
+    from diffroute.metrics import timing
+
+    work = {"full": 1.0, "half": 0.5, "third": 1 / 3, "quarter": 0.25}  # a plan's time on a steady machine
+    clock, runs, current = [0.0], [], [None]
+    timer = types.SimpleNamespace(total=0.0)
+
+    def call():  # each run is 10% slower than the one before it
+        took = work[current[0]] * (1 + 0.1 * len(runs))
+        runs.append(current[0])
+        clock[0] += took
+        timer.total += took
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    transformer = torch.nn.Linear(1, 1)
+    transformer.device = torch.device("cpu")  # what a diffusers ModelMixin has
+    pipe = types.SimpleNamespace(transformer=transformer)
+    kwargs = dict(
+        timer=timer,
+        activate=lambda p, plan: current.__setitem__(0, plan),
+        deactivate=lambda p: None,
+        fraction=lambda p: 1.0,
+        repeats=3,
+    )
+    plans = {name: name for name in work}
+    got = timing.time_plans(pipe, plans, call, neighbours="full", **kwargs)
+    per_repeat = 2 * (len(work) - 1) + 1
+    assert len(runs) == 4 * per_repeat  # warm-up and 3 repeats, full between every two plans
+    repeats = [runs[k : k + per_repeat] for k in range(0, len(runs), per_repeat)]
+    assert all(set(r[::2]) == {"full"} for r in repeats)  # full on either side of every plan
+    assert repeats[1][1::2] != repeats[2][1::2]  # the others rotate
+    for name in ("half", "third", "quarter"):
+        speed = _speedups(got["full"], got[name])
+        assert speed["speedup_transformer"] == pytest.approx(1 / work[name], rel=1e-12)
+        assert speed["speedup_transformer_quartiles"] == pytest.approx([1 / work[name]] * 2, rel=1e-12)
+        assert speed["speedup_end_to_end"] == pytest.approx(1 / work[name], rel=1e-12)
+    runs.clear()
+    once = timing.time_plans(pipe, plans, call, **kwargs)  # full once per repeat: the drift leaks in
+    assert "neighbour_transformer_s" not in once["half"]
+    assert abs(_speedups(once["full"], once["half"])["speedup_transformer"] - 2) > 0.05  # 1.90 here
+    with pytest.raises(ValueError, match="not one of the plans"):
+        timing.time_plans(pipe, plans, call, neighbours="vanilla", **kwargs)

@@ -38,6 +38,14 @@ def add_arguments(p) -> None:
     m.add_argument("--batch", type=COUNT, default=16, help="images per pipeline call (default 16)")
     m.add_argument("--repeats", type=COUNT, default=5, help="timed repeats after a warm-up (default 5)")
     m.add_argument(
+        "--pairing",
+        choices=["repeat", "neighbours"],
+        default="repeat",
+        help="speedups against full timed in the same repeat (default), or with full also run between every two "
+        "plans and each run paired with the full runs just before and after it (about twice the timing time; "
+        "for machines whose speed drifts)",
+    )
+    m.add_argument(
         "--out", required=True, help="output folder (resumable: images made with the same settings are kept)"
     )
     m.add_argument("--overwrite", action="store_true", help="discard images in --out made with other settings")
@@ -320,6 +328,7 @@ def _compare(args) -> dict:
         clip=args.clip or ("emoji-clip" if emoji else None),
         reference=reference[: args.n] if reference is not None else None,
         paired_with=args.paired_with,
+        pairing=args.pairing,
     )
     validate(cfg)
     check_run_dir(cfg.out)

@@ -84,6 +84,8 @@ def time_plans(
     fraction: Callable | None = None,
     cost=None,
     flops: Callable | None = None,
+    neighbours: str | None = None,
+    progress: bool = False,
 ) -> dict[str, dict]:
     """Time `call()` under each plan (None = vanilla, no hooks at all), interleaving plans within every repeat so
     that drifts in machine speed hit all plans alike. Returns per plan: the end-to-end and transformer times of each
@@ -93,7 +95,16 @@ def time_plans(
     last call) default to diffroute's own plans; the eval suite passes versions that also run peers' caches. With
     `cost` (a search.cost.CostModel), each plan also gets `flop_ideal`: 1 for vanilla, None for peers' caches.
     `flops(pipe)`: (computed, all) FLOPs of the last call, recorded per plan as `flops` (of the timed calls, so that
-    a speedup and its FLOP-ideal come from the same prompts)."""
+    a speedup and its FLOP-ideal come from the same prompts).
+
+    `neighbours` (one of `plans`, e.g. the baseline): that plan also runs between every two others in each repeat
+    (b, p1, b, p2, ..., pk, b), and every other plan gets `neighbour_e2e_s` / `neighbour_transformer_s`: per repeat,
+    the mean time of the two runs of it just before and just after. A ratio against those pairs runs seconds apart
+    instead of a whole repeat apart, so a machine whose speed drifts (a shared VM) biases it far less; a drift that
+    is linear over the three runs cancels exactly. It costs about one more baseline run per plan. `progress`: a bar
+    over the runs on stderr."""
+    from tqdm.auto import tqdm
+
     activate = activate or apply
     deactivate = deactivate or remove
     fraction = fraction or (lambda p: last_stats(p).computed_fraction)
@@ -101,10 +112,17 @@ def time_plans(
     results = {name: {"e2e_s": [], "transformer_s": [], "computed_fraction": 1.0} for name in plans}
     own_timer = timer is None  # a timer passed in belongs to the caller, who removes it
     timer = ForwardTimer(pipe.transformer) if own_timer else timer
-    names = list(plans)
+    if neighbours is not None and neighbours not in plans:
+        raise ValueError(f"neighbours={neighbours!r} is not one of the plans timed: {list(plans)}")
+    names = [n for n in plans if n != neighbours]
+    per_repeat = 2 * len(names) + 1 if neighbours is not None else len(names)
+    bar = tqdm(total=(warmup + repeats) * per_repeat, desc="timing", disable=not progress, leave=False)
     try:
         for r in range(warmup + repeats):
-            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no plan always runs first
+            order = names[r % len(names) :] + names[: r % len(names)] if names else []  # rotate: none always first
+            if neighbours is not None:
+                order = [neighbours] + [n for name in order for n in (name, neighbours)]
+            runs = []  # (name, e2e, transformer) of this repeat, in order
             for name in order:
                 plan = plans[name]
                 if plan is None:
@@ -121,6 +139,8 @@ def time_plans(
                 e2e = time.perf_counter() - t0
                 if after is not None:
                     after(name, r >= warmup)
+                runs.append((name, e2e, timer.total))
+                bar.update(1)
                 if r >= warmup:
                     results[name]["e2e_s"].append(e2e)
                     results[name]["transformer_s"].append(timer.total)
@@ -129,7 +149,13 @@ def time_plans(
                         results[name]["stats"] = last_stats(pipe)  # None for peers' caches
                         if flops is not None:
                             results[name]["flops"] = flops(pipe)
+            if neighbours is not None and r >= warmup:
+                for i in range(1, len(runs), 2):  # a plan at every odd position, the baseline on either side
+                    res = results[runs[i][0]]
+                    res.setdefault("neighbour_e2e_s", []).append((runs[i - 1][1] + runs[i + 1][1]) / 2)
+                    res.setdefault("neighbour_transformer_s", []).append((runs[i - 1][2] + runs[i + 1][2]) / 2)
     finally:
+        bar.close()
         if own_timer:
             timer.remove()
         deactivate(pipe)

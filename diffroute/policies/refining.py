@@ -26,7 +26,7 @@ from diffroute.core.fitted import weights as plain_or_fitted
 from diffroute.core.schedule import MAX_FIT_WEIGHT, Schedule
 from diffroute.errors import PlanError
 from diffroute.plans.base import SchedulePlan
-from diffroute.utils.grad import requires_grad
+from diffroute.utils.grad import pipeline_modules, requires_grad
 from diffroute.utils.seeding import sample_generators
 
 
@@ -93,8 +93,8 @@ def refine_schedule(
         run = pipe.call_with_grad if grad else pipe
         return run(chunk, generator=gens, output_type="latent", **call_kwargs).images.float()
 
-    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    with requires_grad(modules, False):  # the weights alone train: no gradients for the pipeline's parameters
+    # the weights alone train: no gradients for the pipeline's parameters
+    with requires_grad(pipeline_modules(pipe), False):
         return _refine(pipe, schedule, cells, chunks, call, epochs, lr, progress)
 
 

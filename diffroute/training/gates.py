@@ -43,6 +43,7 @@ from diffroute.search.cost import count_flops
 from diffroute.training.configs import GateConfig
 from diffroute.training.routers import check_batch_split, save_router, train_router
 from diffroute.training.trajectories import output_of, record_calls
+from diffroute.utils.grad import pipeline_modules, requires_grad
 from diffroute.utils.io import atomic_write_json
 from diffroute.utils.seeding import sample_generators
 
@@ -313,7 +314,10 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         router.init_from(start)
     gated = router.config.gated
     loss = GateLoss(pipe, chunks, recordings, router, share, cfg, call_kwargs)
-    train_router("gates", router, loss, cfg, transformer, out, accelerator, param_groups=gate_groups(router, cfg))
+    # the rest of the pipeline frozen too: an image rollout runs the text encoder under autograd, and its weights
+    # would otherwise get (and keep) gradients no optimizer steps on
+    with requires_grad(pipeline_modules(pipe, but=transformer), False):
+        train_router("gates", router, loss, cfg, transformer, out, accelerator, param_groups=gate_groups(router, cfg))
     router = accelerator.unwrap_model(router)
     summary = {
         "method": "gates",

@@ -19,3 +19,8 @@ def requires_grad(modules: list[torch.nn.Module], flag: bool):
     finally:
         for p, was in saved:
             p.requires_grad_(was)
+
+
+def pipeline_modules(pipe, but: torch.nn.Module | None = None) -> list[torch.nn.Module]:
+    """The torch modules among a pipeline's components (text encoder, transformer, VAE...), less `but`."""
+    return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module) and m is not but]
