@@ -206,11 +206,13 @@ HYBRID_BATCH_SHIP ?= hybrid-batch-mild=0.93,hybrid-batch-gentle=0.83,hybrid-batc
 # on the final image (policies/refining.py, ~6 min per plan here), installed as emoji:NAME-fit.
 FIT_SHIP ?= blocks-gentle blocks-fast blocks-brisk blocks-swift blocks-faster
 FIT_REFINE ?= 6
+# the refinement's loss (calibrate --refine-loss); per-image+pooled also keeps the largest errors down (docs/plans.md)
+FIT_LOSS ?= per-image
 fit: install
 	mkdir -p runs/fit
 	for p in $(FIT_SHIP); do \
 		$(BIN)/diffroute calibrate --method fit --model emoji --dtype float32 --n 64 --plan emoji:$$p \
-			--refine $(FIT_REFINE) --out runs/fit/$$p.json --ship $$p-fit --replace --json > runs/fit/$$p.log || exit 1; \
+			--refine $(FIT_REFINE) --refine-loss $(FIT_LOSS) --out runs/fit/$$p.json --ship $$p-fit --replace --json > runs/fit/$$p.log || exit 1; \
 	done
 
 search: install

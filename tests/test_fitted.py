@@ -314,11 +314,40 @@ def test_calibrate_cli_refines_the_fitted_weights_on_the_final_image(tmp_path):
     r = run_cli("calibrate", "--method", "fit", *tiny, *args)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    history = result["image_log_mse_per_epoch"]
-    assert len(history) == 4 and result["image_log_mse_greedy"] == history[0]
-    assert result["kept_epoch"] > 0 and result["image_log_mse_refined"] == min(history) < history[0]
+    history = result["loss_per_epoch"]
+    assert len(history) == 4 and result["loss_greedy"] == history[0] and result["loss"] == "per-image"
+    assert result["kept_epoch"] > 0 and result["loss_refined"] == min(history) < history[0]
     schedule = Schedule.load(out)
-    assert schedule.provenance["refined_epochs"] == 3
+    assert schedule.provenance["refined_epochs"] == 3 and schedule.provenance["refined_loss"] == "per-image"
     fitted = (schedule.fit[..., 0] != 1.0) | (schedule.fit[..., 1] != 0.0)
     assert int(fitted.sum()) == result["cells_refined"] > 0
     torch.testing.assert_close(schedule.fit[fitted].sum(-1), torch.ones(int(fitted.sum()), dtype=torch.float64))
+    # the loss that also watches the pooled error: both prompts in one batch, so the pooled term sees them together
+    args[args.index("--refine-batch") + 1] = "2"
+    args[args.index("--out") + 1] = tmp_path / "pooled.json"
+    r = run_cli("calibrate", "--method", "fit", *tiny, *args, "--refine-loss", "per-image+pooled")
+    assert r.returncode == 0, r.stderr
+    pooled = json.loads(r.stdout)
+    assert pooled["loss"] == "per-image+pooled" and pooled["loss_refined"] == min(pooled["loss_per_epoch"])
+    assert pooled["loss_greedy"] != result["loss_greedy"]  # another objective, the same greedy weights
+    assert Schedule.load(tmp_path / "pooled.json").provenance["refined_loss"] == "per-image+pooled"
+
+
+def test_the_pooled_refinement_loss_weighs_the_largest_errors():
+    """Two images, one far worse than the other: halving the bad image's error lowers `per_image_and_pooled` more
+    than halving the good one's, while `per_image` cannot tell the two apart (each halving is -log10 2 / 2)."""
+    from diffroute.policies.refining import LOSSES, log_error
+
+    target = torch.zeros(2, 4)
+    errors = torch.tensor([[1.0], [0.01]]).expand(2, 4)  # per-image MSEs 1 and 1e-4
+
+    def after(scale):  # latents whose per-image MSEs are multiplied by `scale`
+        return errors * scale.sqrt().unsqueeze(1)
+
+    bad_halved, good_halved = after(torch.tensor([0.5, 1.0])), after(torch.tensor([1.0, 0.5]))
+    per_image, pooled = LOSSES["per-image"], LOSSES["per-image+pooled"]
+    assert per_image(bad_halved, target) == pytest.approx(float(per_image(good_halved, target)), abs=1e-6)
+    assert pooled(bad_halved, target) < pooled(good_halved, target) - 0.2
+    mse = torch.tensor([1.0, 1e-4]) + 1e-12
+    assert pooled(errors, target) == pytest.approx(float(torch.log10(mse).mean() + torch.log10(mse.mean())))
+    assert per_image(errors, target) == pytest.approx(float(log_error(errors, target).mean()))

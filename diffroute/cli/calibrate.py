@@ -49,6 +49,13 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--refine-lr", type=float, default=0.02, help="with --refine: Adam's rate (default 0.02)")
     p.add_argument("--refine-batch", type=int, default=8, help="with --refine: prompts per Adam step (default 8)")
+    p.add_argument(
+        "--refine-loss",
+        choices=("per-image", "per-image+pooled"),
+        default="per-image",
+        help="with --refine: the mean of each image's log10 latent MSE (default), or that plus log10 of the batch's "
+        "pooled MSE (keeps the few largest errors, which FD and the pooled PSNR see, from growing)",
+    )
     p.add_argument("--degree", type=int, default=4, help="TeaCache polynomial degree (default 4)")
     p.add_argument(
         "--out",
@@ -128,7 +135,15 @@ def _fit(args, pipe, plan, prompts, out: Path, run) -> dict:
         from diffroute.policies.refining import refine_schedule
 
         schedule, refined = refine_schedule(
-            pipe, schedule, prompts, args.seed, call_kwargs(pipe, args), args.refine, args.refine_batch, args.refine_lr
+            pipe,
+            schedule,
+            prompts,
+            args.seed,
+            call_kwargs(pipe, args),
+            args.refine,
+            args.refine_batch,
+            args.refine_lr,
+            loss=args.refine_loss,
         )
         summary.update(refined)
     schedule.provenance.update(prompts=len(prompts), dtype=str(pipe.transformer.dtype).removeprefix("torch."))
@@ -141,9 +156,9 @@ def _fit(args, pipe, plan, prompts, out: Path, run) -> dict:
         install_schedule(out, args.model, args.ship)
     if not args.json:
         refined = (
-            f", refined on the final image (mean log10 latent MSE {summary['image_log_mse_greedy']:.3f} -> "
-            f"{summary['image_log_mse_refined']:.3f}; plain reuse {summary['image_log_mse_plain_reuse']:.3f})"
-            if "image_log_mse_refined" in summary
+            f", refined on the final image ({summary['loss']} loss {summary['loss_greedy']:.3f} -> "
+            f"{summary['loss_refined']:.3f}; plain reuse {summary['loss_plain_reuse']:.3f})"
+            if "loss_refined" in summary
             else ""
         )
         print(f"wrote {out}: {summary['cells_fitted']} reuses of {plan.name} fitted{refined}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Fitted reuse refined on the final image: a fitted schedule's extrapolation weights (`policies/fitting.py`) trained
 by gradient descent on how far the final latents the schedule gives are from full compute's from the same noise
-(`log_error`), backpropagated through the whole sampling loop (`call_with_grad`, as the gates' `--rollout image`
+(`LOSSES`), backpropagated through the whole sampling loop (`call_with_grad`, as the gates' `--rollout image`
 does).
 
 Why: the calibration fits each weight greedily, to the next output of its own cell. Where most of a step is
@@ -55,11 +55,31 @@ def fitted_cells(schedule: Schedule) -> list[tuple[int, int, int]]:
 
 
 def log_error(latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per sample: log10 of the mean squared error of its final latents (-PSNR / 10 up to a constant): the loss is
-    its mean, so each image counts as it does in the mean per-image PSNR we report, not by the size of its error
-    (a squared error over the batch, tried first, followed the few images with the largest errors and its gain on
-    the calibration captions did not carry over to held-out ones)."""
-    return torch.log10((latents - target).pow(2).flatten(1).mean(1) + 1e-12)
+    """Per sample: log10 of the mean squared error of its final latents (-PSNR / 10 up to a constant)."""
+    return torch.log10(_mse(latents, target))
+
+
+def _mse(latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (latents - target).pow(2).flatten(1).mean(1) + 1e-12
+
+
+def per_image(latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean of `log_error` over the batch: each image counts as it does in the mean per-image PSNR we report,
+    not by the size of its error (a squared error over the batch alone, tried first, followed the few images with
+    the largest errors and its gain on the calibration captions did not carry over to held-out ones)."""
+    return log_error(latents, target).mean()
+
+
+def per_image_and_pooled(latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`per_image` plus log10 of the batch's pooled MSE: the mean per-image PSNR and the pooled PSNR at once. The
+    per-image term alone lets a few images' large errors grow while many small ones shrink, and those large errors
+    are what the pooled PSNR and the FD between the image sets see (`emoji:blocks-brisk-fit`: FD 0.027 against
+    plain reuse's 0.020)."""
+    mse = _mse(latents, target)
+    return torch.log10(mse).mean() + torch.log10(mse.mean())
+
+
+LOSSES = {"per-image": per_image, "per-image+pooled": per_image_and_pooled}
 
 
 def refine_schedule(
@@ -72,15 +92,19 @@ def refine_schedule(
     batch: int = 8,
     lr: float = 0.02,
     progress: bool = True,
+    loss: str = "per-image",
 ) -> tuple[Schedule, dict]:
     """`schedule` (fitted, at the call's step count) with its fitted weights refined on the final image over
     `prompts` (sample j seeded with seed + j, as the calibration's call), `batch` prompts per step of Adam at rate
-    `lr`, `epochs` passes (each on fresh noise: samples seeded from seed + epoch * len(prompts)). Returns it and a
-    summary: the loss (`log_error`, averaged over the prompts at the calibration's seeds) with plain reuse, the greedy
-    weights and the kept ones, and the epoch they come from."""
+    `lr`, `epochs` passes (each on fresh noise: samples seeded from seed + epoch * len(prompts)), minimising
+    `LOSSES[loss]` of each batch. Returns it and a summary: the loss over the prompts at the calibration's seeds
+    (batches weighted by their size) with plain reuse, the greedy weights and the kept ones, and the epoch they come
+    from."""
 
     if schedule.fit is None:
         raise PlanError("refinement starts from a fitted schedule (`fit_schedule` first).")
+    if loss not in LOSSES:
+        raise PlanError(f"unknown refinement loss {loss!r}; one of {sorted(LOSSES)}.")
     if not hasattr(pipe, "call_with_grad"):
         raise PlanError(f"refinement needs a diffroute Routed*Pipeline (gradients through its loop); got {type(pipe)}.")
     cells = fitted_cells(schedule)
@@ -95,14 +119,14 @@ def refine_schedule(
 
     # the weights alone train: no gradients for the pipeline's parameters
     with requires_grad(pipeline_modules(pipe), False):
-        return _refine(pipe, schedule, cells, chunks, call, epochs, lr, progress)
+        return _refine(pipe, schedule, cells, chunks, call, epochs, lr, progress, loss)
 
 
-def _refine(pipe, schedule: Schedule, cells: list, chunks: list, call, epochs: int, lr: float, progress: bool):
+def _refine(pipe, schedule: Schedule, cells: list, chunks: list, call, epochs: int, lr: float, progress: bool, loss):
     """`refine_schedule`'s loop, with `call(chunk, first_index, grad)` generating one chunk's final latents."""
     import diffroute
 
-    n, batch = sum(len(chunk) for _, chunk in chunks), len(chunks[0][1])
+    n, batch, objective = sum(len(chunk) for _, chunk in chunks), len(chunks[0][1]), LOSSES[loss]
     w = torch.tensor([-schedule.fit[t, b, i, 1].item() for t, b, i in cells], requires_grad=True)
 
     def full(start: int) -> list[torch.Tensor]:
@@ -115,7 +139,7 @@ def _refine(pipe, schedule: Schedule, cells: list, chunks: list, call, epochs: i
         diffroute.apply(pipe, plan)
         try:
             with torch.no_grad():
-                return float(sum(log_error(call(chunk, j), t).sum() for (j, chunk), t in zip(chunks, targets)))
+                return float(sum(objective(call(chunk, j), t) * len(chunk) for (j, chunk), t in zip(chunks, targets)))
         finally:
             diffroute.remove(pipe)
 
@@ -132,14 +156,14 @@ def _refine(pipe, schedule: Schedule, cells: list, chunks: list, call, epochs: i
         diffroute.apply(pipe, refining)
         try:
             for (j, chunk), target in zip(chunks, targets):
-                loss = log_error(call(chunk, epoch * n + j, grad=True), target).mean()
+                value = objective(call(chunk, epoch * n + j, grad=True), target)
                 optimizer.zero_grad()
-                loss.backward()
+                value.backward()
                 optimizer.step()
                 with torch.no_grad():  # the range a schedule file accepts
                     w.clamp_(-(MAX_FIT_WEIGHT - 1), MAX_FIT_WEIGHT - 1)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{value.item():.3f}")
         finally:
             diffroute.remove(pipe)
         history.append(error(refining, held) / n)
@@ -150,12 +174,14 @@ def _refine(pipe, schedule: Schedule, cells: list, chunks: list, call, epochs: i
     for (t, b, i), v in zip(cells, best_w.double().tolist()):
         fit[t, b, i] = torch.tensor(plain_or_fitted(v, 1.0), dtype=torch.float64)
     provenance = dict(schedule.provenance, refined_epochs=epochs, refined_lr=lr, refined_batch=batch)
+    provenance["refined_loss"] = loss
     summary = {
         "cells_refined": len(cells),
-        "image_log_mse_plain_reuse": plain,
-        "image_log_mse_greedy": history[0],
-        "image_log_mse_refined": history[best],
-        "image_log_mse_per_epoch": history,
+        "loss": loss,
+        "loss_plain_reuse": plain,
+        "loss_greedy": history[0],
+        "loss_refined": history[best],
+        "loss_per_epoch": history,
         "kept_epoch": best,
     }
     return replace(schedule, provenance=provenance, fit=fit), summary
