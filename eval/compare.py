@@ -75,6 +75,8 @@ def validate(cfg: CompareConfig) -> None:
         cfg.plans.insert(0, "full")  # the reference for PSNR/SSIM/FD-vs-full and speedups
     for p in cfg.plans:
         check_spec(p)
+    if cfg.pairing not in ("repeat", "neighbours"):  # else a misspelt one would fall back to "repeat" unnoticed
+        raise ValueError(f"pairing {cfg.pairing!r}: 'repeat' or 'neighbours'.")
     if cfg.paired_with is not None and cfg.paired_with not in cfg.plans:
         raise ValueError(f"--paired-with {cfg.paired_with}: not one of --plans; add it there.")
 

@@ -355,6 +355,19 @@ def test_paired_speedup_quartiles():
     assert _paired_speedups([1.0], [0.5]) == {}  # one repeat: no spread to show
 
 
+def test_an_unknown_pairing_is_refused_before_any_work(tmp_path):
+    from diffroute.eval.compare import CompareConfig, validate
+
+    cfg = CompareConfig(model="tiny-pixart", plans=["fora-2"], prompts=["a", "b"], out=tmp_path, n=2)
+    validate(cfg)  # the default pairing
+    with pytest.raises(ValueError, match="pairing 'neighbors'"):
+        validate(
+            CompareConfig(
+                model="tiny-pixart", plans=["fora-2"], prompts=["a", "b"], out=tmp_path, n=2, pairing="neighbors"
+            )
+        )
+
+
 def test_eval_report_remakes_tables_from_stored_results_and_refuses_broken_ones(tmp_path):
     def row(plan, speed, fd, band, psnr, psnr_band):
         return {
