@@ -293,42 +293,10 @@ def time_all(pipe, cfg: CompareConfig, state: PartialState) -> dict[str, dict]:
     return out
 
 
-def _ratios(base: list[float], plan: list[float]) -> list[float]:
-    return [b / t for b, t in zip(base, plan) if t > 0]
-
-
-def _paired_speedups(base: list[float], plan: list[float]) -> dict:
-    """Quartiles of the per-repeat transformer speedup: plans are interleaved within each repeat, so a repeat's
-    ratio is paired (a slow spell of the machine hits both), and the quartiles show the timing noise."""
-    import statistics
-
-    ratios = _ratios(base, plan)
-    if len(ratios) < 2:
-        return {}
-    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return {"speedup_transformer_q1": q1, "speedup_transformer_q3": q3, "speedup_transformer_quartiles": [q1, q3]}
-
-
-def _speedups(base: dict, t: dict) -> dict:
-    """A plan's speedups over `full` and their quartiles. Paired by neighbours (`full` timed just before and after
-    each run): the median of the per-repeat ratios. Paired by repeat: the ratio of the medians, as before."""
-    import statistics
-
-    if "neighbour_transformer_s" in t:
-        return {
-            "speedup_end_to_end": statistics.median(_ratios(t["neighbour_e2e_s"], t["e2e_s"])),
-            "speedup_transformer": statistics.median(_ratios(t["neighbour_transformer_s"], t["transformer_s"])),
-            **_paired_speedups(t["neighbour_transformer_s"], t["transformer_s"]),
-        }
-    return {
-        "speedup_end_to_end": base["e2e_median_s"] / t["e2e_median_s"],
-        "speedup_transformer": base["transformer_median_s"] / t["transformer_median_s"],
-        **_paired_speedups(base["transformer_s"], t["transformer_s"]),
-    }
-
-
 def run_compare(pipe, cfg: CompareConfig) -> dict | None:
     """The whole comparison; returns the results on the main process (None elsewhere)."""
+    from diffroute.metrics.timing import speedups
+
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo across CPU processes
     pipe.set_progress_bar_config(disable=True)
     generate_all(pipe, cfg, state)
@@ -344,7 +312,7 @@ def run_compare(pipe, cfg: CompareConfig) -> dict | None:
             "plan": plan,
             "end_to_end_median_s": t["e2e_median_s"],
             "transformer_median_s": t["transformer_median_s"],
-            **_speedups(base, t),
+            **speedups(base, t),
             **scores[plan],
         }
         if "flops" in t:  # the FLOP share of the timed calls (the first batch of prompts), beside that of all n

@@ -73,6 +73,10 @@ def test_bench_batch_zero():
     _refused(_cli("bench", "overhead", "--model", "tiny-pixart", "--batch", "0"), "argument --batch")
 
 
+def test_pairing_on_a_bench_that_does_not_pair():
+    _refused(_cli("bench", "reuse", "--models", "tiny-pixart", "--pairing", "neighbours"), "--pairing is for bench")
+
+
 def test_truncated_png_and_bad_clip_model(tmp_path):
     good = tmp_path / "good"
     good.mkdir()

@@ -342,19 +342,6 @@ def test_dominance_of_peer_settings_by_shipped_schedules():
     assert "1 of 4 peer settings dominated in both (1 by FD, 3 by PSNR)" in dominance_table(result)
 
 
-def test_paired_speedup_quartiles():
-    """Each repeat's ratio pairs a plan with `full` timed in the same round: a slow round slows both, and the
-    quartiles are of the ratios, not of separately taken medians."""
-    from diffroute.eval.compare import _paired_speedups
-
-    full = [1.0, 2.0, 1.0, 2.0, 1.0]  # the machine halves its speed every other round
-    plan = [0.5, 1.0, 0.5, 1.0, 0.4]
-    got = _paired_speedups(full, plan)
-    assert got["speedup_transformer_q1"] == got["speedup_transformer_q3"] == 2.0
-    assert got["speedup_transformer_quartiles"] == [2.0, 2.0]
-    assert _paired_speedups([1.0], [0.5]) == {}  # one repeat: no spread to show
-
-
 def test_an_unknown_pairing_is_refused_before_any_work(tmp_path):
     from diffroute.eval.compare import CompareConfig, validate
 

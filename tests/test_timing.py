@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffroute.core.stats import CallStats
-from diffroute.metrics.timing import flop_ideal_speedup, spread, timing_warnings
+from diffroute.metrics.timing import flop_ideal_speedup, paired_speedup_quartiles, speedups, spread, timing_warnings
 from diffroute.search.cost import CostModel
 
 
@@ -33,14 +33,15 @@ def test_warnings_for_busy_timings_and_above_ideal_speedups():
     assert "above its FLOP-ideal 2.50x" in note
 
 
-def test_bench_overhead_reports_spread_and_flop_ideal():
+@pytest.mark.parametrize("pairing", ["repeat", "neighbours"])
+def test_bench_overhead_reports_spread_and_flop_ideal(pairing):
     import json
     import subprocess
     import sys
 
-    args = ["bench", "overhead", "--model", "tiny-pixart", "--batch", "1", "--steps", "4", "--repeats", "2"]
+    args = ["bench", "overhead", "--model", "tiny-pixart", "--batch", "1", "--steps", "4", "--repeats", "3"]
     proc = subprocess.run(
-        [sys.executable, "-m", "diffroute", *args, "--plans", "full,fora-2", "--json"],
+        [sys.executable, "-m", "diffroute", *args, "--plans", "full,fora-2", "--pairing", pairing, "--json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -48,9 +49,15 @@ def test_bench_overhead_reports_spread_and_flop_ideal():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     rows = result["plans"]
+    assert result["pairing"] == pairing and rows["vanilla"]["speedup_transformer"] == 1.0
     assert rows["vanilla"]["flop_ideal_speedup"] == 1.0 and rows["full"]["flop_ideal_speedup"] == 1.0
     assert 1.2 < rows["fora-2"]["flop_ideal_speedup"] < 2  # half the steps' blocks, the rest at every step
     assert all(r["end_to_end_spread"] >= 0 for r in rows.values()) and isinstance(result["timing_warnings"], list)
+    for name in ("full", "fora-2"):
+        q1, q3 = rows[name]["speedup_transformer_quartiles"]
+        if pairing == "neighbours":  # the median of the paired ratios lies within their quartiles
+            assert q1 <= rows[name]["speedup_transformer"] <= q3
+        assert rows[name]["time_ratio_to_vanilla"] == pytest.approx(1 / rows[name]["speedup_end_to_end"])
 
 
 def test_neighbour_pairing_cancels_a_drifting_machine(monkeypatch):
@@ -58,7 +65,6 @@ def test_neighbour_pairing_cancels_a_drifting_machine(monkeypatch):
     where each plan sits in the repeat; paired with the `full` runs just before and after, it is exact."""
     import types
 
-    from diffroute.eval.compare import _speedups
     from diffroute.metrics import timing
 
     work = {"full": 1.0, "half": 0.5, "third": 1 / 3, "quarter": 0.25}  # a plan's time on a steady machine
@@ -90,13 +96,24 @@ def test_neighbour_pairing_cancels_a_drifting_machine(monkeypatch):
     assert all(set(r[::2]) == {"full"} for r in repeats)  # full on either side of every plan
     assert repeats[1][1::2] != repeats[2][1::2]  # the others rotate
     for name in ("half", "third", "quarter"):
-        speed = _speedups(got["full"], got[name])
+        speed = speedups(got["full"], got[name])
         assert speed["speedup_transformer"] == pytest.approx(1 / work[name], rel=1e-12)
         assert speed["speedup_transformer_quartiles"] == pytest.approx([1 / work[name]] * 2, rel=1e-12)
         assert speed["speedup_end_to_end"] == pytest.approx(1 / work[name], rel=1e-12)
     runs.clear()
     once = timing.time_plans(pipe, plans, call, **kwargs)  # full once per repeat: the drift leaks in
     assert "neighbour_transformer_s" not in once["half"]
-    assert abs(_speedups(once["full"], once["half"])["speedup_transformer"] - 2) > 0.05  # 1.90 here
+    assert abs(speedups(once["full"], once["half"])["speedup_transformer"] - 2) > 0.05  # 1.90 here
     with pytest.raises(ValueError, match="not one of the plans"):
         timing.time_plans(pipe, plans, call, neighbours="vanilla", **kwargs)
+
+
+def test_paired_speedup_quartiles():
+    """Each repeat's ratio pairs a plan with `full` timed in the same round: a slow round slows both, and the
+    quartiles are of the ratios, not of separately taken medians."""
+    full = [1.0, 2.0, 1.0, 2.0, 1.0]  # the machine halves its speed every other round
+    plan = [0.5, 1.0, 0.5, 1.0, 0.4]
+    got = paired_speedup_quartiles(full, plan)
+    assert got["speedup_transformer_q1"] == got["speedup_transformer_q3"] == 2.0
+    assert got["speedup_transformer_quartiles"] == [2.0, 2.0]
+    assert paired_speedup_quartiles([1.0], [0.5]) == {}  # one repeat: no spread to show

@@ -35,6 +35,14 @@ def add_arguments(p) -> None:
         help="timed repeats per plan after a warm-up (default 7; reuse 3, scale 2)",
     )
     p.add_argument(
+        "--pairing",
+        choices=("repeat", "neighbours"),
+        default="repeat",
+        help="overhead: each plan's speedup against vanilla timed once per repeat (default; ratio of medians), or "
+        "against vanilla timed just before and after each run (median of those ratios; steadier on a machine whose "
+        "speed drifts, for about one more vanilla run per plan)",
+    )
+    p.add_argument(
         "--dtypes",
         default=None,
         help="compile, reuse, scale: dtypes to time, in turn (default float32,bfloat16; scale: bfloat16)",
@@ -61,6 +69,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
+    if args.pairing != "repeat" and args.which != "overhead":
+        raise ValueError(f"--pairing is for bench overhead; bench {args.which} times its rows once per repeat.")
     if args.which == "scale":
         from diffroute.cli import bench_scale
 
@@ -77,7 +87,7 @@ def run(args) -> dict:
     import torch
 
     from diffroute.core.arch import architecture_map
-    from diffroute.metrics.timing import time_plans, timing_warnings
+    from diffroute.metrics.timing import speedups, time_plans, timing_warnings
     from diffroute.search.cost import measure_cost
 
     names = [p.strip() for p in args.plans.split(",") if p.strip()]
@@ -107,19 +117,20 @@ def run(args) -> dict:
     plans = {"vanilla": None, **{n: n for n in names}}
     cost = measure_cost(pipe, architecture_map(pipe.transformer), kwargs)
     print(f"timing {list(plans)} x {args.repeats} repeats (+1 warm-up), interleaved...", file=sys.stderr)
-    res = time_plans(pipe, plans, call, repeats=args.repeats, cost=cost)
+    neighbours = "vanilla" if args.pairing == "neighbours" else None
+    res = time_plans(pipe, plans, call, repeats=args.repeats, cost=cost, neighbours=neighbours, progress=True)
     base = res["vanilla"]
     rows, warnings = {}, []
     for name, r in res.items():
         ideal = r["flop_ideal"]
+        speed = speedups(base, r) if name != "vanilla" else {"speedup_end_to_end": 1.0, "speedup_transformer": 1.0}
         rows[name] = {
             "end_to_end_median_s": r["e2e_median_s"],
             "transformer_median_s": r["transformer_median_s"],
             "end_to_end_spread": r["e2e_spread"],
             "transformer_spread": r["transformer_spread"],
-            "time_ratio_to_vanilla": r["e2e_median_s"] / base["e2e_median_s"],
-            "speedup_end_to_end": base["e2e_median_s"] / r["e2e_median_s"],
-            "speedup_transformer": base["transformer_median_s"] / r["transformer_median_s"],
+            "time_ratio_to_vanilla": 1 / speed["speedup_end_to_end"],
+            **speed,
             "flop_ideal_speedup": ideal,
             "computed_fraction": r["computed_fraction"],
         }
@@ -130,6 +141,7 @@ def run(args) -> dict:
         "batch": args.batch,
         "steps": args.steps,
         "repeats": args.repeats,
+        "pairing": args.pairing,
         "threads": torch.get_num_threads(),
         "plans": rows,
         "timing_warnings": warnings,
@@ -137,7 +149,11 @@ def run(args) -> dict:
     for note in warnings:
         print(f"warning: {note}", file=sys.stderr)
     if not args.json:
-        print(f"{args.model} on {pipe.device}: batch {args.batch}, {args.steps} steps, median of {args.repeats}")
+        paired = "paired with vanilla either side" if neighbours else "vanilla once per repeat"
+        print(
+            f"{args.model} on {pipe.device}: batch {args.batch}, {args.steps} steps, median of {args.repeats} "
+            f"({paired})"
+        )
         print(
             f"{'plan':>10} {'e2e s':>8} {'spread':>7} {'xformer s':>10} {'t/vanilla':>10} {'speedup e2e':>12} "
             f"{'speedup xf':>11} {'FLOP-ideal':>11}"

@@ -176,6 +176,37 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / mid if mid > 0 else 0.0
 
 
+def _ratios(base: list[float], plan: list[float]) -> list[float]:
+    return [b / t for b, t in zip(base, plan) if t > 0]
+
+
+def paired_speedup_quartiles(base: list[float], plan: list[float]) -> dict:
+    """Quartiles of the per-repeat transformer speedup: plans are interleaved within each repeat, so a repeat's
+    ratio is paired (a slow spell of the machine hits both), and the quartiles show the timing noise."""
+    ratios = _ratios(base, plan)
+    if len(ratios) < 2:
+        return {}
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"speedup_transformer_q1": q1, "speedup_transformer_q3": q3, "speedup_transformer_quartiles": [q1, q3]}
+
+
+def speedups(base: dict, t: dict) -> dict:
+    """A plan's speedups over the baseline (`time_plans`' results for both) and their quartiles. Paired by
+    neighbours (the baseline timed just before and after each run): the median of the per-repeat ratios. Paired by
+    repeat (the baseline once per repeat): the ratio of the medians."""
+    if "neighbour_transformer_s" in t:
+        return {
+            "speedup_end_to_end": statistics.median(_ratios(t["neighbour_e2e_s"], t["e2e_s"])),
+            "speedup_transformer": statistics.median(_ratios(t["neighbour_transformer_s"], t["transformer_s"])),
+            **paired_speedup_quartiles(t["neighbour_transformer_s"], t["transformer_s"]),
+        }
+    return {
+        "speedup_end_to_end": base["e2e_median_s"] / t["e2e_median_s"],
+        "speedup_transformer": base["transformer_median_s"] / t["transformer_median_s"],
+        **paired_speedup_quartiles(base["transformer_s"], t["transformer_s"]),
+    }
+
+
 def flop_ideal_speedup(cost, stats) -> float | None:
     """Transformer speedup a plan would reach if time followed FLOPs: all FLOPs of full compute over the FLOPs of
     what `stats` (a CallStats) says was computed (components by their measured share, the rest at every step).
