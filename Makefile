@@ -71,7 +71,7 @@ L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks fit search-hybrid search-hybrid-batch compare compare-fit compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks fit search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -206,8 +206,9 @@ HYBRID_BATCH_SHIP ?= hybrid-batch-mild=0.93,hybrid-batch-gentle=0.83,hybrid-batc
 # on the final image (policies/refining.py, ~6 min per plan here), installed as emoji:NAME-fit.
 FIT_SHIP ?= blocks-gentle blocks-fast blocks-brisk blocks-swift blocks-faster
 FIT_REFINE ?= 6
-# the refinement's loss (calibrate --refine-loss); per-image+pooled also keeps the largest errors down (docs/plans.md)
-FIT_LOSS ?= per-image
+# the refinement's loss (calibrate --refine-loss): per-image+pooled keeps the largest errors down, which the per-image
+# loss alone let grow (FD at blocks-brisk 0.0198 -> 0.0269; docs/plans.md)
+FIT_LOSS ?= per-image+pooled
 fit: install
 	mkdir -p runs/fit
 	for p in $(FIT_SHIP); do \
@@ -247,10 +248,17 @@ compare: install
 # whole repeat away moved the speed column by up to 30% between two runs of the same images.
 FITTED ?= emoji:blocks-gentle-fit,emoji:blocks-fast-fit,emoji:blocks-brisk-fit,emoji:blocks-swift-fit,emoji:blocks-faster-fit
 COMPARE_FIT_PLANS ?= full,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,$(FITTED),emoji:hybrid-batch-mild,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
+COMPARE_FIT_DTYPE ?= float32
+COMPARE_FIT_OUT ?= compare-fit
 compare-fit: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
-	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 356 --batch 32 --repeats 5 --pairing neighbours --plans $(COMPARE_FIT_PLANS) --out runs/compare-fit
-	rm -rf docs/compare-fit && mkdir -p docs/compare-fit && cp runs/compare-fit/results.* runs/compare-fit/*.png docs/compare-fit/
+	$(BIN)/diffroute eval compare --model emoji --dtype $(COMPARE_FIT_DTYPE) --prompts heldout --n 356 --batch 32 --repeats 5 --pairing neighbours --plans $(COMPARE_FIT_PLANS) --out runs/$(COMPARE_FIT_OUT)
+	rm -rf docs/$(COMPARE_FIT_OUT) && mkdir -p docs/$(COMPARE_FIT_OUT) && cp runs/$(COMPARE_FIT_OUT)/results.* runs/$(COMPARE_FIT_OUT)/*.png docs/$(COMPARE_FIT_OUT)/
+
+# The same set in bf16 (quality against bf16 `full`), on a CPU with native bf16 (avx512_bf16 or AMX; ~30 min here).
+# The fitted weights were fitted and refined in fp32 and are applied as they are.
+compare-fit-bf16:
+	$(MAKE) compare-fit COMPARE_FIT_DTYPE=bfloat16 COMPARE_FIT_OUT=compare-fit-bf16
 
 # The same in fp32 (ratios differ a lot between dtypes on a CPU; quality against fp32 `full`): every peer setting
 # and the shipped plans that dominated them in bf16 or came nearest (~45 min on 2 cores). Resumable: generated chunks are kept in
@@ -296,7 +304,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks fit search-hybrid search-hybrid-batch compare compare-fit compare-fp32 moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks fit search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-fp32 moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done

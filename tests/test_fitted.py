@@ -311,7 +311,7 @@ def test_calibrate_cli_refines_the_fitted_weights_on_the_final_image(tmp_path):
     out = tmp_path / "refined.json"
     tiny = ["--model", "tiny-pixart", "--steps", "6", "--prompt", "a red apple", "--prompt", "a smiling cat"]
     args = ["--plan", "fora-2", "--refine", "3", "--refine-batch", "1", "--refine-lr", "0.05", "--out", out, "--json"]
-    r = run_cli("calibrate", "--method", "fit", *tiny, *args)
+    r = run_cli("calibrate", "--method", "fit", *tiny, *args, "--refine-loss", "per-image")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     history = result["loss_per_epoch"]
@@ -322,10 +322,10 @@ def test_calibrate_cli_refines_the_fitted_weights_on_the_final_image(tmp_path):
     fitted = (schedule.fit[..., 0] != 1.0) | (schedule.fit[..., 1] != 0.0)
     assert int(fitted.sum()) == result["cells_refined"] > 0
     torch.testing.assert_close(schedule.fit[fitted].sum(-1), torch.ones(int(fitted.sum()), dtype=torch.float64))
-    # the loss that also watches the pooled error: both prompts in one batch, so the pooled term sees them together
+    # the default loss also watches the pooled error: both prompts in one batch, so the pooled term sees them together
     args[args.index("--refine-batch") + 1] = "2"
     args[args.index("--out") + 1] = tmp_path / "pooled.json"
-    r = run_cli("calibrate", "--method", "fit", *tiny, *args, "--refine-loss", "per-image+pooled")
+    r = run_cli("calibrate", "--method", "fit", *tiny, *args)
     assert r.returncode == 0, r.stderr
     pooled = json.loads(r.stdout)
     assert pooled["loss"] == "per-image+pooled" and pooled["loss_refined"] == min(pooled["loss_per_epoch"])

@@ -52,9 +52,10 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--refine-loss",
         choices=("per-image", "per-image+pooled"),
-        default="per-image",
-        help="with --refine: the mean of each image's log10 latent MSE (default), or that plus log10 of the batch's "
-        "pooled MSE (keeps the few largest errors, which FD and the pooled PSNR see, from growing)",
+        default="per-image+pooled",
+        help="with --refine: the mean of each image's log10 latent MSE plus log10 of the batch's pooled MSE "
+        "(default; keeps the few largest errors, which FD and the pooled PSNR see, from growing), or the per-image "
+        "term alone",
     )
     p.add_argument("--degree", type=int, default=4, help="TeaCache polynomial degree (default 4)")
     p.add_argument(

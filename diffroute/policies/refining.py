@@ -92,7 +92,7 @@ def refine_schedule(
     batch: int = 8,
     lr: float = 0.02,
     progress: bool = True,
-    loss: str = "per-image",
+    loss: str = "per-image+pooled",
 ) -> tuple[Schedule, dict]:
     """`schedule` (fitted, at the call's step count) with its fitted weights refined on the final image over
     `prompts` (sample j seeded with seed + j, as the calibration's call), `batch` prompts per step of Adam at rate
