@@ -242,8 +242,8 @@ compare: install
 	$(BIN)/diffroute eval compare --model emoji --dtype bfloat16 --prompts heldout --n 356 --batch 32 --repeats 5 --plans $(COMPARE_PLANS) --out docs/compare
 
 # Fitted reuse against the plain whole-block schedules and the peers nearest them, in one fp32 run on the 356
-# held-out captions (issue 25, docs/benchmarks.md "Fitted reuse"; fp32: bf16 is emulated, so ~10x slower, on CPUs
-# without native bf16 such as the one these were made on). Resumable in runs/compare-fit. Timed with full run beside
+# held-out captions (issue 25, docs/benchmarks.md "Fitted reuse"; fp32, the model's own dtype, runs on any CPU;
+# compare-fit-bf16 below is the same in bf16). Resumable in runs/compare-fit. Timed with full run beside
 # every plan (--pairing neighbours): this VM's speed drifts within a repeat of 18 plans, and a ratio to a full run a
 # whole repeat away moved the speed column by up to 30% between two runs of the same images.
 FITTED ?= emoji:blocks-gentle-fit,emoji:blocks-fast-fit,emoji:blocks-brisk-fit,emoji:blocks-swift-fit,emoji:blocks-faster-fit
