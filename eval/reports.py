@@ -67,9 +67,12 @@ def plan_kind(plan: str) -> str:
 
 
 def style_label(kind: str) -> str:
-    return {"shipped": "shipped schedules and routers (MODEL:NAME)", "ours": "diffroute plans", "peer": "peer caches"}[
-        kind
-    ]
+    labels = {
+        "shipped": "shipped schedules and routers (MODEL:NAME; line: their front)",
+        "ours": "diffroute plans",
+        "peer": "peer caches",
+    }
+    return labels[kind]
 
 
 def dominance(result: dict) -> list[dict]:
@@ -129,29 +132,58 @@ def dominance_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def panels(result: dict) -> list[tuple[str, str, list[dict]]]:
+    """The speed-quality plot's panels: (result key, axis label, rows drawn). The PSNR panel shows what the tables and
+    the dominance lead with, the mean per-image PSNR; results written before it existed fall back to the pooled one."""
+    from diffroute.metrics.fidelity import PSNR_CAP_DB
+
+    rows = list(result["plans"].values())
+    mean = any(r.get("psnr_mean_vs_full_db") is not None for r in rows)
+    psnr = "psnr_mean_vs_full_db" if mean else "psnr_vs_full_db"
+    metrics = [
+        ("fd_vs_full", "FD vs full (lower is better)"),
+        (psnr, f"PSNR vs full, {'mean per-image' if mean else 'pooled'}, dB (higher is better)"),
+    ]
+    out = []
+    for key, label in metrics:
+        # full vs itself has no finite pooled PSNR, and sits at the cap of the per-image one: no point to draw
+        shown = [r for r in rows if r.get(key) is not None and not (key == psnr and r[key] >= PSNR_CAP_DB)]
+        if shown:
+            out.append((key, label, shown))
+    return out
+
+
+def front_of(rows: list[dict], key: str, higher: bool) -> list[dict]:
+    """The rows no other row beats in both speed and `key` (higher or lower better), from slow to fast."""
+
+    def beats(a, b):  # at least as good in both, better in one
+        sa, sb = a["speedup_transformer"], b["speedup_transformer"]
+        qa, qb = (a[key], b[key]) if higher else (-a[key], -b[key])
+        return sa >= sb and qa >= qb and (sa > sb or qa > qb)
+
+    return sorted((r for r in rows if not any(beats(o, r) for o in rows)), key=lambda r: r["speedup_transformer"])
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(result["plans"].values())
-    metrics = [
-        ("fd_vs_full", "FD vs full (lower is better)"),
-        ("psnr_vs_full_db", "PSNR vs full, dB (higher is better)"),
-    ]
-    metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in rows)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
-    for ax, (key, label) in zip(axes[0], metrics):
-        shown = [r for r in rows if r.get(key) is not None]  # full vs itself has no finite PSNR
+    drawn = panels(result)
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5.5 * len(drawn), 4.2), squeeze=False)
+    for ax, (key, label, shown) in zip(axes[0], drawn):
         for kind, style in KINDS.items():
             group = [r for r in shown if plan_kind(r["plan"]) == kind]
             if not group:
                 continue
-            if kind == "shipped":  # the searched front, drawn as a line from its slow end to its fast end
-                group.sort(key=lambda r: r["speedup_transformer"])
             xs, ys = [r["speedup_transformer"] for r in group], [r[key] for r in group]
-            ax.plot(xs, ys, **style, label=style_label(kind))
+            if kind == "shipped":  # every shipped plan a point, the line only through those none of them beats
+                front = front_of(group, key, higher=key != "fd_vs_full")
+                ax.plot(xs, ys, **(style | {"linestyle": "none"}), label=style_label(kind))
+                ax.plot([r["speedup_transformer"] for r in front], [r[key] for r in front], **(style | {"marker": ""}))
+            else:
+                ax.plot(xs, ys, **style, label=style_label(kind))
             for r, x, y in zip(group, xs, ys):
                 ax.annotate(r["plan"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.legend(fontsize=8)

@@ -342,6 +342,39 @@ def test_dominance_of_peer_settings_by_shipped_schedules():
     assert "1 of 4 peer settings dominated in both (1 by FD, 3 by PSNR)" in dominance_table(result)
 
 
+def test_the_plot_shows_the_mean_per_image_psnr_without_full():
+    from diffroute.eval.reports import panels
+
+    def row(plan, fd, pooled, mean=None):
+        return {"plan": plan, "speedup_transformer": 1.0, "fd_vs_full": fd, "psnr_vs_full_db": pooled} | (
+            {} if mean is None else {"psnr_mean_vs_full_db": mean}
+        )
+
+    now = {"plans": {"full": row("full", 0.0, None, 60.0), "fora-2": row("fora-2", 0.1, 25.0, 31.0)}}
+    (fd, _, fd_rows), (key, label, rows) = panels(now)
+    assert fd == "fd_vs_full" and [r["plan"] for r in fd_rows] == ["full", "fora-2"]
+    # the measure the tables and the dominance use; full, at the per-image cap, is no point on it
+    assert key == "psnr_mean_vs_full_db" and "mean per-image" in label
+    assert [r["plan"] for r in rows] == ["fora-2"]
+    old = {"plans": {"full": row("full", 0.0, None), "fora-2": row("fora-2", 0.1, 25.0)}}
+    (_, label, rows) = panels(old)[1]
+    assert "pooled" in label and [r["psnr_vs_full_db"] for r in rows] == [25.0]
+
+
+def test_the_plotted_line_runs_through_the_front_only():
+    from diffroute.eval.reports import front_of
+
+    def row(name, speed, psnr, fd):
+        return {"plan": name, "speedup_transformer": speed, "psnr": psnr, "fd": fd}
+
+    rows = [row("b", 1.6, 35.0, 0.02), row("a", 1.2, 40.0, 0.01), row("c", 1.5, 33.0, 0.01), row("d", 2.0, 28.0, 0.05)]
+    rows.append(row("b2", 1.6, 35.0, 0.03))  # ties b in speed and PSNR: neither beats the other
+    # c is slower and worse than b: off the line; the line runs from slow to fast
+    assert [r["plan"] for r in front_of(rows, "psnr", higher=True)] == ["a", "b", "b2", "d"]
+    # in FD (lower is better) c, as good as a and faster, takes a off the line; b beats its tie in speed b2
+    assert [r["plan"] for r in front_of(rows, "fd", higher=False)] == ["c", "b", "d"]
+
+
 def test_an_unknown_pairing_is_refused_before_any_work(tmp_path):
     from diffroute.eval.compare import CompareConfig, validate
 
