@@ -49,5 +49,7 @@ if __name__ == "__main__":
     if args.only is not None and not new:
         raise SystemExit(f"no shipped MODEL|PLAN contains {args.only!r}; nothing written")
     REFERENCE.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(REFERENCE, **{**kept, **new})
+    partial = REFERENCE.with_name(REFERENCE.stem + ".partial.npz")  # written whole, then renamed: never half a file
+    np.savez_compressed(partial, **{**kept, **new})
+    partial.replace(REFERENCE)
     print(f"wrote {REFERENCE}: {len(new)} keys rendered, {len(set(kept) - set(new))} kept as stored")
