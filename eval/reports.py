@@ -146,10 +146,12 @@ def panels(result: dict) -> list[tuple[str, str, list[dict]]]:
     ]
     out = []
     for key, label in metrics:
-        # full vs itself has no finite pooled PSNR, and sits at the cap of the per-image one: no point to draw
+        if all(r.get(key) is None for r in rows):  # not measured (e.g. FD of too few images)
+            continue
+        # full vs itself has no finite pooled PSNR, and sits at the cap of the per-image one: no point to draw (nor
+        # a plan whose images equal full's; its panel may then stay empty)
         shown = [r for r in rows if r.get(key) is not None and not (key == psnr and r[key] >= PSNR_CAP_DB)]
-        if shown:
-            out.append((key, label, shown))
+        out.append((key, label, shown))
     return out
 
 
@@ -170,7 +172,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drawn = panels(result)
+    drawn = panels(result) or [("", "no quality measure in these results", [])]
     fig, axes = plt.subplots(1, len(drawn), figsize=(5.5 * len(drawn), 4.2), squeeze=False)
     for ax, (key, label, shown) in zip(axes[0], drawn):
         for kind, style in KINDS.items():
@@ -186,7 +188,8 @@ def plot(result: dict, path: Path) -> None:
                 ax.plot(xs, ys, **style, label=style_label(kind))
             for r, x, y in zip(group, xs, ys):
                 ax.annotate(r["plan"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.legend(fontsize=8)
+        if shown:
+            ax.legend(fontsize=8)
         ax.set_xlabel("speedup, transformer wall-clock (x)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -342,8 +342,8 @@ def test_dominance_of_peer_settings_by_shipped_schedules():
     assert "1 of 4 peer settings dominated in both (1 by FD, 3 by PSNR)" in dominance_table(result)
 
 
-def test_the_plot_shows_the_mean_per_image_psnr_without_full():
-    from diffroute.eval.reports import panels
+def test_the_plot_shows_the_mean_per_image_psnr_without_full(tmp_path):
+    from diffroute.eval.reports import panels, plot
 
     def row(plan, fd, pooled, mean=None):
         return {"plan": plan, "speedup_transformer": 1.0, "fd_vs_full": fd, "psnr_vs_full_db": pooled} | (
@@ -359,6 +359,12 @@ def test_the_plot_shows_the_mean_per_image_psnr_without_full():
     old = {"plans": {"full": row("full", 0.0, None), "fora-2": row("fora-2", 0.1, 25.0)}}
     (_, label, rows) = panels(old)[1]
     assert "pooled" in label and [r["psnr_vs_full_db"] for r in rows] == [25.0]
+    # a plan whose images equal full's (at the cap) and no FD (too few images): an empty panel, still a plot
+    same = {"plans": {"full": row("full", None, None, 60.0), "fora-2": row("fora-2", None, None, 60.0)}}
+    assert [(k, shown) for k, _, shown in panels(same)] == [("psnr_mean_vs_full_db", [])]
+    plot(same, tmp_path / "p.png")
+    plot({"plans": {"full": row("full", None, None)}}, tmp_path / "q.png")  # nothing measured at all
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "q.png").stat().st_size > 0
 
 
 def test_the_plotted_line_runs_through_the_front_only():

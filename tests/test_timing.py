@@ -60,6 +60,29 @@ def test_bench_overhead_reports_spread_and_flop_ideal(pairing):
         assert rows[name]["time_ratio_to_vanilla"] == pytest.approx(1 / rows[name]["speedup_end_to_end"])
 
 
+def test_bench_compile_pairs_with_eager_vanilla_and_counts_graphs():
+    """`bench compile --pairing neighbours` on dynamo's `eager` back-end (graphs are captured, nothing is built, so
+    no C compiler is needed)."""
+    import json
+    import subprocess
+    import sys
+
+    args = ["bench", "compile", "--model", "tiny-pixart", "--batch", "1", "--steps", "3", "--repeats", "3"]
+    args += ["--backend", "eager", "--dtypes", "float32", "--plans", "fora-2", "--pairing", "neighbours", "--json"]
+    proc = subprocess.run([sys.executable, "-m", "diffroute", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    rows = result["tables"]["float32"]
+    assert result["pairing"] == "neighbours"
+    assert set(rows) == {"eager vanilla", "eager fora-2", "compiled vanilla", "compiled fora-2"}
+    assert rows["eager vanilla"]["speedup_transformer_vs_eager_vanilla"] == 1.0
+    for name in ("eager fora-2", "compiled vanilla", "compiled fora-2"):
+        q1, q3 = rows[name]["speedup_transformer_quartiles"]
+        assert q1 <= rows[name]["speedup_transformer_vs_eager_vanilla"] <= q3  # a median of paired ratios
+    # dynamo captured graphs at the compiled rows' first calls and none for the eager rows
+    assert rows["compiled vanilla"]["first_call_graphs"] > 0 and rows["eager fora-2"]["first_call_graphs"] == 0
+
+
 def test_neighbour_pairing_cancels_a_drifting_machine(monkeypatch):
     """On a machine that slows down steadily (a shared VM), a ratio against `full` timed once per repeat is biased by
     where each plan sits in the repeat; paired with the `full` runs just before and after, it is exact."""

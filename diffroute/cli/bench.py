@@ -38,9 +38,9 @@ def add_arguments(p) -> None:
         "--pairing",
         choices=("repeat", "neighbours"),
         default="repeat",
-        help="overhead: each plan's speedup against vanilla timed once per repeat (default; ratio of medians), or "
-        "against vanilla timed just before and after each run (median of those ratios; steadier on a machine whose "
-        "speed drifts, for about one more vanilla run per plan)",
+        help="overhead, compile: each row's speedup against (eager) vanilla timed once per repeat (default; ratio of "
+        "medians), or against vanilla timed just before and after each run (median of those ratios; steadier on a "
+        "machine whose speed drifts, for about one more vanilla run per row)",
     )
     p.add_argument(
         "--dtypes",
@@ -69,8 +69,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
-    if args.pairing != "repeat" and args.which != "overhead":
-        raise ValueError(f"--pairing is for bench overhead; bench {args.which} times its rows once per repeat.")
+    if args.pairing != "repeat" and args.which not in ("overhead", "compile"):
+        raise ValueError(
+            f"--pairing is for bench overhead and bench compile; bench {args.which} times its rows once per repeat."
+        )
     if args.which == "scale":
         from diffroute.cli import bench_scale
 

@@ -1,6 +1,7 @@
 """`bench compile`: eager vs torch.compile, vanilla vs plans, per dtype, side by side in one run (not a test).
 
-Per row it prints end-to-end and transformer wall-clock (median of the repeats after a warm-up), the graphs dynamo
+Per row it prints end-to-end and transformer wall-clock (median of the repeats after a warm-up; the transformer
+speedup over eager vanilla paired as `--pairing` says, as in `bench overhead`), the graphs dynamo
 compiled for the row at its first call, its graph breaks, and the graphs compiled after the first call
 (recompilations: 0 for a static plan). The graph-break reasons are listed below the tables.
 """
@@ -65,7 +66,8 @@ class _GraphCounts:
 def run(args, pipe, names: list[str], call) -> dict:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     out = {"model": args.model, "device": str(pipe.device), "batch": args.batch, "steps": args.steps}
-    out.update(compile_mode=args.compile_mode, backend=args.backend, repeats=args.repeats, tables={})
+    out.update(compile_mode=args.compile_mode, backend=args.backend, repeats=args.repeats, pairing=args.pairing)
+    out["tables"] = {}
     reasons: Counter = Counter()
     for dtype in dtypes:
         out["tables"][dtype] = table = _time_dtype(args, pipe, names, call, dtype, reasons)
@@ -96,7 +98,7 @@ def _summed(reasons: Counter) -> Counter:
 def _time_dtype(args, pipe, names, call, dtype: str, reasons: Counter) -> dict:
     import torch
 
-    from diffroute.metrics.timing import CallTimer, time_plans
+    from diffroute.metrics.timing import CallTimer, speedups, time_plans
     from diffroute.utils.quiet import cast_pipeline
 
     torch._dynamo.reset()
@@ -109,27 +111,41 @@ def _time_dtype(args, pipe, names, call, dtype: str, reasons: Counter) -> dict:
     counts = _GraphCounts(plans, switch, reasons)
     print(f"{dtype}: {len(plans)} rows x {args.repeats} repeats (+1 warm-up, which compiles)", file=sys.stderr)
     try:
-        res = time_plans(pipe, plans, call, repeats=args.repeats, before=counts.before, after=counts.after, timer=timer)
+        res = time_plans(
+            pipe,
+            plans,
+            call,
+            repeats=args.repeats,
+            before=counts.before,
+            after=counts.after,
+            timer=timer,
+            neighbours="eager vanilla" if args.pairing == "neighbours" else None,
+            progress=True,
+        )
     finally:
         timer.remove()
         switch.remove()
     base = res["eager vanilla"]
-    return {
-        row: {
+    table = {}
+    for row, r in res.items():
+        speed = speedups(base, r) if row != "eager vanilla" else {"speedup_transformer": 1.0}
+        quartiles = {k: v for k, v in speed.items() if k.startswith("speedup_transformer_q")}
+        table[row] = {
             "end_to_end_median_s": r["e2e_median_s"],
             "transformer_median_s": r["transformer_median_s"],
-            "speedup_transformer_vs_eager_vanilla": base["transformer_median_s"] / r["transformer_median_s"],
+            "speedup_transformer_vs_eager_vanilla": speed["speedup_transformer"],
+            **quartiles,
             "computed_fraction": r["computed_fraction"],
             **counts.rows[row],
         }
-        for row, r in res.items()
-    }
+    return table
 
 
 def _print(dtype: str, table: dict, args) -> None:
+    paired = "eager vanilla either side" if args.pairing == "neighbours" else "eager vanilla once per repeat"
     print(
         f"\n{args.model} {dtype}, batch {args.batch}, {args.steps} steps, compile={args.compile_mode} "
-        f"({args.backend}), median of {args.repeats}"
+        f"({args.backend}), median of {args.repeats} ({paired})"
     )
     head = ("row", "e2e s", "xf s", "xf speedup", "computed", "graphs", "breaks", "recomp")
     print("{:>18} {:>7} {:>7} {:>10} {:>8} {:>6} {:>6} {:>6}".format(*head))
