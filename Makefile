@@ -69,7 +69,9 @@ HYBRID ?= emoji:hybrid-gentle,emoji:hybrid-gentle+spans,emoji:hybrid-batch-mild,
 L2C_SHIP ?= l2c-lam3e-4=3e-4 l2c=1e-3 l2c-lam3e-3=3e-3
 L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.1
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
-COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
+# Every peer setting the comparisons run: diffusers' caches and cache-dit's DBCache, each at its three settings.
+PEERS ?= diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
+COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),$(PEERS)
 
 .PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks fit search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
 
@@ -263,12 +265,11 @@ compare-fit-bf16:
 # The same in fp32 (ratios differ a lot between dtypes on a CPU; quality against fp32 `full`): every peer setting
 # and the shipped plans that dominated them in bf16 or came nearest (~45 min on 2 cores). Resumable: generated chunks are kept in
 # runs/compare-fp32 until the results are written.
-COMPARE_FP32_PLANS ?= full,emoji:faster,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,emoji:hybrid-batch-mild,emoji:hybrid-batch-gentle,emoji:l2c,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
+COMPARE_FP32_PLANS ?= full,emoji:faster,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,emoji:hybrid-batch-mild,emoji:hybrid-batch-gentle,emoji:l2c,$(PEERS)
 # Every peer setting against the shipped plans that dominated them or came nearest (whole-block, fitted, hybrid), in
 # bf16 with full timed beside every plan (--pairing neighbours, 5 repeats): one table for issue 25's "every peer
 # setting, bf16" target with the timing that compare-fit uses (docs/benchmarks.md). ~45 min on a 2-core CPU with native
 # bf16. Resumable in runs/compare-peers-bf16.
-PEERS ?= diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 COMPARE_PEERS_PLANS ?= full,emoji:faster,emoji:hybrid-batch-mild,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,emoji:blocks-fastest+spans,$(FITTED),$(PEERS)
 compare-peers-bf16: install
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -156,14 +156,14 @@ def panels(result: dict) -> list[tuple[str, str, list[dict]]]:
 
 
 def front_of(rows: list[dict], key: str, higher: bool) -> list[dict]:
-    """The rows no other row beats in both speed and `key` (higher or lower better), from slow to fast."""
+    """The rows no other row beats in both speed and `key` (higher or lower better), from slow to fast: pymoo's
+    non-dominated sorting, as `search.front.pareto_front` uses for a search's records (both objectives minimised)."""
+    import numpy as np
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
-    def beats(a, b):  # at least as good in both, better in one
-        sa, sb = a["speedup_transformer"], b["speedup_transformer"]
-        qa, qb = (a[key], b[key]) if higher else (-a[key], -b[key])
-        return sa >= sb and qa >= qb and (sa > sb or qa > qb)
-
-    return sorted((r for r in rows if not any(beats(o, r) for o in rows)), key=lambda r: r["speedup_transformer"])
+    F = np.array([[-r["speedup_transformer"], -r[key] if higher else r[key]] for r in rows])
+    idx = NonDominatedSorting().do(F, only_non_dominated_front=True)
+    return sorted((rows[i] for i in sorted(idx)), key=lambda r: r["speedup_transformer"])  # ties in input order
 
 
 def plot(result: dict, path: Path) -> None:
