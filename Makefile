@@ -73,7 +73,7 @@ ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 PEERS ?= diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),$(PEERS)
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks fit search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks fit fit-spans search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -218,6 +218,16 @@ fit: install
 			--refine $(FIT_REFINE) --refine-loss $(FIT_LOSS) --out runs/fit/$$p.json --ship $$p-fit --replace --json > runs/fit/$$p.log || exit 1; \
 	done
 
+# The same with one weight per run of blocks reused whole (PLAN+spans, `Schedule.fit_spans`): each run costs two
+# adds however long it is (core/fitted.py), installed as emoji:NAME-spanfit.
+FIT_SPANS_SHIP ?= $(FIT_SHIP)
+fit-spans: install
+	mkdir -p runs/fit
+	for p in $(FIT_SPANS_SHIP); do \
+		$(BIN)/diffroute calibrate --method fit --model emoji --dtype float32 --n 64 --plan emoji:$$p+spans \
+			--refine $(FIT_REFINE) --refine-loss $(FIT_LOSS) --out runs/fit/$$p-spanfit.json --ship $$p-spanfit --replace --json > runs/fit/$$p-spanfit.log || exit 1; \
+	done
+
 search: install
 	rm -rf runs/search/emoji
 	$(BIN)/diffroute search --model emoji $(SEARCH_FLAGS) --out runs/search/emoji --ship $(SHIP) --replace
@@ -316,7 +326,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks fit search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks fit fit-spans search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done

@@ -96,6 +96,80 @@ def test_fitted_block_reuse_is_input_plus_weighted_residuals(name):
     assert not np.array_equal(run(pipe, name, prompts(name), [0, 1]), routed)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_run_fitted_with_one_weight_is_one_stand_in_equal_to_its_blocks_chained(name, monkeypatch):
+    """Every family: with one weight per run of blocks reused whole (`fit_spans`), a run stands in as its input +
+    a * its summed newest residuals + c * the summed previous ones (hidden-states-only families: two adds for the
+    run; joint blocks block by block), which is the blocks' own fitted stand-ins with that weight, chained, up to
+    rounding; its runs take the summed previous residuals where two are stored (counted)."""
+    from diffroute.core.cache import FeatureCache
+
+    pipe = fresh_pipe(name)
+    arch = architecture_map(pipe.transformer)
+    schedule = Schedule.fora(arch, STEPS, 2).with_block_reuse(arch.present())
+    tied = schedule.tied(_weights(schedule))
+    assert not torch.equal(tied, _weights(schedule))  # (the runs' later blocks take their first block's weight)
+    previous_sums = []
+    summed = FeatureCache.summed
+
+    def counting(self, keys, batch=None, slot=0):
+        out = summed(self, keys, batch, slot)
+        previous_sums.append(slot == 1 and out is not None)
+        return out
+
+    monkeypatch.setattr(FeatureCache, "summed", counting)
+    diffroute.apply(pipe, Schedule(**{**schedule.__dict__, "fit": tied, "fit_spans": True}))
+    routed = run(pipe, name, prompts(name), [0, 1])
+    stats = pipe.last_stats
+    diffroute.remove(pipe)
+    handle = _reference_fitted_blocks(pipe, 2, tied)
+    try:
+        reference = run(pipe, name, prompts(name), [0, 1])
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(routed, reference, atol=2e-5)
+    assert stats.computed_fraction == pytest.approx(0.5)
+    one_tensor = name not in ("sd3", "flux")  # (joint blocks return two streams: no single summed residual)
+    assert any(previous_sums) == one_tensor  # steps 3 and 5 (two residuals stored): the run as one stand-in
+    diffroute.apply(pipe, Schedule(**{**schedule.__dict__, "fit": _weights(schedule)}))  # untied: other images
+    assert np.abs(run(pipe, name, prompts(name), [0, 1]) - routed).max() > 1e-3
+
+
+def test_fit_spans_round_trips_and_refuses_untied_runs():
+    arch = architecture_map(fresh_pipe().transformer)
+    schedule = Schedule.fora(arch, 4, 2).with_block_reuse(arch.present())
+    fitted = Schedule(**{**schedule.__dict__, "fit": schedule.tied(_weights(schedule)), "fit_spans": True})
+    loaded = Schedule.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert loaded.fit_spans and torch.equal(loaded.fit, fitted.fit)
+    assert "fit_spans" not in Schedule(**{**fitted.__dict__, "fit_spans": False}).to_dict()
+    with pytest.raises(ScheduleMismatchError, match="block 1 at step 1 is in the run .* from block 0"):
+        Schedule(**{**fitted.__dict__, "fit": _weights(schedule)})
+    d = fitted.to_dict()
+    d["fit_spans"] = "yes"
+    with pytest.raises(ScheduleMismatchError, match="'fit_spans' must be true or false"):
+        Schedule.from_dict(d)
+
+
+def test_fitting_a_spans_plan_gives_one_weight_per_run_and_refines_the_runs_only():
+    """`fit_schedule` on `fora-2+spans`: the schedule carries `fit_spans`, each run's blocks one weight (pooled from
+    all of them: not a weight any single block's fit gives), and the refinement trains one weight per run."""
+    from diffroute.plans import resolve_plan
+    from diffroute.policies.fitting import fit_schedule
+    from diffroute.policies.refining import fitted_cells
+
+    pipe = fresh_pipe()
+    call = lambda: run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])  # noqa: E731
+    spans, _ = fit_schedule(pipe, resolve_plan("fora-2+spans"), call, STEPS)
+    blocks, _ = fit_schedule(pipe, resolve_plan("fora-2+blocks"), call, STEPS)
+    assert spans.fit_spans and not blocks.fit_spans
+    w, reused = spans.fit[..., -1, 1], spans.block_reuse
+    assert bool(reused[3].all()) and len(set(w[3].tolist())) == 1 and float(w[3, 0]) != 0.0
+    assert float(w[3, 0]) not in blocks.fit[3, :, -1, 1].tolist()
+    cells = fitted_cells(spans)
+    assert {(t, b) for t, b, i in cells if i == spans.fit.shape[2] - 1} == {(3, 0), (5, 0)}
+    assert len(fitted_cells(blocks)) == 2 * reused.shape[1]
+
+
 def test_fitted_component_reuse_is_the_weighted_last_two_outputs():
     """Component level (PixArt, FORA-2 per component): each reused component returns a * its newest output + c * the
     one before, as forward hooks that replace the components' outputs give it."""

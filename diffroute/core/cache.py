@@ -106,23 +106,27 @@ class FeatureCache:
             return None
         return rebuild(entry.kind, entry.slots[0])
 
-    def summed(self, keys: tuple, batch: int | None = None) -> torch.Tensor | None:
-        """The sum of the newest tensors stored under `keys` (added in their order), or None unless each is one
-        tensor fitting `batch`. Kept until one of them is stored again: a run of blocks reused whole over several
-        steps adds its residuals once, then one tensor per step."""
+    def summed(self, keys: tuple, batch: int | None = None, slot: int = 0) -> torch.Tensor | None:
+        """The sum of the newest tensors stored under `keys` (added in their order; `slot=1`: of the outputs before
+        them), or None unless each is one tensor fitting `batch` with that slot filled. Kept until one of them is
+        stored again: a run of blocks reused whole over several steps adds its residuals once, then one tensor per
+        step."""
         entries = [self._store.get(k) for k in keys]
-        if any(e is None or not issubclass(e.kind, torch.Tensor) or not _fits(e.slots[0], batch) for e in entries):
+        if any(
+            e is None or not issubclass(e.kind, torch.Tensor) or not _fits(e.slots[0], batch) or len(e.slots) <= slot
+            for e in entries
+        ):
             return None
         versions = tuple(e.version for e in entries)
-        kept = self._sums.get(keys)
+        kept = self._sums.get((keys, slot))
         if kept is not None and kept[0] == versions:
             return kept[1]
-        total = entries[0].slots[0][0]
+        total = entries[0].slots[slot][0]
         for e in entries[1:]:
-            total = total + e.slots[0][0]
+            total = total + e.slots[slot][0]
         if kept is not None:
             self.bytes -= _nbytes([kept[1]])
-        self._sums[keys] = (versions, total)
+        self._sums[(keys, slot)] = (versions, total)
         self._grow(_nbytes([total]))
         return total
 
@@ -145,7 +149,7 @@ class FeatureCache:
 
     def bound_bytes(self) -> int:
         """The analytic bound on this cache: one output per key it holds, times its history (2 for forecasts), plus
-        the summed residual kept per run of blocks reused as one (`+spans`)."""
+        the summed residuals kept per run of blocks reused as one (`+spans`; fitted runs keep the previous ones too)."""
         sums = sum(_nbytes([total]) for _, total in self._sums.values())
         return self.history * sum(_nbytes(e.slots[0]) for e in self._store.values()) + sums
 

@@ -9,7 +9,7 @@ from diffroute.core.context import StepContext
 
 # the decision types live in core.decisions; deciders import them from here as before
 from diffroute.core.decisions import FORECAST, SKIP, Fit, Fitted, SkipRows, SoftWidth, Width  # noqa: F401
-from diffroute.core.schedule import Schedule
+from diffroute.core.schedule import Schedule, run_starts
 
 
 def per_prompt(values: torch.Tensor) -> torch.Tensor:
@@ -102,13 +102,18 @@ class ScheduleDecider(Decider):
         # fitted reuse, every residual of a block that is ever reused whole
         keep = whole.any(dim=0, keepdim=True) if fitted else reused_whole_next(schedule)
         self._store_block = (~whole & keep).tolist()
-        self._span_end = span_ends(whole) if spans and not fitted else None
+        # runs of blocks reused whole as one residual: `+spans`, or a schedule fitted with one weight per run (at
+        # inference; its calibration and refinement take the run block by block, with the run's weight tied)
+        collapse = (spans and not fitted) or (schedule.fit_spans and stand_in is None)
+        self._span_end = span_ends(whole) if collapse else None
         if fitted:
             self._fit_decisions(schedule, stand_in)
 
     def _fit_decisions(self, schedule: Schedule, given) -> None:
-        """Plain reuses (False) become what `given(step, block, index)` says, else what the stored weights say."""
+        """Plain reuses (False) become what `given(step, block, index)` says, else what the stored weights say. With
+        `fit_spans` a block reused whole is asked for as its run's first block: the run shares one weight."""
         n = len(schedule.components)
+        first = run_starts(schedule.block_reuse) if schedule.fit_spans else None
 
         def stand_in(t: int, b: int, i: int):
             decision = None if given is None else given(t, b, i)
@@ -120,7 +125,7 @@ class ScheduleDecider(Decider):
         for t, step in enumerate(self._decision):
             for b, row in enumerate(step):
                 if not self._block[t][b]:
-                    self._block[t][b] = stand_in(t, b, n)
+                    self._block[t][b] = stand_in(t, b if first is None else first[t][b], n)
                     continue
                 for i, d in enumerate(row):
                     if d is False:

@@ -7,7 +7,12 @@ gaps; the calibration fits w itself, by least squares against the true output. M
 Fitted as an extrapolation (a + c = 1), not as two free weights: a free fit shrinks the stand-in toward zero (the
 older output is a noisy regressor), which lowered the final image's PSNR on one shipped schedule (`emoji:blocks-swift`,
 fp32: -0.8 dB against plain reuse) where the extrapolation never did. Written here, not taken from a library: one
-number per cell, solved in closed form."""
+number per cell, solved in closed form.
+
+With one weight per run of blocks reused whole (`Schedule.fit_spans`, fitted from a `+spans` plan) the run's stand-in
+is its input + a * R + c * R', R and R' the sums of its blocks' newest and previous residuals (each kept summed by the
+cache until a block of the run computes again): the run costs `+spans`' one add plus one, instead of two per block.
+It equals the blocks' own fitted stand-ins with that weight, chained (up to rounding)."""
 
 from __future__ import annotations
 
@@ -122,8 +127,19 @@ class FittedDecisions:
         return combine(history, *weights(*terms))
 
     def _fitted_block(self, forward, b: int, module, decision, args: tuple, kwargs: dict):
-        """The block's input plus the fitted combination of its last two residuals; computed when none is cached."""
+        """The block's input plus the fitted combination of its last two residuals; computed when none is cached.
+        The first block of a run that shares one weight (`Schedule.fit_spans`) stands in for the whole run."""
         n = self.ctx.batch_size
+        end = self.decider.block_span(self.ctx, b)
+        if end > b:
+            keys = tuple((self.ctx.branch, j, "block") for j in range(b, end + 1))
+            newest, previous = self.cache.summed(keys, n), self.cache.summed(keys, n, slot=1)
+            if newest is not None and previous is not None:  # (else block by block, each with the run's weight)
+                for j in range(b, end + 1):
+                    self._record_block(j, 0, n)
+                self._span_until = end
+                x = blocks.bind(module, args, kwargs).arguments["hidden_states"]
+                return x.add(newest, alpha=decision.a).add_(previous, alpha=decision.c)
         history = self.cache.outputs((self.ctx.branch, b, "block"), n)
         if not history:
             return self._compute_block(forward, b, module, COMPUTE, args, kwargs)

@@ -34,6 +34,19 @@ def resample_index(n_from: int, n_to: int) -> list[int]:
     return [round(i * (n_from - 1) / max(n_to - 1, 1)) for i in range(n_to)]
 
 
+def run_starts(whole: torch.Tensor) -> list[list[int]]:
+    """[steps][blocks]: for a block reused whole, the first block of the run of consecutive blocks reused whole that
+    holds it at that step; for any other block, the block itself."""
+    starts = []
+    for row in whole.tolist():
+        start = list(range(len(row)))
+        for b in range(1, len(row)):
+            if row[b] and row[b - 1]:
+                start[b] = start[b - 1]
+        starts.append(start)
+    return starts
+
+
 # What one first-block check decides: each CFG row alone, both rows of an image together, or the whole batch at once.
 CHECK_PER = ("sample", "prompt", "batch")
 
@@ -61,6 +74,9 @@ class Schedule:
     # float [steps, blocks, components + 1, 2]: per reused cell (last index of dim 2: the block reused whole) the
     # weights (a, c) of its fitted stand-in `a * newest + c * previous` (`core/fitted.py`); None: plain reuse
     fit: torch.Tensor | None = None
+    # each run of consecutive blocks reused whole at a step takes one fitted weight (its first block's; every block
+    # of the run carries it) and runs as one stand-in: input + a * (summed newest residuals) + c * (summed previous)
+    fit_spans: bool = False
 
     def __post_init__(self):
         self.compute = torch.as_tensor(self.compute, dtype=torch.bool).cpu()
@@ -112,10 +128,32 @@ class Schedule:
                     f"fit must hold weights of shape {list(want)}, each a number in [-{MAX_FIT_WEIGHT:g}, "
                     f"{MAX_FIT_WEIGHT:g}] (fitted ones lie within a few units of 0 and 1)."
                 )
+            if self.fit_spans:
+                self._check_tied()
         if not bool(self.compute[0].all()):
             raise ScheduleMismatchError(
                 "step 0 of a schedule must compute every component: nothing is cached before the first step."
             )
+
+    def _check_tied(self) -> None:
+        """With `fit_spans`: every block of a run reused whole carries its first block's weights."""
+        starts = run_starts(self.block_reuse)
+        for t, row in enumerate(starts):
+            for b, first in enumerate(row):
+                if first != b and not torch.equal(self.fit[t, b, -1], self.fit[t, first, -1]):
+                    raise ScheduleMismatchError(
+                        f"fit_spans: block {b} at step {t} is in the run of blocks reused whole from block {first}, "
+                        "so it must carry that block's weights (one weight per run); fix the file's fit entries or "
+                        "drop fit_spans."
+                    )
+
+    def tied(self, fit: torch.Tensor) -> torch.Tensor:
+        """`fit` with each run's first block's weights copied to every block of the run (`fit_spans`)."""
+        fit = fit.clone()
+        for t, row in enumerate(run_starts(self.block_reuse)):
+            for b, first in enumerate(row):
+                fit[t, b, -1] = fit[t, first, -1]
+        return fit
 
     @property
     def num_steps(self) -> int:
@@ -300,6 +338,8 @@ class Schedule:
             out["check_per"] = self.check_per
         if self.fit is not None:  # [steps][blocks][components + block]: [a, c]
             out["fit"] = self.fit.tolist()
+        if self.fit_spans:
+            out["fit_spans"] = True
         return out
 
     @classmethod
@@ -379,7 +419,14 @@ class Schedule:
                     f"{MAX_FIT_WEIGHT:g}] (per step, block and component, then the block as a whole: the weights a, c "
                     "of a fitted reuse), or left out."
                 )
-        return cls(compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check, per, fit)
+        spans = d.get("fit_spans", False)
+        if not isinstance(spans, bool):
+            raise bad(
+                "'fit_spans' must be true or false (one fitted weight per run of blocks reused whole), or left out."
+            )
+        return cls(
+            compute, model_class, tuple(components), dict(provenance), forecast, block_reuse, check, per, fit, spans
+        )
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())

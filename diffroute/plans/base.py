@@ -183,8 +183,8 @@ class SchedulePlan(Plan):
             "its weights were fitted for its own cells: fit the plan with +blocks instead (`diffroute calibrate "
             "--method fit --plan PLAN+blocks`)"
             if suffix == BLOCKS_SUFFIX
-            else "each fitted block adds its own extrapolation, so a run of them is not one stored residual: run the "
-            "fitted schedule as it is"
+            else "each of its fitted blocks has its own weight, so a run of them is not one stored residual: fit the "
+            "plan with +spans instead (`diffroute calibrate --method fit --plan PLAN+spans`: one weight per run)"
         )
         raise PlanError(f"{self.name}{suffix}: this schedule carries fitted reuse weights; {why}.")
 

@@ -4,7 +4,10 @@ predict its true output (least squares over the batch), and return the schedule 
 
 The run goes on from each fitted stand-in, not from the true output, so later weights are fitted on the state that
 inference with the earlier ones will have (HarmoniCa's step-wise point, `../shared/ROUTING.md` §8); the weights are
-shared by every image and both CFG rows (two numbers per cell: a static plan, no per-image decision)."""
+shared by every image and both CFG rows (two numbers per cell: a static plan, no per-image decision). A `+spans`
+plan is fitted with one weight per run of blocks reused whole (`Schedule.fit_spans`): the calibration takes the run
+block by block, each block's least-squares terms pooled into its run's (so the weight fits each block's residual, not
+the run's sum; the refinement, `policies/refining.py`, then trains it on the final image)."""
 
 from __future__ import annotations
 
@@ -66,6 +69,8 @@ def fit_schedule(pipe, plan: Plan, run: Callable[[], None], num_steps: int) -> t
     schedule = plan.schedule_at(arch, num_steps)
     if schedule.fit is not None:
         schedule = replace(schedule, fit=None)  # fitted afresh, on this model and these prompts
+    # a `+spans` plan: each run of blocks reused whole gets one weight, its terms pooled over the run's blocks
+    schedule = replace(schedule, fit_spans=schedule.fit_spans or bool(getattr(plan, "collapse_spans", False)))
     if bool(schedule.compute.all()):
         raise PlanError(f"plan {plan.name!r} computes every cell at {num_steps} steps: there is no reuse to fit.")
     calibrating = _Calibrating(schedule, plan.name)
@@ -75,6 +80,8 @@ def fit_schedule(pipe, plan: Plan, run: Callable[[], None], num_steps: int) -> t
     finally:
         diffroute.remove(pipe)
     w = calibrating.weights()
+    if schedule.fit_spans:
+        w = schedule.tied(w)
     provenance = dict(schedule.provenance, fitted_from=plan.name, fitted_steps=num_steps)
     fitted = replace(schedule, provenance=provenance, fit=w)
     moved = w[..., 1] != 0.0

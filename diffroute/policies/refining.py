@@ -23,7 +23,7 @@ import torch
 from diffroute.core.deciders import ScheduleDecider
 from diffroute.core.decisions import Fitted
 from diffroute.core.fitted import weights as plain_or_fitted
-from diffroute.core.schedule import MAX_FIT_WEIGHT, Schedule
+from diffroute.core.schedule import MAX_FIT_WEIGHT, Schedule, run_starts
 from diffroute.errors import PlanError
 from diffroute.plans.base import SchedulePlan
 from diffroute.utils.grad import pipeline_modules, requires_grad
@@ -49,9 +49,14 @@ class _Refining(SchedulePlan):
 
 
 def fitted_cells(schedule: Schedule) -> list[tuple[int, int, int]]:
-    """(step, block, index) of every cell whose weights are not plain reuse's (1, 0)."""
+    """(step, block, index) of every cell whose weights are not plain reuse's (1, 0); with `fit_spans`, of a run of
+    blocks reused whole only its first block (the run's weight)."""
     a, c = schedule.fit[..., 0], schedule.fit[..., 1]
-    return [tuple(x) for x in ((a != 1.0) | (c != 0.0)).nonzero().tolist()]
+    cells = [tuple(x) for x in ((a != 1.0) | (c != 0.0)).nonzero().tolist()]
+    if not schedule.fit_spans:
+        return cells
+    first, n = run_starts(schedule.block_reuse), schedule.fit.shape[2] - 1
+    return [(t, b, i) for t, b, i in cells if i < n or first[t][b] == b]
 
 
 def log_error(latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -173,6 +178,8 @@ def _refine(pipe, schedule: Schedule, cells: list, chunks: list, call, epochs: i
     fit = schedule.fit.clone()
     for (t, b, i), v in zip(cells, best_w.double().tolist()):
         fit[t, b, i] = torch.tensor(plain_or_fitted(v, 1.0), dtype=torch.float64)
+    if schedule.fit_spans:  # the run's weight to every block of it
+        fit = schedule.tied(fit)
     provenance = dict(schedule.provenance, refined_epochs=epochs, refined_lr=lr, refined_batch=batch)
     provenance["refined_loss"] = loss
     summary = {
