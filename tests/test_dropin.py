@@ -198,3 +198,36 @@ def test_prompt_embeddings_instead_of_prompts(tiny_pipes, name):
     planned_prompt = _call(pipe, name, "fora-2", prompt=text, **by_prompt, generator=_gens(6, 7)).images
     np.testing.assert_allclose(planned, planned_prompt, atol=1e-5)
     assert not np.allclose(planned, routed, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_removing_a_plan_leaves_every_module_as_it_was_found(name):
+    """After a plan with every kind of hook (step, watched blocks, blocks reused whole, components, the text
+    projection memo) is applied, run and removed, no module keeps a `forward` of its own: a model compiled before
+    the plan would otherwise see another attribute and recompile."""
+    from conftest import fresh_pipe
+
+    pipe = fresh_pipe(name)
+    before = {n for n, m in pipe.transformer.named_modules() if "forward" in m.__dict__}
+    for plan in ("fbcache-0.2", "fora-2+blocks", "fora-2"):
+        pipe.enable_cache(plan)
+        pipe(**_prompt(name, 2), **_kwargs(name), generator=_gens(0, 1), output_type="np")
+        hooked = {n for n, m in pipe.transformer.named_modules() if "forward" in m.__dict__}
+        assert hooked - before  # (the plan's hooks are there while it is on)
+        pipe.disable_cache()
+        assert {n for n, m in pipe.transformer.named_modules() if "forward" in m.__dict__} == before, plan
+
+
+def test_flux_one_negative_prompt_for_a_batch_reuses_blocks_whole():
+    """FLUX with true CFG and one negative prompt for several prompts: the negative branch's text stream is broadcast
+    over the batch by the first block, so a block reused whole adds a per-row text residual to a one-row input; the
+    images are those of the negative prompt given once per prompt."""
+    from conftest import fresh_pipe
+
+    pipe = fresh_pipe("flux")
+    pipe.enable_cache("fora-2+blocks")
+    images = {}
+    for negative in ("blurry", ["blurry"] * 2):
+        kwargs = _kwargs("flux", negative_prompt=negative)
+        images[str(negative)] = pipe(**_prompt("flux", 2), **kwargs, generator=_gens(0, 1), output_type="np").images
+    np.testing.assert_allclose(*images.values(), atol=1e-5)

@@ -47,8 +47,16 @@ def residual(inputs, out):
         return out - inputs["hidden_states"]
     enc_out, hid_out = out
     enc_in = inputs.get("encoder_hidden_states")
-    text = None if enc_out is None or enc_in is None or enc_out.shape != enc_in.shape else enc_out - enc_in
+    # (a text input broadcast over the batch, e.g. FLUX's one negative prompt for several: the residual is per row)
+    text = None if enc_out is None or enc_in is None or not _broadcasts(enc_in, enc_out) else enc_out - enc_in
     return (text, hid_out - inputs["hidden_states"])
+
+
+def _broadcasts(x: torch.Tensor, to: torch.Tensor) -> bool:
+    try:
+        return torch.broadcast_shapes(x.shape, to.shape) == to.shape
+    except RuntimeError:
+        return False
 
 
 def add_residual(inputs, res):

@@ -18,6 +18,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from diffroute.core.arch import spec_of
+from diffroute.utils.unhook import remove_hook
 
 HOOK = "diffroute_call_context"
 
@@ -144,7 +145,7 @@ def remove_call_listener(transformer, name: str) -> None:
         return
     hook.listeners.pop(name, None)
     if not hook.listeners:
-        HookRegistry.check_if_exists_or_initialize(transformer).remove_hook(HOOK, recurse=False)
+        remove_hook(transformer, HOOK)
 
 
 def has_call_listener(transformer, name: str) -> bool:

@@ -57,6 +57,7 @@ from diffroute.core.hooks import (
 from diffroute.core.invariant import attach_invariant, detach_invariant, invariant_modules
 from diffroute.core.soft import SoftDecisions
 from diffroute.core.stats import CallStats, StatsRecorder
+from diffroute.utils.unhook import remove_hook
 
 # Keyword arguments of component forwards that carry one row per sample (sliced when only some samples compute).
 BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_attention_mask", "temb")
@@ -138,15 +139,15 @@ class Executor(BlockDecisions, FittedDecisions, SoftDecisions):
 
     def detach(self) -> None:
         self.end_call()
-        HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(STEP_HOOK, recurse=False)
+        remove_hook(self.transformer, STEP_HOOK)
         for b in self._observed:
-            self.arch.blocks[b]._diffusers_hook.remove_hook(BLOCK_HOOK, recurse=False)
+            remove_hook(self.arch.blocks[b], BLOCK_HOOK)
         for b in self.block_level.nonzero().flatten().tolist():
-            self.arch.blocks[b]._diffusers_hook.remove_hook(BLOCK_REUSE_HOOK, recurse=False)
+            remove_hook(self.arch.blocks[b], BLOCK_REUSE_HOOK)
         for row in self.arch.modules:
             for module in row:
-                if module is not None and hasattr(module, "_diffusers_hook"):
-                    module._diffusers_hook.remove_hook(COMPONENT_HOOK, recurse=False)
+                if module is not None:
+                    remove_hook(module, COMPONENT_HOOK)
         detach_invariant(self._invariant)
         self._invariant_hooks = []
         self._invalidate()

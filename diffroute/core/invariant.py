@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from diffroute.utils.unhook import remove_hook
+
 INVARIANT_HOOK = "diffroute_invariant"
 MAX_ENTRIES = 4  # distinct inputs per call (CFG in separate calls: two); more means inputs are not call-invariant
 
@@ -66,5 +68,4 @@ def attach_invariant(modules: list[torch.nn.Module]) -> list[InvariantHook]:
 
 def detach_invariant(modules: list[torch.nn.Module]) -> None:
     for m in modules:
-        if hasattr(m, "_diffusers_hook"):
-            m._diffusers_hook.remove_hook(INVARIANT_HOOK, recurse=False)
+        remove_hook(m, INVARIANT_HOOK)

@@ -28,6 +28,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from diffroute.core.call_context import CallInfo, add_call_listener, hidden_states_of, remove_call_listener
 from diffroute.errors import PlanError
+from diffroute.utils.unhook import remove_hook
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SIGMAS = (0.5, 1.0, 2.0)
@@ -209,7 +210,7 @@ def disable_fera(transformer) -> None:
         return
     remove_call_listener(transformer, CALL_LISTENER)
     for layer in fera["layers"]:
-        HookRegistry.check_if_exists_or_initialize(layer).remove_hook(MIX_HOOK, recurse=False)
+        remove_hook(layer, MIX_HOOK)
     fera["enabled"] = False
 
 

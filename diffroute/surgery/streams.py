@@ -17,6 +17,7 @@ from diffroute.core.blocks import bind
 from diffroute.core.call_context import CallInfo, add_call_listener, has_call_listener, remove_call_listener
 from diffroute.errors import PlanError
 from diffroute.surgery.config import drop_config_key
+from diffroute.utils.unhook import remove_hook
 
 CALL_LISTENER = "diffroute_stream"
 BLOCK_HOOK = "diffroute_stream_block"
@@ -62,7 +63,7 @@ class StreamRewrite:
         transformer, blocks = self._attached
         remove_call_listener(transformer, CALL_LISTENER)
         for block in blocks:
-            HookRegistry.check_if_exists_or_initialize(block).remove_hook(BLOCK_HOOK, recurse=False)
+            remove_hook(block, BLOCK_HOOK)
         self._attached = None
 
 

@@ -46,6 +46,7 @@ from diffroute.training.trajectories import output_of, record_calls
 from diffroute.utils.grad import pipeline_modules, requires_grad
 from diffroute.utils.io import atomic_write_json
 from diffroute.utils.seeding import sample_generators
+from diffroute.utils.unhook import remove_hook
 
 ROLLOUTS = ("student", "recorded", "image")
 STUDENT_HOOK = "diffroute.gates_student"
@@ -192,7 +193,7 @@ class GateLoss:
 
     def close(self) -> None:
         if self.hook is not None:
-            self.transformer._diffusers_hook.remove_hook(STUDENT_HOOK, recurse=False)
+            remove_hook(self.transformer, STUDENT_HOOK)
         self.executor.detach()
 
 

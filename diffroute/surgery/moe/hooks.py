@@ -16,6 +16,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from diffroute.core.call_context import CallInfo, add_call_listener, remove_call_listener
 from diffroute.surgery.moe.capacity import parse_capacity
+from diffroute.utils.unhook import remove_hook
 
 TIMESTEP_LISTENER = "diffroute_moe_timestep"
 NORM_HOOK = "diffroute_moe_norm"
@@ -68,7 +69,7 @@ def install_moe_hooks(transformer, arch, blocks, norms, layers) -> None:
 def remove_moe_hooks(transformer) -> None:
     remove_call_listener(transformer, TIMESTEP_LISTENER)
     for norm in getattr(transformer, "_diffroute_moe_norms", []):
-        HookRegistry.check_if_exists_or_initialize(norm).remove_hook(NORM_HOOK, recurse=False)
+        remove_hook(norm, NORM_HOOK)
     transformer._diffroute_moe_norms = []
 
 
