@@ -219,8 +219,9 @@ fit: install
 	done
 
 # The same with one weight per run of blocks reused whole (PLAN+spans, `Schedule.fit_spans`): each run costs two
-# adds however long it is (core/fitted.py), installed as emoji:NAME-spanfit.
-FIT_SPANS_SHIP ?= $(FIT_SHIP)
+# adds however long it is (core/fitted.py), installed as emoji:NAME-spanfit. Not blocks-gentle: it reuses no two
+# neighbouring blocks at one step, so its span fit is its -fit (same weights, checked).
+FIT_SPANS_SHIP ?= blocks-fast blocks-brisk blocks-swift blocks-faster
 fit-spans: install
 	mkdir -p runs/fit
 	for p in $(FIT_SPANS_SHIP); do \
@@ -259,7 +260,8 @@ compare: install
 # every plan (--pairing neighbours): this VM's speed drifts within a repeat of 18 plans, and a ratio to a full run a
 # whole repeat away moved the speed column by up to 30% between two runs of the same images.
 FITTED ?= emoji:blocks-gentle-fit,emoji:blocks-fast-fit,emoji:blocks-brisk-fit,emoji:blocks-swift-fit,emoji:blocks-faster-fit
-COMPARE_FIT_PLANS ?= full,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,$(FITTED),emoji:hybrid-batch-mild,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
+SPANFITTED ?= emoji:blocks-fast-spanfit,emoji:blocks-brisk-spanfit,emoji:blocks-swift-spanfit,emoji:blocks-faster-spanfit
+COMPARE_FIT_PLANS ?= full,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,$(FITTED),$(SPANFITTED),emoji:hybrid-batch-mild,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 COMPARE_FIT_DTYPE ?= float32
 COMPARE_FIT_OUT ?= compare-fit
 compare-fit: install
