@@ -191,6 +191,31 @@ def test_a_run_of_blocks_reused_whole_adds_one_residual(name):
     np.testing.assert_allclose(summed, images, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["pixart-alpha", "dit", "sana"])
+def test_a_run_fitted_with_one_weight_costs_two_adds(name):
+    """Fitted reuse (two residuals stored: steps 0 and 1 compute) costs two adds per block reused whole; with one
+    weight per run (`fit_spans`) two for the whole run, once its two sums are made (the first reused step); neither
+    copies anything plain reuse does not (DiT clones one tensor of its own per call)."""
+    pipe = fresh_pipe(name)
+    arch = architecture_map(pipe.transformer)
+    blocks = len(arch.blocks)
+    schedule = Schedule.fora(arch, STEPS, 100, warmup=2).with_block_reuse(arch.present())
+    fit = torch.zeros(*schedule.compute.shape[:2], schedule.compute.shape[2] + 1, 2, dtype=torch.float64)
+    fit[..., 0], fit[..., 1] = 1.5, -0.5
+    adds, copies = {}, {}
+    for key, given in (("plain", {}), ("per block", {"fit": fit}), ("one run", {"fit": fit, "fit_spans": True})):
+        diffroute.apply(pipe, Schedule(**{**schedule.__dict__, **given}))
+        per_call, _ = _ops_per_call(pipe, name)
+        diffroute.remove(pipe)
+        adds[key] = [ops.get("aten.add", 0) + ops.get("aten.add_", 0) for ops in per_call]
+        copies[key] = [ops.get("aten.copy_", 0) + ops.get("aten.clone", 0) for ops in per_call[2:]]
+    assert copies["per block"] == copies["one run"] == copies["plain"]
+    per_block, one_run, reused = adds["per block"], adds["one run"], range(2, STEPS)
+    assert per_block[:2] == one_run[:2]
+    assert one_run[2] == per_block[2] - 2 * blocks + 2 * (blocks - 1) + 2  # the two sums made, then two adds
+    assert all(one_run[t] == per_block[t] - 2 * (blocks - 1) for t in reused[1:])
+
+
 def test_bench_reuse_reports_each_reuse_form_on_its_own_schedule():
     """`diffroute bench reuse` (a benchmark: its timings are not asserted) times component, whole-block and
     one-residual reuse steps of the same schedule, each step after step 0 reused."""
@@ -202,8 +227,14 @@ def test_bench_reuse_reports_each_reuse_form_on_its_own_schedule():
         assert (
             row["plans"][plan]["computed_fraction"] == pytest.approx(1 / 3) and row["plans"][plan]["reuse_steps"] == 2
         )
-    for key in ("component_reuse_step_vs_full", "block_reuse_step_vs_full", "span_reuse_step_vs_full"):
-        assert row[key] > 0
+    for plan in ("fora-3+blocks fitted", "fora-3+spans fitted"):  # (steps 0 and 1 computed: two residuals)
+        assert (
+            row["plans"][plan]["computed_fraction"] == pytest.approx(2 / 3) and row["plans"][plan]["reuse_steps"] == 1
+        )
+    for key in ("component", "block", "span", "fitted_block", "fitted_span"):
+        assert row[f"{key}_reuse_step_vs_full"] > 0
+    proc = run_cli("bench", "reuse", "--models", "tiny-pixart", "--steps", "2")
+    assert proc.returncode != 0 and "--steps 3 or more" in proc.stderr
 
 
 def test_spans_keep_a_schedules_own_whole_blocks_and_add_them_elsewhere():
