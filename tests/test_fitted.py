@@ -45,9 +45,10 @@ def _fitted_value(history: list, a: float, c: float, base=None):
     return tuple(one(x, n, o) for x, n, o in zip(base or (None,) * len(newest), newest, older))
 
 
-def _reference_fitted_blocks(pipe, every: int, given: torch.Tensor):
-    """FORA-`every` at block level with fitted weights, as plain forward replacements independent of the executor:
-    computed steps keep each block's last two residuals per branch; other steps return input + the fitted value."""
+def _reference_fitted_blocks(pipe, every: int, given: torch.Tensor, computed: int = 0):
+    """FORA-`every` at block level with fitted weights (the first `computed` steps computed too), as plain forward
+    replacements independent of the executor: computed steps keep each block's last two residuals per branch; other
+    steps return input + the fitted value."""
     state, handle = step_counter(pipe)
     kept = {}
     for b, block in enumerate(architecture_map(pipe.transformer).blocks):
@@ -57,7 +58,7 @@ def _reference_fitted_blocks(pipe, every: int, given: torch.Tensor):
             bound = _sig.bind(_block, *args, **kwargs).arguments
             h, e = bound["hidden_states"], bound.get("encoder_hidden_states")
             history = kept.setdefault((_b, state["branch"]), [])
-            if state["step"] % every == 0:
+            if state["step"] % every == 0 or state["step"] < computed:
                 out = _fwd(*args, **kwargs)
                 if isinstance(out, torch.Tensor):
                     res = out - h
@@ -133,6 +134,38 @@ def test_a_run_fitted_with_one_weight_is_one_stand_in_equal_to_its_blocks_chaine
     assert any(previous_sums) == one_tensor  # steps 3 and 5 (two residuals stored): the run as one stand-in
     diffroute.apply(pipe, Schedule(**{**schedule.__dict__, "fit": _weights(schedule)}))  # untied: other images
     assert np.abs(run(pipe, name, prompts(name), [0, 1]) - routed).max() > 1e-3
+
+
+def test_only_the_residuals_a_fitted_reuse_reads_are_kept(monkeypatch):
+    """A fitted block reads the last two residuals computed before it: with steps 0-2 computed and 3-5 reused, the
+    residual of step 0 is never read and is not kept (each kept one costs a subtraction and a copy); the images are
+    those of keeping everything (the reference forward replacement keeps every residual)."""
+    from diffroute.core.cache import FeatureCache
+    from diffroute.core.deciders import one_of_last_two
+
+    computed = torch.tensor([1, 1, 1, 1, 0, 1, 0, 0, 1, 1], dtype=torch.bool)[:, None]
+    assert one_of_last_two(computed, ~computed).flatten().tolist() == [0, 0, 1, 1, 0, 1, 0, 0, 0, 0]
+    pipe = fresh_pipe()
+    arch = architecture_map(pipe.transformer)
+    schedule = Schedule.fora(arch, STEPS, 100, warmup=3).with_block_reuse(arch.present())
+    weights = _weights(schedule)
+    kept, put = [], FeatureCache.put
+
+    def counting(self, key, out, step=0):
+        kept.append((key, step))
+        return put(self, key, out, step)
+
+    monkeypatch.setattr(FeatureCache, "put", counting)
+    diffroute.apply(pipe, Schedule(**{**schedule.__dict__, "fit": weights}))
+    routed = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
+    diffroute.remove(pipe)
+    assert sorted({step for key, step in kept if key[-1] == "block"}) == [1, 2]
+    assert len([k for k in kept if k[0][-1] == "block"]) == 2 * len(arch.blocks)
+    handle = _reference_fitted_blocks(pipe, 100, weights, computed=3)
+    try:
+        np.testing.assert_array_equal(routed, run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1]))
+    finally:
+        handle.remove()
 
 
 def test_fit_spans_round_trips_and_refuses_untied_runs():

@@ -90,8 +90,10 @@ class ScheduleDecider(Decider):
         fitted = schedule.fit is not None or stand_in is not None
         nxt = computed_at_next_run(schedule)
         # Keep an output if the block's next run reuses it; in a column that forecasts (or whose reuses are fitted),
-        # keep every computed output (both extrapolate from the last two).
-        store = c & (~nxt | f.any(dim=0, keepdim=True) | (fitted & (~c).any(dim=0, keepdim=True)))
+        # every computed output that is one of the last two before a later stand-in (both extrapolate from them).
+        stood_in = ~c & ~whole[..., None]
+        two = f.any(dim=0, keepdim=True) | (fitted & (~c).any(dim=0, keepdim=True))
+        store = c & (~nxt | (two & one_of_last_two(c, stood_in)))
         self._decision = [
             [[True if cc else (FORECAST if ff else False) for cc, ff in zip(cb, fb)] for cb, fb in zip(cs, fs)]
             for cs, fs in zip(c.tolist(), f.tolist())
@@ -99,8 +101,9 @@ class ScheduleDecider(Decider):
         self._store = store.tolist()
         self._block = (~whole).tolist()  # True: the block runs (its components decide), False: reused whole
         # keep a block's residual when the very next step reuses the block whole (consecutive reuses share it); with
-        # fitted reuse, every residual of a block that is ever reused whole
-        keep = whole.any(dim=0, keepdim=True) if fitted else reused_whole_next(schedule)
+        # fitted reuse, each one of the last two computed before a later reuse (only those are read: each kept one
+        # costs a subtraction and a copy, as much as a fitted stand-in)
+        keep = one_of_last_two(~whole, whole) if fitted else reused_whole_next(schedule)
         self._store_block = (~whole & keep).tolist()
         # runs of blocks reused whole as one residual: `+spans`, or a schedule fitted with one weight per run (at
         # inference; its calibration and refinement take the run block by block, with the run's weight tied)
@@ -176,6 +179,18 @@ def computed_at_next_run(schedule: Schedule) -> torch.Tensor:
     c = schedule.compute
     padded = torch.cat([c, torch.ones_like(c[:1])])
     return padded.gather(0, next_run(schedule.block_reuse)[..., None].expand_as(c))
+
+
+def one_of_last_two(computed: torch.Tensor, stood_in: torch.Tensor) -> torch.Tensor:
+    """[steps, ...]: whether each computed step is one of the last two computed before some later stood-in step (at
+    most one computed step between them): the outputs a stand-in from the last two reads. Steps that neither compute
+    nor stand in (a component while its block is reused whole) do not count."""
+    out = torch.zeros_like(computed)
+    ahead = torch.full(computed.shape[1:], -1, dtype=torch.long)  # computes since the next stand-in; -1: none
+    for s in range(computed.shape[0] - 1, -1, -1):
+        out[s] = computed[s] & (ahead >= 0) & (ahead <= 1)
+        ahead = torch.where(stood_in[s], 0, torch.where(computed[s] & (ahead >= 0), ahead + 1, ahead))
+    return out
 
 
 def reused_whole_next(schedule: Schedule) -> torch.Tensor:
