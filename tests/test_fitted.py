@@ -168,7 +168,7 @@ def test_only_the_residuals_a_fitted_reuse_reads_are_kept(monkeypatch):
         handle.remove()
 
 
-def test_fit_spans_round_trips_and_refuses_untied_runs():
+def test_fit_spans_round_trips_and_refuses_untied_runs(tmp_path):
     arch = architecture_map(fresh_pipe().transformer)
     schedule = Schedule.fora(arch, 4, 2).with_block_reuse(arch.present())
     fitted = Schedule(**{**schedule.__dict__, "fit": schedule.tied(_weights(schedule)), "fit_spans": True})
@@ -177,6 +177,9 @@ def test_fit_spans_round_trips_and_refuses_untied_runs():
     assert "fit_spans" not in Schedule(**{**fitted.__dict__, "fit_spans": False}).to_dict()
     with pytest.raises(ScheduleMismatchError, match="block 1 at step 1 is in the run .* from block 0"):
         Schedule(**{**fitted.__dict__, "fit": _weights(schedule)})
+    fitted.save(tmp_path / "runs.json")
+    with pytest.raises(PlanError, match="already stand in as one"):
+        diffroute.resolve_plan(str(tmp_path / "runs.json") + "+spans")
     d = fitted.to_dict()
     d["fit_spans"] = "yes"
     with pytest.raises(ScheduleMismatchError, match="'fit_spans' must be true or false"):

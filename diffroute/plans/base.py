@@ -179,13 +179,18 @@ class SchedulePlan(Plan):
     def _refuse_fitted(self, suffix: str) -> None:
         if self.schedule.fit is None:
             return
-        why = (
-            "its weights were fitted for its own cells: fit the plan with +blocks instead (`diffroute calibrate "
-            "--method fit --plan PLAN+blocks`)"
-            if suffix == BLOCKS_SUFFIX
-            else "each of its fitted blocks has its own weight, so a run of them is not one stored residual: fit the "
-            "plan with +spans instead (`diffroute calibrate --method fit --plan PLAN+spans`: one weight per run)"
-        )
+        if suffix == BLOCKS_SUFFIX:
+            why = (
+                "its weights were fitted for its own cells: fit the plan with +blocks instead (`diffroute calibrate "
+                "--method fit --plan PLAN+blocks`)"
+            )
+        elif self.schedule.fit_spans:
+            why = "its runs of blocks reused whole already stand in as one (one weight per run): run it as it is"
+        else:
+            why = (
+                "each of its fitted blocks has its own weight, so a run of them is not one stored residual: fit the "
+                "plan with +spans instead (`diffroute calibrate --method fit --plan PLAN+spans`: one weight per run)"
+            )
         raise PlanError(f"{self.name}{suffix}: this schedule carries fitted reuse weights; {why}.")
 
     def with_block_reuse(self) -> Plan:
