@@ -64,6 +64,22 @@ def step_counter(pipe):
     return state, pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
 
 
+def routed_and_reference(pipe, name, plan, reference):
+    """The images of the test prompts under `plan` (seeds 0, 1), the call's stats, and the same images with the plan
+    removed and `reference(pipe)` in place (plain forward replacements; returns a handle removed afterwards)."""
+    import diffroute
+
+    diffroute.apply(pipe, plan)
+    routed = run(pipe, name, prompts(name), [0, 1])
+    stats = pipe.last_stats
+    diffroute.remove(pipe)
+    handle = reference(pipe)
+    try:
+        return routed, stats, run(pipe, name, prompts(name), [0, 1])
+    finally:
+        handle.remove()
+
+
 def fresh_pipe(name="pixart-alpha"):
     """A new tiny pipeline of its own (for tests that change it), progress bars off."""
     pipe = TINY_PIPELINES[name]()

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import NAMES, STEPS, fresh_pipe, prompts, run, run_cli, step_counter
+from conftest import NAMES, STEPS, fresh_pipe, prompts, routed_and_reference, run, run_cli, step_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffroute
@@ -64,15 +64,8 @@ def test_block_reuse_is_input_plus_stored_residual(name, spans):
     """`+blocks`: each block reused whole adds its own residual; `+spans`: a run of them adds their sum once (the
     three families whose blocks return one tensor; SD3's and FLUX's pairs fall back to block by block)."""
     pipe = fresh_pipe(name)
-    diffroute.apply(pipe, "fora-3+spans" if spans else "fora-3+blocks")
-    routed = run(pipe, name, prompts(name), [0, 1])
-    stats = pipe.last_stats
-    diffroute.remove(pipe)
-    handle = _reference_block_reuse(pipe, 3, spans)
-    try:
-        reference = run(pipe, name, prompts(name), [0, 1])
-    finally:
-        handle.remove()
+    plan = "fora-3+spans" if spans else "fora-3+blocks"
+    routed, stats, reference = routed_and_reference(pipe, name, plan, lambda p: _reference_block_reuse(p, 3, spans))
     np.testing.assert_array_equal(routed, reference)
     assert stats.computed_fraction == pytest.approx(2 / STEPS)  # steps 0 and 3 of 6 compute
 

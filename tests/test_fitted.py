@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CALL_KWARGS, NAMES, STEPS, fresh_pipe, prompts, run, run_cli, step_counter
+from conftest import CALL_KWARGS, NAMES, STEPS, fresh_pipe, prompts, routed_and_reference, run, run_cli, step_counter
 
 import diffroute
 from diffroute.core.arch import architecture_map
@@ -82,15 +82,9 @@ def test_fitted_block_reuse_is_input_plus_weighted_residuals(name):
     arch = architecture_map(pipe.transformer)
     schedule = Schedule.fora(arch, STEPS, 2).with_block_reuse(arch.present())
     fitted = Schedule(**{**schedule.__dict__, "fit": _weights(schedule)})
-    diffroute.apply(pipe, fitted)
-    routed = run(pipe, name, prompts(name), [0, 1])
-    stats = pipe.last_stats
-    diffroute.remove(pipe)
-    handle = _reference_fitted_blocks(pipe, 2, _weights(schedule))
-    try:
-        reference = run(pipe, name, prompts(name), [0, 1])
-    finally:
-        handle.remove()
+    routed, stats, reference = routed_and_reference(
+        pipe, name, fitted, lambda p: _reference_fitted_blocks(p, 2, _weights(schedule))
+    )
     np.testing.assert_array_equal(routed, reference)
     assert stats.computed_fraction == pytest.approx(0.5)
     diffroute.apply(pipe, schedule)  # the weights matter: plain reuse gives other images
@@ -119,15 +113,10 @@ def test_a_run_fitted_with_one_weight_is_one_stand_in_equal_to_its_blocks_chaine
         return out
 
     monkeypatch.setattr(FeatureCache, "summed", counting)
-    diffroute.apply(pipe, Schedule(**{**schedule.__dict__, "fit": tied, "fit_spans": True}))
-    routed = run(pipe, name, prompts(name), [0, 1])
-    stats = pipe.last_stats
-    diffroute.remove(pipe)
-    handle = _reference_fitted_blocks(pipe, 2, tied)
-    try:
-        reference = run(pipe, name, prompts(name), [0, 1])
-    finally:
-        handle.remove()
+    one_weight = Schedule(**{**schedule.__dict__, "fit": tied, "fit_spans": True})
+    routed, stats, reference = routed_and_reference(
+        pipe, name, one_weight, lambda p: _reference_fitted_blocks(p, 2, tied)
+    )
     np.testing.assert_allclose(routed, reference, atol=2e-5)
     assert stats.computed_fraction == pytest.approx(0.5)
     one_tensor = name not in ("sd3", "flux")  # (joint blocks return two streams: no single summed residual)
@@ -156,16 +145,15 @@ def test_only_the_residuals_a_fitted_reuse_reads_are_kept(monkeypatch):
         return put(self, key, out, step)
 
     monkeypatch.setattr(FeatureCache, "put", counting)
-    diffroute.apply(pipe, Schedule(**{**schedule.__dict__, "fit": weights}))
-    routed = run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1])
-    diffroute.remove(pipe)
+    routed, _, reference = routed_and_reference(
+        pipe,
+        "pixart-alpha",
+        Schedule(**{**schedule.__dict__, "fit": weights}),
+        lambda p: _reference_fitted_blocks(p, 100, weights, computed=3),
+    )
     assert sorted({step for key, step in kept if key[-1] == "block"}) == [1, 2]
     assert len([k for k in kept if k[0][-1] == "block"]) == 2 * len(arch.blocks)
-    handle = _reference_fitted_blocks(pipe, 100, weights, computed=3)
-    try:
-        np.testing.assert_array_equal(routed, run(pipe, "pixart-alpha", prompts("pixart-alpha"), [0, 1]))
-    finally:
-        handle.remove()
+    np.testing.assert_array_equal(routed, reference)
 
 
 def test_fit_spans_round_trips_and_refuses_untied_runs(tmp_path):
