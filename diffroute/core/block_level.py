@@ -43,19 +43,31 @@ class BlockDecisions:
     def _reuse_block(self, forward, b, module, decision, args, kwargs):
         """Input plus the residual the block added at its last computation; computed when none is cached."""
         n = self.ctx.batch_size
-        end = self.decider.block_span(self.ctx, b)
-        if end > b:  # a run of blocks reused whole: one add of their summed residuals, then they pass through
-            total = self.cache.summed(tuple((self.ctx.branch, j, "block") for j in range(b, end + 1)), n)
-            if total is not None:
-                for j in range(b, end + 1):
-                    self._record_block(j, 0, n)
-                self._span_until = end
-                return blocks.bind(module, args, kwargs).arguments["hidden_states"] + total
+        run = self._run_sums(b, module, args, kwargs, slots=(0,))
+        if run is not None:  # a run of blocks reused whole: one add of their summed residuals
+            x, (total,) = run
+            return x + total
         res = self.cache.get((self.ctx.branch, b, "block"), n)
         if res is None:
             return self._compute_block(forward, b, module, COMPUTE, args, kwargs)
         self._record_block(b, 0, n)
         return blocks.add_residual(blocks.bind(module, args, kwargs).arguments, res)
+
+    def _run_sums(self, b: int, module, args: tuple, kwargs: dict, slots: tuple[int, ...]):
+        """Where the decider makes block `b` the first of a run of blocks reused whole (`block_span`) and the cache
+        holds each slot's summed residuals of the run: the run's input and those sums, with the run's blocks counted
+        as reused and the blocks after `b` set to pass their input through. Else None (block by block)."""
+        end = self.decider.block_span(self.ctx, b)
+        if end <= b:
+            return None
+        n, keys = self.ctx.batch_size, tuple((self.ctx.branch, j, "block") for j in range(b, end + 1))
+        sums = [self.cache.summed(keys, n, slot=s) for s in slots]
+        if any(total is None for total in sums):
+            return None
+        for j in range(b, end + 1):
+            self._record_block(j, 0, n)
+        self._span_until = end
+        return blocks.bind(module, args, kwargs).arguments["hidden_states"], sums
 
     def _skip_block(self, forward, b, module, decision, args, kwargs):
         """The block's input in its output's form."""

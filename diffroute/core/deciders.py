@@ -9,7 +9,7 @@ from diffroute.core.context import StepContext
 
 # the decision types live in core.decisions; deciders import them from here as before
 from diffroute.core.decisions import FORECAST, SKIP, Fit, Fitted, SkipRows, SoftWidth, Width  # noqa: F401
-from diffroute.core.schedule import Schedule, run_starts
+from diffroute.core.schedule import Schedule, run_starts, span_ends
 
 
 def per_prompt(values: torch.Tensor) -> torch.Tensor:
@@ -153,23 +153,6 @@ class ScheduleDecider(Decider):
 
     def info(self) -> dict:
         return {"schedule_provenance": self.schedule.provenance, "planned_fraction": self.schedule.computed_fraction()}
-
-
-def span_ends(whole: torch.Tensor) -> list[list[int]]:
-    """[steps][blocks]: for a block reused whole that starts a run of consecutive blocks reused whole at that step,
-    the run's last block; for any other block, the block itself."""
-    ends = []
-    for row in whole.tolist():
-        end = list(range(len(row)))
-        b = 0
-        while b < len(row):
-            e = b
-            while row[b] and e + 1 < len(row) and row[e + 1]:
-                e += 1
-            end[b] = e
-            b = e + 1
-        ends.append(end)
-    return ends
 
 
 def computed_at_next_run(schedule: Schedule) -> torch.Tensor:

@@ -130,16 +130,10 @@ class FittedDecisions:
         """The block's input plus the fitted combination of its last two residuals; computed when none is cached.
         The first block of a run that shares one weight (`Schedule.fit_spans`) stands in for the whole run."""
         n = self.ctx.batch_size
-        end = self.decider.block_span(self.ctx, b)
-        if end > b:
-            keys = tuple((self.ctx.branch, j, "block") for j in range(b, end + 1))
-            newest, previous = self.cache.summed(keys, n), self.cache.summed(keys, n, slot=1)
-            if newest is not None and previous is not None:  # (else block by block, each with the run's weight)
-                for j in range(b, end + 1):
-                    self._record_block(j, 0, n)
-                self._span_until = end
-                x = blocks.bind(module, args, kwargs).arguments["hidden_states"]
-                return x.add(newest, alpha=decision.a).add_(previous, alpha=decision.c)
+        run = self._run_sums(b, module, args, kwargs, slots=(0, 1))  # (None: block by block, with the run's weight)
+        if run is not None:
+            x, (newest, previous) = run
+            return x.add(newest, alpha=decision.a).add_(previous, alpha=decision.c)
         history = self.cache.outputs((self.ctx.branch, b, "block"), n)
         if not history:
             return self._compute_block(forward, b, module, COMPUTE, args, kwargs)

@@ -34,17 +34,42 @@ def resample_index(n_from: int, n_to: int) -> list[int]:
     return [round(i * (n_from - 1) / max(n_to - 1, 1)) for i in range(n_to)]
 
 
+def runs(row: list[bool]) -> list[tuple[int, int]]:
+    """(first, last) of each run of consecutive True in `row` (a step's blocks reused whole)."""
+    out, b = [], 0
+    while b < len(row):
+        if row[b]:
+            e = b
+            while e + 1 < len(row) and row[e + 1]:
+                e += 1
+            out.append((b, e))
+            b = e
+        b += 1
+    return out
+
+
 def run_starts(whole: torch.Tensor) -> list[list[int]]:
     """[steps][blocks]: for a block reused whole, the first block of the run of consecutive blocks reused whole that
     holds it at that step; for any other block, the block itself."""
     starts = []
     for row in whole.tolist():
         start = list(range(len(row)))
-        for b in range(1, len(row)):
-            if row[b] and row[b - 1]:
-                start[b] = start[b - 1]
+        for first, last in runs(row):
+            start[first : last + 1] = [first] * (last + 1 - first)
         starts.append(start)
     return starts
+
+
+def span_ends(whole: torch.Tensor) -> list[list[int]]:
+    """[steps][blocks]: for a block reused whole that starts a run of consecutive blocks reused whole at that step,
+    the run's last block; for any other block, the block itself."""
+    ends = []
+    for row in whole.tolist():
+        end = list(range(len(row)))
+        for first, last in runs(row):
+            end[first] = last
+        ends.append(end)
+    return ends
 
 
 # What one first-block check decides: each CFG row alone, both rows of an image together, or the whole batch at once.
