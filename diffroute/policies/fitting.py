@@ -70,7 +70,7 @@ def fit_schedule(pipe, plan: Plan, run: Callable[[], None], num_steps: int) -> t
     if schedule.fit is not None:
         schedule = replace(schedule, fit=None)  # fitted afresh, on this model and these prompts
     # a `+spans` plan: each run of blocks reused whole gets one weight, its terms pooled over the run's blocks
-    schedule = replace(schedule, fit_spans=schedule.fit_spans or bool(getattr(plan, "collapse_spans", False)))
+    schedule = replace(schedule, fit_spans=schedule.fit_spans or plan.collapse_spans)
     if bool(schedule.compute.all()):
         raise PlanError(f"plan {plan.name!r} computes every cell at {num_steps} steps: there is no reuse to fit.")
     calibrating = _Calibrating(schedule, plan.name)
