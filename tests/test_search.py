@@ -10,6 +10,7 @@ from accelerate import PartialState
 from conftest import run_cli
 
 import diffroute
+from diffroute.metrics.fidelity import per_image_psnr
 from diffroute.search.cost import measure_cost
 from diffroute.search.evaluate import ScheduleEvaluator
 from diffroute.search.front import pareto_front, pick
@@ -274,3 +275,49 @@ def test_python_entry_point_searches_picks_and_ships(tiny_pipes, tmp_path, monke
     assert installed.provenance["shipped_as"] == "tiny-pixart:cheap"
     with pytest.raises(InputError, match="raise the budget"):
         ship_front(result, {"cheaper": cheapest / 2}, settings)
+
+
+def test_fitted_search_scores_each_schedule_as_its_fit_on_other_prompts(tiny_pipes):
+    """With fit prompts, a candidate is scored as `fit_schedule` fits it on those prompts (seeds after the scored
+    ones'): the same images as that fitted schedule, other than plain reuse's; its cost stays its cells'."""
+    from diffroute.plans.base import SchedulePlan
+    from diffroute.policies.fitting import fit_schedule
+    from diffroute.utils.seeding import sample_generators
+
+    pipe = tiny_pipes("pixart-alpha")
+    arch = diffroute.architecture_map(pipe.transformer)
+    cost = measure_cost(pipe, arch, {k: v for k, v in KW.items() if k != "num_inference_steps"})
+    scored, fit_on = ["red apple", "cat"], ["a dog", "a tree", "a boat"]
+    plain = ScheduleEvaluator(pipe, scored, 0, KW, cost)
+    fitting = ScheduleEvaluator(pipe, scored, 0, KW, cost, fit_prompts=fit_on)
+    schedule = diffroute.Schedule.fora(arch, STEPS, 2).with_block_reuse()
+
+    def run():
+        gens = sample_generators(0, range(2, 5))
+        pipe(fit_on, generator=gens, output_type="latent", **KW)
+
+    fitted = fit_schedule(pipe, SchedulePlan(schedule), run, STEPS)[0]
+    assert torch.equal(fitting.fitted(schedule).fit, fitted.fit) and bool(fitted.fit[..., 1].any())
+    expected, _, _ = fitting.generate(fitted)
+    assert not np.array_equal(expected, fitting.generate(schedule)[0])  # (on this tiny model: by ~1e-6)
+    got = fitting(schedule)
+    assert got["psnr_mean"] == float(per_image_psnr(expected, fitting.full).mean())
+    assert got["cost"] == plain(schedule)["cost"] == cost.relative_cost(schedule)
+    full = diffroute.Schedule.full(arch, STEPS)  # nothing reused: nothing to fit, scored as it is
+    assert fitting.fitted(full) is full and fitting(full)["psnr_mean"] == 60.0
+
+
+def test_fitted_search_refuses_forecast_genes_and_checks(tmp_path):
+    from diffroute.errors import InputError
+    from diffroute.search.run import SearchSettings
+
+    for extra in (dict(forecast=True), dict(forecast=False, thresholds=True)):
+        with pytest.raises(InputError, match="--no-forecast"):
+            SearchSettings("emoji", fit_prompts=["a cat"], **extra).check(2)
+    SearchSettings("emoji", fit_prompts=["a cat"], forecast=False).check(2)
+    proc = run_cli(
+        "search", "--model", "tiny-pixart", "--n", "2", "--fitted", "2", "--prompt", "a", "--prompt", "b",
+        "--prompt", "c", "--out", str(tmp_path / "s"),
+    )  # fmt: skip
+    assert proc.returncode != 0 and "give 4 prompts (got 3)" in proc.stderr
+    assert not (tmp_path / "s").exists()  # refused before any work

@@ -53,6 +53,15 @@ def add_arguments(p) -> None:
         "the whole batch at once as diffusers' FirstBlockCache does (never splits a batch; an image's decisions then "
         "depend on its batch-mates)",
     )
+    p.add_argument(
+        "--fitted",
+        type=int_in(0, 10**6),
+        default=0,
+        metavar="K",
+        help="fit each candidate's reuses (calibrate --method fit's closed form) on K more prompts, after the --n "
+        "scored ones, before scoring it: a front of schedules as they are once fitted (implies --no-forecast; "
+        "each candidate costs one more call on K prompts; default 0: scored as plain reuse)",
+    )
     p.add_argument("--no-bac", action="store_true", help="do not seed the population with BAC schedules")
     p.add_argument(
         "--patience",
@@ -86,6 +95,7 @@ def run(args) -> dict | None:
     import diffroute
     from diffroute.cli.calibrate import calibration_prompts
     from diffroute.cli.common import call_kwargs, check_run_dir, load, read_prompts
+    from diffroute.errors import InputError
     from diffroute.search.run import SearchSettings, pick_from, run_search
     from diffroute.zoo import MODELS
     from diffroute.zoo.registry import model_family
@@ -93,7 +103,17 @@ def run(args) -> dict | None:
 
     ship = _parse_ship(args.ship, args.model, args.replace) if args.ship is not None else {}
     default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
-    prompts = read_prompts(args, default)[: args.n]
+    given = read_prompts(args, default)
+    prompts, fit_prompts = given[: args.n], given[args.n : args.n + args.fitted]
+    own = bool(args.prompt or getattr(args, "prompts_file", None))  # prompts the user gave, else the default
+    if args.fitted and own and len(fit_prompts) < args.fitted:
+        raise InputError(
+            f"--fitted {args.fitted} fits on the {args.fitted} prompts after the --n {args.n} scored ones: give "
+            f"{args.n + args.fitted} prompts (got {len(given)}), or lower --n or --fitted."
+        )
+    if args.fitted and not own:  # more training captions, none of them scored
+        fit_prompts = [c for c in calibration_prompts(args.model, 2 * args.n + args.fitted) if c not in prompts]
+        fit_prompts = fit_prompts[: args.fitted]
     settings = SearchSettings(
         model=args.model,
         steps=args.steps,
@@ -102,7 +122,7 @@ def run(args) -> dict | None:
         generations=args.generations,
         quality=args.quality,
         cost=args.cost,
-        forecast=not args.no_forecast,
+        forecast=not (args.no_forecast or args.fitted),
         whole_blocks=args.whole_blocks,
         thresholds=args.thresholds,
         check_per=args.check_per,
@@ -112,6 +132,7 @@ def run(args) -> dict | None:
         features=args.features,
         overwrite=args.overwrite,
         clip_scorer=MODELS[args.model].clip_scorer if args.quality == "clip" and args.model in MODELS else None,
+        fit_prompts=fit_prompts,
     )
     settings.check(len(prompts))  # before the model loads or the run folder is made
     out = check_run_dir(args.out)

@@ -23,6 +23,11 @@ class ScheduleEvaluator:
     prompts) -> float`, lower is better), so that a search can take any of them as objectives. For a schedule with
     a first-block check, which each image takes its own way, `cost` and `latency_model` are of what the call did:
     each cell counted by the share of images that computed it.
+
+    With `fit_prompts`, each schedule's reuses are first fitted (`policies.fitting.fit_schedule`: one calibration
+    call on those prompts, seeds following the scored prompts' so that no image is both fitted and scored) and its
+    quality is that of the fitted schedule: the search then ranks schedules by what they give once fitted. Its cost is
+    its cells' (a fitted reuse skips what a plain one skips).
     """
 
     def __init__(
@@ -36,10 +41,11 @@ class ScheduleEvaluator:
         clip_scorer=None,
         quality_fn=None,
         latency_model=None,
+        fit_prompts: list[str] | None = None,
     ):
         self.pipe, self.prompts, self.seed, self.kwargs, self.cost = pipe, prompts, seed, call_kwargs, cost
         self.feature, self.clip_scorer, self.quality_fn = feature, clip_scorer, quality_fn
-        self.latency_model = latency_model
+        self.latency_model, self.fit_prompts = latency_model, fit_prompts
         self.full, self.full_time, _ = self.generate("full")
         self.full_stats = frechet.stats_of_images(to_uint8(self.full), feature) if feature is not None else None
 
@@ -54,8 +60,23 @@ class ScheduleEvaluator:
         finally:
             diffroute.remove(self.pipe)
 
+    def fitted(self, schedule):
+        """`schedule` with its reuses fitted on `fit_prompts` (as it is, where it reuses nothing or checks images)."""
+        from diffroute.plans.base import SchedulePlan
+        from diffroute.policies.fitting import fit_schedule
+
+        if not self.fit_prompts or schedule.check is not None or bool(schedule.compute.all()):
+            return schedule
+        after = range(len(self.prompts), len(self.prompts) + len(self.fit_prompts))
+
+        def run():
+            gens = sample_generators(self.seed, after, self.pipe.device)
+            self.pipe(self.fit_prompts, generator=gens, output_type="latent", **self.kwargs)
+
+        return fit_schedule(self.pipe, SchedulePlan(schedule), run, schedule.num_steps)[0]
+
     def __call__(self, schedule) -> dict:
-        images, seconds, stats = self.generate(schedule)
+        images, seconds, stats = self.generate(self.fitted(schedule))
         value = psnr(images, self.full)
         dynamic = schedule.check is not None
         out = {

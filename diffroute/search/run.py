@@ -39,6 +39,8 @@ class SearchSettings:
     call_kwargs: dict = field(default_factory=dict)
     overwrite: bool = False
     clip_scorer: Callable | None = None  # for quality "clip": the model's CLIP score (the zoo's emoji-CLIP)
+    # prompts on which each candidate's reuses are fitted before it is scored (empty: scored as plain reuse)
+    fit_prompts: list[str] = field(default_factory=list)
 
     def check(self, n_prompts: int) -> None:
         """Refuse settings that cannot search, before any work."""
@@ -50,6 +52,12 @@ class SearchSettings:
             raise InputError(f"unknown quality objective {self.quality!r}; known: {', '.join(QUALITIES)}.")
         if self.cost not in COSTS:
             raise InputError(f"unknown cost objective {self.cost!r}; known: {', '.join(COSTS)}.")
+        if self.fit_prompts and (self.forecast or self.thresholds):
+            raise InputError(
+                "a fitted search (--fitted) scores static schedules whose reuses are fitted extrapolations: leave out "
+                "--thresholds (checked plans are not fitted) and search without forecast genes (--no-forecast; a "
+                "fitted reuse is a forecast whose weights are learned)."
+            )
 
 
 def run_search(
@@ -87,7 +95,15 @@ def run_search(
     if settings.cost == "latency_model":
         latency_model, check = _latency_model(pipe, arch, prompts, kwargs, settings, state)
     evaluator = ScheduleEvaluator(
-        pipe, prompts, settings.seed, kwargs, cost, feature, clip_scorer=scorer, latency_model=latency_model
+        pipe,
+        prompts,
+        settings.seed,
+        kwargs,
+        cost,
+        feature,
+        clip_scorer=scorer,
+        latency_model=latency_model,
+        fit_prompts=settings.fit_prompts,
     )
     space = GenomeSpace(
         arch,
@@ -124,6 +140,7 @@ def run_search(
         "quality_objective": settings.quality,
         "cost_objective": settings.cost,
         "features": settings.features,
+        **({"fitted_on_prompts": len(settings.fit_prompts)} if settings.fit_prompts else {}),
     }
     paths = save_front(front, space, out, saved)
     title = f"{settings.model}: {len(records)} schedules evaluated, {len(front)} on the front"
@@ -223,6 +240,7 @@ def check_resume(settings: SearchSettings, pipe, prompts, kwargs, out: Path, sta
         **({"whole_blocks": True} if settings.whole_blocks else {}),  # (settings of earlier runs unchanged)
         **({"thresholds": True} if settings.thresholds else {}),
         **({"check_per": settings.check_per} if settings.thresholds and settings.check_per != "prompt" else {}),
+        **({"fit_prompts": digest(settings.fit_prompts)} if settings.fit_prompts else {}),
         "bac": settings.bac,
         "features": settings.features if settings.quality == "fd" else None,
         "pop": settings.pop,
