@@ -73,7 +73,7 @@ ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 PEERS ?= diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),$(PEERS)
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks fit fit-spans search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-fitted fit fit-spans search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -197,6 +197,11 @@ SHIP ?= gentle=0.9,fast=0.7,faster=0.5,fastest=0.4,turbo=0.3
 BLOCKS_SEARCH_FLAGS ?= --dtype bfloat16 --steps 20 --n 64 --pop 48 --generations 40 --patience 4 --quality psnr_mean \
 	--cost latency_model --budget-minutes 30 --whole-blocks
 BLOCKS_SHIP ?= blocks-gentle=0.9,blocks-fast=0.7,blocks-brisk=0.62,blocks-swift=0.57,blocks-faster=0.5,blocks-fastest=0.4
+# The fitted search (issue 25): the whole-block search, each candidate scored as it is once its reuses are fitted
+# (--fitted 16: the closed-form fit on 16 more training captions; no forecast genes), 35 minutes; its members ship
+# as base schedules whose fitted versions `make fit` installs (emoji:fitsearch-NAME-fit).
+FITSEARCH_FLAGS ?= $(BLOCKS_SEARCH_FLAGS) --budget-minutes 35 --fitted 16
+FITSEARCH_SHIP ?= fitsearch-brisk=0.612,fitsearch-swift=0.559,fitsearch-faster=0.5
 # The threshold search (issue 25, item 3): whole-block genes and a first-block check threshold per step, so that the
 # shipped plans decide per image; seeded with FBCache's own decisions and the fronts shipped above, 30 minutes.
 HYBRID_SEARCH_FLAGS ?= $(BLOCKS_SEARCH_FLAGS) --thresholds
@@ -206,7 +211,7 @@ HYBRID_BATCH_SHIP ?= hybrid-batch-mild=0.93,hybrid-batch-gentle=0.83,hybrid-batc
 # Fitted reuse (issue 25): each whole-block schedule's reuses fitted as extrapolations from their last two outputs,
 # one calibration call on 64 training captions in fp32 (the model's own dtype), then FIT_REFINE epochs of training
 # on the final image (policies/refining.py, ~6 min per plan here), installed as emoji:NAME-fit.
-FIT_SHIP ?= blocks-gentle blocks-fast blocks-brisk blocks-swift blocks-faster
+FIT_SHIP ?= blocks-gentle blocks-fast blocks-brisk blocks-swift blocks-faster fitsearch-brisk fitsearch-swift fitsearch-faster
 FIT_REFINE ?= 6
 # the refinement's loss (calibrate --refine-loss): per-image+pooled keeps the largest errors down, which the per-image
 # loss alone let grow (FD at blocks-brisk 0.0198 -> 0.0269; docs/plans.md)
@@ -239,6 +244,11 @@ search-blocks: install
 	$(BIN)/diffroute search --model emoji $(BLOCKS_SEARCH_FLAGS) --out runs/search/emoji-blocks --ship $(BLOCKS_SHIP) --replace
 	mkdir -p docs/search/blocks && cp runs/search/emoji-blocks/front.json runs/search/emoji-blocks/front.png docs/search/blocks/
 
+search-fitted: install
+	rm -rf runs/search/emoji-fitted
+	$(BIN)/diffroute search --model emoji $(FITSEARCH_FLAGS) --out runs/search/emoji-fitted --ship $(FITSEARCH_SHIP) --replace
+	mkdir -p docs/search/fitted && cp runs/search/emoji-fitted/front.json runs/search/emoji-fitted/front.png docs/search/fitted/
+
 search-hybrid: install
 	rm -rf runs/search/emoji-hybrid
 	$(BIN)/diffroute search --model emoji $(HYBRID_SEARCH_FLAGS) --out runs/search/emoji-hybrid --ship $(HYBRID_SHIP) --replace
@@ -261,7 +271,9 @@ compare: install
 # whole repeat away moved the speed column by up to 30% between two runs of the same images.
 FITTED ?= emoji:blocks-gentle-fit,emoji:blocks-fast-fit,emoji:blocks-brisk-fit,emoji:blocks-swift-fit,emoji:blocks-faster-fit
 SPANFITTED ?= emoji:blocks-fast-spanfit,emoji:blocks-brisk-spanfit,emoji:blocks-swift-spanfit,emoji:blocks-faster-spanfit
-COMPARE_FIT_PLANS ?= full,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,$(FITTED),$(SPANFITTED),emoji:hybrid-batch-mild,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
+# the fitted search's members (`make search-fitted`), fitted
+FITSEARCHED ?= emoji:fitsearch-brisk-fit,emoji:fitsearch-swift-fit,emoji:fitsearch-faster-fit
+COMPARE_FIT_PLANS ?= full,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,$(FITTED),$(SPANFITTED),$(FITSEARCHED),emoji:hybrid-batch-mild,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 COMPARE_FIT_DTYPE ?= float32
 COMPARE_FIT_OUT ?= compare-fit
 compare-fit: install
@@ -328,7 +340,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks fit fit-spans search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks search-fitted fit fit-spans search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done
