@@ -73,7 +73,7 @@ ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 PEERS ?= diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),$(PEERS)
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-fitted fit fit-spans search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-fitted fit fit-spans fit-blocks search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -234,6 +234,17 @@ fit-spans: install
 			--refine $(FIT_REFINE) --refine-loss $(FIT_LOSS) --out runs/fit/$$p-spanfit.json --ship $$p-spanfit --replace --json > runs/fit/$$p-spanfit.log || exit 1; \
 	done
 
+# The fitted search's plan with every block whose components all reuse at a step reused whole (PLAN+blocks): the
+# search kept such blocks as three separate fitted reuses, which still run norms and modulation; fitted whole they
+# skip them (docs/benchmarks.md "Searched as fitted"), installed as emoji:NAME-blockfit.
+FIT_BLOCKS_SHIP ?= fitsearch-faster
+fit-blocks: install
+	mkdir -p runs/fit
+	for p in $(FIT_BLOCKS_SHIP); do \
+		$(BIN)/diffroute calibrate --method fit --model emoji --dtype float32 --n 64 --plan emoji:$$p+blocks \
+			--refine $(FIT_REFINE) --refine-loss $(FIT_LOSS) --out runs/fit/$$p-blockfit.json --ship $$p-blockfit --replace --json > runs/fit/$$p-blockfit.log || exit 1; \
+	done
+
 search: install
 	rm -rf runs/search/emoji
 	$(BIN)/diffroute search --model emoji $(SEARCH_FLAGS) --out runs/search/emoji --ship $(SHIP) --replace
@@ -340,7 +351,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks search-fitted fit fit-spans search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks search-fitted fit fit-spans fit-blocks search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done
