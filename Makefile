@@ -216,34 +216,31 @@ FIT_REFINE ?= 6
 # the refinement's loss (calibrate --refine-loss): per-image+pooled keeps the largest errors down, which the per-image
 # loss alone let grow (FD at blocks-brisk 0.0198 -> 0.0269; docs/plans.md)
 FIT_LOSS ?= per-image+pooled
-fit: install
+# One fitting loop for `fit`, `fit-spans` and `fit-blocks`: $(call fit_each,NAMES,PLAN SUFFIX,KIND) fits and refines
+# emoji:NAME+SUFFIX for each NAME and installs it as emoji:NAME-KIND (log and JSON in runs/fit/NAME-KIND.*).
+define fit_each
 	mkdir -p runs/fit
-	for p in $(FIT_SHIP); do \
-		$(BIN)/diffroute calibrate --method fit --model emoji --dtype float32 --n 64 --plan emoji:$$p \
-			--refine $(FIT_REFINE) --refine-loss $(FIT_LOSS) --out runs/fit/$$p.json --ship $$p-fit --replace --json > runs/fit/$$p.log || exit 1; \
+	for p in $(1); do \
+		$(BIN)/diffroute calibrate --method fit --model emoji --dtype float32 --n 64 --plan emoji:$$p$(2) \
+			--refine $(FIT_REFINE) --refine-loss $(FIT_LOSS) --out runs/fit/$$p-$(3).json --ship $$p-$(3) --replace --json > runs/fit/$$p-$(3).log || exit 1; \
 	done
+endef
+fit: install
+	$(call fit_each,$(FIT_SHIP),,fit)
 
 # The same with one weight per run of blocks reused whole (PLAN+spans, `Schedule.fit_spans`): each run costs two
 # adds however long it is (core/fitted.py), installed as emoji:NAME-spanfit. Not blocks-gentle: it reuses no two
 # neighbouring blocks at one step, so its span fit is its -fit (same weights, checked).
 FIT_SPANS_SHIP ?= blocks-fast blocks-brisk blocks-swift blocks-faster
 fit-spans: install
-	mkdir -p runs/fit
-	for p in $(FIT_SPANS_SHIP); do \
-		$(BIN)/diffroute calibrate --method fit --model emoji --dtype float32 --n 64 --plan emoji:$$p+spans \
-			--refine $(FIT_REFINE) --refine-loss $(FIT_LOSS) --out runs/fit/$$p-spanfit.json --ship $$p-spanfit --replace --json > runs/fit/$$p-spanfit.log || exit 1; \
-	done
+	$(call fit_each,$(FIT_SPANS_SHIP),+spans,spanfit)
 
 # The fitted search's plan with every block whose components all reuse at a step reused whole (PLAN+blocks): the
 # search kept such blocks as three separate fitted reuses, which still run norms and modulation; fitted whole they
 # skip them (docs/benchmarks.md "Searched as fitted"), installed as emoji:NAME-blockfit.
 FIT_BLOCKS_SHIP ?= fitsearch-faster
 fit-blocks: install
-	mkdir -p runs/fit
-	for p in $(FIT_BLOCKS_SHIP); do \
-		$(BIN)/diffroute calibrate --method fit --model emoji --dtype float32 --n 64 --plan emoji:$$p+blocks \
-			--refine $(FIT_REFINE) --refine-loss $(FIT_LOSS) --out runs/fit/$$p-blockfit.json --ship $$p-blockfit --replace --json > runs/fit/$$p-blockfit.log || exit 1; \
-	done
+	$(call fit_each,$(FIT_BLOCKS_SHIP),+blocks,blockfit)
 
 search: install
 	rm -rf runs/search/emoji
