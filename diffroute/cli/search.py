@@ -95,7 +95,6 @@ def run(args) -> dict | None:
     import diffroute
     from diffroute.cli.calibrate import calibration_prompts
     from diffroute.cli.common import call_kwargs, check_run_dir, load, read_prompts
-    from diffroute.errors import InputError
     from diffroute.search.run import SearchSettings, pick_from, run_search
     from diffroute.zoo import MODELS
     from diffroute.zoo.registry import model_family
@@ -104,16 +103,8 @@ def run(args) -> dict | None:
     ship = _parse_ship(args.ship, args.model, args.replace) if args.ship is not None else {}
     default = calibration_prompts(args.model, args.n) if model_family(args.model) == "emoji" else []
     given = read_prompts(args, default)
-    prompts, fit_prompts = given[: args.n], given[args.n : args.n + args.fitted]
-    own = bool(args.prompt or getattr(args, "prompts_file", None))  # prompts the user gave, else the default
-    if args.fitted and own and len(fit_prompts) < args.fitted:
-        raise InputError(
-            f"--fitted {args.fitted} fits on the {args.fitted} prompts after the --n {args.n} scored ones: give "
-            f"{args.n + args.fitted} prompts (got {len(given)}), or lower --n or --fitted."
-        )
-    if args.fitted and not own:  # more training captions, none of them scored
-        fit_prompts = [c for c in calibration_prompts(args.model, 2 * args.n + args.fitted) if c not in prompts]
-        fit_prompts = fit_prompts[: args.fitted]
+    prompts = given[: args.n]
+    fit_prompts = _fit_prompts(args, given, prompts) if args.fitted else []
     settings = SearchSettings(
         model=args.model,
         steps=args.steps,
@@ -153,6 +144,23 @@ def run(args) -> dict | None:
         if "picked" in result:
             print(f"picked for --max-cost {args.max_cost}: {result['picked']}", file=sys.stderr)
     return result
+
+
+def _fit_prompts(args, given: list[str], scored: list[str]) -> list[str]:
+    """The --fitted prompts: the ones given after the --n scored ones (too few is refused), or, with the default
+    prompts, more training captions, none of them scored."""
+    from diffroute.cli.calibrate import calibration_prompts
+    from diffroute.errors import InputError
+
+    if args.prompt or getattr(args, "prompts_file", None):
+        if len(given) < args.n + args.fitted:
+            raise InputError(
+                f"--fitted {args.fitted} fits on the {args.fitted} prompts after the --n {args.n} scored ones: give "
+                f"{args.n + args.fitted} prompts (got {len(given)}), or lower --n or --fitted."
+            )
+        return given[args.n : args.n + args.fitted]
+    more = calibration_prompts(args.model, 2 * args.n + args.fitted)  # (a draw of another size: not a prefix)
+    return [c for c in more if c not in scored][: args.fitted]
 
 
 def _minutes(text: str) -> float:
