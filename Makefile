@@ -238,7 +238,7 @@ fit-spans: install
 # The fitted search's plan with every block whose components all reuse at a step reused whole (PLAN+blocks): the
 # search kept such blocks as three separate fitted reuses, which still run norms and modulation; fitted whole they
 # skip them (docs/benchmarks.md "Searched as fitted"), installed as emoji:NAME-blockfit.
-FIT_BLOCKS_SHIP ?= fitsearch-faster
+FIT_BLOCKS_SHIP ?= fitsearch-faster fitsearch-swift fitsearch-brisk
 fit-blocks: install
 	$(call fit_each,$(FIT_BLOCKS_SHIP),+blocks,blockfit)
 
@@ -280,7 +280,7 @@ compare: install
 FITTED ?= emoji:blocks-gentle-fit,emoji:blocks-fast-fit,emoji:blocks-brisk-fit,emoji:blocks-swift-fit,emoji:blocks-faster-fit
 SPANFITTED ?= emoji:blocks-fast-spanfit,emoji:blocks-brisk-spanfit,emoji:blocks-swift-spanfit,emoji:blocks-faster-spanfit
 # the fitted search's members (`make search-fitted`), fitted
-FITSEARCHED ?= emoji:fitsearch-brisk-fit,emoji:fitsearch-swift-fit,emoji:fitsearch-faster-fit
+FITSEARCHED ?= emoji:fitsearch-brisk-fit,emoji:fitsearch-swift-fit,emoji:fitsearch-faster-fit,emoji:fitsearch-brisk-blockfit,emoji:fitsearch-swift-blockfit,emoji:fitsearch-faster-blockfit
 COMPARE_FIT_PLANS ?= full,emoji:blocks-gentle+spans,emoji:blocks-fast+spans,emoji:blocks-brisk+spans,emoji:blocks-swift+spans,emoji:blocks-faster+spans,$(FITTED),$(SPANFITTED),$(FITSEARCHED),emoji:hybrid-batch-mild,diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 COMPARE_FIT_DTYPE ?= float32
 COMPARE_FIT_OUT ?= compare-fit

@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -131,6 +132,21 @@ def test_whole_block_genes_round_trip_and_apply_only_where_a_block_reuses_everyt
     assert any(space.to_schedule(y).has_block_reuse for y in moved)  # moves that skip a group may reuse it whole
 
 
+def test_whole_always_reuses_every_fully_reused_block_whole_without_genes(setup):
+    arch = setup[0]
+    space = GenomeSpace(arch, STEPS, forecast=False, whole_blocks=True, whole_always=True)
+    assert space.n_var == space.n_cells  # no whole-block genes: the rule decides
+    fora = diffroute.Schedule.fora(arch, STEPS, 2)
+    s = space.to_schedule(space.from_schedule(fora))
+    expect = fora.with_block_reuse(arch.present())
+    assert torch.equal(s.block_reuse, expect.block_reuse) and torch.equal(s.compute, expect.compute)
+    assert s.block_reuse[1::2].all() and not s.block_reuse[0::2].any()
+    partial = fora.compute.clone()
+    partial[1, 0, 0] = True  # block 0 computes a component at step 1: it is not reused whole there
+    s = space.to_schedule(space.from_schedule(replace(fora, compute=partial)))
+    assert not s.block_reuse[1, 0] and s.block_reuse[1, 1:].all()
+
+
 def test_structured_mutation_moves_whole_groups(setup):
     from diffroute.search.genome import StructuredMutation
 
@@ -198,7 +214,43 @@ def test_latency_model_arithmetic(setup):
     assert model.seconds(fora) == pytest.approx(expect)
     assert model.seconds(fora.with_forecasts()) == pytest.approx(expect + 4 * cells * 0.0001)
     model.whole_block_s = -0.002  # each block reused whole saves its norms and stand-ins
-    assert model.seconds(fora.with_block_reuse(present)) == pytest.approx(expect - 4 * arch.num_blocks * 0.002)
+    blocks = fora.with_block_reuse(present)
+    assert model.seconds(blocks) == pytest.approx(expect - 4 * arch.num_blocks * 0.002)
+    model.fitted_s, model.fitted_block_s = 0.0003, 0.001  # fitted stand-ins read two stored outputs
+    assert model.seconds(fora, fitted=True) == pytest.approx(expect + 4 * cells * 0.0003)
+    assert model.seconds(blocks, fitted=True) == pytest.approx(
+        expect + 4 * cells * 0.0003 - 4 * arch.num_blocks * (0.002 - 0.001)
+    )
+    weights = torch.zeros(STEPS, arch.num_blocks, present.shape[1] + 1, 2)
+    assert model.seconds(replace(fora, fit=weights)) == model.seconds(fora, fitted=True)  # priced as it carries
+
+
+def test_latency_table_reproduces_the_runs_it_was_measured_from(setup, monkeypatch):
+    """The table's reuse, whole-block and (with `fitted`) fitted costs are solved from timed runs: predicting those
+    runs gives their times back; the fitted runs carry weights that read both stored outputs."""
+    from diffroute.search import cost as cost_module
+
+    arch = setup[0]
+    timed = {}
+
+    def fake_times(pipe, plans, call, after=None):  # (no run: the component timers read 0, all time is per step)
+        timed.update(plans)
+        if "full" in plans:
+            return {"full": 0.6}
+        out = {"reuse": 0.9, "forecast": 1.0, "whole": 0.8}
+        return out | ({"reuse fitted": 1.1, "whole fitted": 0.95} if "reuse fitted" in plans else {})
+
+    monkeypatch.setattr(cost_module, "transformer_times", fake_times)
+    model = cost_module.measure_latency(None, arch, None, STEPS, fitted=True)
+    reuse, whole = timed["reuse"], timed["whole"]
+    assert model.relative(reuse) == pytest.approx(0.9 / 0.6) and model.relative(whole) == pytest.approx(0.8 / 0.6)
+    assert model.relative(reuse, fitted=True) == pytest.approx(1.1 / 0.6)
+    assert model.relative(whole, fitted=True) == pytest.approx(0.95 / 0.6)
+    fit = timed["whole fitted"].fit
+    assert torch.equal(timed["whole fitted"].block_reuse, whole.block_reuse) and bool((fit[..., 1] != 0).all())
+    plain = cost_module.measure_latency(None, arch, None, STEPS)
+    assert (plain.fitted_s, plain.fitted_block_s) == (0.0, 0.0)
+    assert plain.relative(reuse, fitted=True) == pytest.approx(0.9 / 0.6)  # not measured: priced as plain reuse
 
 
 def test_time_budget_stops_at_a_generation_boundary_and_counts_across_resumes(setup, tmp_path):
@@ -282,6 +334,7 @@ def test_fitted_search_scores_each_schedule_as_its_fit_on_other_prompts(tiny_pip
     ones'): the same images as that fitted schedule, other than plain reuse's; its cost stays its cells'."""
     from diffroute.plans.base import SchedulePlan
     from diffroute.policies.fitting import fit_schedule
+    from diffroute.search.cost import LatencyModel
     from diffroute.utils.seeding import sample_generators
 
     pipe = tiny_pipes("pixart-alpha")
@@ -300,7 +353,10 @@ def test_fitted_search_scores_each_schedule_as_its_fit_on_other_prompts(tiny_pip
     assert torch.equal(fitting.fitted(schedule).fit, fitted.fit) and bool(fitted.fit[..., 1].any())
     expected, _, _ = fitting.generate(fitted)
     assert not np.array_equal(expected, fitting.generate(schedule)[0])  # (on this tiny model: by ~1e-6)
+    fitting.latency_model = LatencyModel(arch.present().float() * 0.01, arch.present(), 0.005, 1e-4, 2e-4, 0, 3e-4)
     got = fitting(schedule)
+    assert got["latency_model"] == fitting.latency_model.relative(schedule, fitted=True)  # priced as fitted
+    assert got["latency_model"] > fitting.latency_model.relative(schedule)
     assert got["psnr_mean"] == float(per_image_psnr(expected, fitting.full).mean())
     assert got["cost"] == plain(schedule)["cost"] == cost.relative_cost(schedule)
     full = diffroute.Schedule.full(arch, STEPS)  # nothing reused: nothing to fit, scored as it is
@@ -321,3 +377,23 @@ def test_fitted_search_refuses_forecast_genes_and_checks(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0 and "give 4 prompts (got 3)" in proc.stderr
     assert not (tmp_path / "s").exists()  # refused before any work
+
+
+def test_whole_blocks_flag_takes_genes_or_the_rule():
+    import argparse
+
+    from diffroute.cli.search import add_arguments
+    from diffroute.search.run import SearchSettings, _whole_blocks_setting
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["--model", "tiny-pixart", "--out", "s"]
+    assert p.parse_args(base).whole_blocks is None
+    assert p.parse_args([*base, "--whole-blocks"]).whole_blocks == "gene"
+    assert p.parse_args([*base, "--whole-blocks", "always"]).whole_blocks == "always"
+    with pytest.raises(SystemExit):
+        p.parse_args([*base, "--whole-blocks", "sometimes"])
+    # the resume fingerprint tells the three apart (and keeps earlier runs' entries)
+    entries = [_whole_blocks_setting(SearchSettings("emoji", whole_blocks=w, whole_always=a)) for w, a in
+               [(False, False), (True, False), (True, True)]]  # fmt: skip
+    assert entries == [{}, {"whole_blocks": True}, {"whole_blocks": "always"}]

@@ -35,8 +35,13 @@ def add_arguments(p) -> None:
     p.add_argument("--no-forecast", action="store_true", help="two-valued genome: compute or reuse, no forecasts")
     p.add_argument(
         "--whole-blocks",
-        action="store_true",
-        help="one more gene per (step, block): a block whose cells all reuse is reused whole from its residual",
+        nargs="?",
+        const="gene",
+        choices=["gene", "always"],
+        default=None,
+        help="one more gene per (step, block): a block whose cells all reuse is reused whole from its residual; "
+        "`--whole-blocks always`: every such block is (no gene, as PLAN+blocks runs it; for --fitted: fitted whole, "
+        "such a block fits as well and runs no norms or modulation)",
     )
     p.add_argument(
         "--thresholds",
@@ -114,7 +119,8 @@ def run(args) -> dict | None:
         quality=args.quality,
         cost=args.cost,
         forecast=not (args.no_forecast or args.fitted),
-        whole_blocks=args.whole_blocks,
+        whole_blocks=args.whole_blocks is not None,
+        whole_always=args.whole_blocks == "always",
         thresholds=args.thresholds,
         check_per=args.check_per,
         bac=not args.no_bac,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -112,7 +112,9 @@ def count_flops(transformer, arch: ArchitectureMap, args: tuple, kwargs: dict) -
 class LatencyModel:
     """Predicted transformer wall-clock of a schedule on the device it was measured on: each computed cell costs its
     measured component latency, each reused or forecast cell the executor's measured cost of standing in for it, and
-    every step the time outside the components (embeddings, norms, gates, final layer, hooks)."""
+    every step the time outside the components (embeddings, norms, gates, final layer, hooks). A fitted schedule's
+    stand-ins (`core/fitted.py`: two stored outputs combined with learned weights) cost more than plain reuse's one
+    stored output: `fitted_s` and `fitted_block_s` price that, where the table was measured with them."""
 
     component_s: torch.Tensor  # [blocks, components] seconds per call, 0 where absent
     present: torch.Tensor  # [blocks, components] bool
@@ -122,30 +124,38 @@ class LatencyModel:
     # per (step, block) reused whole, against reusing its components inside it (negative: its norms, modulation
     # and per-component stand-ins no longer run)
     whole_block_s: float = 0.0
+    # fitted reuse, over plain: per reused cell, and per block reused whole (over whole_block_s); 0 if not measured
+    fitted_s: float = 0.0
+    fitted_block_s: float = 0.0
 
-    def seconds(self, schedule: Schedule) -> float:
-        return self._seconds(schedule.compute, schedule.forecast, schedule.block_reuse)
+    def seconds(self, schedule: Schedule, fitted: bool | None = None) -> float:
+        """Predicted seconds of `schedule`; `fitted`: price its reuses as fitted stand-ins (default: if it carries
+        fitted weights; a fitted search prices its candidates so before they are fitted)."""
+        fitted = schedule.fit is not None if fitted is None else fitted
+        return self._seconds(schedule.compute, schedule.forecast, schedule.block_reuse, fitted)
 
-    def _seconds(self, compute: torch.Tensor, forecast: torch.Tensor, whole: torch.Tensor) -> float:
+    def _seconds(self, compute: torch.Tensor, forecast: torch.Tensor, whole: torch.Tensor, fitted=False) -> float:
         """`compute`, `forecast` [steps, blocks, components] and `whole` [steps, blocks]: each cell's share (bool or
         the fraction of samples) computed, forecast, and each block's share reused whole."""
         present = self.present.double()
         c, f = compute.double() * present, forecast.double() * present
         reuse = (1 - c - f) * present
+        reuse_s = self.reuse_s + (self.fitted_s if fitted else 0.0)
+        whole_s = self.whole_block_s + (self.fitted_block_s if fitted else 0.0)
         return float(
             (c * self.component_s.double()).sum()
             + compute.shape[0] * self.step_s
-            + reuse.sum() * self.reuse_s
+            + reuse.sum() * reuse_s
             + f.sum() * self.forecast_s
-            + whole.double().sum() * self.whole_block_s
+            + whole.double().sum() * whole_s
         )
 
     def _full(self, num_steps: int) -> float:
         return num_steps * (float(self.component_s[self.present].double().sum()) + self.step_s)
 
-    def relative(self, schedule: Schedule) -> float:
-        """Predicted time / predicted time of computing everything."""
-        return self.seconds(schedule) / self._full(schedule.num_steps)
+    def relative(self, schedule: Schedule, fitted: bool | None = None) -> float:
+        """Predicted time / predicted time of computing everything (`fitted` as in `seconds`)."""
+        return self.seconds(schedule, fitted) / self._full(schedule.num_steps)
 
     def realised(self, stats) -> float:
         """Predicted time of what a call did (a CallStats) / of computing everything: a dynamic plan's latency at
@@ -163,6 +173,8 @@ class LatencyModel:
             "reuse_s": self.reuse_s,
             "forecast_s": self.forecast_s,
             "whole_block_s": self.whole_block_s,
+            "fitted_s": self.fitted_s,
+            "fitted_block_s": self.fitted_block_s,
         }
 
 
@@ -175,9 +187,11 @@ def transformer_times(pipe, plans: dict, call, after=None) -> dict[str, float]:
 
 
 @torch.no_grad()
-def measure_latency(pipe, arch: ArchitectureMap, call, num_steps: int) -> LatencyModel:
+def measure_latency(pipe, arch: ArchitectureMap, call, num_steps: int, fitted: bool = False) -> LatencyModel:
     """Fit the latency table on the device: per-component times from forward timers during `full`, then the cost of
-    a reused and of a forecast cell from runs that compute step 0 only (reuse) or steps 0-1 only (forecast)."""
+    a reused and of a forecast cell from runs that compute step 0 only (reuse) or steps 0-1 only (forecast), and of
+    a block reused whole from the same reuse run with every later block reused whole. With `fitted`, the same two
+    reuse runs again with fitted weights everywhere price fitted stand-ins (a fitted search's candidates)."""
     from diffroute.metrics.timing import ForwardTimer
 
     timers = [[None if m is None else ForwardTimer(m) for m in row] for row in arch.modules]
@@ -202,10 +216,19 @@ def measure_latency(pipe, arch: ArchitectureMap, call, num_steps: int) -> Latenc
     only0 = Schedule.fora(arch, num_steps, num_steps)  # step 0 computes, every later cell reuses
     only01 = Schedule.fora(arch, num_steps, num_steps, warmup=min(2, num_steps)).with_forecasts()
     whole0 = only0.with_block_reuse(present)  # step 0 computes, every later block is reused whole
-    times = transformer_times(pipe, {"reuse": only0, "forecast": only01, "whole": whole0}, call)
-    reuse_s = (times["reuse"] - component_s - num_steps * step_s) / ((num_steps - 1) * cells)
+    plans = {"reuse": only0, "forecast": only01, "whole": whole0}
+    if fitted:  # weights of a linear extrapolation: both stored outputs are read (no plain-reuse shortcut)
+        shape = (num_steps, arch.num_blocks, present.shape[1] + 1, 2)
+        weights = torch.tensor([1.5, -0.5], dtype=torch.float64).expand(shape).contiguous()
+        plans |= {"reuse fitted": replace(only0, fit=weights), "whole fitted": replace(whole0, fit=weights)}
+    times = transformer_times(pipe, plans, call)
+    reused, blocks = (num_steps - 1) * cells, max(int(whole0.block_reuse.sum()), 1)
+    reuse_s = (times["reuse"] - component_s - num_steps * step_s) / reused
     forecast_s = (times["forecast"] - 2 * component_s - num_steps * step_s) / (max(num_steps - 2, 1) * cells)
-    whole_block_s = (times["whole"] - times["reuse"]) / max(int(whole0.block_reuse.sum()), 1)
-    return LatencyModel(
-        per_call.float(), present, step_s, max(reuse_s, 0.0), max(forecast_s, 0.0), min(whole_block_s, 0.0)
-    )
+    whole_block_s = min((times["whole"] - times["reuse"]) / blocks, 0.0)
+    fitted_s = fitted_block_s = 0.0
+    if fitted:
+        fitted_s = max((times["reuse fitted"] - times["reuse"]) / reused, 0.0)
+        fitted_block_s = (times["whole fitted"] - times["reuse fitted"]) / blocks - whole_block_s
+    reuse_s, forecast_s = max(reuse_s, 0.0), max(forecast_s, 0.0)
+    return LatencyModel(per_call.float(), present, step_s, reuse_s, forecast_s, whole_block_s, fitted_s, fitted_block_s)

@@ -27,7 +27,8 @@ class ScheduleEvaluator:
     With `fit_prompts`, each schedule's reuses are first fitted (`policies.fitting.fit_schedule`: one calibration
     call on those prompts, seeds following the scored prompts' so that no image is both fitted and scored) and its
     quality is that of the fitted schedule: the search then ranks schedules by what they give once fitted. Its cost is
-    its cells' (a fitted reuse skips what a plain one skips).
+    its cells' (a fitted reuse skips what a plain one skips); its `latency_model` prices its reuses as fitted
+    stand-ins, where the latency table was measured with them (`measure_latency(fitted=True)`).
     """
 
     def __init__(
@@ -88,7 +89,8 @@ class ScheduleEvaluator:
         }
         if self.latency_model is not None:
             model = self.latency_model
-            out["latency_model"] = model.realised(stats) if dynamic else model.relative(schedule)
+            fitted = True if self.fit_prompts else None  # (priced as the fitted stand-ins it will run)
+            out["latency_model"] = model.realised(stats) if dynamic else model.relative(schedule, fitted)
         if self.feature is not None:
             with warnings.catch_warnings():  # few calibration images: FD is biased, but consistently so
                 warnings.simplefilter("ignore")

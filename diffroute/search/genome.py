@@ -4,7 +4,9 @@ A genome has two bits per searchable cell (step >= 1, block, present component):
 the cell does not compute, a forecast bit (forecast from the last two computed outputs instead of reusing the last).
 So each cell is compute, reuse or forecast: hybrids no fixed policy expresses. Step 0 always computes. With
 `whole_blocks`, one more bit per (step >= 1, block), read only where every cell of that block reuses: reuse the block
-whole from its residual (nothing of it runs) instead of reusing its components inside it. With `thresholds`,
+whole from its residual (nothing of it runs) instead of reusing its components inside it; with `whole_always`, no
+such bit: every block whose cells all reuse is reused whole (`PLAN+blocks`'s rule, for a fitted search: fitted
+whole, such a block fits as well as component by component and runs no norms or modulation). With `thresholds`,
 three more bits per step >= 1: a first-block check threshold (Gray-coded index into THRESHOLD_LEVELS, so one bit flip
 moves to a neighbouring level), under which each image takes that step's reuses and above which it computes the
 step (`policies/checked.py`): the searched plan is then dynamic per image, the schedule saying where an image may
@@ -58,7 +60,7 @@ def nearest_level(threshold: float) -> int:
 
 class GenomeSpace:
     """Compute bits for every (step >= 1, block, present component), then as many forecast bits (if `forecast`),
-    whole-block bits (if `whole_blocks`) and threshold bits (if `thresholds`)."""
+    whole-block bits (if `whole_blocks` and not `whole_always`) and threshold bits (if `thresholds`)."""
 
     def __init__(
         self,
@@ -68,12 +70,15 @@ class GenomeSpace:
         whole_blocks: bool = False,
         thresholds: bool = False,
         check_per: str = "prompt",
+        whole_always: bool = False,
     ):
-        self.arch, self.num_steps, self.forecast, self.whole_blocks = arch, num_steps, forecast, whole_blocks
+        # (with whole_always, no whole-block genes: the rule decides)
+        self.arch, self.num_steps, self.forecast = arch, num_steps, forecast
+        self.whole_blocks, self.whole_always = whole_blocks and not whole_always, whole_always
         self.thresholds, self.check_per = thresholds, check_per
         self.present = arch.present()
         self.n_cells = (num_steps - 1) * int(self.present.sum())
-        self.n_whole = (num_steps - 1) * arch.num_blocks if whole_blocks else 0
+        self.n_whole = (num_steps - 1) * arch.num_blocks if self.whole_blocks else 0
         self.n_thresholds = (num_steps - 1) * THRESHOLD_BITS if thresholds else 0
         self.whole_at = self.n_cells * (2 if forecast else 1)  # where each group of bits starts
         self.thresholds_at = self.whole_at + self.n_whole
@@ -102,6 +107,8 @@ class GenomeSpace:
             wanted[1:] = torch.from_numpy(bits[self.whole_at : self.thresholds_at].reshape(self.num_steps - 1, -1))
             keep = s.with_block_reuse(self.present).block_reuse & wanted  # where every cell of a block reuses
             s = replace(s, compute=s.compute & ~keep[..., None], block_reuse=keep)
+        elif self.whole_always:
+            s = s.with_block_reuse(self.present)
         # with a check, block 0 computes at every step: the check reads it
         return s if check is None else replace(s.with_block_computed(0), check=check, check_per=self.check_per)
 

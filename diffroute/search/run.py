@@ -30,6 +30,7 @@ class SearchSettings:
     cost: str = "cost"  # cost (analytic FLOPs) | latency_model | latency
     forecast: bool = True
     whole_blocks: bool = False
+    whole_always: bool = False  # every block whose cells all reuse is reused whole, no gene (`PLAN+blocks`'s rule)
     thresholds: bool = False  # per-step first-block check thresholds in the genome (dynamic per image)
     check_per: str = "prompt"  # what one check decides: sample, prompt (an image's CFG pair) or batch
     bac: bool = True  # seed the population with BAC schedules
@@ -110,6 +111,7 @@ def run_search(
         settings.steps,
         forecast=settings.forecast,
         whole_blocks=settings.whole_blocks,
+        whole_always=settings.whole_always,
         thresholds=settings.thresholds,
         check_per=settings.check_per,
     )
@@ -182,7 +184,7 @@ def _latency_model(pipe, arch, prompts, kwargs, settings: SearchSettings, state)
     from diffroute.search.cost import measure_latency, transformer_times
 
     call = _calls(pipe, prompts, kwargs, settings.seed)
-    model = measure_latency(pipe, arch, call, settings.steps)
+    model = measure_latency(pipe, arch, call, settings.steps, fitted=bool(settings.fit_prompts))
     checked = {
         "fora-2": Schedule.fora(arch, settings.steps, 2),
         "fora-3": Schedule.fora(arch, settings.steps, 3),
@@ -213,6 +215,13 @@ def _bac_seeds(pipe, arch, prompts, kwargs, settings: SearchSettings):
     return bac_schedules(arch, table)
 
 
+def _whole_blocks_setting(settings: SearchSettings) -> dict:
+    """The fingerprint's whole-block entry: none without them (settings of earlier runs unchanged)."""
+    if settings.whole_always:
+        return {"whole_blocks": "always"}
+    return {"whole_blocks": True} if settings.whole_blocks else {}
+
+
 def check_resume(settings: SearchSettings, pipe, prompts, kwargs, out: Path, state) -> None:
     """Evaluations in `out` are reused only if made with the same model, prompts, seeds, steps and objectives (more
     generations may be asked for: that extends the search)."""
@@ -237,7 +246,7 @@ def check_resume(settings: SearchSettings, pipe, prompts, kwargs, out: Path, sta
         "quality": settings.quality,
         "cost": settings.cost,
         "forecast": settings.forecast,
-        **({"whole_blocks": True} if settings.whole_blocks else {}),  # (settings of earlier runs unchanged)
+        **_whole_blocks_setting(settings),
         **({"thresholds": True} if settings.thresholds else {}),
         **({"check_per": settings.check_per} if settings.thresholds and settings.check_per != "prompt" else {}),
         **({"fit_prompts": digest(settings.fit_prompts)} if settings.fit_prompts else {}),
