@@ -155,6 +155,7 @@ def run_search(
         "search_seconds": round(run["seconds"], 1),
         "stopped_by": run["stopped_by"],
         "latency_model_check": check,
+        "latency_table": None if latency_model is None else latency_model.to_dict(),  # (what priced the front)
         "front": [{k: v for k, v in r.items() if k != "genome"} | {"file": str(p)} for r, p in zip(front, paths)],
     }
 
