@@ -353,7 +353,8 @@ def test_fitted_search_scores_each_schedule_as_its_fit_on_other_prompts(tiny_pip
     assert torch.equal(fitting.fitted(schedule).fit, fitted.fit) and bool(fitted.fit[..., 1].any())
     expected, _, _ = fitting.generate(fitted)
     assert not np.array_equal(expected, fitting.generate(schedule)[0])  # (on this tiny model: by ~1e-6)
-    fitting.latency_model = LatencyModel(arch.present().float() * 0.01, arch.present(), 0.005, 1e-4, 2e-4, 0, 3e-4)
+    present = arch.present()
+    fitting.latency_model = LatencyModel(present.float() * 0.01, present, 0.005, 1e-4, 2e-4, fitted_s=3e-4)
     got = fitting(schedule)
     assert got["latency_model"] == fitting.latency_model.relative(schedule, fitted=True)  # priced as fitted
     assert got["latency_model"] > fitting.latency_model.relative(schedule)
