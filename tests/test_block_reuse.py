@@ -209,6 +209,44 @@ def test_a_run_fitted_with_one_weight_costs_two_adds(name):
     assert all(one_run[t] == per_block[t] - 2 * (blocks - 1) for t in reused[1:])
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fitted", [False, True])
+def test_a_reused_block_is_laid_out_as_its_own_output(name, fitted):
+    """A block reused whole returns tensors whose dimensions lie in memory in the order of the block's own output,
+    whatever its input's layout: PixArt's first block gets a transposed input from the patch embedding, and a
+    stand-in laid out as that input would put every later block's adds on the CPU's slow mixed-layout path. (The
+    order, not the strides: FLUX's blocks return slices of a longer sequence, their stand-ins dense tensors.)"""
+    pipe = fresh_pipe(name)
+    arch = architecture_map(pipe.transformer)
+    schedule = Schedule.fora(arch, STEPS, 100, warmup=2).with_block_reuse(arch.present())
+    if fitted:
+        fit = torch.zeros(*schedule.compute.shape[:2], schedule.compute.shape[2] + 1, 2, dtype=torch.float64)
+        fit[..., 0], fit[..., 1] = 1.5, -0.5
+        schedule = Schedule(**{**schedule.__dict__, "fit": fit})
+    orders = collections.defaultdict(list)  # block -> the dimension order of its output's streams, call by call
+
+    def order(t):  # dimensions from outermost to innermost in memory (size-1 ones have no place)
+        return tuple(sorted((d for d in range(t.ndim) if t.shape[d] > 1), key=lambda d: -t.stride(d)))
+
+    def keep(b):
+        def hook(module, args, out):
+            outs = [o for o in ((out,) if isinstance(out, torch.Tensor) else out) if o is not None]
+            orders[b].append(tuple(order(o) for o in outs))
+
+        return hook
+
+    handles = [block.register_forward_hook(keep(b)) for b, block in enumerate(arch.blocks)]
+    diffroute.apply(pipe, schedule)
+    try:
+        run(pipe, name, prompts(name), [0, 1])
+    finally:
+        diffroute.remove(pipe)
+        for h in handles:
+            h.remove()
+    for b in range(len(arch.blocks)):
+        assert len(orders[b]) > 2 and all(o == orders[b][0] for o in orders[b]), (b, orders[b])
+
+
 def test_bench_reuse_reports_each_reuse_form_on_its_own_schedule():
     """`diffroute bench reuse` (a benchmark: its timings are not asserted) times component, whole-block and
     one-residual reuse steps of the same schedule, each step after step 0 reused."""

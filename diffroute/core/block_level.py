@@ -46,7 +46,7 @@ class BlockDecisions:
         run = self._run_sums(b, module, args, kwargs, slots=(0,))
         if run is not None:  # a run of blocks reused whole: one add of their summed residuals
             x, (total,) = run
-            return x + total
+            return blocks.plus(x, total)
         res = self.cache.get((self.ctx.branch, b, "block"), n)
         if res is None:
             return self._compute_block(forward, b, module, COMPUTE, args, kwargs)

@@ -44,7 +44,7 @@ def combine(history: list, a: float, c: float, base=None):
 def _mixed(new, old, x, a: float, c: float):
     """One stream of `combine`: out-of-place once, then in place."""
     if x is not None:
-        out = x.add(new, alpha=a)
+        out = blocks.plus(x, new, alpha=a)
     elif a == 1.0 and old is None:  # plain reuse: the stored tensor itself, as `Reuse` hands it out
         out = new
     else:
@@ -133,7 +133,7 @@ class FittedDecisions:
         run = self._run_sums(b, module, args, kwargs, slots=(0, 1))  # (None: block by block, with the run's weight)
         if run is not None:
             x, (newest, previous) = run
-            return x.add(newest, alpha=decision.a).add_(previous, alpha=decision.c)
+            return blocks.plus(x, newest, alpha=decision.a).add_(previous, alpha=decision.c)
         history = self.cache.outputs((self.ctx.branch, b, "block"), n)
         if not history:
             return self._compute_block(forward, b, module, COMPUTE, args, kwargs)
