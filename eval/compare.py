@@ -118,7 +118,10 @@ def plan_fingerprint(pipe, spec: str) -> dict:
                 return None
 
         return {"plan": spec, "diffusers": v("diffusers"), "cache-dit": v("cache-dit")}
-    return diffroute.resolve_plan(spec).content(diffroute.architecture_map(pipe.transformer))
+    from diffroute.core.executor import NUMERICS
+
+    content = diffroute.resolve_plan(spec).content(diffroute.architecture_map(pipe.transformer))
+    return {**content, "executor_numerics": NUMERICS}
 
 
 def generate_all(pipe, cfg: CompareConfig, state: PartialState) -> None:

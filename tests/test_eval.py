@@ -225,6 +225,13 @@ def test_compare_one_and_two_processes_agree(tmp_path):
     # images made at another thread count are not mixed in: the resume is refused before any work
     other = _cli(*common[:-1], "2", "--out", str(tmp_path / "one"))
     assert other.returncode != 0 and "threads_per_process" in other.stderr and png.stat().st_mtime_ns == before
+    # nor images an older executor made (its arithmetic changed the values since): refused, naming the cause
+    record = tmp_path / "one" / "images" / "fora-3" / "plan.json"
+    older = json.loads(record.read_text())
+    older["executor_numerics"] -= 1
+    record.write_text(json.dumps(older))
+    stale = _cli(*common, "--out", str(tmp_path / "one"))
+    assert stale.returncode != 0 and "executor_numerics" in stale.stderr and png.stat().st_mtime_ns == before
 
 
 def test_psnr_summary_pooled_and_capped_mean():

@@ -229,6 +229,7 @@ def check_resume(settings: SearchSettings, pipe, prompts, kwargs, out: Path, sta
     import shutil
 
     import diffroute
+    from diffroute.core.executor import NUMERICS
     from diffroute.utils.fingerprint import check_or_record_all, digest, weights_digest
 
     if settings.overwrite and state.is_main_process:
@@ -238,6 +239,7 @@ def check_resume(settings: SearchSettings, pipe, prompts, kwargs, out: Path, sta
     state.wait_for_everyone()
     fingerprint = {
         "diffroute": diffroute.__version__,
+        "executor_numerics": NUMERICS,
         "model": settings.model,
         "weights": weights_digest(pipe),
         "steps": settings.steps,
