@@ -59,12 +59,12 @@ from diffroute.core.soft import SoftDecisions
 from diffroute.core.stats import CallStats, StatsRecorder
 from diffroute.utils.unhook import remove_hook
 
-# Keyword arguments of component forwards that carry one row per sample (sliced when only some samples compute).
 # The version of the executor's arithmetic: bumped when a change alters the values a plan produces (not only its
 # speed), so that resumable runs (`eval compare` images, search evaluations) refuse results made before it.
 # 2: reused blocks laid out as their own output (later blocks' matmuls and norms then round as in vanilla).
 NUMERICS = 2
 
+# Keyword arguments of component forwards that carry one row per sample (sliced when only some samples compute).
 BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_attention_mask", "temb")
 
 __all__ = ["Executor", "foreign_cache_hooks", "refuse_foreign_caches"]
