@@ -73,7 +73,7 @@ ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 PEERS ?= diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),$(PEERS)
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-fitted search-fitted-whole fit fit-spans fit-blocks search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-fitted search-fitted-whole fit fit-spans fit-blocks search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-fit-bf16-malloc compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -302,13 +302,21 @@ COMPARE_FIT_DTYPE ?= float32
 COMPARE_FIT_OUT ?= compare-fit
 compare-fit: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
-	$(BIN)/diffroute eval compare --model emoji --dtype $(COMPARE_FIT_DTYPE) --prompts heldout --n 356 --batch 32 --repeats 5 --pairing neighbours --plans $(COMPARE_FIT_PLANS) --out runs/$(COMPARE_FIT_OUT)
+	$(COMPARE_ENV) $(BIN)/diffroute eval compare --model emoji --dtype $(COMPARE_FIT_DTYPE) --prompts heldout --n 356 --batch 32 --repeats 5 --pairing neighbours --plans $(COMPARE_FIT_PLANS) --out runs/$(COMPARE_FIT_OUT)
 	rm -rf docs/$(COMPARE_FIT_OUT) && mkdir -p docs/$(COMPARE_FIT_OUT) && cp runs/$(COMPARE_FIT_OUT)/results.* runs/$(COMPARE_FIT_OUT)/*.png docs/$(COMPARE_FIT_OUT)/
 
 # The same set in bf16 (quality against bf16 `full`), on a CPU with native bf16 (avx512_bf16 or AMX; ~30 min here).
 # The fitted weights were fitted and refined in fp32 and are applied as they are.
 compare-fit-bf16:
 	$(MAKE) compare-fit COMPARE_FIT_DTYPE=bfloat16 COMPARE_FIT_OUT=compare-fit-bf16
+
+# The bf16 set timed with glibc's malloc told to keep freed memory in the process (the usual advice for PyTorch on a
+# CPU is jemalloc or tcmalloc, which do the same). By default it hands large freed tensors back to the kernel and
+# faults them in again: 0.4-1.0 s of system time per `full` call here, varying from process to process, which moves
+# every ratio. Images are the same as compare-fit-bf16's (copy runs/compare-fit-bf16/images there to skip generating).
+MALLOC_KEEP ?= MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=536870912
+compare-fit-bf16-malloc:
+	$(MAKE) compare-fit COMPARE_FIT_DTYPE=bfloat16 COMPARE_FIT_OUT=compare-fit-bf16-malloc COMPARE_ENV="$(MALLOC_KEEP)"
 
 # The same in fp32 (ratios differ a lot between dtypes on a CPU; quality against fp32 `full`): every peer setting
 # and the shipped plans that dominated them in bf16 or came nearest (~45 min on 2 cores). Resumable: generated chunks are kept in
@@ -364,7 +372,7 @@ demo-grid: demo
 
 # Every shipped artifact and README figure from the model that ships, in dependency order (times: see README).
 artifacts: install
-	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks search-fitted search-fitted-whole fit fit-spans fit-blocks search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-peers-bf16 compare-fp32 moe adapt streams experts demo-grid; do \
+	@mkdir -p runs; for t in quality calibrate l2c gates-image gates-image-fast elastic search search-blocks search-fitted search-fitted-whole fit fit-spans fit-blocks search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-fit-bf16-malloc compare-peers-bf16 compare-fp32 moe adapt streams experts demo-grid; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$t || exit 1; \
 		echo "artifacts: $$t took $$(( $$(date +%s) - start )) s" | tee -a runs/artifacts-times.txt; \
 	done
