@@ -184,6 +184,13 @@ def test_a_run_of_blocks_reused_whole_adds_one_residual(name):
     np.testing.assert_allclose(summed, images, atol=1e-5)
 
 
+def _extrapolating_fit(schedule: Schedule) -> torch.Tensor:
+    """Fitted weights (1.5, -0.5) for every cell and block of `schedule`: each stand-in reads both stored outputs."""
+    fit = torch.zeros(*schedule.compute.shape[:2], schedule.compute.shape[2] + 1, 2, dtype=torch.float64)
+    fit[..., 0], fit[..., 1] = 1.5, -0.5
+    return fit
+
+
 @pytest.mark.parametrize("name", ["pixart-alpha", "dit", "sana"])
 def test_a_run_fitted_with_one_weight_costs_two_adds(name):
     """Fitted reuse (two residuals stored: steps 0 and 1 compute) costs two adds per block reused whole; with one
@@ -193,8 +200,7 @@ def test_a_run_fitted_with_one_weight_costs_two_adds(name):
     arch = architecture_map(pipe.transformer)
     blocks = len(arch.blocks)
     schedule = Schedule.fora(arch, STEPS, 100, warmup=2).with_block_reuse(arch.present())
-    fit = torch.zeros(*schedule.compute.shape[:2], schedule.compute.shape[2] + 1, 2, dtype=torch.float64)
-    fit[..., 0], fit[..., 1] = 1.5, -0.5
+    fit = _extrapolating_fit(schedule)
     adds, copies = {}, {}
     for key, given in (("plain", {}), ("per block", {"fit": fit}), ("one run", {"fit": fit, "fit_spans": True})):
         diffroute.apply(pipe, Schedule(**{**schedule.__dict__, **given}))
@@ -220,9 +226,7 @@ def test_a_reused_block_is_laid_out_as_its_own_output(name, fitted):
     arch = architecture_map(pipe.transformer)
     schedule = Schedule.fora(arch, STEPS, 100, warmup=2).with_block_reuse(arch.present())
     if fitted:
-        fit = torch.zeros(*schedule.compute.shape[:2], schedule.compute.shape[2] + 1, 2, dtype=torch.float64)
-        fit[..., 0], fit[..., 1] = 1.5, -0.5
-        schedule = Schedule(**{**schedule.__dict__, "fit": fit})
+        schedule = Schedule(**{**schedule.__dict__, "fit": _extrapolating_fit(schedule)})
     orders = collections.defaultdict(list)  # block -> the dimension order of its output's streams, call by call
 
     def order(t):  # dimensions from outermost to innermost in memory (size-1 ones have no place)
