@@ -73,7 +73,7 @@ ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 PEERS ?= diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
 COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),$(PEERS)
 
-.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-fitted search-fitted-whole fit fit-spans fit-blocks search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-fit-bf16-malloc compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast
+.PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-fitted search-fitted-whole fit fit-spans fit-blocks search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-fit-bf16-malloc compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast gates-blocks
 
 data: install
 	$(BIN)/python -m diffroute.data.emoji
@@ -346,15 +346,20 @@ compare-fp32: install
 GATES_NAME ?= image
 GATES_INIT ?= emoji:l2c
 GATES_ITERS ?= 150
+GATES_LEVEL ?= --cross-attention
 GATES_FLAGS ?= --model emoji --dtype float32 --n 64 --prompts-per-batch 4 --iters $(GATES_ITERS) --lr 5e-2 \
-	--init $(GATES_INIT) --cross-attention --per-prompt --rollout image
+	--init $(GATES_INIT) $(GATES_LEVEL) --per-prompt --rollout image
 GATES_RUNS ?= rho1e-2:0.02 rho3e-3:0.02 rho1e-2:0
+# the static plans each set of gates is compared with (64 held-out captions, fp32)
+GATES_STATIC ?= full,emoji:l2c,emoji:fast,emoji:l2c-lam3e-4,emoji:l2c-lam3e-3
+# RUN=NAME pairs: install a run's gates as emoji:NAME (none by default)
+GATES_SHIP ?=
 gates-image: install
 	for r in $(GATES_RUNS); do rho=$${r%%:*}; ws=$${r##*:}; \
 		$(BIN)/diffroute train gates $(GATES_FLAGS) --rho $${rho#rho} --weight-lr-scale $$ws \
 			--out runs/gates-$(GATES_NAME)/$$rho-ws$$ws --json > /dev/null || exit 1; done
 	$(BIN)/diffroute eval compare --model emoji --dtype float32 --prompts heldout --n 64 --batch 32 --repeats 1 \
-		--plans full,emoji:l2c,emoji:fast,emoji:l2c-lam3e-4,emoji:l2c-lam3e-3,$$(for r in $(GATES_RUNS); do \
+		--plans $(GATES_STATIC),$$(for r in $(GATES_RUNS); do \
 		rho=$${r%%:*}; printf 'runs/gates-$(GATES_NAME)/%s-ws%s/router,' $$rho $${r##*:}; done | sed 's/,$$//') \
 		--paired-with $(GATES_INIT) --out runs/gates-$(GATES_NAME)/eval64
 	rm -rf docs/gates/$(GATES_NAME) && mkdir -p docs/gates/$(GATES_NAME) && \
@@ -363,9 +368,22 @@ gates-image: install
 	for r in $(GATES_RUNS); do run=$${r%%:*}-ws$${r##*:}; \
 		cp runs/gates-$(GATES_NAME)/$$run/summary.json docs/gates/$(GATES_NAME)/summary-$$run.json; \
 		cp runs/gates-$(GATES_NAME)/$$run/log.jsonl docs/gates/$(GATES_NAME)/log-$$run.jsonl; done
+	for spec in $(GATES_SHIP); do run=$${spec%%=*}; name=$${spec#*=}; \
+		$(BIN)/diffroute train gates $(GATES_FLAGS) $$($(BIN)/python -c "import json,sys; s=json.load(open(sys.argv[1])); \
+		print('--rho', s['rho'], '--weight-lr-scale', s['weight_lr_scale'])" runs/gates-$(GATES_NAME)/$$run/summary.json) \
+		--out runs/gates-$(GATES_NAME)/$$run --ship $$name --replace --json > /dev/null || exit 1; done
 
 gates-image-fast:
 	$(MAKE) gates-image GATES_NAME=fast GATES_INIT=emoji:fast GATES_ITERS=200 GATES_RUNS="rho5e-3:0.02 rho1e-2:0.02"
+
+# Block-level gates (issue 25: one gate per step and block; a skipped block reuses its residual, ~2% of a block's
+# time): from the whole-block ECAD plan emoji:blocks-fast, at two penalties, shipped as emoji:gates-blocks-RHO;
+# compared with the whole-block and fitted static plans (docs/gates/blocks). ~12 min per training on 2 cores.
+gates-blocks:
+	$(MAKE) gates-image GATES_NAME=blocks GATES_INIT=emoji:blocks-fast GATES_LEVEL="--level block" \
+		GATES_RUNS="rho3e-2:0.02 rho1e-2:0.02" \
+		GATES_STATIC=full,emoji:blocks-gentle,emoji:blocks-fast,emoji:blocks-brisk,emoji:blocks-swift,emoji:blocks-gentle-fit,emoji:blocks-fast-fit,emoji:blocks-brisk-fit,emoji:fast,emoji:l2c \
+		GATES_SHIP="rho3e-2-ws0.02=gates-blocks-3e-2 rho1e-2-ws0.02=gates-blocks-1e-2"
 
 demo-grid: demo
 	cp $(OUT)/grid.png docs/demo_grid.png

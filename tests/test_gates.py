@@ -11,14 +11,15 @@ from conftest import CALL_KWARGS, NAMES, STEPS, fresh_pipe, prompts, run, run_cl
 import diffroute
 from diffroute.core.schedule import Schedule
 from diffroute.errors import PlanError
-from diffroute.routers.gates import UNGATED, GatePlan, GateRouter
+from diffroute.routers.gates import LEVELS, UNGATED, GatePlan, GateRouter
 from diffroute.training.configs import GateConfig
 from diffroute.training.gates import GateLoss, input_widths
 from diffroute.utils.seeding import sample_generators
 
 
-def _gates(pipe, name, std=0.0, per_prompt=False, seed=0, ungated=UNGATED, **kwargs):
-    """Gates for this pipeline's transformer: zeros, or random weights (deciding something, per sample)."""
+def _gates(pipe, name, std=0.0, per_prompt=False, seed=0, ungated=UNGATED, level="component", **kwargs):
+    """Gates for this pipeline's transformer (per component, or per block): zeros, or random weights (deciding
+    something, per sample)."""
     diffroute.remove(pipe)
     arch = diffroute.architecture_map(pipe.transformer)
     captured = {}
@@ -29,8 +30,10 @@ def _gates(pipe, name, std=0.0, per_prompt=False, seed=0, ungated=UNGATED, **kwa
     handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     run(pipe, name, prompts(name), [0, 1], steps=1)
     handle.remove()
-    dims = input_widths(pipe.transformer, arch, captured["call"], ungated)
-    router = GateRouter.for_model(arch, STEPS, dims, pipe.scheduler, ungated, per_prompt=per_prompt, **kwargs)
+    dims = input_widths(pipe.transformer, arch, captured["call"], ungated, level)
+    router = GateRouter.for_model(
+        arch, STEPS, dims, pipe.scheduler, ungated, per_prompt=per_prompt, level=level, **kwargs
+    )
     if std:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -38,19 +41,21 @@ def _gates(pipe, name, std=0.0, per_prompt=False, seed=0, ungated=UNGATED, **kwa
     return router
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("name", NAMES)
-def test_zero_gates_are_bitwise_vanilla(name):
+def test_zero_gates_are_bitwise_vanilla(name, level):
     pipe = fresh_pipe(name)
     vanilla = run(pipe, name, prompts(name), [0, 1])
-    diffroute.apply(pipe, GatePlan(_gates(pipe, name)))
+    diffroute.apply(pipe, GatePlan(_gates(pipe, name, level=level)))
     np.testing.assert_array_equal(run(pipe, name, prompts(name), [0, 1]), vanilla)
     assert pipe.last_stats.plan_info["gated_skipped"] == 0
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("name", ["pixart-alpha", "sd3", "sana"])
-def test_a_samples_image_does_not_depend_on_its_batch_mates(name):
+def test_a_samples_image_does_not_depend_on_its_batch_mates(name, level):
     pipe = fresh_pipe(name)
-    diffroute.apply(pipe, GatePlan(_gates(pipe, name, std=0.05)))
+    diffroute.apply(pipe, GatePlan(_gates(pipe, name, std=0.05 if level == "component" else 0.5, level=level)))
     both = run(pipe, name, prompts(name), [0, 1])
     info = pipe.last_stats.plan_info
     assert 0 < info["gated_skipped"] < info["gated_calls"]  # the gates decided, and not all alike
@@ -58,28 +63,30 @@ def test_a_samples_image_does_not_depend_on_its_batch_mates(name):
     np.testing.assert_allclose(both[:1], alone, atol=1e-5)
 
 
-def test_per_prompt_decisions_keep_both_cfg_rows_together():
+@pytest.mark.parametrize("level", LEVELS)
+def test_per_prompt_decisions_keep_both_cfg_rows_together(level):
     """Per prompt, rows i and i + n/2 (diffusers' [unconditional, conditional] batch) share m and so the decision;
     per row their m differ."""
     name = "pixart-alpha"
     pipe = fresh_pipe(name)
     seen = {False: [], True: []}
+    std = 0.05 if level == "component" else 0.5
     for per_prompt in (False, True):
-        plan = GatePlan(_gates(pipe, name, std=0.05, per_prompt=per_prompt))
+        plan = GatePlan(_gates(pipe, name, std=std, per_prompt=per_prompt, level=level))
         original = plan.decider
 
         def spy(arch, steps, original=original, per_prompt=per_prompt):
             decider = original(arch, steps)
-            decide = decider.decide
+            decide, decide_block = decider.decide, decider.decide_block
 
-            def recorded(ctx, block, comp):
+            def recorded(ctx, block, comp=None):
                 m = decider.m.get((block, comp))
-                d = decide(ctx, block, comp)
+                d = decide(ctx, block, comp) if comp is not None else decide_block(ctx, block)
                 if m is not None:
                     seen[per_prompt].append((m.clone(), d.clone()))
                 return d
 
-            decider.decide = recorded
+            decider.decide, decider.decide_block = recorded, recorded
             return decider
 
         plan.decider = spy
@@ -104,6 +111,27 @@ def test_gates_started_from_a_schedule_run_that_schedule(name):
     assert pipe.last_stats.computed_fraction == pytest.approx(0.5)  # fora-2 computes steps 0, 2 and 4 of 6
 
 
+@pytest.mark.parametrize("name", ["pixart-alpha", "sd3"])
+def test_block_gates_started_from_a_schedule_run_it_with_whole_blocks_reused(name):
+    """Block-level gates started from fora-2 reuse every block whole at the odd steps: the images are `fora-2+blocks`'
+    bit for bit, and nothing of a skipped block runs (its components are never called)."""
+    pipe = fresh_pipe(name)
+    diffroute.apply(pipe, "fora-2+blocks")
+    expected = run(pipe, name, prompts(name), [0, 1])
+    router = _gates(pipe, name, level="block", pooling="mean")
+    arch = diffroute.architecture_map(pipe.transformer)
+    router.init_from(Schedule.fora(arch, STEPS, 2), present=arch.present())
+    assert router.config.gated == ("block",) and router.bias.shape == (STEPS, arch.num_blocks, 1)
+    diffroute.apply(pipe, GatePlan(router))
+    calls = []
+    handle = arch.modules[0][0].register_forward_pre_hook(lambda *a: calls.append(1))
+    got = run(pipe, name, prompts(name), [0, 1])
+    handle.remove()
+    np.testing.assert_array_equal(got, expected)
+    assert len(calls) == STEPS // 2  # block 0's first component ran at the computed steps only
+    assert pipe.last_stats.computed_fraction == pytest.approx(0.5)
+
+
 def _student_loss(pipe, name, router, cfg):
     """The training loss for student rollouts on this test's prompts (one batch), its weights set; and the call's
     kwargs."""
@@ -115,13 +143,15 @@ def _student_loss(pipe, name, router, cfg):
     return loss, kwargs
 
 
-def test_a_student_rollout_follows_the_trajectory_inference_takes():
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_student_rollout_follows_the_trajectory_inference_takes(level):
     """Training's student rollout (HarmoniCa's step-wise training) advances the student's own latents: its final
     latents are the ones the trained gates give at inference (not the full model's), every call's target is the
-    full model on the student's input, and the loss reaches the gates."""
+    full model on the student's input, and the loss reaches the gates. Block gates train under `SoftReuse` (every
+    block runs, a hard weight blends it with its reuse) and must still land on inference's latents and cache."""
     name = "pixart-alpha"
     pipe = fresh_pipe(name)
-    router = _gates(pipe, name, std=0.05)
+    router = _gates(pipe, name, std=0.05 if level == "component" else 0.5, level=level)
     loss, kwargs = _student_loss(pipe, name, router, GateConfig(rho=0.1))
     try:
         value = loss.student_rollout(0, seed=7)
@@ -140,12 +170,13 @@ def test_a_student_rollout_follows_the_trajectory_inference_takes():
     assert (student - full).abs().max() > 0.1  # the skips moved the student's trajectory off the full one
 
 
-def test_an_image_rollout_backpropagates_the_final_images_error_through_every_step():
+@pytest.mark.parametrize("level", LEVELS)
+def test_an_image_rollout_backpropagates_the_final_images_error_through_every_step(level):
     """`--rollout image`: the loss is the final latents' MSE against the full model's from the same noise, and a
     decision at step 1 gets a gradient, which can only come back through every scheduler step after it."""
     name = "pixart-alpha"
     pipe = fresh_pipe(name)
-    router = _gates(pipe, name, std=0.05)
+    router = _gates(pipe, name, std=0.05 if level == "component" else 0.5, level=level)
     loss, kwargs = _student_loss(pipe, name, router, GateConfig(rho=0.0, rollout="image"))
     try:
         value = loss.image_rollout(0, seed=7)
@@ -252,6 +283,32 @@ def test_train_gates_cli_learns_to_skip_resumes_and_loads_as_a_plan(tmp_path):
     info = pipe.last_stats.plan_info
     assert info["gated_skipped"] > 0  # a strong FLOP penalty: the trained gates skip
     assert pipe.last_stats.computed_fraction < 1
+
+
+def test_train_gates_cli_at_block_level_learns_to_skip_whole_blocks_and_resumes(tmp_path):
+    """`--level block`: one gate per (step, block), priced at the block's FLOPs; a strong penalty teaches it to
+    reuse whole blocks (their components then never run), a rerun trains nothing, and a component-only flag is
+    refused before any work."""
+    args = ["train", "gates", "--model", "tiny-pixart", "--steps", "4", "--n", "2", "--prompts-per-batch", "2"]
+    args += ["--iters", "4", "--rho", "5", "--lr", "0.2", "--level", "block", "--rollout", "image", "--json"]
+    args += ["--prompt", "a red apple", "--prompt", "a cat"]
+    refused = run_cli(*args, "--cross-attention", "--out", str(tmp_path / "bad"))
+    assert refused.returncode != 0 and "--level block gates whole blocks" in refused.stderr
+    assert not (tmp_path / "bad" / "log.jsonl").exists()
+    proc = run_cli(*args, "--out", str(tmp_path / "g"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["level"] == "block" and result["gated"] == ["block"]
+    assert result["gated_flop_share"] == pytest.approx(1.0, abs=0.05)  # every block's FLOPs (bar the embedders)
+    weights = (tmp_path / "g" / "router" / "diffusion_pytorch_model.safetensors").read_bytes()
+    again = run_cli(*args, "--out", str(tmp_path / "g"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "g" / "router" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    pipe = diffroute.load_pipeline("tiny-pixart")
+    pipe.set_progress_bar_config(disable=True)
+    diffroute.apply(pipe, str(tmp_path / "g" / "router"))
+    pipe(["a red apple"], num_inference_steps=4, output_type="np", height=32, width=32)
+    assert pipe.last_stats.plan_info["gated_skipped"] > 0 and pipe.last_stats.computed_fraction < 1
 
 
 def test_train_gates_cli_starts_from_a_schedule_plan_and_refuses_a_policy(tmp_path):

@@ -58,6 +58,11 @@ def add_arguments(p) -> None:
         "--cross-attention", action="store_true", help="gate cross-attention too (LazyDiT gates attention and MLP)"
     )
     gates.add_argument(
+        "--level",
+        choices=("component", "block"),
+        help="a gate per component (LazyDiT) or per block, a skipped block reusing its residual (default %(default)s)",
+    )
+    gates.add_argument(
         "--rollout",
         choices=("student", "recorded", "image"),
         help="student: the student's own latents, target the full model on them (HarmoniCa); recorded: the full "

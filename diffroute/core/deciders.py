@@ -8,7 +8,7 @@ import torch
 from diffroute.core.context import StepContext
 
 # the decision types live in core.decisions; deciders import them from here as before
-from diffroute.core.decisions import FORECAST, SKIP, Fit, Fitted, SkipRows, SoftWidth, Width  # noqa: F401
+from diffroute.core.decisions import FORECAST, SKIP, Fit, Fitted, SkipRows, SoftReuse, SoftWidth, Width  # noqa: F401
 from diffroute.core.schedule import Schedule, run_starts, span_ends
 
 
@@ -59,7 +59,8 @@ class Decider:
     def decide_block(self, ctx: StepContext, block: int):
         """For the blocks a plan decides as a whole (`Plan.block_level`): True (COMPUTE), False (REUSE: its input
         plus what it added at its last computation), SKIP (its input), a bool tensor (`Rows`: True computes, False
-        reuses) or `SkipRows`; in training a float tensor (`Soft`: `w * block(x) + (1 - w) * x`)."""
+        reuses) or `SkipRows`; in training a float tensor (`Soft`: `w * block(x) + (1 - w) * x`) or `SoftReuse`
+        (`w * block(x) + (1 - w) * (x + cached residual)`)."""
         return True
 
     def must_store_block(self, ctx: StepContext, block: int) -> bool:

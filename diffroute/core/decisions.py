@@ -4,10 +4,10 @@ A component (attention, FFN, ...) at a step is computed, reused from the cache, 
 stood in for by a fitted combination of them (`Fitted`; `Fit` while calibrating), computed for some samples only
 (`Rows`), computed at a fraction of its hidden units (`Width`), or, in training, blended (`Soft`, `SoftWidth`). A
 block decided as a whole is computed, reused from its residual (or a fitted combination of its last two, `Fitted`),
-skipped (`Skip`), computed for some samples and reused (`Rows`) or skipped (`SkipRows`) for the others, or gated in
-training (`Soft`). Deciders may answer plain values (True, False, a bool or float tensor); `typed` reads them once, so
-the executor dispatches on the type alone (one handler per type, in `executor.py`, `block_level.py`, `fitted.py` and,
-for training, `soft.py`).
+skipped (`Skip`), computed for some samples and reused (`Rows`) or skipped (`SkipRows`) for the others, or, in
+training, gated (`Soft`) or blended with its own reuse (`SoftReuse`). Deciders may answer plain values (True, False, a
+bool or float tensor); `typed` reads them once, so the executor dispatches on the type alone (one handler per type, in
+`executor.py`, `block_level.py`, `fitted.py` and, for training, `soft.py`).
 """
 
 from __future__ import annotations
@@ -89,6 +89,15 @@ class Width(Decision):
 class Soft(Decision):
     """Training: `w * fresh + (1 - w) * cached` (a block: `w * block(x) + (1 - w) * x`), differentiable in `w`; a
     scalar or one weight per sample."""
+
+    weight: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class SoftReuse(Decision):
+    """Training, a block: `w * block(x) + (1 - w) * (x + cached residual)`, differentiable in `w` (a scalar or one
+    weight per sample). With a hard `w` (straight-through) it is inference's `Rows` exactly, cache included: the
+    blended residual, detached, is what the block keeps (block-level gates, routers/gates.py)."""
 
     weight: torch.Tensor
 

@@ -35,6 +35,7 @@ from diffroute.core.decisions import (
     Skip,
     SkipRows,
     Soft,
+    SoftReuse,
     SoftWidth,
     Width,
     handler,
@@ -361,4 +362,5 @@ class Executor(BlockDecisions, FittedDecisions, SoftDecisions):
         Rows: BlockDecisions._rows_block,
         SkipRows: BlockDecisions._skip_rows_block,
         Soft: SoftDecisions._soft_block,
+        SoftReuse: SoftDecisions._soft_reuse_block,
     }

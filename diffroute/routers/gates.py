@@ -12,6 +12,14 @@ taken to be diffusers' `[unconditional rows, conditional rows]`). Cross-attentio
 always computes, as LazyDiT gates only attention and MLP, unless gated on request (`ungated=()`: its gate reads its
 input hidden states; a deviation, so that the gates can reach what a static plan reuses).
 
+Block-level gates (`level="block"`; not in LazyDiT, which gates components only): one gate per (step, block) reading
+the block's input, normalised per token as the block's first norm does (without its affine part or modulation: the
+modulated input is made inside the block, after the decision), pooled over tokens. A sample that skips returns its
+input plus the residual its block added when it last computed (cache-dit's and our executor's block reuse: nothing of
+the block runs), so a skip costs ~2% of a full block where a component skip still runs the block's norms and
+modulation. Components then always compute inside a running block (a block gate and component gates in one router
+would make training's cache differ from inference's: training runs a reused block for its gradient).
+
 Deviations: each gate has a bias (the static part of its decision; zero at first, or a static plan's schedule with
 `init_from`, so that training starts from that plan), and the token pooling may be a mean (`pooling="mean"`: the
 logit's scale then does not grow with the token count) where LazyDiT sums; the weights are indexed by the sampler's
@@ -29,12 +37,14 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from diffroute.core.arch import ArchitectureMap
-from diffroute.core.deciders import Decider, per_prompt
+from diffroute.core.deciders import Decider, SoftReuse, per_prompt
 from diffroute.plans import Plan
 from diffroute.routers.fit import TrainedRouterChecks
 
 UNGATED = ("attn2",)  # cross-attention: no adaLN modulation to read; computed unless gated on request
 POOLINGS = ("sum", "mean")  # over tokens: LazyDiT sums; a mean keeps the logit's scale apart from the token count
+LEVELS = ("component", "block")  # what one gate decides: a component (LazyDiT) or a whole block (its residual)
+BLOCK = "block"  # the gated name of a block-level router's one gate per block
 
 
 class GateRouter(ModelMixin, ConfigMixin):
@@ -56,8 +66,13 @@ class GateRouter(ModelMixin, ConfigMixin):
         backbone_probe: list[float] | None = None,
         backbone_dtype: str = "",
         pooling: str = "sum",
+        level: str = "component",
     ):
         super().__init__()
+        if level not in LEVELS:
+            raise ValueError(f"level {level!r}: one of {', '.join(LEVELS)}")
+        if level == "block" and tuple(gated) != (BLOCK,):
+            raise ValueError(f"block-level gates gate {BLOCK!r} only (one gate per block), not {gated}")
         if len(dims) != len(gated):
             raise ValueError(f"one input width per gated component: {len(gated)} components, {len(dims)} widths")
         if pooling not in POOLINGS:
@@ -71,8 +86,12 @@ class GateRouter(ModelMixin, ConfigMixin):
     def for_model(
         cls, arch: ArchitectureMap, num_steps: int, dims: dict, scheduler=None, ungated=UNGATED, **kwargs
     ) -> GateRouter:
-        """Gates for `arch` at `num_steps` steps; `dims` maps each gated component to its input's channel count."""
-        gated = tuple(c for c in arch.components if c not in ungated and c in dims)
+        """Gates for `arch` at `num_steps` steps; `dims` maps each gated component to its input's channel count
+        (block level: `{"block": the blocks' hidden width}`)."""
+        if kwargs.get("level") == "block":
+            gated = (BLOCK,)
+        else:
+            gated = tuple(c for c in arch.components if c not in ungated and c in dims)
         name = "" if scheduler is None else type(scheduler).__name__
         widths = tuple(int(dims[c]) for c in gated)
         return cls(num_steps, arch.num_blocks, tuple(arch.components), gated, widths, arch.model_class, name, **kwargs)
@@ -89,11 +108,16 @@ class GateRouter(ModelMixin, ConfigMixin):
             logit = (z * w).sum(2).mean(1) if z.ndim == 3 else torch.einsum("bchw,c->bhw", z, w).mean(dim=(1, 2))
         return 1 - torch.sigmoid(logit.float() + bias[step, block, g].float())
 
-    def init_from(self, schedule, strength: float = 2.0) -> None:
+    def init_from(self, schedule, strength: float = 2.0, present: torch.Tensor | None = None) -> None:
         """Start from a static plan: each gate's bias says the schedule's decision (compute: -strength, reuse or
-        forecast: +strength), so before training the gates run that schedule (forecasts become reuses)."""
-        cols = [schedule.components.index(name) for name in self.config.gated]
-        compute = schedule.compute[: self.config.num_steps][:, :, cols]
+        forecast: +strength), so before training the gates run that schedule (forecasts become reuses). Block level:
+        a block reuses where the schedule reuses it whole or reuses all its (`present`) components, else computes
+        (in full: the gates run no component stand-ins)."""
+        if self.config.level == "block":
+            compute = ~schedule.with_block_reuse(present).block_reuse[: self.config.num_steps, :, None]
+        else:
+            cols = [schedule.components.index(name) for name in self.config.gated]
+            compute = schedule.compute[: self.config.num_steps][:, :, cols]
         with torch.no_grad():
             self.bias[: compute.shape[0]] = torch.where(compute, -strength, strength)
 
@@ -114,6 +138,10 @@ class GatePlan(TrainedRouterChecks, Plan):
         self.aux: list[tuple[int, int, torch.Tensor]] = []  # training: (block, component, m) of this call
         self.last_gated_step: int | None = None  # training (IEPO): the gates act up to this step, then all computes
 
+    @property
+    def whole_blocks(self) -> bool:
+        return self.router.config.level == "block"
+
     def check(self, arch: ArchitectureMap) -> None:
         from diffroute.errors import PlanError
 
@@ -129,11 +157,16 @@ class GatePlan(TrainedRouterChecks, Plan):
         return f"train gates for {num_steps} steps (`diffroute train gates --steps {num_steps}`)."
 
     def always_computed(self, arch: ArchitectureMap) -> torch.Tensor:
+        if self.whole_blocks:  # components run whenever their block does, unhooked
+            return super().always_computed(arch)
         mask = arch.present().clone()
         for c, name in enumerate(arch.components):
             if name in self.router.config.gated:
                 mask[:, c] = False
         return mask
+
+    def block_level(self, arch: ArchitectureMap) -> torch.Tensor:
+        return torch.full((arch.num_blocks,), self.whole_blocks, dtype=torch.bool)
 
     def content(self, arch: ArchitectureMap | None = None) -> dict:
         """Name plus the router's weights, hashed byte for byte (a sum of the weights let two routers collide)."""
@@ -148,32 +181,45 @@ class GatePlan(TrainedRouterChecks, Plan):
 
 
 class _GateDecider(Decider):
-    reads_component_inputs = True
+    """Component gates (`component_inputs`, `decide`) or block gates (`block_inputs`, `decide_block`), per the
+    router's level; `aux` (training) gets (block, component index or None for the whole block, m)."""
 
     def __init__(self, plan: GatePlan, arch: ArchitectureMap):
         self.plan, self.router = plan, plan.router
         cfg = self.router.config
-        self.gate_of = {arch.components.index(name): g for g, name in enumerate(cfg.gated)}
-        self.m: dict[tuple[int, int], torch.Tensor] = {}
+        self.reads_block_inputs = plan.whole_blocks
+        self.reads_component_inputs = not plan.whole_blocks
+        self.gate_of = {} if plan.whole_blocks else {arch.components.index(name): g for g, name in enumerate(cfg.gated)}
+        self.m: dict[tuple[int, int | None], torch.Tensor] = {}
         self.skipped = self.calls = 0
 
-    def component_inputs(self, ctx, block, comp, hidden) -> None:
-        g = self.gate_of.get(comp)
-        # step 0 computes everything: nothing is cached before it
-        if g is None or self.plan.mode == "target" or not 0 < ctx.step < self.router.config.num_steps:
-            return
-        if self.plan.last_gated_step is not None and ctx.step > self.plan.last_gated_step:
-            return
-        m = self.router.compute_probability(ctx.step, block, g, hidden, self.plan.params)
+    def _gating(self, step: int) -> bool:
+        """Whether the gates act at `step`: never at step 0 (nothing is cached before it), nor for the target."""
+        if self.plan.mode == "target" or not 0 < step < self.router.config.num_steps:
+            return False
+        return self.plan.last_gated_step is None or step <= self.plan.last_gated_step
+
+    def _read(self, step: int, block: int, comp: int | None, g: int, z: torch.Tensor) -> None:
+        m = self.router.compute_probability(step, block, g, z, self.plan.params)
         m = per_prompt(m) if self.router.config.per_prompt else m
         self.m[(block, comp)] = m
         if self.plan.training:
             self.plan.aux.append((block, comp, m))
 
-    def decide(self, ctx, block, comp):
-        m = self.m.pop((block, comp), None)
+    def component_inputs(self, ctx, block, comp, hidden) -> None:
+        g = self.gate_of.get(comp)
+        if g is not None and self._gating(ctx.step):
+            self._read(ctx.step, block, comp, g, hidden)
+
+    def block_inputs(self, ctx, block, arguments) -> None:
+        if self._gating(ctx.step):  # the block's input as its first norm sees it, before the modulation
+            x = arguments["hidden_states"]
+            self._read(ctx.step, block, None, 0, torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6))
+
+    def _decision(self, key):
+        m = self.m.pop(key, None)
         if m is None or self.plan.mode == "target":
-            return True
+            return None
         if self.plan.training:  # straight-through: the forward computes or reuses exactly as inference will, so
             # the rolled-out cache is inference's; gradients flow through m (w * fresh + (1 - w) * cached)
             hard = (m >= self.router.config.threshold).to(m.dtype)
@@ -183,7 +229,20 @@ class _GateDecider(Decider):
         self.skipped = self.skipped + (~compute).sum()  # on the device: read once, by info()
         return compute
 
+    def decide(self, ctx, block, comp):
+        d = self._decision((block, comp))
+        return True if d is None else d
+
+    def decide_block(self, ctx, block):
+        d = self._decision((block, None))
+        if d is None:
+            return True
+        return SoftReuse(d) if d.is_floating_point() else d  # (a float tensor alone would read as Elastic's gate)
+
     def must_store(self, ctx, block, comp) -> bool:
+        return self.plan.mode != "target"
+
+    def must_store_block(self, ctx, block) -> bool:
         return self.plan.mode != "target"
 
     def info(self) -> dict:

@@ -39,6 +39,7 @@ class GateConfig:
     rollout: str = "student"
     iepo_every: int = 0  # refresh HarmoniCa's per-step loss weights (IEPO) every N iterations (0: equal weights)
     weight_lr_scale: float = 1.0  # the gate weights' rate / the biases' (0: weights frozen at zero, a static plan)
+    level: str = "component"  # what a gate decides: a component (LazyDiT) or a whole block (reusing its residual)
 
 
 @dataclass

@@ -18,7 +18,9 @@ that skips returns that sample's cached output, and the cache is written only wh
   trajectory (a deviation: affordable here as the emoji model is small; memory grows with the step count).
 
 Loss per transformer call ("student", "recorded"): lambda_k * MSE(student prediction, target) + rho * the share of
-the step's FLOPs the gated components compute (each weighted by its FLOPs, not by call count), averaged over calls.
+the step's FLOPs the gated components (or blocks: `level="block"`) compute (each weighted by its FLOPs, not by call
+count), averaged over calls. A block gate trains under `SoftReuse`: the block runs for every sample (for the
+gradient) and a hard decision blends its output with input plus cached residual, which is inference's value exactly.
 lambda_k is 1, or with `iepo_every` HarmoniCa's image-error proxy (IEPO), refreshed every that many iterations as
 its code does: with fixed noise, the final latents are generated with the gates acting at steps 1..k and computing
 after; lambda_k is how far they moved from those of steps 1..k-1 (the cumulative variant of its code; the paper's is
@@ -34,11 +36,12 @@ from pathlib import Path
 
 import torch
 
+from diffroute.core import blocks
 from diffroute.core.arch import architecture_map
 from diffroute.core.call_context import hidden_states_of
 from diffroute.core.context import NamedCallHook, StepTracker, scheduler_step_source
 from diffroute.core.executor import Executor
-from diffroute.routers.gates import UNGATED, GatePlan, GateRouter
+from diffroute.routers.gates import BLOCK, LEVELS, UNGATED, GatePlan, GateRouter
 from diffroute.search.cost import count_flops
 from diffroute.training.configs import GateConfig
 from diffroute.training.routers import check_batch_split, save_router, train_router
@@ -91,6 +94,10 @@ class GateLoss:
         self.metrics = {}
         return torch.stack(losses).mean(), metrics
 
+    def cost(self, block: int, comp: int | None) -> torch.Tensor:
+        """A gate's share of a step's FLOPs: its component's, or its whole block's (`comp` None)."""
+        return self.share[block].sum() if comp is None else self.share[block, comp]
+
     def student_rollout(self, i: int, seed: int) -> torch.Tensor:
         """Run the pipeline on prompt batch `i` (sample j seeded with seed + j) with the student deciding; returns
         the mean loss of its transformer calls."""
@@ -113,7 +120,7 @@ class GateLoss:
                 f"{type(self.pipe).__name__}'s sampling loop cuts autograd: --rollout image needs a pipeline "
                 "whose loop can run with gradients; use --rollout student."
             )
-        penalty = sum(self.share[b, c] * m.float().mean() for b, c, m in aux) / max(self.calls, 1)
+        penalty = sum(self.cost(b, c) * m.float().mean() for b, c, m in aux) / max(self.calls, 1)
         mse = torch.nn.functional.mse_loss(self.last_latents.float(), target.float())
         for key, value in (("image_mse", mse), ("computed_flop_share", penalty)):
             self.metrics[key] = self.metrics.get(key, 0.0) + value.detach()
@@ -186,7 +193,7 @@ class GateLoss:
         with torch.enable_grad():  # (the pipeline's loop runs under no_grad)
             with ex.at_step(step, branch):
                 out = forward()
-            penalty = sum(self.share[b, c] * m.float().mean() for b, c, m in plan.aux)
+            penalty = sum(self.cost(b, c) * m.float().mean() for b, c, m in plan.aux)
             mse = torch.nn.functional.mse_loss(output_of(out).float(), target.float())
             self.terms.append(self.step_weights[step] * mse + self.cfg.rho * penalty)
         return out
@@ -211,11 +218,20 @@ class StudentStepHook(NamedCallHook):
         return self.loss.on_call(ctx.step, ctx.branch, lambda: self.fn_ref.original_forward(*args, **kwargs))
 
 
-def input_widths(transformer, arch, call, ungated=UNGATED) -> dict[str, int]:
-    """Per component that can be gated (all but `ungated`): the channels of its input, read from one call."""
+def input_widths(transformer, arch, call, ungated=UNGATED, level: str = "component") -> dict[str, int]:
+    """Per component that can be gated (all but `ungated`): the channels of its input, read from one call. Block
+    level: `{"block": the channels of the blocks' hidden states}`."""
     seen: dict[str, set] = {}
     hooks = []
-    for row in arch.modules:
+    if level == "block":
+        for block in arch.blocks:
+
+            def look_block(mod, args, kwargs):
+                x = blocks.bind(mod, args, kwargs).arguments["hidden_states"]
+                seen.setdefault(BLOCK, set()).add(x.shape[-1])
+
+            hooks.append(block.register_forward_pre_hook(look_block, with_kwargs=True))
+    for row in arch.modules if level != "block" else ():
         for c, module in enumerate(row):
             name = arch.components[c]
             if module is None or name in ungated:
@@ -274,6 +290,10 @@ def check(cfg: GateConfig) -> None:
         )
     if cfg.weight_lr_scale < 0:
         raise ValueError(f"--weight-lr-scale {cfg.weight_lr_scale}: 0 or more (0: only the biases train)")
+    if cfg.level not in LEVELS:
+        raise ValueError(f"--level {cfg.level!r}: one of {', '.join(LEVELS)}")
+    if cfg.level == "block" and cfg.cross_attention:
+        raise ValueError("--cross-attention gates a component; --level block gates whole blocks (drop one of them).")
 
 
 def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, out: Path, accelerator) -> dict:
@@ -299,7 +319,7 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
     cost = count_flops(transformer, arch, first[0], first[1])
     share = (cost.component_flops / cost.step_flops).float()  # [blocks, components]: each one's share of a step
     ungated = () if cfg.cross_attention else UNGATED
-    dims = input_widths(transformer, arch, first, ungated)
+    dims = input_widths(transformer, arch, first, ungated, cfg.level)
     router = GateRouter.for_model(
         arch,
         num_steps,
@@ -310,9 +330,10 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         per_prompt=cfg.per_prompt,
         rho=cfg.rho,
         pooling=cfg.pooling,
+        level=cfg.level,
     )
     if start is not None:
-        router.init_from(start)
+        router.init_from(start, present=arch.present())
     gated = router.config.gated
     loss = GateLoss(pipe, chunks, recordings, router, share, cfg, call_kwargs)
     # the rest of the pipeline frozen too: an image rollout runs the text encoder under autograd, and its weights
@@ -331,6 +352,7 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         "iepo_every": cfg.iepo_every,
         "weight_lr_scale": cfg.weight_lr_scale,
         "iepo_weights": [round(float(w), 4) for w in loss.step_weights],
+        "level": cfg.level,
         "gated": list(gated),
         "iters": cfg.iters,
         "prompts": len(prompts),
@@ -338,7 +360,9 @@ def train_gates(pipe, prompts: list[str], call_kwargs: dict, cfg: GateConfig, ou
         "scheduler": router.config.scheduler,
         # a step's FLOPs in the gated components: what the gates could save at most (the log's computed_flop_share
         # is what they computed)
-        "gated_flop_share": float(share[:, [arch.components.index(c) for c in gated]].sum()),
+        "gated_flop_share": float(
+            share.sum() if cfg.level == "block" else share[:, [arch.components.index(c) for c in gated]].sum()
+        ),
         "seconds": time.time() - t0,
         "processes": accelerator.num_processes,
     }
