@@ -135,7 +135,7 @@ class GatePlan(TrainedRouterChecks, Plan):
         self.default_num_steps = router.config.num_steps
         self.mode = "route"  # "target": the full model (no decisions, cache untouched)
         self.params: tuple | None = None  # training: (weight, bias) as this iteration's forward returned them
-        self.aux: list[tuple[int, int, torch.Tensor]] = []  # training: (block, component, m) of this call
+        self.aux: list[tuple[int, int | None, torch.Tensor]] = []  # training: (block, component or None, m)
         self.last_gated_step: int | None = None  # training (IEPO): the gates act up to this step, then all computes
 
     @property
