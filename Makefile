@@ -71,7 +71,7 @@ L2C_FLAGS ?= --model emoji --dtype bfloat16 --n 64 --iters 400 --batch 1 --lr 0.
 ROUTERS ?= emoji:l2c-lam3e-4,emoji:l2c,emoji:l2c-lam3e-3
 # Every peer setting the comparisons run: diffusers' caches and cache-dit's DBCache, each at its three settings.
 PEERS ?= diffusers:fbc-0.1,diffusers:fbc-0.2,diffusers:fbc-0.3,diffusers:pab-2,diffusers:pab-3,diffusers:pab-4,diffusers:faster-2,diffusers:faster-3,diffusers:faster-4,diffusers:taylorseer-2,diffusers:taylorseer-3,diffusers:taylorseer-4,diffusers:mag-0.06,diffusers:mag-0.12,diffusers:mag-0.24,cachedit:dbcache-F1B0-0.1,cachedit:dbcache-F1B0-0.2,cachedit:dbcache-F1B0-0.3,cachedit:dbcache-taylor-F1B0-0.1
-COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(ROUTERS),$(PEERS)
+COMPARE_PLANS ?= full,fora-2,fora-3,fora-4,fora-3-w2,taylor-3,taylor-3-w2,fbcache-0.1,dbcache-F1B1-0.1,fbcache-0.1-prompt,fbcache-0.2-prompt,fbcache-0.3-prompt,fbcache-0.1-batch,fbcache-0.2-batch,fbcache-0.3-batch,teacache-0.3,$(SHIPPED),$(FITSEARCHED),$(FITWHOLE),$(ROUTERS),$(PEERS)
 
 .PHONY: data train quality calibrate l2c elastic moe adapt streams search search-blocks search-fitted search-fitted-whole fit fit-spans fit-blocks search-hybrid search-hybrid-batch compare compare-fit compare-fit-bf16 compare-fit-bf16-malloc compare-peers-bf16 compare-fp32 demo-grid artifacts experts gates-image gates-image-fast gates-blocks
 
@@ -379,12 +379,17 @@ gates-image-fast:
 # Block-level gates (issue 25: one gate per step and block; a skipped block reuses its residual, ~2% of a block's
 # time): from the whole-block ECAD plan emoji:blocks-fast, at two penalties with the weights' rate of the runs above,
 # then the biases alone and a 10x slower rate for the weights; compared with the whole-block and fitted static plans
-# (docs/gates/blocks, docs/routers.md "Block-level gates"). ~7 min per training on 2 cores. None shipped: every run
-# ends below its start (GATES_SHIP="RUN=NAME ..." would install a run as emoji:NAME).
-gates-blocks:
+# (docs/gates/blocks, docs/routers.md "Block-level gates"), with their untrained start (one step at lr 1e-9).
+# ~7 min per training on 2 cores. None shipped: every run ends below its start (GATES_SHIP="RUN=NAME ..." would
+# install a run as emoji:NAME).
+gates-blocks: install
+	$(BIN)/diffroute train gates --model emoji --dtype float32 --n 64 --prompts-per-batch 4 --iters 1 --lr 1e-9 \
+		--init emoji:blocks-fast --level block --per-prompt --rollout image --rho 1e-2 --weight-lr-scale 0.02 \
+		--out runs/gates-blocks/start --json > /dev/null
 	$(MAKE) gates-image GATES_NAME=blocks GATES_INIT=emoji:blocks-fast GATES_LEVEL="--level block" \
 		GATES_RUNS="rho3e-2:0.02 rho1e-2:0.02 rho1e-2:0 rho1e-2:0.002" \
-		GATES_STATIC=full,emoji:blocks-gentle,emoji:blocks-fast,emoji:blocks-brisk,emoji:blocks-swift,emoji:blocks-gentle-fit,emoji:blocks-fast-fit,emoji:blocks-brisk-fit,emoji:fast,emoji:l2c
+		GATES_STATIC=full,emoji:blocks-gentle,emoji:blocks-fast,emoji:blocks-brisk,emoji:blocks-swift,emoji:blocks-gentle-fit,emoji:blocks-fast-fit,emoji:blocks-brisk-fit,emoji:fast,emoji:l2c,runs/gates-blocks/start/router
+	cp runs/gates-blocks/start/summary.json docs/gates/blocks/summary-start.json
 
 demo-grid: demo
 	cp $(OUT)/grid.png docs/demo_grid.png
