@@ -352,8 +352,6 @@ GATES_FLAGS ?= --model emoji --dtype float32 --n 64 --prompts-per-batch 4 --iter
 GATES_RUNS ?= rho1e-2:0.02 rho3e-3:0.02 rho1e-2:0
 # the static plans each set of gates is compared with (64 held-out captions, fp32)
 GATES_STATIC ?= full,emoji:l2c,emoji:fast,emoji:l2c-lam3e-4,emoji:l2c-lam3e-3
-# RUN=NAME pairs: install a run's gates as emoji:NAME (none by default)
-GATES_SHIP ?=
 gates-image: install
 	for r in $(GATES_RUNS); do rho=$${r%%:*}; ws=$${r##*:}; \
 		$(BIN)/diffroute train gates $(GATES_FLAGS) --rho $${rho#rho} --weight-lr-scale $$ws \
@@ -368,10 +366,6 @@ gates-image: install
 	for r in $(GATES_RUNS); do run=$${r%%:*}-ws$${r##*:}; \
 		cp runs/gates-$(GATES_NAME)/$$run/summary.json docs/gates/$(GATES_NAME)/summary-$$run.json; \
 		cp runs/gates-$(GATES_NAME)/$$run/log.jsonl docs/gates/$(GATES_NAME)/log-$$run.jsonl; done
-	for spec in $(GATES_SHIP); do run=$${spec%%=*}; name=$${spec#*=}; \
-		$(BIN)/diffroute train gates $(GATES_FLAGS) $$($(BIN)/python -c "import json,sys; s=json.load(open(sys.argv[1])); \
-		print('--rho', s['rho'], '--weight-lr-scale', s['weight_lr_scale'])" runs/gates-$(GATES_NAME)/$$run/summary.json) \
-		--out runs/gates-$(GATES_NAME)/$$run --ship $$name --replace --json > /dev/null || exit 1; done
 
 gates-image-fast:
 	$(MAKE) gates-image GATES_NAME=fast GATES_INIT=emoji:fast GATES_ITERS=200 GATES_RUNS="rho5e-3:0.02 rho1e-2:0.02"
@@ -380,8 +374,8 @@ gates-image-fast:
 # time): from the whole-block ECAD plan emoji:blocks-fast, at two penalties with the weights' rate of the runs above,
 # then the biases alone and a 10x slower rate for the weights; compared with the whole-block and fitted static plans
 # (docs/gates/blocks, docs/routers.md "Block-level gates"), with their untrained start (one step at lr 1e-9).
-# ~7 min per training on 2 cores. None shipped: every run ends below its start (GATES_SHIP="RUN=NAME ..." would
-# install a run as emoji:NAME).
+# ~7 min per training on 2 cores. None shipped: every run ends below its start (rerunning a run's training command
+# with `--ship NAME --replace` would install it as emoji:NAME).
 gates-blocks: install
 	$(BIN)/diffroute train gates --model emoji --dtype float32 --n 64 --prompts-per-batch 4 --iters 1 --lr 1e-9 \
 		--init emoji:blocks-fast --level block --per-prompt --rollout image --rho 1e-2 --weight-lr-scale 0.02 \

@@ -16,6 +16,9 @@ from diffroute.training.configs import GateConfig
 from diffroute.training.gates import GateLoss, input_widths
 from diffroute.utils.seeding import sample_generators
 
+# random gate weights that decide per sample, not all alike (a block gate reads a normalised input, pooled: smaller)
+DECIDING_STD = {"component": 0.05, "block": 0.5}
+
 
 def _gates(pipe, name, std=0.0, per_prompt=False, seed=0, ungated=UNGATED, level="component", **kwargs):
     """Gates for this pipeline's transformer (per component, or per block): zeros, or random weights (deciding
@@ -55,7 +58,7 @@ def test_zero_gates_are_bitwise_vanilla(name, level):
 @pytest.mark.parametrize("name", ["pixart-alpha", "sd3", "sana"])
 def test_a_samples_image_does_not_depend_on_its_batch_mates(name, level):
     pipe = fresh_pipe(name)
-    diffroute.apply(pipe, GatePlan(_gates(pipe, name, std=0.05 if level == "component" else 0.5, level=level)))
+    diffroute.apply(pipe, GatePlan(_gates(pipe, name, std=DECIDING_STD[level], level=level)))
     both = run(pipe, name, prompts(name), [0, 1])
     info = pipe.last_stats.plan_info
     assert 0 < info["gated_skipped"] < info["gated_calls"]  # the gates decided, and not all alike
@@ -70,9 +73,8 @@ def test_per_prompt_decisions_keep_both_cfg_rows_together(level):
     name = "pixart-alpha"
     pipe = fresh_pipe(name)
     seen = {False: [], True: []}
-    std = 0.05 if level == "component" else 0.5
     for per_prompt in (False, True):
-        plan = GatePlan(_gates(pipe, name, std=std, per_prompt=per_prompt, level=level))
+        plan = GatePlan(_gates(pipe, name, std=DECIDING_STD[level], per_prompt=per_prompt, level=level))
         original = plan.decider
 
         def spy(arch, steps, original=original, per_prompt=per_prompt):
@@ -151,7 +153,7 @@ def test_a_student_rollout_follows_the_trajectory_inference_takes(level):
     block runs, a hard weight blends it with its reuse) and must still land on inference's latents and cache."""
     name = "pixart-alpha"
     pipe = fresh_pipe(name)
-    router = _gates(pipe, name, std=0.05 if level == "component" else 0.5, level=level)
+    router = _gates(pipe, name, std=DECIDING_STD[level], level=level)
     loss, kwargs = _student_loss(pipe, name, router, GateConfig(rho=0.1))
     try:
         value = loss.student_rollout(0, seed=7)
@@ -176,7 +178,7 @@ def test_an_image_rollout_backpropagates_the_final_images_error_through_every_st
     decision at step 1 gets a gradient, which can only come back through every scheduler step after it."""
     name = "pixart-alpha"
     pipe = fresh_pipe(name)
-    router = _gates(pipe, name, std=0.05 if level == "component" else 0.5, level=level)
+    router = _gates(pipe, name, std=DECIDING_STD[level], level=level)
     loss, kwargs = _student_loss(pipe, name, router, GateConfig(rho=0.0, rollout="image"))
     try:
         value = loss.image_rollout(0, seed=7)

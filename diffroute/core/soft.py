@@ -26,11 +26,7 @@ class SoftDecisions:
         if cached is None:  # nothing computed before: the component is its fresh output
             out = fresh
         else:
-            mixed = [
-                None if f is None else blocks.mix(decision.weight, f, old)
-                for f, old in zip(tensors_of(fresh), tensors_of(cached))
-            ]
-            out = rebuild(type(cached), mixed)
+            out = rebuild(type(cached), _blend(decision.weight, tensors_of(fresh), tensors_of(cached)))
         if self.decider.must_store(self.ctx, b, c):  # (fresh buffers: the blend's graph reads the old)
             detached = [None if t is None else t.detach() for t in tensors_of(out)]
             self.cache.replace(key, rebuild(type(out), detached), self.ctx.step)
@@ -67,8 +63,7 @@ class SoftDecisions:
         else:
             kept = rebuild(type(cached), _blend(decision.weight, tensors_of(fresh), tensors_of(cached)))
             reused = tensors_of(blocks.add_residual(bound.arguments, cached))
-            mixed = _blend(decision.weight, tensors_of(out), reused)
-            blended = mixed[0] if isinstance(out, torch.Tensor) else tuple(mixed)
+            blended = rebuild(type(out), _blend(decision.weight, tensors_of(out), reused))
         if self.decider.must_store_block(self.ctx, b):
             detached = [None if t is None else t.detach() for t in tensors_of(kept)]
             self.cache.replace(key, rebuild(type(kept), detached), self.ctx.step)

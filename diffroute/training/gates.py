@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 
-from diffroute.core import blocks
 from diffroute.core.arch import architecture_map
 from diffroute.core.call_context import hidden_states_of
 from diffroute.core.context import NamedCallHook, StepTracker, scheduler_step_source
@@ -224,24 +223,17 @@ def input_widths(transformer, arch, call, ungated=UNGATED, level: str = "compone
     seen: dict[str, set] = {}
     hooks = []
     if level == "block":
-        for block in arch.blocks:
+        targets = [(block, BLOCK) for block in arch.blocks]
+    else:
+        named = [(m, arch.components[c]) for row in arch.modules for c, m in enumerate(row) if m is not None]
+        targets = [(m, name) for m, name in named if name not in ungated]
+    for module, name in targets:
 
-            def look_block(mod, args, kwargs):
-                x = blocks.bind(mod, args, kwargs).arguments["hidden_states"]
-                seen.setdefault(BLOCK, set()).add(x.shape[-1])
+        def look(mod, args, kwargs, name=name):
+            x = hidden_states_of(args, kwargs)
+            seen.setdefault(name, set()).add(x.shape[-1] if x.ndim == 3 else x.shape[1])
 
-            hooks.append(block.register_forward_pre_hook(look_block, with_kwargs=True))
-    for row in arch.modules if level != "block" else ():
-        for c, module in enumerate(row):
-            name = arch.components[c]
-            if module is None or name in ungated:
-                continue
-
-            def look(mod, args, kwargs, name=name):
-                x = hidden_states_of(args, kwargs)
-                seen.setdefault(name, set()).add(x.shape[-1] if x.ndim == 3 else x.shape[1])
-
-            hooks.append(module.register_forward_pre_hook(look, with_kwargs=True))
+        hooks.append(module.register_forward_pre_hook(look, with_kwargs=True))
     try:
         with torch.no_grad():
             transformer(*call[0], **call[1])
